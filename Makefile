@@ -1,0 +1,40 @@
+# qpc: every target bootstraps .venv from nothing (python3 -m venv + pip install).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+STAMP  := $(VENV)/.installed
+CONFIG ?= qpc-server.example.toml
+
+.PHONY: install run test bench lint proto clean system-deps
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) scripts/system-deps.sh
+	bash scripts/system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]' $(foreach d,$(PLUGIN_DIRS),-e $(d))
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	bash scripts/system-deps.sh
+
+run: $(STAMP)
+	$(BIN)/qpc run --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy qpc_core $(foreach d,$(PLUGIN_DIRS),$(d)qpc_*)
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info plugins/*/*.egg-info

@@ -1,0 +1,283 @@
+"""App: configuration + plugin manager + lifecycle.  One plugin manager per App."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from qpc_core import __version__
+from qpc_core.config import Settings, validation_error_to_config_error
+from qpc_core.errors import ConfigError, PluginError, StorageError
+from qpc_core.hooks import Hooks
+from qpc_core.plugins import PluginInfo, create_plugin_manager, load_plugins
+from qpc_core.ratelimit import RateLimiter
+from qpc_core.rpc import Connection, RpcMethod, Transport
+from qpc_core.storage.base import Storage
+
+log = logging.getLogger("qpc.app")
+
+SHUTDOWN_REASON = "server shutting down"
+
+
+class App:
+    """A qpc server instance.
+
+    ``App(settings)`` loads and validates plugins; ``await app.start()`` opens storage, runs
+    ``startup`` hooks and starts the listeners; ``await app.stop()`` drains and shuts down.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.version = __version__
+        self.pm = create_plugin_manager()
+        self.plugins: list[PluginInfo] = load_plugins(self.pm, settings.plugins)
+        self.hooks = Hooks(self.pm, self.plugins)
+        self.methods: dict[int, tuple[str, RpcMethod]] = {}
+        self.transports: list[tuple[str, Transport]] = []
+        self._plugin_config: dict[str, Any] = {}
+        self._storage: Storage | None = None
+        self.rate_limiter = RateLimiter(settings.rate_limits)
+        self.started_at = time.time()
+        self.draining = False
+        self.started = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop_requested: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.connections: set[Connection] = set()
+        self.by_identity: dict[bytes, set[Connection]] = {}
+        self.state: dict[str, Any] = {}  # plugins keep their per-App state here, by name
+        self._drain_callbacks: list[Callable[[], None]] = []
+        self.validate_config()
+        self._collect_methods()
+
+    # -- configuration ----------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def validate_config(self) -> None:
+        """Validate production rules and every plugin's config table; raise ConfigError."""
+        s = self.settings
+        if s.production:
+            problems = s.production_problems()
+            if problems:
+                raise ConfigError(
+                    "refusing to start in production mode:\n  " + "\n  ".join(problems)
+                )
+        tables = s.plugin_tables
+        claimed: set[str] = set()
+        for plugin, section in self.hooks.register_config_sections(self):
+            claimed.add(section.name)
+            raw = tables.get(section.name, {})
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config: {section.name}: expected a table")
+            try:
+                model = section.model
+                if isinstance(model, type) and issubclass(model, BaseModel):
+                    self._plugin_config[section.name] = model.model_validate(raw)
+                else:
+                    self._plugin_config[section.name] = model(**raw)
+            except ValidationError as e:
+                raise validation_error_to_config_error(e, prefix=section.name) from None
+        for name in tables:
+            if name not in claimed:
+                log.warning("config: table [%s] is not used by any loaded plugin", name)
+
+    def plugin_config(self, name: str) -> Any:
+        """The validated config model of the table ``name`` (see register_config_sections)."""
+        return self._plugin_config[name]
+
+    def _collect_methods(self) -> None:
+        for plugin, method in self.hooks.register_rpc_methods(self):
+            existing = self.methods.get(method.method_id)
+            if existing is not None:
+                raise PluginError(
+                    f"method {method.method_id} is claimed by both plugin '{existing[0]}' "
+                    f"({existing[1].name}) and plugin '{plugin}' ({method.name})"
+                )
+            self.methods[method.method_id] = (plugin, method)
+
+    # -- storage ---------------------------------------------------------------------------------
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            raise StorageError("storage is not open")
+        return self._storage
+
+    @property
+    def has_storage(self) -> bool:
+        return self._storage is not None
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a tracked background task; it is cancelled and awaited at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def add_drain_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when draining starts (e.g. to end long polls early)."""
+        self._drain_callbacks.append(callback)
+
+    # -- in-flight accounting (gauge server_in_flight_rpcs) ----------------------------------------
+    def rpc_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def rpc_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+
+    # -- connections and push ----------------------------------------------------------------------
+    def connection_opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.hooks.on_connection_opened(self, conn)
+
+    def connection_closed(self, conn: Connection, reason: str) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        ident = conn.identity_key
+        if ident is not None:
+            self.unbind_identity(conn, ident)
+        self.hooks.on_connection_closed(self, conn, reason)
+
+    def bind_identity(self, conn: Connection, identity_key: bytes) -> None:
+        self.by_identity.setdefault(identity_key, set()).add(conn)
+
+    def unbind_identity(self, conn: Connection, identity_key: bytes) -> None:
+        conns = self.by_identity.get(identity_key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.by_identity[identity_key]
+
+    def push(self, identity_key: bytes, event_type: int, payload: bytes) -> int:
+        """Push an event to every open connection of ``identity_key``; return how many."""
+        conns = self.by_identity.get(identity_key)
+        if not conns:
+            return 0
+        n = 0
+        for conn in list(conns):
+            try:
+                conn.push(event_type, payload)
+                n += 1
+            except Exception:
+                log.debug("push to connection %s failed", conn.connection_id, exc_info=True)
+        return n
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = await self.hooks.open_storage(self)
+        if storage is None:
+            raise PluginError(
+                f"no plugin opened storage '{self.settings.storage}' (is its plugin selected?)"
+            )
+        self._storage = storage
+        try:
+            await self.hooks.startup(self)
+            self.transports = self.hooks.register_transports(self)
+            for plugin, transport in self.transports:
+                try:
+                    await transport.start(self)
+                except OSError as e:
+                    raise PluginError(
+                        f"plugin '{plugin}': listener '{transport.name}' could not start: {e}"
+                    ) from e
+        except BaseException:
+            await self._close_storage()
+            raise
+        self.started = True
+        log.info("qpc %s started with plugins: %s", self.version,
+                 ", ".join(p.name for p in self.plugins))
+
+    def request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve_forever(self) -> None:
+        """Start, run until SIGTERM/SIGINT (or :meth:`request_stop`), then stop gracefully."""
+        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+                pass
+        await self.start()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            log.info("shutting down: draining in-flight requests")
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError):  # pragma: no cover
+                    pass
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop accepting, drain, close connections, shutdown hooks."""
+        if self.draining:
+            return
+        self.draining = True
+        for cb in self._drain_callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("drain callback failed")
+        for _plugin, transport in self.transports:
+            try:
+                await transport.stop_accepting()
+            except Exception:
+                log.exception("listener '%s' failed to stop accepting", transport.name)
+        if self.in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_secs)
+            except TimeoutError:
+                log.warning("drain timeout: %d requests still in flight", self.in_flight)
+        for _plugin, transport in reversed(self.transports):
+            try:
+                await transport.close(SHUTDOWN_REASON)
+            except Exception:
+                log.exception("listener '%s' failed to close", transport.name)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.hooks.shutdown(self)
+        await self._close_storage()
+        self.started = False
+        log.info("qpc stopped")
+
+    async def _close_storage(self) -> None:
+        if self._storage is not None:
+            try:
+                await self._storage.close()
+            finally:
+                self._storage = None
+
+    def method_table(self) -> list[dict[str, Any]]:
+        return [
+            {"id": mid, "name": m.name, "plugin": p, "group": m.group, "auth": m.auth}
+            for mid, (p, m) in sorted(self.methods.items())
+        ]

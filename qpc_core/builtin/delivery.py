@@ -1,0 +1,317 @@
+"""Built-in plugin ``delivery``: store-and-forward of opaque ciphertext (methods 200-205).
+
+Semantics (REFERENCE §5, decisions in docs/protocol.md):
+
+* inbox = (recipient identity key, channel id); FIFO with a per-inbox u64 ``seq``;
+* ``message_id`` (16 bytes) dedups within ``dedup_window_secs``;
+* ``ttl_secs`` expiry, collected in the background every ``expiry_interval_secs``;
+* only the identity bound to the connection may Fetch / FetchWait / Peek / Ack its inbox;
+* an OK answer to Enqueue means the message is committed (group commit, see storage);
+* after commit: waiters are woken, connected recipients get a NEW_MESSAGE push, and
+  ``on_message_enqueued`` fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qpc_core.errors import BadRequest, Forbidden, QuotaExceeded, TooLarge
+from qpc_core.framing import PushEvent
+from qpc_core.hookspecs import hookimpl
+from qpc_core.identity import check_identity_key
+from qpc_core.pb import common_pb2, delivery_pb2 as pb
+from qpc_core.rpc import MessageEnqueued, MessagesFetched, RpcContext, RpcMethod
+from qpc_core.storage.base import EnqueueOutcome, NewMessage, QueueFull, StoredMessage
+from qpc_core.users import server_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from qpc_core.app import App
+
+log = logging.getLogger("qpc.delivery")
+
+ENQUEUE, FETCH, FETCH_WAIT, PEEK, ACK, BATCH_ENQUEUE = 200, 201, 202, 203, 204, 205
+MAX_CHANNEL_ID = 64
+MESSAGE_ID_LEN = 16
+MAX_BATCH_RECIPIENTS = 1000
+PROOF_CONTEXT = b"qpc-v1 delivery-proof\x00"
+SIGNING_KEY_NAME = "delivery"
+# Bytes of an Envelope beyond its payload (tag + length + seq), for the response size budget.
+ENVELOPE_OVERHEAD = 32
+
+
+def proof_digest(recipient_key: bytes, channel_id: bytes, seq: int, payload: bytes) -> bytes:
+    """SHA-256 over the delivery-proof preimage (docs/protocol.md, "Delivery proof")."""
+    return hashlib.sha256(
+        PROOF_CONTEXT
+        + recipient_key
+        + struct.pack(">H", len(channel_id))
+        + channel_id
+        + struct.pack(">Q", seq)
+        + hashlib.sha256(payload).digest()
+    ).digest()
+
+
+class Delivery:
+    """Per-App delivery state: waiters, channel cache and the proof key."""
+
+    def __init__(self, app: App, signing_key: Ed25519PrivateKey) -> None:
+        self.app = app
+        self.signing_key = signing_key
+        self.waiters: dict[tuple[bytes, bytes], set[asyncio.Future[None]]] = {}
+        self.channel_cache: dict[bytes, frozenset[bytes] | None] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def proof(self, recipient: bytes, channel: bytes, seq: int, payload: bytes) -> bytes:
+        digest = proof_digest(recipient, channel, seq, payload)
+        return digest + self.signing_key.sign(digest)
+
+    async def check_channel(self, channel: bytes, sender: bytes, recipients: Sequence[bytes]) -> None:
+        if not channel:
+            return
+        if len(channel) > MAX_CHANNEL_ID:
+            raise BadRequest(f"channel_id longer than {MAX_CHANNEL_ID} bytes")
+        if channel not in self.channel_cache:
+            members = await self.app.storage.channel_members(channel)
+            self.channel_cache[channel] = frozenset(members) if members is not None else None
+        members_set = self.channel_cache[channel]
+        if members_set is None:
+            return  # not a created channel: an application-level (e.g. MLS group) id
+        if sender not in members_set:
+            raise Forbidden("you are not a member of this channel")
+        for r in recipients:
+            if r not in members_set:
+                raise Forbidden("recipient is not a member of this channel")
+
+    def wake(self, recipient: bytes, channel: bytes) -> None:
+        futs = self.waiters.pop((recipient, channel), None)
+        if futs:
+            for f in futs:
+                if not f.done():
+                    f.set_result(None)
+
+    def wake_all(self) -> None:
+        """Draining: end every long poll now (they answer with what is queued)."""
+        for key in list(self.waiters):
+            self.wake(*key)
+
+    def validate_common(self, payload: bytes, message_id: bytes) -> None:
+        s = self.app.settings
+        if not payload:
+            raise BadRequest("payload must not be empty")
+        if len(payload) > s.max_message_bytes:
+            raise TooLarge(
+                f"payload of {len(payload)} bytes exceeds max_message_bytes={s.max_message_bytes}"
+            )
+        if message_id and len(message_id) != MESSAGE_ID_LEN:
+            raise BadRequest("message_id must be empty or exactly 16 bytes")
+
+    async def store(self, sender: bytes, messages: list[NewMessage]) -> list[EnqueueOutcome]:
+        s = self.app.settings
+        try:
+            outcomes = await self.app.storage.enqueue(
+                messages, max_depth=s.max_queue_depth,
+                dedup_since=time.time() - s.dedup_window_secs,
+            )
+        except QueueFull as e:
+            raise QuotaExceeded(
+                f"recipient queue is full ({e.depth} messages; max_queue_depth="
+                f"{s.max_queue_depth})", retry_after=60.0,
+            ) from None
+        app = self.app
+        for msg, out in zip(messages, outcomes, strict=True):
+            app.hooks.on_message_enqueued(app, MessageEnqueued(
+                msg.recipient_key, msg.channel_id, out.seq, len(msg.payload), sender,
+                out.duplicate,
+            ))
+            if out.duplicate:
+                continue
+            self.wake(msg.recipient_key, msg.channel_id)
+            if msg.recipient_key in app.by_identity:
+                event = common_pb2.NewMessageEvent(
+                    recipient_key=msg.recipient_key, channel_id=msg.channel_id, seq=out.seq
+                ).SerializeToString()
+                app.push(msg.recipient_key, PushEvent.NEW_MESSAGE, event)
+        return outcomes
+
+    def expires_at(self, ttl_secs: int) -> float | None:
+        return time.time() + ttl_secs if ttl_secs else None
+
+    def budget(self) -> int:
+        """Response bytes available for envelopes (leaves room for framing)."""
+        return self.app.settings.max_payload_bytes - 1024
+
+    def envelopes(self, msgs: list[StoredMessage]) -> pb.FetchResponse:
+        return pb.FetchResponse(messages=[pb.Envelope(seq=m.seq, data=m.payload) for m in msgs])
+
+    # -- handlers ---------------------------------------------------------------------------------
+    async def enqueue(self, ctx: RpcContext, req: pb.EnqueueRequest) -> pb.EnqueueResponse:
+        sender = ctx.require_identity()
+        recipient = check_identity_key(req.recipient_key, "recipient_key")
+        self.validate_common(req.payload, req.message_id)
+        await self.check_channel(req.channel_id, sender, (recipient,))
+        msg = NewMessage(recipient, req.channel_id, req.payload, req.message_id,
+                         self.expires_at(req.ttl_secs), sender)
+        (out,) = await self.store(sender, [msg])
+        return pb.EnqueueResponse(
+            seq=out.seq, duplicate=out.duplicate,
+            delivery_proof=self.proof(recipient, req.channel_id, out.seq, req.payload),
+        )
+
+    async def batch_enqueue(
+        self, ctx: RpcContext, req: pb.BatchEnqueueRequest
+    ) -> pb.BatchEnqueueResponse:
+        sender = ctx.require_identity()
+        recipients = list(req.recipient_keys)
+        if not recipients:
+            raise BadRequest("recipient_keys must not be empty")
+        if len(recipients) > MAX_BATCH_RECIPIENTS:
+            raise TooLarge(f"at most {MAX_BATCH_RECIPIENTS} recipients per BatchEnqueue")
+        for r in recipients:
+            check_identity_key(r, "recipient_keys[]")
+        if len(set(recipients)) != len(recipients):
+            raise BadRequest("recipient_keys contains duplicates")
+        self.validate_common(req.payload, req.message_id)
+        await self.check_channel(req.channel_id, sender, recipients)
+        exp = self.expires_at(req.ttl_secs)
+        msgs = [NewMessage(r, req.channel_id, req.payload, req.message_id, exp, sender)
+                for r in recipients]
+        outs = await self.store(sender, msgs)
+        return pb.BatchEnqueueResponse(results=[
+            pb.EnqueueResponse(seq=o.seq, duplicate=o.duplicate,
+                               delivery_proof=self.proof(r, req.channel_id, o.seq, req.payload))
+            for r, o in zip(recipients, outs, strict=True)
+        ])
+
+    def _inbox(self, ctx: RpcContext, req: pb.FetchRequest | pb.AckRequest) -> tuple[bytes, bytes]:
+        recipient = check_identity_key(req.recipient_key, "recipient_key")
+        ctx.require_self(recipient)
+        if len(req.channel_id) > MAX_CHANNEL_ID:
+            raise BadRequest(f"channel_id longer than {MAX_CHANNEL_ID} bytes")
+        return recipient, req.channel_id
+
+    async def _take(self, recipient: bytes, channel: bytes, limit: int, remove: bool) -> list[StoredMessage]:
+        st = self.app.storage
+        now = time.time()
+        if remove:
+            return await st.fetch(recipient, channel, limit, now=now, max_bytes=self.budget())
+        return await st.peek(recipient, channel, limit, now=now, max_bytes=self.budget())
+
+    def _fetched(self, recipient: bytes, channel: bytes, msgs: list[StoredMessage], how: str) -> None:
+        if msgs or how == "fetch_wait":
+            self.app.hooks.on_message_fetched(self.app, MessagesFetched(
+                recipient, channel, len(msgs), sum(len(m.payload) for m in msgs), how))
+
+    async def fetch(self, ctx: RpcContext, req: pb.FetchRequest) -> pb.FetchResponse:
+        recipient, channel = self._inbox(ctx, req)
+        msgs = await self._take(recipient, channel, req.limit, True)
+        self._fetched(recipient, channel, msgs, "fetch")
+        return self.envelopes(msgs)
+
+    async def peek(self, ctx: RpcContext, req: pb.FetchRequest) -> pb.FetchResponse:
+        recipient, channel = self._inbox(ctx, req)
+        msgs = await self._take(recipient, channel, req.limit, False)
+        self._fetched(recipient, channel, msgs, "peek")
+        return self.envelopes(msgs)
+
+    async def fetch_wait(self, ctx: RpcContext, req: pb.FetchRequest) -> pb.FetchResponse:
+        recipient, channel = self._inbox(ctx, req)
+        timeout = min(req.timeout_ms, self.app.settings.max_fetch_wait_ms) / 1000.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # Register before looking so an Enqueue between the two cannot be missed.
+            fut: asyncio.Future[None] = loop.create_future()
+            key = (recipient, channel)
+            self.waiters.setdefault(key, set()).add(fut)
+            try:
+                msgs = await self._take(recipient, channel, req.limit, True)
+                remaining = deadline - loop.time()
+                if msgs or remaining <= 0 or self.app.draining:
+                    break
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    msgs = await self._take(recipient, channel, req.limit, True)
+                    break
+            finally:
+                waiting = self.waiters.get(key)
+                if waiting is not None:
+                    waiting.discard(fut)
+                    if not waiting:
+                        del self.waiters[key]
+        self._fetched(recipient, channel, msgs, "fetch_wait")
+        return self.envelopes(msgs)
+
+    async def ack(self, ctx: RpcContext, req: pb.AckRequest) -> pb.AckResponse:
+        recipient, channel = self._inbox(ctx, req)
+        removed = await self.app.storage.ack(recipient, channel, req.seq_up_to)
+        return pb.AckResponse(removed=removed)
+
+    # -- background -------------------------------------------------------------------------------
+    async def collector(self) -> None:
+        """Garbage-collect expired messages, stale dedup ids and expired sessions."""
+        s = self.app.settings
+        while True:
+            await asyncio.sleep(s.expiry_interval_secs)
+            await self.collect_once()
+
+    async def collect_once(self) -> int:
+        st = self.app.storage
+        now = time.time()
+        try:
+            n = await st.purge_expired(now)
+            await st.purge_dedup(now - self.app.settings.dedup_window_secs)
+            await st.purge_sessions(now)
+        except Exception:
+            log.exception("expiry collection failed")
+            return 0
+        if n:
+            log.debug("collected %d expired messages", n)
+        return n
+
+
+def get(app: App) -> Delivery:
+    delivery: Delivery = app.state["delivery"]
+    return delivery
+
+
+@hookimpl
+async def startup(app: App) -> None:
+    key = await server_key(app, SIGNING_KEY_NAME)
+    d = app.state["delivery"] = Delivery(app, key)
+    app.add_drain_callback(d.wake_all)
+    app.spawn(d.collector(), "delivery-expiry-collector")
+
+
+@hookimpl
+async def on_account_deleted(app: App, identity_key: bytes, username: str | None) -> None:
+    app.state["delivery"].channel_cache.clear()
+
+
+def _bind(app: App, name: str):  # type: ignore[no-untyped-def]
+    async def handler(ctx: RpcContext, req):  # type: ignore[no-untyped-def]
+        return await getattr(get(ctx.app), name)(ctx, req)
+
+    return handler
+
+
+@hookimpl
+def register_rpc_methods(app: App) -> list[RpcMethod]:
+    return [
+        RpcMethod(ENQUEUE, "Enqueue", pb.EnqueueRequest, _bind(app, "enqueue"), group="delivery"),
+        RpcMethod(FETCH, "Fetch", pb.FetchRequest, _bind(app, "fetch"), group="delivery"),
+        RpcMethod(FETCH_WAIT, "FetchWait", pb.FetchRequest, _bind(app, "fetch_wait"),
+                  group="delivery"),
+        RpcMethod(PEEK, "Peek", pb.FetchRequest, _bind(app, "peek"), group="delivery"),
+        RpcMethod(ACK, "Ack", pb.AckRequest, _bind(app, "ack"), group="delivery"),
+        RpcMethod(BATCH_ENQUEUE, "BatchEnqueue", pb.BatchEnqueueRequest,
+                  _bind(app, "batch_enqueue"), group="delivery"),
+    ]

@@ -1,0 +1,164 @@
+"""The ``qpc`` command line (and ``qpc-server``, which is ``qpc run``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from qpc_core import __version__
+from qpc_core.errors import ConfigError, PluginError, QpcError
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, help="qpc-server.toml (default: ./qpc-server.toml)")
+    p.add_argument("--plugins", help="comma-separated plugins to load, in order (no:NAME blocks)")
+    p.add_argument("--listen", help="QUIC listen address HOST:PORT (default 0.0.0.0:7000)")
+    p.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+    p.add_argument("--metrics-listen", help="admin/metrics HTTP address HOST:PORT")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "listen": args.listen,
+        "data_dir": args.data_dir,
+        "metrics_listen": args.metrics_listen,
+        "log_level": args.log_level,
+    }
+    if args.plugins is not None:
+        out["plugins"] = [p.strip() for p in args.plugins.split(",") if p.strip()]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpc", description="qpc messaging server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the server")
+    _add_server_options(run)
+    pl = sub.add_parser("plugins", help="list built-in and installed plugins")
+    pl.add_argument("--json", action="store_true")
+    cc = sub.add_parser("check-config", help="validate configuration and plugins, then exit")
+    _add_server_options(cc)
+    gc = sub.add_parser("gen-cert", help="write a self-signed development certificate")
+    gc.add_argument("--out", type=Path, default=Path("data"))
+    gc.add_argument("--hostname", action="append", default=None)
+    gc.add_argument("--days", type=int, default=365)
+    sub.add_parser("version", help="print the version")
+    plan = sub.add_parser("plan", help="capacity planning worksheet (scaling guide)")
+    plan.add_argument("--users", type=int, required=True)
+    plan.add_argument("--msgs-per-hour", type=float, required=True)
+    plan.add_argument("--msg-size", type=float, required=True, help="bytes")
+    plan.add_argument("--blob-uploads-per-day", type=float, default=0)
+    plan.add_argument("--blob-size-mb", type=float, default=0)
+    plan.add_argument("--retention-days", type=float, default=30)
+    plan.add_argument("--json", action="store_true")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _make_app(args: argparse.Namespace) -> Any:
+    from qpc_core.app import App
+    from qpc_core.config import load_config
+
+    settings = load_config(args.config, _overrides(args))
+    _setup_logging(settings.log_level)
+    return App(settings)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    app = _make_app(args)
+    asyncio.run(app.serve_forever())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    app = _make_app(args)
+    print(f"config OK: {len(app.plugins)} plugins, {len(app.methods)} RPC methods")
+    for p in app.plugins:
+        print(f"  {p.order:2d} {p.name:<12} {p.distribution} {p.version}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from qpc_core.plugins import describe_installed
+
+    rows = describe_installed()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'order':>5}  {'name':<14} {'distribution':<20} {'version':<8} hooks")
+    for r in rows:
+        print(f"{r['order']:>5}  {r['name']:<14} {r['distribution']:<20} {r['version']:<8} "
+              f"{', '.join(r['hooks'])}")
+    return 0
+
+
+def cmd_gen_cert(args: argparse.Namespace) -> int:
+    from qpc_core.transport.certs import generate_self_signed
+
+    hosts = tuple(args.hostname or ["localhost"])
+    cert, key = generate_self_signed(args.out, hostnames=hosts, days=args.days)
+    print(f"wrote {cert} and {key} (+ .pem copies)")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qpc_core.plan import format_plan, plan
+
+    result = plan(
+        users=args.users, msgs_per_hour=args.msgs_per_hour, msg_size=args.msg_size,
+        blob_uploads_per_day=args.blob_uploads_per_day, blob_size_mb=args.blob_size_mb,
+        retention_days=args.retention_days,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "plugins": cmd_plugins,
+    "gen-cert": cmd_gen_cert,
+    "plan": cmd_plan,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"qpc {__version__}")
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, PluginError) as e:
+        print(f"qpc: error: {e}", file=sys.stderr)
+        return 1
+    except QpcError as e:
+        print(f"qpc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+def server_main() -> None:
+    """``qpc-server [options]`` is ``qpc run [options]``."""
+    sys.exit(main(["run", *sys.argv[1:]]))
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -1,0 +1,163 @@
+"""``qpc-client``: the command-line client.
+
+    qpc-client --server 127.0.0.1:7000 --auth-token devtoken [--ca-cert data/server-cert.pem]
+               [--state FILE] [COMMAND ...]
+
+With no command it connects, authenticates, prints health and the round-trip time and exits
+0 (the scaling guide's load-test loop).  ``QPC_ACCESS_TOKEN`` stands in for --auth-token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qpc_core.client.sdk import QpcClient
+from qpc_core.client.sealed import open_text, seal_text
+from qpc_core.client.state import ClientState
+from qpc_core.config import parse_hostport
+from qpc_core.errors import RpcError
+
+DEFAULT_STATE = "qpc-client-state.json"
+DEV_CA = Path("data/server-cert.pem")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qpc-client", description="qpc command-line client")
+    p.add_argument("--server", default=os.environ.get("QPC_SERVER", "127.0.0.1:7000"))
+    p.add_argument("--auth-token", default=os.environ.get("QPC_ACCESS_TOKEN"),
+                   help="operator or session token (env QPC_ACCESS_TOKEN)")
+    p.add_argument("--ca-cert", type=Path, default=None,
+                   help="CA/server certificate (PEM or DER); default data/server-cert.pem "
+                        "when present (the dev server's own certificate)")
+    p.add_argument("--insecure", action="store_true",
+                   help="skip certificate verification (development only)")
+    p.add_argument("--server-name", default="localhost", help="TLS server name (SNI)")
+    p.add_argument("--state", type=Path, default=Path(os.environ.get("QPC_CLIENT_STATE",
+                                                                     DEFAULT_STATE)))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("health", help="server health and version")
+    sub.add_parser("whoami", help="what the server knows about this connection")
+    send = sub.add_parser("send", help="seal a text message to a recipient and enqueue it")
+    send.add_argument("--to", required=True, help="identity key hex or @username")
+    send.add_argument("message")
+    send.add_argument("--ttl", type=int, default=0)
+    recv = sub.add_parser("recv", help="fetch, open and print messages")
+    recv.add_argument("--wait", type=float, default=0.0, help="long-poll up to SECONDS")
+    return p
+
+
+def _token(args: argparse.Namespace, state: ClientState) -> str | None:
+    token: str | None = args.auth_token or state.session_token(args.server)
+    return token
+
+
+async def open_client(args: argparse.Namespace, state: ClientState) -> QpcClient:
+    host, port = parse_hostport(args.server, default_host="127.0.0.1")
+    ca = args.ca_cert
+    if ca is None and not args.insecure and DEV_CA.is_file():
+        ca = DEV_CA
+    client = await QpcClient.connect(
+        host, port, token=_token(args, state), identity=state.identity, ca_cert=ca,
+        insecure=args.insecure, server_name=args.server_name,
+        pinned_signing_key=state.server_key(args.server),
+    )
+
+    def pin(key: bytes) -> None:
+        state.pin_server_key(args.server, key)
+        state.save()
+
+    client.on_server_key = pin
+    return client
+
+
+async def resolve_recipient(client: QpcClient, to: str) -> bytes:
+    if to.startswith("@"):
+        return bytes((await client.resolve_user(to[1:])).identity_key)
+    try:
+        key = bytes.fromhex(to)
+    except ValueError:
+        raise SystemExit(f"qpc-client: --to must be 64 hex characters or @username: {to!r}")
+    if len(key) != 32:
+        raise SystemExit("qpc-client: --to identity key must be 32 bytes (64 hex characters)")
+    return key
+
+
+def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+async def run(args: argparse.Namespace) -> int:
+    state = ClientState.load_or_create(args.state)
+    t0 = time.perf_counter()
+    client = await open_client(args, state)
+    try:
+        cmd = args.command
+        if cmd is None or cmd == "health":
+            t1 = time.perf_counter()
+            h = await client.health()
+            rtt = (time.perf_counter() - t1) * 1000
+            total = (time.perf_counter() - t0) * 1000
+            emit(args, {"status": h.status, "version": h.version, "uptime_secs": h.uptime_secs,
+                        "rtt_ms": round(rtt, 3), "connect_ms": round(total - rtt, 3)},
+                 f"status={h.status} version={h.version} uptime={h.uptime_secs}s "
+                 f"rtt={rtt:.2f}ms connect={total - rtt:.2f}ms")
+        elif cmd == "whoami":
+            w = await client.whoami()
+            emit(args, {"authenticated": w.authenticated, "auth_kind": w.auth_kind,
+                        "identity_key": w.identity_key.hex(), "username": w.username},
+                 f"authenticated={w.authenticated} kind={w.auth_kind or '-'} "
+                 f"identity={w.identity_key.hex() or '-'} username={w.username or '-'}")
+        elif cmd == "send":
+            recipient = await resolve_recipient(client, args.to)
+            sealed = seal_text(state.identity, recipient, args.message)
+            resp = await client.enqueue(recipient, sealed, ttl_secs=args.ttl)
+            emit(args, {"seq": resp.seq, "duplicate": resp.duplicate,
+                        "proof": resp.delivery_proof.hex()},
+                 f"sent seq={resp.seq} (delivery proof verified)")
+        elif cmd == "recv":
+            if args.wait > 0:
+                msgs = await client.fetch_wait(int(args.wait * 1000))
+            else:
+                msgs = await client.fetch()
+            out = []
+            for m in msgs:
+                try:
+                    sender, text = open_text(state.identity, m.data)
+                    out.append({"seq": m.seq, "from": sender.hex(), "text": text})
+                except ValueError as e:
+                    out.append({"seq": m.seq, "error": str(e)})
+            if args.json:
+                print(json.dumps(out))
+            else:
+                for o in out:
+                    if "error" in o:
+                        print(f"[{o['seq']}] <unreadable: {o['error']}>")
+                    else:
+                        print(f"[{o['seq']}] {o['from'][:16]}…: {o['text']}")
+                if not out:
+                    print("no messages")
+        return 0
+    finally:
+        await client.close()
+        state.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except RpcError as e:
+        print(f"qpc-client: error: {e.status.name}: {e}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError, TimeoutError) as e:
+        print(f"qpc-client: error: cannot reach {args.server}: {e or type(e).__name__}",
+              file=sys.stderr)
+        return 3

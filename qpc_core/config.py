@@ -1,0 +1,340 @@
+"""Server configuration: ``qpc-server.toml`` + ``QPC_*`` environment + CLI flags.
+
+Precedence is CLI > environment > file > defaults.  Nested keys come from TOML tables or from
+the environment with ``__`` (``QPC_FEDERATION__ENABLED=true``).  Tables that core does not
+know belong to plugins: each plugin declares a model through ``register_config_sections`` and
+its table is validated at start-up (and by ``qpc check-config``).
+
+Every validation problem becomes one :class:`~qpc_core.errors.ConfigError` whose message names
+the config path, e.g. ``federation.peers[0].address: expected host:port``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+from qpc_core.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "qpc-server.toml"
+DEV_AUTH_TOKEN = "devtoken"
+
+
+def parse_hostport(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError("expected host:port")."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected host:port")
+    host, _, port_s = value.rpartition(":")
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError("expected host:port") from None
+    if not 0 <= port <= 65535:
+        raise ValueError("expected host:port with a port in 0-65535")
+    return host, port
+
+
+def _hostport(value: Any) -> str:
+    parse_hostport(value)
+    return str(value)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FederationPeer(_Section):
+    domain: str
+    address: str
+
+    _addr = field_validator("address")(lambda v: _hostport(v))  # type: ignore[misc]
+
+
+class FederationConfig(_Section):
+    enabled: bool = False
+    domain: str = ""
+    listen: str = "0.0.0.0:7001"
+    federation_cert: Path | None = None
+    federation_key: Path | None = None
+    federation_ca: Path | None = None
+    peers: list[FederationPeer] = Field(default_factory=list)
+
+    _listen = field_validator("listen")(lambda v: _hostport(v))  # type: ignore[misc]
+
+
+class RateLimit(_Section):
+    """At most ``requests`` calls per ``window_secs`` sliding window, per identity and per IP."""
+
+    requests: int = Field(gt=0)
+    window_secs: float = Field(gt=0)
+
+
+def _default_rate_limits() -> dict[str, RateLimit]:
+    return {
+        "auth": RateLimit(requests=30, window_secs=60),
+        "delivery": RateLimit(requests=6000, window_secs=60),
+        "keys": RateLimit(requests=600, window_secs=60),
+        "users": RateLimit(requests=600, window_secs=60),
+        "blobs": RateLimit(requests=3000, window_secs=60),
+        "default": RateLimit(requests=3000, window_secs=60),
+    }
+
+
+class Settings(BaseSettings):
+    """All core settings.  Field names are the TOML keys and (upper-cased) the env names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QPC_",
+        env_nested_delimiter="__",
+        extra="allow",
+        validate_default=True,
+    )
+
+    production: bool = False
+    listen: str = "0.0.0.0:7000"
+    data_dir: Path = Path("data")
+    db_path: Path | None = None
+    db_key: SecretStr | None = None
+    db_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    db_wal_autocheckpoint: int = Field(default=1000, ge=0)
+    db_pool_size: int = Field(default=4, ge=1, le=64)
+    storage: str = "sqlcipher"
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    auth_token: SecretStr | None = SecretStr(DEV_AUTH_TOKEN)
+    admin_token: SecretStr | None = None
+
+    metrics_listen: str = "0.0.0.0:9090"
+    metrics_enabled: bool = True
+
+    plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Transport (the scaling guide's "code change required" table, now config keys).
+    max_idle_timeout_secs: float = Field(default=300.0, gt=0)
+    keepalive_interval_secs: float = Field(default=30.0, ge=0)
+    max_concurrent_bidi_streams: int = Field(default=128, ge=1)
+    max_concurrent_uni_streams: int = Field(default=128, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
+    max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024)
+    drain_timeout_secs: float = Field(default=10.0, ge=0)
+    handshake_timeout_secs: float = Field(default=10.0, gt=0)
+
+    # Delivery.
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024)
+    max_queue_depth: int = Field(default=100_000, ge=1)
+    dedup_window_secs: int = Field(default=86_400, ge=0)
+    max_fetch_wait_ms: int = Field(default=30_000, ge=0)
+    expiry_interval_secs: float = Field(default=30.0, gt=0)
+    group_commit_max_batch: int = Field(default=512, ge=1)
+
+    rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
+    redact_logs: bool = False
+    log_level: str = "INFO"
+
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+
+    _listen = field_validator("listen", "metrics_listen")(lambda v: _hostport(v))  # type: ignore[misc]
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("rate_limits", mode="after")
+    @classmethod
+    def _merge_rate_defaults(cls, v: dict[str, RateLimit]) -> dict[str, RateLimit]:
+        merged = _default_rate_limits()
+        merged.update(v)
+        return merged
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file layer arrives through init kwargs merged under the CLI (see load_config).
+        return (init_settings, env_settings)
+
+    # Derived paths -----------------------------------------------------------------------
+    @property
+    def resolved_db_path(self) -> Path:
+        return self.db_path if self.db_path is not None else self.data_dir / "qpc.db"
+
+    @property
+    def plugin_tables(self) -> dict[str, Any]:
+        """Top-level tables core does not know: plugin configuration, by plugin name."""
+        return dict(self.model_extra or {})
+
+    def auth_token_value(self) -> str | None:
+        return self.auth_token.get_secret_value() if self.auth_token else None
+
+    def production_problems(self) -> list[str]:
+        """REFERENCE §10: what ``QPC_PRODUCTION=true`` refuses to start with."""
+        problems = []
+        tok = self.auth_token_value()
+        if tok is not None and (len(tok) < 16 or tok == DEV_AUTH_TOKEN):
+            problems.append(
+                "auth_token: production requires at least 16 characters and not 'devtoken' "
+                "(set QPC_AUTH_TOKEN, or unset it to disable the operator token)"
+            )
+        if self.db_key is None or not self.db_key.get_secret_value():
+            problems.append("db_key: production requires a database key (set QPC_DB_KEY)")
+        if self.tls_cert is None or self.tls_key is None:
+            problems.append("tls_cert/tls_key: production requires certificate files "
+                            "(set QPC_TLS_CERT and QPC_TLS_KEY)")
+        else:
+            for name, p in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+                if not p.is_file():
+                    problems.append(f"{name}: file not found: {p}")
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            problems.append("admin_token: production requires at least 16 characters")
+        return problems
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validation_error_to_config_error(
+    exc: ValidationError, prefix: str = ""
+) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        path = format_loc(err["loc"])
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"config: {path}: {msg}")
+    return ConfigError("\n".join(lines))
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path}: invalid TOML: {e}") from None
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from file, environment and CLI ``overrides``.
+
+    ``path`` None means ``./qpc-server.toml`` when it exists.  ``env`` defaults to
+    ``os.environ`` (tests pass their own mapping).
+    """
+    file_data: dict[str, Any] = {}
+    if path is None:
+        if Path(DEFAULT_CONFIG_FILE).is_file():
+            file_data = read_config_file(Path(DEFAULT_CONFIG_FILE))
+    else:
+        file_data = read_config_file(Path(path))
+    environ = dict(os.environ if env is None else env)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    # Environment wins over the file: build env values with pydantic-settings' own env source
+    # and lay them over the file; the CLI goes on top.
+    env_values = _env_values(environ)
+    merged = _deep_merge(_deep_merge(file_data, env_values), cli)
+    try:
+        return _FrozenSettings(**merged)
+    except ValidationError as e:
+        raise validation_error_to_config_error(e) from None
+
+
+class _FrozenSettings(Settings):
+    """Settings built only from explicit values (env already folded in by load_config)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' env parsing applied to an explicit mapping instead of os.environ."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, False, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read ``QPC_*`` variables (JSON for complex values, ``__`` for nesting)."""
+    try:
+        values = _MappingEnvSource(environ)()
+    except SettingsError as e:
+        raise ConfigError(f"config: environment: {e} (complex values must be JSON)") from None
+    # Unknown QPC_ variables are not plugin tables; keep only known fields.
+    return {k: v for k, v in values.items() if k in Settings.model_fields}
+
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "DEV_AUTH_TOKEN",
+    "FederationConfig",
+    "FederationPeer",
+    "RateLimit",
+    "Settings",
+    "format_loc",
+    "load_config",
+    "parse_hostport",
+    "read_config_file",
+    "validation_error_to_config_error",
+]

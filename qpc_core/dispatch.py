@@ -1,0 +1,148 @@
+"""RPC dispatch: one request frame in, one response frame out.
+
+Order of checks for each call: known method → not draining → credentials (connection or
+the request's ``Auth`` field) → the method's auth level → rate limits (per identity and per
+client IP) → payload decode → handler.  Any failure answers only this call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import DecodeError
+
+from qpc_core.errors import (
+    BadRequest,
+    RateLimited,
+    RpcError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from qpc_core.framing import FrameError, RequestFrame, Status, encode_response
+from qpc_core.pb import common_pb2
+from qpc_core.rpc import AuthResult, Connection, RpcContext, RpcMethod
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+
+log = logging.getLogger("qpc.rpc")
+
+_AUTH_TAG = b"\x7a"  # field 15, wire type 2: cheap pre-check before decoding AuthEnvelope
+
+
+def error_payload(status: int, message: str, retry_after: float | None = None) -> bytes:
+    err = common_pb2.Error(code=int(status), name=Status(status).name, message=message)
+    if retry_after:
+        err.retry_after_ms = max(1, int(retry_after * 1000))
+    return err.SerializeToString()
+
+
+def error_response(request_id: int, status: int, message: str,
+                   retry_after: float | None = None) -> bytes:
+    return encode_response(status, request_id, error_payload(status, message, retry_after))
+
+
+class Dispatcher:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.max_payload = app.settings.max_payload_bytes
+
+    async def call(self, conn: Connection, frame: RequestFrame) -> bytes:
+        """Run one RPC and return the encoded response frame (never raises)."""
+        app = self.app
+        t0 = time.perf_counter()
+        entry = app.methods.get(frame.method_id)
+        name = entry[1].name if entry is not None else "unknown"
+        status: int = Status.OK
+        app.rpc_started()
+        try:
+            if entry is None:
+                raise Unimplemented(f"unknown method {frame.method_id}")
+            method = entry[1]
+            payload = await self._run(conn, method, frame)
+            try:
+                out = encode_response(Status.OK, frame.request_id, payload,
+                                      max_payload=self.max_payload)
+            except FrameError:
+                log.error("method %s produced an oversize response (%d bytes)",
+                          method.name, len(payload))
+                status = Status.INTERNAL
+                out = error_response(frame.request_id, status, "internal error")
+        except RpcError as e:
+            status = e.status
+            out = error_response(frame.request_id, status, e.message, e.retry_after)
+        except Exception:
+            log.exception("method %s (%d) failed", name, frame.method_id)
+            status = Status.INTERNAL
+            out = error_response(frame.request_id, status, "internal error")
+        finally:
+            app.rpc_finished()
+        app.hooks.on_rpc_completed(app, frame.method_id, name, status, time.perf_counter() - t0)
+        return out
+
+    async def _run(self, conn: Connection, method: RpcMethod, frame: RequestFrame) -> bytes:
+        app = self.app
+        if app.draining:
+            raise Unavailable("server shutting down", retry_after=1.0)
+        auth = conn.auth
+        payload = frame.payload
+        if _AUTH_TAG in payload:
+            auth = await self._request_auth(conn, payload) or auth
+        if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
+            raise Unauthenticated("session expired: log in again")
+        if method.auth != "none":
+            if auth is None:
+                raise Unauthenticated(
+                    f"{method.name} requires authentication: send the connection auth "
+                    "handshake or an Auth field with a valid token"
+                )
+        if method.rate_limited:
+            self._rate_limit(conn, method, auth)
+        try:
+            request = method.request_type.FromString(payload)
+        except DecodeError as e:
+            raise BadRequest(f"malformed {method.request_type.__name__}: {e}") from None
+        ctx = RpcContext(app, conn, method, frame.request_id, auth)
+        if method.auth == "identity":
+            ctx.require_identity()
+        response = await method.handler(ctx, request)
+        return response.SerializeToString()
+
+    async def _request_auth(self, conn: Connection, payload: bytes) -> AuthResult | None:
+        try:
+            env = common_pb2.AuthEnvelope.FromString(payload)
+        except DecodeError:
+            return None  # the method's own decode reports the error
+        if not env.HasField("auth") or not env.auth.access_token:
+            return None
+        result = await self.app.hooks.authenticate(self.app, env.auth.access_token, conn.peer)
+        if result is None:
+            raise Unauthenticated("invalid access token")
+        if (
+            conn.identity_key is not None
+            and result.identity_key is not None
+            and result.identity_key != conn.identity_key
+        ):
+            raise Unauthenticated("access token belongs to another identity than the connection")
+        return result
+
+    def _rate_limit(self, conn: Connection, method: RpcMethod, auth: AuthResult | None) -> None:
+        limiter = self.app.rate_limiter
+        ident = (auth.identity_key if auth is not None else None) or conn.identity_key
+        checks: list[tuple[str, object]] = [("ip", conn.peer.host)]
+        if ident is not None:
+            checks.insert(0, ("identity", ident))
+        for kind, key in checks:
+            res = limiter.check(method.group, kind, key)
+            if not res.allowed:
+                self.app.hooks.on_rate_limited(
+                    self.app, kind, method.group, method.method_id, res.retry_after_secs
+                )
+                raise RateLimited(
+                    f"rate limit for '{method.group}' calls exceeded; retry in "
+                    f"{res.retry_after_secs:.1f}s",
+                    retry_after=res.retry_after_secs,
+                )

@@ -1,0 +1,171 @@
+"""Types shared by the RPC layer, hooks and plugins: methods, contexts, auth results, events."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from google.protobuf.message import Message
+
+from qpc_core.errors import Forbidden, Unauthenticated
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+
+AuthLevel = Literal["none", "authenticated", "identity"]
+"""What a method needs from the caller's connection.
+
+* ``none``: callable before login (auth methods, Health).
+* ``authenticated``: any accepted credential (operator token or session).
+* ``identity``: a proven Ed25519 identity (session login, or token + ProveIdentity).
+"""
+
+Handler = Callable[["RpcContext", Any], Awaitable[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class RpcMethod:
+    """One RPC method a plugin serves.  Returned in lists from ``register_rpc_methods``.
+
+    ``request_type`` is the protobuf class the payload is parsed into (a parse failure is
+    ``BAD_REQUEST`` before the handler runs); the handler returns the response message.
+    ``group`` selects the rate limit (``rate_limits.<group>`` in config).
+    """
+
+    method_id: int
+    name: str
+    request_type: type[Message]
+    handler: Handler
+    group: str = "default"
+    auth: AuthLevel = "identity"
+    rate_limited: bool = True
+
+
+@dataclass(slots=True)
+class AuthResult:
+    """What an ``authenticate`` hook returns for an accepted token.
+
+    ``identity_key`` is set when the credential itself proves an identity (an OPAQUE session);
+    ``None`` for credentials that must still run ProveIdentity (the operator token).
+    """
+
+    kind: str
+    identity_key: bytes | None = None
+    username: str | None = None
+    session_id: bytes | None = None
+    expires_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    host: str
+    port: int
+
+
+class Connection(Protocol):
+    """What plugins may see of a client connection (implemented by the transport)."""
+
+    @property
+    def connection_id(self) -> int: ...
+
+    @property
+    def peer(self) -> PeerInfo: ...
+
+    @property
+    def auth(self) -> AuthResult | None: ...
+
+    @property
+    def identity_key(self) -> bytes | None: ...
+
+    def bind(self, auth: AuthResult) -> None:
+        """Bind the connection to a credential (and identity when the result carries one)."""
+
+    def bind_identity(self, identity_key: bytes) -> None: ...
+
+    def push(self, event_type: int, payload: bytes) -> None:
+        """Send a push frame on a new server-opened unidirectional stream."""
+
+    def disconnect(self, reason: str) -> None:
+        """Close the connection with ``reason`` as the QUIC reason phrase."""
+
+
+@dataclass(slots=True)
+class RpcContext:
+    """Passed to every handler: the app, the calling connection and the call's auth."""
+
+    app: App
+    conn: Connection
+    method: RpcMethod
+    request_id: int
+    auth: AuthResult | None
+
+    @property
+    def identity_key(self) -> bytes | None:
+        if self.auth is not None and self.auth.identity_key is not None:
+            return self.auth.identity_key
+        return self.conn.identity_key
+
+    def require_identity(self) -> bytes:
+        """The caller's proven identity key, or ``UNAUTHENTICATED``."""
+        ident = self.identity_key
+        if ident is None:
+            raise Unauthenticated(
+                "this method needs a proven identity: log in, or prove your key with "
+                "AuthChallenge (104) + ProveIdentity (105)"
+            )
+        return ident
+
+    def require_self(self, identity_key: bytes, what: str = "queue") -> bytes:
+        """Only the identity bound to the connection may act on its own ``what``."""
+        ident = self.require_identity()
+        if ident != identity_key:
+            raise Forbidden(f"you may only access your own {what}")
+        return ident
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnqueued:
+    """Event for ``on_message_enqueued``: one message accepted (and committed) for a queue."""
+
+    recipient_key: bytes
+    channel_id: bytes
+    seq: int
+    size: int
+    sender_key: bytes | None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesFetched:
+    """Event for ``on_message_fetched``: ``count`` messages handed to a recipient."""
+
+    recipient_key: bytes
+    channel_id: bytes
+    count: int
+    size: int
+    method: str  # "fetch", "fetch_wait", "peek"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSection:
+    """A plugin's config table: ``name`` is the top-level TOML table, ``model`` validates it."""
+
+    name: str
+    model: type[Any]
+
+
+class Transport(Protocol):
+    """A listener the App starts and stops (the QUIC server, the admin HTTP app, ...)."""
+
+    name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self, app: App) -> None: ...
+
+    async def stop_accepting(self) -> None: ...
+
+    async def close(self, reason: str) -> None: ...

@@ -1,0 +1,227 @@
+"""The typed async storage interface every backend implements.
+
+Delivery logic talks only to this interface: no SQL and no backend detail leaks above it.
+Every method that returns has finished durably (for writes: committed), so a caller may
+acknowledge the client as soon as the awaitable completes.
+
+Backends: the built-in SQLCipher store (``qpc_core.storage.sqlcipher``); a PostgreSQL backend
+plugs in through the ``open_storage`` hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qpc_core.errors import StorageError
+
+
+class QueueFull(StorageError):
+    """An enqueue would push ``recipient``'s queue past ``max_depth``; nothing was written."""
+
+    def __init__(self, recipient_key: bytes, channel_id: bytes, depth: int) -> None:
+        super().__init__(f"queue full ({depth} messages)")
+        self.recipient_key = recipient_key
+        self.channel_id = channel_id
+        self.depth = depth
+
+
+class AlreadyExists(StorageError):
+    """A unique key (username, identity key) is taken; nothing was written."""
+
+
+class WrongKey(StorageError):
+    """The database could not be opened with the configured key."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    recipient_key: bytes
+    channel_id: bytes
+    payload: bytes
+    message_id: bytes = b""  # empty: no dedup
+    expires_at: float | None = None  # unix seconds; None: never
+    sender_key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOutcome:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    username: str
+    identity_key: bytes
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    token_hash: bytes
+    identity_key: bytes
+    username: str
+    created_at: float
+    expires_at: float
+
+
+class Storage(ABC):
+    """Async storage.  Implementations must not block the event loop."""
+
+    name: str = "storage"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish every pending write, then release resources.  Idempotent."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`StorageError` when the backend is unreachable (used by /readyz)."""
+
+    # -- delivery ---------------------------------------------------------------------------
+    @abstractmethod
+    async def enqueue(
+        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float
+    ) -> list[EnqueueOutcome]:
+        """Append messages, all or nothing, in one transaction.
+
+        Each (recipient, channel) inbox gets the next value of its own monotonically
+        increasing u64 ``seq`` (starting at 1, never reused, even after messages are removed).
+        A non-empty ``message_id`` already stored for the same inbox at or after
+        ``dedup_since`` (unix seconds) is a duplicate: its original seq is returned with
+        ``duplicate=True`` and nothing is written for it.  :class:`QueueFull` when an inbox
+        would hold more than ``max_depth`` unexpired messages (nothing is written at all).
+        """
+
+    @abstractmethod
+    async def fetch(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float
+    ) -> list[StoredMessage]:
+        """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first."""
+
+    @abstractmethod
+    async def peek(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float
+    ) -> list[StoredMessage]:
+        """Like :meth:`fetch` without removing anything."""
+
+    @abstractmethod
+    async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
+        """Remove every message with ``seq <= seq_up_to``; return how many were removed."""
+
+    @abstractmethod
+    async def queue_depth(self, recipient_key: bytes, channel_id: bytes) -> int:
+        """Messages currently stored for one inbox (expired but uncollected included)."""
+
+    @abstractmethod
+    async def total_queue_depth(self) -> int:
+        """Messages stored across all inboxes."""
+
+    @abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Delete messages whose ``expires_at <= now``; return how many."""
+
+    @abstractmethod
+    async def purge_dedup(self, older_than: float) -> int:
+        """Forget dedup ids recorded before ``older_than``; return how many."""
+
+    # -- key packages and hybrid keys ---------------------------------------------------------
+    @abstractmethod
+    async def add_key_package(self, identity_key: bytes, package: bytes, fingerprint: bytes) -> None:
+        """Queue a single-use key package for ``identity_key``."""
+
+    @abstractmethod
+    async def pop_key_package(self, identity_key: bytes) -> bytes | None:
+        """Atomically remove and return the oldest key package, ``None`` when none is left."""
+
+    @abstractmethod
+    async def count_key_packages(self, identity_key: bytes) -> int: ...
+
+    @abstractmethod
+    async def set_hybrid_key(self, identity_key: bytes, public_key: bytes) -> None:
+        """Store (replace) the identity's hybrid public key."""
+
+    @abstractmethod
+    async def get_hybrid_keys(self, identity_keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Hybrid keys of the identities that have one."""
+
+    # -- users, channels, sessions ------------------------------------------------------------
+    @abstractmethod
+    async def create_user(self, username: str, identity_key: bytes, *, now: float) -> None:
+        """Bind username → identity key; :class:`AlreadyExists` when either is taken."""
+
+    @abstractmethod
+    async def get_user_by_name(self, username: str) -> UserRecord | None: ...
+
+    @abstractmethod
+    async def get_user_by_identity(self, identity_key: bytes) -> UserRecord | None: ...
+
+    @abstractmethod
+    async def create_channel(
+        self, channel_id: bytes, members: Sequence[bytes], created_by: bytes, *, now: float
+    ) -> bool:
+        """Create a channel with these members; ``False`` (and no change) if it exists."""
+
+    @abstractmethod
+    async def channel_members(self, channel_id: bytes) -> list[bytes] | None:
+        """Member identity keys, or ``None`` when no such channel was created."""
+
+    @abstractmethod
+    async def put_session(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def get_session(self, token_hash: bytes) -> SessionRecord | None: ...
+
+    @abstractmethod
+    async def delete_session(self, token_hash: bytes) -> bool: ...
+
+    @abstractmethod
+    async def purge_sessions(self, now: float) -> int:
+        """Delete sessions that expired at or before ``now``."""
+
+    @abstractmethod
+    async def delete_account(self, identity_key: bytes) -> str | None:
+        """In one transaction remove the identity's queues (every channel), dedup ids, key
+        packages, hybrid key, channel memberships, sessions and user-directory entry.
+
+        Returns the username that was bound (``None`` if none)."""
+
+    # -- plugin key/value and append-only logs -------------------------------------------------
+    @abstractmethod
+    async def kv_get(self, namespace: str, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    async def kv_put(self, namespace: str, key: bytes, value: bytes) -> None: ...
+
+    @abstractmethod
+    async def kv_put_if_absent(self, namespace: str, key: bytes, value: bytes) -> bytes:
+        """Store ``value`` unless the key exists; return whichever value is stored."""
+
+    @abstractmethod
+    async def kv_delete(self, namespace: str, key: bytes) -> bool: ...
+
+    @abstractmethod
+    async def kv_scan(
+        self, namespace: str, prefix: bytes = b"", limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        """Entries whose key starts with ``prefix``, in key order (``limit`` 0 = all)."""
+
+    @abstractmethod
+    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
+        """Append to the named append-only log; return the index of the first new entry."""
+
+    @abstractmethod
+    async def log_read(self, log: str, start: int, end: int) -> list[bytes]:
+        """Entries ``start <= index < end`` (clamped to the log size)."""
+
+    @abstractmethod
+    async def log_size(self, log: str) -> int: ...

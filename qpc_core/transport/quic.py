@@ -1,0 +1,343 @@
+"""The QUIC listener: a thin aioquic layer turning stream events into framed RPC calls.
+
+* One client-opened bidirectional stream per RPC: request frame + FIN in, response + FIN out.
+* The first bidi stream (id 0) may instead carry the connection auth handshake (``0x01``).
+* Server push uses server-opened unidirectional streams.
+* Per-stream state lives in ``ServerConnection.streams`` and is dropped when the response
+  is sent, when the stream is reset, and when the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from qpc_core.config import parse_hostport
+from qpc_core.dispatch import Dispatcher, error_response
+from qpc_core.framing import (
+    AUTH_MAGIC,
+    AuthHandshakeDecoder,
+    FrameError,
+    RequestDecoder,
+    Status,
+    encode_auth_reply,
+    encode_push,
+)
+from qpc_core.rpc import AuthResult, PeerInfo
+from qpc_core.transport.certs import resolve_tls
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+
+log = logging.getLogger("qpc.quic")
+
+ALPN = "qpc"
+_conn_ids = itertools.count(1)
+
+# QUIC application error codes used when closing (0 = no error).
+ERR_NONE = 0
+ERR_PROTOCOL = 0x101
+ERR_CONNECTION_LIMIT = 0x102
+ERR_SHUTDOWN = 0x103
+
+
+class _Stream:
+    __slots__ = ("decoder", "task")
+
+    def __init__(self, decoder: RequestDecoder | AuthHandshakeDecoder) -> None:
+        self.decoder = decoder
+        self.task: asyncio.Task[None] | None = None
+
+
+class ServerConnection(QuicConnectionProtocol):
+    """One client connection.  Implements :class:`qpc_core.rpc.Connection`."""
+
+    def __init__(self, *args: Any, app: App, listener: QuicTransport, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = app.settings
+        self.app = app
+        self.listener = listener
+        self.dispatcher = listener.dispatcher
+        self.streams: dict[int, _Stream] = {}
+        self._connection_id = next(_conn_ids)
+        self._auth: AuthResult | None = None
+        self._identity: bytes | None = None
+        self.challenge: bytes | None = None
+        self._peer: PeerInfo | None = None
+        self._opened = False
+        self._closed = False
+        self._created = time.perf_counter()
+        self._last_activity = time.monotonic()
+        self._keepalive: asyncio.TimerHandle | None = None
+        # Transport parameters are sent in the handshake, after this constructor: the
+        # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
+        quic = self._quic
+        quic._local_max_streams_bidi.value = s.max_concurrent_bidi_streams
+        quic._local_max_streams_uni.value = s.max_concurrent_uni_streams
+        self.max_payload = s.max_payload_bytes
+
+    # -- Connection protocol for plugins -----------------------------------------------------------
+    @property
+    def connection_id(self) -> int:
+        return self._connection_id
+
+    @property
+    def peer(self) -> PeerInfo:
+        if self._peer is None:
+            paths = self._quic._network_paths
+            if paths:
+                addr = paths[0].addr
+                self._peer = PeerInfo(str(addr[0]), int(addr[1]))
+            else:
+                return PeerInfo("unknown", 0)
+        return self._peer
+
+    @property
+    def auth(self) -> AuthResult | None:
+        return self._auth
+
+    @property
+    def identity_key(self) -> bytes | None:
+        return self._identity
+
+    def bind(self, auth: AuthResult) -> None:
+        self._auth = auth
+        if auth.identity_key is not None:
+            self.bind_identity(auth.identity_key)
+
+    def bind_identity(self, identity_key: bytes) -> None:
+        if self._identity == identity_key:
+            return
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)
+        self._identity = identity_key
+        self.app.bind_identity(self, identity_key)
+
+    def push(self, event_type: int, payload: bytes) -> None:
+        if self._closed:
+            return
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        self._quic.send_stream_data(sid, encode_push(event_type, payload), end_stream=True)
+        self.transmit()
+
+    def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
+        if not self._closed:
+            self._quic.close(error_code=error_code, reason_phrase=reason)
+            self.transmit()
+
+    # -- aioquic events ----------------------------------------------------------------------------
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self._last_activity = time.monotonic()
+            self._on_stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, StreamReset):
+            st = self.streams.pop(event.stream_id, None)
+            if st is not None and st.task is not None:
+                st.task.cancel()
+        elif isinstance(event, HandshakeCompleted):
+            self._on_handshake()
+        elif isinstance(event, ConnectionTerminated):
+            self._on_terminated(event.reason_phrase or f"error {event.error_code}")
+
+    def _on_handshake(self) -> None:
+        app = self.app
+        if not self.listener.accepting:
+            self.disconnect("server shutting down", ERR_SHUTDOWN)
+            return
+        if len(app.connections) >= app.settings.max_connections:
+            self.disconnect("server at connection limit", ERR_CONNECTION_LIMIT)
+            return
+        self._opened = True
+        self.listener.protocols.add(self)
+        app.connection_opened(self)
+        app.hooks.on_handshake_completed(app, self, time.perf_counter() - self._created)
+        interval = app.settings.keepalive_interval_secs
+        if interval > 0:
+            self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        """Ping idle connections so healthy clients are not dropped by idle timeouts."""
+        if self._closed:
+            return
+        interval = self.app.settings.keepalive_interval_secs
+        if time.monotonic() - self._last_activity >= interval:
+            self._quic.send_ping(0)
+            self.transmit()
+        self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
+
+    def _on_terminated(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for st in self.streams.values():
+            if st.task is not None:
+                st.task.cancel()
+        self.streams.clear()
+        self.listener.protocols.discard(self)
+        if self._opened:
+            self.app.connection_closed(self, reason)
+
+    # -- streams ----------------------------------------------------------------------------------
+    def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
+        if sid & 0x2:  # unidirectional: clients have nothing to say on those
+            if sid & 0x1 == 0:
+                self._quic.stop_stream(sid, ERR_PROTOCOL)
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            if self._closed:
+                return
+            decoder: RequestDecoder | AuthHandshakeDecoder
+            if sid == 0 and data[:1] == bytes([AUTH_MAGIC]):
+                decoder = AuthHandshakeDecoder()
+            else:
+                decoder = RequestDecoder(self.max_payload)
+            st = self.streams[sid] = _Stream(decoder)
+        elif st.task is not None:
+            if data:  # bytes after the frame while the call runs
+                self._stream_error(sid, FrameError("trailing", "unexpected bytes after the frame"))
+            return
+        try:
+            st.decoder.feed(data)
+            if not fin:
+                return
+            if isinstance(st.decoder, AuthHandshakeDecoder):
+                token = st.decoder.finish()
+                st.task = self._loop.create_task(self._handshake(sid, token))
+            else:
+                frame = st.decoder.finish()
+                st.task = self._loop.create_task(self._call(sid, frame))
+        except FrameError as e:
+            self._stream_error(sid, e)
+
+    def _stream_error(self, sid: int, err: FrameError) -> None:
+        """Protocol error confined to one stream: answer it, stop it; the connection lives."""
+        st = self.streams.pop(sid, None)
+        if st is not None and st.task is not None:
+            st.task.cancel()
+        log.debug("stream %d protocol error: %s", sid, err)
+        try:
+            self._quic.send_stream_data(
+                sid, error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"),
+                end_stream=True,
+            )
+            self._quic.stop_stream(sid, ERR_PROTOCOL)
+        except (ValueError, AssertionError):  # stream already finished on our side
+            pass
+        self.transmit()
+
+    async def _call(self, sid: int, frame: Any) -> None:
+        try:
+            out = await self.dispatcher.call(self, frame)
+            if not self._closed and sid in self.streams:
+                self._quic.send_stream_data(sid, out, end_stream=True)
+                self.transmit()
+        finally:
+            self.streams.pop(sid, None)
+
+    async def _handshake(self, sid: int, token: bytes) -> None:
+        app = self.app
+        try:
+            status = Status.OK
+            try:
+                result = await app.hooks.authenticate(app, token, self.peer)
+            except Exception as e:  # Unauthenticated from a plugin, or a plugin bug
+                from qpc_core.errors import RpcError
+
+                if not isinstance(e, RpcError):
+                    log.exception("authenticate hook failed")
+                result = None
+            if result is None:
+                status = Status.UNAUTHENTICATED
+            else:
+                self.bind(result)
+            if not self._closed and sid in self.streams:
+                self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
+                self.transmit()
+        finally:
+            self.streams.pop(sid, None)
+
+
+class QuicTransport:
+    """The client-facing QUIC listener (registered by the built-in ``core`` plugin)."""
+
+    name = "quic"
+
+    def __init__(self) -> None:
+        self.server: QuicServer | None = None
+        self.protocols: set[ServerConnection] = set()
+        self.accepting = False
+        self.dispatcher: Dispatcher
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.server is not None and self.accepting
+
+    def configuration(self, app: App) -> QuicConfiguration:
+        s = app.settings
+        tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        cfg = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=[ALPN],
+            idle_timeout=s.max_idle_timeout_secs,
+            max_datagram_frame_size=None,
+            max_data=16 * 1024 * 1024,
+            max_stream_data=max(s.max_payload_bytes + 64, 1024 * 1024),
+        )
+        cfg.certificate = tls.certificate
+        cfg.private_key = tls.private_key
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog:
+            cfg.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server
+        return cfg
+
+    async def start(self, app: App) -> None:
+        self.dispatcher = Dispatcher(app)
+        host, port = parse_hostport(app.settings.listen)
+        cfg = self.configuration(app)
+
+        def factory(*args: Any, **kwargs: Any) -> ServerConnection:
+            return ServerConnection(*args, app=app, listener=self, **kwargs)
+
+        self.server = await serve(host, port, configuration=cfg, create_protocol=factory)
+        sockname = self.server._transport.get_extra_info("sockname")
+        self.address = (sockname[0], sockname[1])
+        self.accepting = True
+        log.info("QUIC listening on %s:%d (ALPN %s)", self.address[0], self.address[1], ALPN)
+
+    async def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def close(self, reason: str) -> None:
+        self.accepting = False
+        protocols = list(self.protocols)
+        for proto in protocols:
+            proto.disconnect(reason, ERR_SHUTDOWN)
+        if protocols:
+            # Give close frames a moment to leave; wait_closed ends when aioquic is done.
+            await asyncio.wait(
+                [asyncio.ensure_future(p.wait_closed()) for p in protocols], timeout=1.0
+            )
+        for proto in protocols:
+            proto._on_terminated(reason)
+        if self.server is not None:
+            self.server.close()
+            self.server = None

@@ -1,0 +1,1 @@
+import qpc_definitely_missing_module  # noqa: F401

@@ -1,0 +1,24 @@
+"""Method 9100 Slow: signals it started, then waits until the test releases it."""
+
+import asyncio
+
+from qpc_core.hookspecs import hookimpl
+from qpc_core.pb import common_pb2
+from qpc_core.rpc import RpcMethod
+
+
+async def slow(ctx, req):
+    st = ctx.app.state["slow"]
+    st["started"].set()
+    await st["release"].wait()
+    return common_pb2.HealthResponse(status="finished")
+
+
+@hookimpl
+def register_rpc_methods(app):
+    return [RpcMethod(9100, "Slow", common_pb2.HealthRequest, slow, auth="none")]
+
+
+@hookimpl
+async def startup(app):
+    app.state["slow"] = {"started": asyncio.Event(), "release": asyncio.Event()}

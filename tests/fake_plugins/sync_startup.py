@@ -1,0 +1,6 @@
+from qpc_core.hookspecs import hookimpl
+
+
+@hookimpl
+def startup(app):  # must be async
+    return None
