@@ -23,7 +23,7 @@ from qpc_core.transport.quic import QuicTransport  # noqa: E402
 TEST_TOKEN = "devtoken"
 
 
-def test_settings(data_dir: Path, **overrides: Any) -> Settings:
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "metrics_listen": "127.0.0.1:0",
@@ -58,7 +58,7 @@ def quic_port(app: App) -> int:
 @pytest.fixture
 def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        return test_settings(tmp_path / "data", **overrides)
+        return make_settings(tmp_path / "data", **overrides)
 
     return make
 

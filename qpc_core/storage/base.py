@@ -104,13 +104,18 @@ class Storage(ABC):
 
     @abstractmethod
     async def fetch(
-        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0,
     ) -> list[StoredMessage]:
-        """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first."""
+        """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
+
+        ``max_bytes`` (0 = no cap) stops before the payloads would exceed it, but the first
+        message is always returned so an inbox can never get stuck."""
 
     @abstractmethod
     async def peek(
-        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0,
     ) -> list[StoredMessage]:
         """Like :meth:`fetch` without removing anything."""
 
@@ -136,7 +141,9 @@ class Storage(ABC):
 
     # -- key packages and hybrid keys ---------------------------------------------------------
     @abstractmethod
-    async def add_key_package(self, identity_key: bytes, package: bytes, fingerprint: bytes) -> None:
+    async def add_key_package(
+        self, identity_key: bytes, package: bytes, fingerprint: bytes
+    ) -> None:
         """Queue a single-use key package for ``identity_key``."""
 
     @abstractmethod

@@ -1,0 +1,1198 @@
+"""The built-in storage backend: one SQLCipher 4 database file in WAL mode.
+
+Threads
+    * one **writer thread** owns the only read-write connection.  It does group commit: it
+      takes every write job queued so far (up to ``max_batch``), runs them in one
+      ``BEGIN IMMEDIATE`` … ``COMMIT``, each inside its own ``SAVEPOINT`` so a job that raises
+      is undone alone, and resolves the jobs' futures only after ``COMMIT`` returned;
+    * a pool of ``pool_size`` **reader connections** used from a ``ThreadPoolExecutor``
+      (each read borrows one connection for its duration).
+
+No SQLite call ever runs on the event-loop thread.  The observer is always called on the
+event-loop thread that opened the store ("commit" per committed transaction, "read" per read).
+
+Encryption
+    SQLCipher 4 defaults; the passphrase is applied with ``PRAGMA key = '<passphrase>'`` as
+    the first statement on every connection, so an operator can open the file with any
+    SQLCipher 4 client (``PRAGMA key='${QPC_DB_KEY}'``).
+
+Schema notes
+    ``inboxes.next_seq`` is the next sequence number of an inbox (never reused) and
+    ``inboxes.depth`` the number of rows in ``messages`` for it: ``enqueue`` adds to it,
+    the ``messages_depth_delete`` trigger subtracts on every delete (so manual deletes by an
+    operator keep it right), making the depth check of every enqueue O(1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
+
+import sqlcipher3  # type: ignore[import-untyped]
+
+from qpc_core.errors import StorageError
+from qpc_core.storage.base import (
+    AlreadyExists,
+    EnqueueOutcome,
+    NewMessage,
+    QueueFull,
+    SessionRecord,
+    Storage,
+    StoredMessage,
+    UserRecord,
+    WrongKey,
+)
+
+if TYPE_CHECKING:
+    # sqlcipher3 mirrors the stdlib DB-API module; borrow its type information.
+    from sqlite3 import Connection as Conn
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqlCipherStorage"]
+
+log = logging.getLogger("qpc.storage")
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+APPLICATION_ID: Final = 0x51504331  # "QPC1"
+BUSY_TIMEOUT_MS: Final = 10_000
+PURGE_CHUNK: Final = 2_000  # rows per purge transaction, so purges never stall deliveries
+IN_CHUNK: Final = 500  # bound parameters per IN (...) list
+SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"})
+
+# sqlcipher3 sends ``bytes`` parameters through the adaptation protocol (a failed attribute
+# lookup per parameter, ~3 µs each); an identity adapter turns that into one dict hit.
+sqlcipher3.register_adapter(bytes, bytes)
+
+# -- schema -------------------------------------------------------------------------------------
+
+_V1 = """
+CREATE TABLE inboxes (
+    recipient_key BLOB NOT NULL,
+    channel_id    BLOB NOT NULL,
+    next_seq      INTEGER NOT NULL,
+    depth         INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipient_key, channel_id)
+) WITHOUT ROWID;
+
+CREATE TABLE messages (
+    id            INTEGER PRIMARY KEY,
+    recipient_key BLOB NOT NULL,
+    channel_id    BLOB NOT NULL,
+    seq           INTEGER NOT NULL,
+    expires_at    REAL,
+    created_at    REAL NOT NULL,
+    payload       BLOB NOT NULL
+);
+CREATE UNIQUE INDEX messages_inbox_seq ON messages (recipient_key, channel_id, seq);
+CREATE INDEX messages_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX messages_inbox_expiry ON messages (recipient_key, channel_id, expires_at)
+    WHERE expires_at IS NOT NULL;
+
+CREATE TRIGGER messages_depth_delete AFTER DELETE ON messages BEGIN
+    UPDATE inboxes SET depth = depth - 1
+    WHERE recipient_key = OLD.recipient_key AND channel_id = OLD.channel_id;
+END;
+
+CREATE TABLE dedup (
+    recipient_key BLOB NOT NULL,
+    channel_id    BLOB NOT NULL,
+    message_id    BLOB NOT NULL,
+    seq           INTEGER NOT NULL,
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (recipient_key, channel_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX dedup_created ON dedup (created_at);
+
+CREATE TABLE key_packages (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity_key BLOB NOT NULL,
+    package      BLOB NOT NULL,
+    fingerprint  BLOB NOT NULL,
+    created_at   REAL NOT NULL
+);
+CREATE INDEX key_packages_identity ON key_packages (identity_key, id);
+
+CREATE TABLE hybrid_keys (
+    identity_key BLOB PRIMARY KEY,
+    public_key   BLOB NOT NULL,
+    updated_at   REAL NOT NULL
+);
+
+CREATE TABLE users (
+    username     TEXT PRIMARY KEY,
+    identity_key BLOB NOT NULL UNIQUE,
+    created_at   REAL NOT NULL
+);
+
+CREATE TABLE channels (
+    channel_id BLOB PRIMARY KEY,
+    created_by BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE channel_members (
+    channel_id   BLOB NOT NULL REFERENCES channels (channel_id) ON DELETE CASCADE,
+    identity_key BLOB NOT NULL,
+    PRIMARY KEY (channel_id, identity_key)
+) WITHOUT ROWID;
+CREATE INDEX channel_members_identity ON channel_members (identity_key);
+
+CREATE TABLE sessions (
+    token_hash   BLOB PRIMARY KEY,
+    identity_key BLOB NOT NULL,
+    username     TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX sessions_identity ON sessions (identity_key);
+CREATE INDEX sessions_expiry ON sessions (expires_at);
+
+CREATE TABLE kv (
+    namespace TEXT NOT NULL,
+    key       BLOB NOT NULL,
+    value     BLOB NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID;
+
+CREATE TABLE logs (
+    log   TEXT NOT NULL,
+    idx   INTEGER NOT NULL,
+    entry BLOB NOT NULL,
+    PRIMARY KEY (log, idx)
+) WITHOUT ROWID;
+"""
+
+#: Numbered migrations, applied in order, each in its own transaction.  Never edit a shipped
+#: entry: append a new one.  ``PRAGMA user_version`` records the last one applied.
+MIGRATIONS: Final[list[tuple[int, str]]] = [
+    (1, _V1),
+]
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+# -- SQL ----------------------------------------------------------------------------------------
+
+_DEDUP_FIND = (
+    "SELECT seq FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ?"
+    " AND created_at >= ?"
+)
+# Reserve ?3 sequence numbers: returns (first reserved seq, depth before this enqueue).
+_INBOX_RESERVE = (
+    "INSERT INTO inboxes (recipient_key, channel_id, next_seq, depth) VALUES (?1, ?2, 1 + ?3, ?3)"
+    " ON CONFLICT (recipient_key, channel_id) DO UPDATE"
+    " SET next_seq = next_seq + ?3, depth = depth + ?3"
+    " RETURNING next_seq - ?3, depth - ?3"
+)
+_COUNT_EXPIRED = (
+    "SELECT count(*) FROM messages WHERE recipient_key = ? AND channel_id = ?"
+    " AND expires_at <= ?"
+)
+_MESSAGE_INSERT = (
+    "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_DEDUP_UPSERT = (
+    "INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE"
+    " SET seq = excluded.seq, created_at = excluded.created_at"
+)
+_SELECT_LIVE = (
+    "SELECT seq, payload FROM messages WHERE recipient_key = ? AND channel_id = ?"
+    " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq LIMIT ?"
+)
+_DELETE_UP_TO = "DELETE FROM messages WHERE recipient_key = ? AND channel_id = ? AND seq <= ?"
+_INBOX_DEPTH = "SELECT depth FROM inboxes WHERE recipient_key = ? AND channel_id = ?"
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _connect(
+    path: Path, key: str, *, synchronous: str, wal_autocheckpoint: int, reader: bool
+) -> Conn:
+    """Open, key and configure one connection (blocking: never call on the event loop)."""
+    try:
+        conn: Conn = sqlcipher3.connect(
+            str(path), isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+    except sqlcipher3.Error as e:
+        raise StorageError(f"cannot open {path}: {e}") from e
+    try:
+        conn.execute(f"PRAGMA key = {_quote(key)}")
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlcipher3.DatabaseError as e:
+            raise WrongKey(
+                f"cannot open {path}: wrong database key or not a qpc database"
+            ) from e
+        conn.execute("PRAGMA journal_mode = WAL").fetchall()
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_autocheckpoint)}").fetchall()
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}").fetchall()
+        conn.execute("PRAGMA temp_store = MEMORY")
+        if reader:
+            conn.execute("PRAGMA cache_size = -8000")
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn.execute("PRAGMA cache_size = -16000")
+            conn.execute("PRAGMA journal_size_limit = 67108864").fetchall()
+    except StorageError:
+        conn.close()
+        raise
+    except sqlcipher3.Error as e:
+        conn.close()
+        raise StorageError(f"cannot open {path}: {e}") from e
+    return conn
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a script into complete statements (trigger bodies keep their inner ``;``)."""
+    statements: list[str] = []
+    buf = ""
+    for part in script.split(";"):
+        buf += part + ";"
+        if sqlcipher3.complete_statement(buf):
+            stmt = buf.strip()
+            if stmt.strip(";").strip():
+                statements.append(stmt)
+            buf = ""
+    if buf.strip(" \t\r\n;"):
+        raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:60]!r}")
+    return statements
+
+
+def _migrate(conn: Conn, path: Path) -> None:
+    version: int = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"cannot open {path}: database schema version {version} is newer than this qpc "
+            f"supports (schema version {SCHEMA_VERSION}); upgrade qpc"
+        )
+    tables: int = conn.execute("SELECT count(*) FROM sqlite_master").fetchall()[0][0]
+    app_id: int = conn.execute("PRAGMA application_id").fetchall()[0][0]
+    if tables and app_id != APPLICATION_ID:
+        raise StorageError(f"cannot open {path}: not a qpc database (application_id {app_id})")
+    for target, script in MIGRATIONS:
+        if target <= version:
+            continue
+        statements = _split_sql(script)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current: int = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            if current < target:  # another process may have migrated meanwhile
+                for stmt in statements:
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {int(target)}")
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlcipher3.Error):
+                raise StorageError(f"{path}: schema migration {target} failed: {e}") from e
+            raise
+        version = target
+
+
+def _storage_error(e: BaseException) -> BaseException:
+    """Map a job's exception to what its caller sees (SQLite errors → StorageError)."""
+    if isinstance(e, sqlcipher3.Error):
+        err = StorageError(f"database error: {e}")
+        err.__cause__ = e
+        return err
+    return e
+
+
+# -- jobs (run on a worker thread with a connection) ---------------------------------------------
+
+
+def _enqueue_tx(
+    conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float
+) -> list[EnqueueOutcome]:
+    now = time.time()
+    execute = conn.execute
+    n = len(msgs)
+    seqs = [0] * n
+    dup = [False] * n
+    first_in_call: dict[tuple[bytes, bytes, bytes], int] = {}
+    repeats: list[tuple[int, int]] = []  # (index, index of the first with the same id)
+    fresh: dict[tuple[bytes, bytes], list[int]] = {}  # inbox → indexes to store
+    for i, m in enumerate(msgs):
+        mid = m.message_id
+        if mid:
+            ident = (m.recipient_key, m.channel_id, mid)
+            j = first_in_call.get(ident)
+            if j is not None:
+                repeats.append((i, j))
+                continue
+            first_in_call[ident] = i
+            row = execute(_DEDUP_FIND, (*ident, dedup_since)).fetchone()
+            if row is not None:
+                seqs[i] = row[0]
+                dup[i] = True
+                continue
+        inbox = (m.recipient_key, m.channel_id)
+        idxs = fresh.get(inbox)
+        if idxs is None:
+            fresh[inbox] = [i]
+        else:
+            idxs.append(i)
+
+    for (recipient, channel), idxs in fresh.items():
+        k = len(idxs)
+        first, depth = execute(_INBOX_RESERVE, (recipient, channel, k)).fetchall()[0]
+        if depth + k > max_depth:
+            # Slow path: expired but not yet collected messages do not count.
+            expired: int = execute(_COUNT_EXPIRED, (recipient, channel, now)).fetchone()[0]
+            live = depth - expired
+            if live + k > max_depth:
+                raise QueueFull(recipient, channel, live)  # the savepoint undoes everything
+        for off, i in enumerate(idxs):
+            seqs[i] = first + off
+
+    if fresh:
+        stored = [(seqs[i], msgs[i]) for idxs in fresh.values() for i in idxs]
+        rows = [
+            (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+            for seq, m in stored
+        ]
+        if len(rows) == 1:
+            execute(_MESSAGE_INSERT, rows[0])
+        else:
+            conn.executemany(_MESSAGE_INSERT, rows)
+        dedup_rows = [
+            (m.recipient_key, m.channel_id, m.message_id, seq, now)
+            for seq, m in stored
+            if m.message_id
+        ]
+        if len(dedup_rows) == 1:
+            execute(_DEDUP_UPSERT, dedup_rows[0])
+        elif dedup_rows:
+            conn.executemany(_DEDUP_UPSERT, dedup_rows)
+
+    for i, j in repeats:
+        seqs[i] = seqs[j]
+        dup[i] = True
+    return [EnqueueOutcome(s, d) for s, d in zip(seqs, dup, strict=True)]
+
+
+def _select_live(
+    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
+) -> list[StoredMessage]:
+    cur = conn.execute(_SELECT_LIVE, (recipient, channel, now, limit if limit > 0 else -1))
+    if max_bytes <= 0:
+        return [StoredMessage(s, p) for s, p in cur]
+    out: list[StoredMessage] = []
+    total = 0
+    for s, p in cur:
+        total += len(p)
+        if total > max_bytes and out:
+            break
+        out.append(StoredMessage(s, p))
+    cur.close()
+    return out
+
+
+def _fetch_tx(
+    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
+) -> list[StoredMessage]:
+    out = _select_live(conn, recipient, channel, limit, now, max_bytes)
+    if out:
+        # Everything up to the last returned seq goes: the returned messages plus expired
+        # ones between them (nothing unexpired below the last returned seq is left out).
+        conn.execute(_DELETE_UP_TO, (recipient, channel, out[-1].seq))
+    return out
+
+
+def _has_messages(conn: Conn, recipient: bytes, channel: bytes) -> bool:
+    row = conn.execute(_INBOX_DEPTH, (recipient, channel)).fetchone()
+    return row is not None and row[0] > 0
+
+
+def _ack_tx(conn: Conn, recipient: bytes, channel: bytes, seq_up_to: int) -> int:
+    return conn.execute(_DELETE_UP_TO, (recipient, channel, seq_up_to)).rowcount
+
+
+def _queue_depth(conn: Conn, recipient: bytes, channel: bytes) -> int:
+    row = conn.execute(_INBOX_DEPTH, (recipient, channel)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _total_depth(conn: Conn) -> int:
+    return int(conn.execute("SELECT coalesce(sum(depth), 0) FROM inboxes").fetchone()[0])
+
+
+def _delete_chunk(conn: Conn, sql: str, bound: float) -> int:
+    return conn.execute(sql, (bound, PURGE_CHUNK)).rowcount
+
+
+_PURGE_MESSAGES = (
+    "DELETE FROM messages WHERE id IN"
+    " (SELECT id FROM messages WHERE expires_at <= ? LIMIT ?)"
+)
+_PURGE_DEDUP = (
+    "DELETE FROM dedup WHERE (recipient_key, channel_id, message_id) IN"
+    " (SELECT recipient_key, channel_id, message_id FROM dedup WHERE created_at < ? LIMIT ?)"
+)
+_PURGE_SESSIONS = (
+    "DELETE FROM sessions WHERE token_hash IN"
+    " (SELECT token_hash FROM sessions WHERE expires_at <= ? LIMIT ?)"
+)
+
+
+def _add_key_package(conn: Conn, identity: bytes, package: bytes, fingerprint: bytes) -> None:
+    conn.execute(
+        "INSERT INTO key_packages (identity_key, package, fingerprint, created_at)"
+        " VALUES (?, ?, ?, ?)",
+        (identity, package, fingerprint, time.time()),
+    )
+
+
+def _pop_key_package(conn: Conn, identity: bytes) -> bytes | None:
+    rows = conn.execute(
+        "DELETE FROM key_packages WHERE id ="
+        " (SELECT id FROM key_packages WHERE identity_key = ? ORDER BY id LIMIT 1)"
+        " RETURNING package",
+        (identity,),
+    ).fetchall()
+    return bytes(rows[0][0]) if rows else None
+
+
+def _count_key_packages(conn: Conn, identity: bytes) -> int:
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM key_packages WHERE identity_key = ?", (identity,)
+        ).fetchone()[0]
+    )
+
+
+def _set_hybrid_key(conn: Conn, identity: bytes, public_key: bytes) -> None:
+    conn.execute(
+        "INSERT INTO hybrid_keys (identity_key, public_key, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (identity_key) DO UPDATE"
+        " SET public_key = excluded.public_key, updated_at = excluded.updated_at",
+        (identity, public_key, time.time()),
+    )
+
+
+def _get_hybrid_keys(conn: Conn, identities: list[bytes]) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for start in range(0, len(identities), IN_CHUNK):
+        chunk = identities[start : start + IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for ident, pub in conn.execute(
+            f"SELECT identity_key, public_key FROM hybrid_keys WHERE identity_key IN ({marks})",
+            chunk,
+        ):
+            out[ident] = pub
+    return out
+
+
+def _create_user(conn: Conn, username: str, identity: bytes, now: float) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO users (username, identity_key, created_at) VALUES (?, ?, ?)",
+            (username, identity, now),
+        )
+    except sqlcipher3.IntegrityError as e:
+        if conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone():
+            raise AlreadyExists(f"username {username!r} is already registered") from e
+        raise AlreadyExists("this identity key is already registered") from e
+
+
+_USER_COLUMNS = "SELECT username, identity_key, created_at FROM users"
+
+
+def _get_user(conn: Conn, where: str, value: object) -> UserRecord | None:
+    row = conn.execute(f"{_USER_COLUMNS} WHERE {where} = ?", (value,)).fetchone()
+    return None if row is None else UserRecord(row[0], row[1], row[2])
+
+
+def _create_channel(
+    conn: Conn, channel: bytes, members: list[bytes], created_by: bytes, now: float
+) -> bool:
+    cur = conn.execute(
+        "INSERT INTO channels (channel_id, created_by, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (channel_id) DO NOTHING",
+        (channel, created_by, now),
+    )
+    if cur.rowcount == 0:
+        return False
+    conn.executemany(
+        "INSERT OR IGNORE INTO channel_members (channel_id, identity_key) VALUES (?, ?)",
+        [(channel, m) for m in members],
+    )
+    return True
+
+
+def _channel_members(conn: Conn, channel: bytes) -> list[bytes] | None:
+    rows = conn.execute(
+        "SELECT m.identity_key FROM channels AS c"
+        " LEFT JOIN channel_members AS m ON m.channel_id = c.channel_id"
+        " WHERE c.channel_id = ? ORDER BY m.identity_key",
+        (channel,),
+    ).fetchall()
+    if not rows:
+        return None
+    return [r[0] for r in rows if r[0] is not None]
+
+
+def _put_session(conn: Conn, r: SessionRecord) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO sessions"
+        " (token_hash, identity_key, username, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+        (r.token_hash, r.identity_key, r.username, r.created_at, r.expires_at),
+    )
+
+
+def _get_session(conn: Conn, token_hash: bytes) -> SessionRecord | None:
+    row = conn.execute(
+        "SELECT token_hash, identity_key, username, created_at, expires_at FROM sessions"
+        " WHERE token_hash = ?",
+        (token_hash,),
+    ).fetchone()
+    return None if row is None else SessionRecord(row[0], row[1], row[2], row[3], row[4])
+
+
+def _delete_session(conn: Conn, token_hash: bytes) -> bool:
+    return conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0
+
+
+def _delete_account(conn: Conn, identity: bytes) -> str | None:
+    p = (identity,)
+    execute = conn.execute
+    # Inboxes first, so the depth trigger has nothing to update for the deleted messages.
+    execute("DELETE FROM inboxes WHERE recipient_key = ?", p)
+    execute("DELETE FROM messages WHERE recipient_key = ?", p)
+    execute("DELETE FROM dedup WHERE recipient_key = ?", p)
+    execute("DELETE FROM key_packages WHERE identity_key = ?", p)
+    execute("DELETE FROM hybrid_keys WHERE identity_key = ?", p)
+    execute("DELETE FROM channel_members WHERE identity_key = ?", p)
+    execute("DELETE FROM sessions WHERE identity_key = ?", p)
+    rows = execute("DELETE FROM users WHERE identity_key = ? RETURNING username", p).fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def _kv_get(conn: Conn, namespace: str, key: bytes) -> bytes | None:
+    row = conn.execute(
+        "SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _kv_put(conn: Conn, namespace: str, key: bytes, value: bytes) -> None:
+    conn.execute(
+        "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
+        (namespace, key, value),
+    )
+
+
+def _kv_put_if_absent(conn: Conn, namespace: str, key: bytes, value: bytes) -> bytes:
+    conn.execute(
+        "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (namespace, key) DO NOTHING",
+        (namespace, key, value),
+    )
+    stored = _kv_get(conn, namespace, key)
+    assert stored is not None
+    return stored
+
+
+def _kv_delete(conn: Conn, namespace: str, key: bytes) -> bool:
+    return (
+        conn.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).rowcount
+        > 0
+    )
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: unbounded)."""
+    stem = prefix.rstrip(b"\xff")
+    if not stem:
+        return None
+    return stem[:-1] + bytes((stem[-1] + 1,))
+
+
+def _kv_scan(conn: Conn, namespace: str, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+    lim = limit if limit > 0 else -1
+    end = _prefix_end(prefix)
+    if end is None:
+        cur = conn.execute(
+            "SELECT key, value FROM kv WHERE namespace = ? AND key >= ? ORDER BY key LIMIT ?",
+            (namespace, prefix, lim),
+        )
+    else:
+        cur = conn.execute(
+            "SELECT key, value FROM kv WHERE namespace = ? AND key >= ? AND key < ?"
+            " ORDER BY key LIMIT ?",
+            (namespace, prefix, end, lim),
+        )
+    return [(k, v) for k, v in cur]
+
+
+def _log_size(conn: Conn, log_name: str) -> int:
+    row = conn.execute(
+        "SELECT idx FROM logs WHERE log = ? ORDER BY idx DESC LIMIT 1", (log_name,)
+    ).fetchone()
+    return 0 if row is None else int(row[0]) + 1
+
+
+def _log_append(conn: Conn, log_name: str, entries: list[bytes]) -> int:
+    first = _log_size(conn, log_name)
+    if entries:
+        conn.executemany(
+            "INSERT INTO logs (log, idx, entry) VALUES (?, ?, ?)",
+            [(log_name, first + i, e) for i, e in enumerate(entries)],
+        )
+    return first
+
+
+def _log_read(conn: Conn, log_name: str, start: int, end: int) -> list[bytes]:
+    start = max(start, 0)
+    if end <= start:
+        return []
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT entry FROM logs WHERE log = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (log_name, start, end),
+        )
+    ]
+
+
+def _ping(conn: Conn) -> None:
+    conn.execute("PRAGMA user_version").fetchall()
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+_Outcome = tuple["asyncio.Future[Any]", bool, Any]  # (future, ok, result or exception)
+_STOP: Final = None
+
+
+class SqlCipherStorage(Storage):
+    """SQLCipher 4 storage with a group-committing writer thread and a reader pool."""
+
+    name = "sqlcipher"
+
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        *,
+        synchronous: str = "NORMAL",
+        wal_autocheckpoint: int = 1000,
+        pool_size: int = 4,
+        group_commit: bool = True,
+        max_batch: int = 512,
+        observer: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """Prefer :meth:`open`, which also connects; this only validates and stores settings."""
+        sync = str(synchronous).upper()
+        if sync not in SYNCHRONOUS_MODES:
+            raise ValueError(
+                f"synchronous must be one of OFF, NORMAL, FULL, EXTRA: {synchronous!r}"
+            )
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if wal_autocheckpoint < 0:
+            raise ValueError("wal_autocheckpoint must not be negative")
+        self.path = Path(path)
+        self._key = key
+        self._synchronous = sync
+        self._wal_autocheckpoint = int(wal_autocheckpoint)
+        self._pool_size = pool_size
+        self._group_commit = group_commit
+        self._max_batch = max_batch
+        self._observer = observer
+        self._observer_failed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = True  # until open() finished
+        self._closing: asyncio.Future[None] | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_conn: Conn | None = None
+        self._writer_stopped: asyncio.Future[None] | None = None
+        self._writer_error: BaseException | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._reader_conns: list[Conn] = []
+        self._idle_readers: queue.SimpleQueue[Conn] = queue.SimpleQueue()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        key: str,
+        *,
+        synchronous: str = "NORMAL",
+        wal_autocheckpoint: int = 1000,
+        pool_size: int = 4,
+        group_commit: bool = True,
+        max_batch: int = 512,
+        observer: Callable[[str, float], None] | None = None,
+    ) -> SqlCipherStorage:
+        """Open (creating and migrating if needed) the database at ``path``.
+
+        :class:`WrongKey` when ``key`` does not decrypt it; :class:`StorageError` when its
+        schema is newer than this code or it cannot be opened."""
+        self = cls(
+            path, key, synchronous=synchronous, wal_autocheckpoint=wal_autocheckpoint,
+            pool_size=pool_size, group_commit=group_commit, max_batch=max_batch,
+            observer=observer,
+        )
+        await self._start()
+        return self
+
+    async def _start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._writer_stopped = loop.create_future()
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(ready,), name=f"qpc-db-writer:{self.path.name}",
+            daemon=True,
+        )
+        self._writer.start()
+        try:
+            await ready  # the writer has keyed, verified and migrated the file
+        except BaseException:
+            self._jobs.put(_STOP)  # if open() was cancelled, the writer must not linger
+            await asyncio.shield(self._writer_stopped)
+            raise
+        # Readers connect only now: keying an empty file before the writer wrote its header
+        # would derive the key from a different salt.
+        self._readers = ThreadPoolExecutor(
+            max_workers=self._pool_size, thread_name_prefix=f"qpc-db-reader:{self.path.name}"
+        )
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._readers, self._connect_reader)
+              for _ in range(self._pool_size)),
+            return_exceptions=True,
+        )
+        for r in results:
+            if not isinstance(r, BaseException):
+                self._reader_conns.append(r)
+                self._idle_readers.put(r)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        self._closed = False
+        if failure is not None:
+            await self.close()
+            raise failure
+
+    def _connect_reader(self) -> Conn:
+        return _connect(
+            self.path, self._key, synchronous=self._synchronous,
+            wal_autocheckpoint=self._wal_autocheckpoint, reader=True,
+        )
+
+    async def close(self) -> None:
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        if self._loop is None:  # never opened
+            self._closed = True
+            return
+        loop = asyncio.get_running_loop()
+        self._closing = loop.create_future()
+        self._closed = True
+        try:
+            self._jobs.put(_STOP)  # queued writes before it still commit
+            if self._writer_stopped is not None:
+                await asyncio.shield(self._writer_stopped)
+            await self._in_thread(self._close_readers)
+        finally:
+            self._closing.set_result(None)
+
+    def _close_readers(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            try:
+                conn.close()
+            except sqlcipher3.Error:
+                log.exception("closing a reader connection failed")
+        self._reader_conns.clear()
+
+    async def _in_thread(self, fn: Callable[[], None]) -> None:
+        """Run blocking ``fn`` on a short-lived thread (the pools may be shut down)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                loop.call_soon_threadsafe(_settle, done, False, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, True, None)
+
+        threading.Thread(target=run, name="qpc-db-close", daemon=True).start()
+        await done
+
+    async def ping(self) -> None:
+        self._check_open()
+        if self._writer is None or not self._writer.is_alive():
+            raise StorageError("storage writer thread is not running")
+        await self._read(_ping)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("storage is closed")
+        if self._writer_error is not None:
+            raise StorageError(f"storage writer failed: {self._writer_error}")
+
+    def _write(self, fn: Callable[[Conn, *Ts], T], *args: *Ts) -> asyncio.Future[T]:
+        """Queue a write job for the writer thread; the future resolves after its COMMIT.
+
+        Synchronous on purpose: the job is queued before the caller's first suspension."""
+        self._check_open()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, fut))
+        if self._writer_error is not None:  # the writer died meanwhile: do not hang
+            self._fail_queued(self._writer_error)
+        return fut
+
+    async def _read(self, fn: Callable[[Conn, *Ts], T], *args: *Ts) -> T:
+        self._check_open()
+        assert self._readers is not None
+        loop = asyncio.get_running_loop()
+        seconds, result = await loop.run_in_executor(self._readers, self._run_read, fn, args)
+        if self._observer is not None:
+            self._observe("read", seconds)
+        return result
+
+    def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[float, T]:
+        conn = self._idle_readers.get()
+        try:
+            t0 = time.perf_counter()
+            try:
+                result = fn(conn, *args)
+            except sqlcipher3.Error as e:
+                raise StorageError(f"database error: {e}") from e
+            return time.perf_counter() - t0, result
+        finally:
+            self._idle_readers.put(conn)
+
+    def _observe(self, operation: str, seconds: float) -> None:
+        observer = self._observer
+        if observer is None:
+            return
+        try:
+            observer(operation, seconds)
+        except Exception:
+            if not self._observer_failed:  # log once, never break storage
+                self._observer_failed = True
+                log.exception("storage observer failed (further failures are not logged)")
+
+    # -- writer thread -----------------------------------------------------------------------
+    def _writer_main(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None and self._writer_stopped is not None
+        try:
+            conn = self._writer_conn = _connect(
+                self.path, self._key, synchronous=self._synchronous,
+                wal_autocheckpoint=self._wal_autocheckpoint, reader=False,
+            )
+            try:
+                _migrate(conn, self.path)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException as e:
+            loop.call_soon_threadsafe(_settle, ready, False, e)
+            loop.call_soon_threadsafe(_settle, self._writer_stopped, True, None)
+            return
+        loop.call_soon_threadsafe(_settle, ready, True, None)
+        try:
+            self._writer_loop(conn)
+        except BaseException as e:  # a bug: fail everything rather than hang callers
+            self._writer_error = e
+            log.exception("storage writer thread failed")
+            self._fail_queued(e)
+        finally:
+            try:
+                conn.close()
+            except sqlcipher3.Error:
+                log.exception("closing the writer connection failed")
+            try:
+                loop.call_soon_threadsafe(_settle, self._writer_stopped, True, None)
+            except RuntimeError:  # loop already closed
+                pass
+
+    def _writer_loop(self, conn: Conn) -> None:
+        jobs = self._jobs
+        max_batch = self._max_batch if self._group_commit else 1
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < max_batch:
+                try:
+                    nxt = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._run_batch(conn, batch)
+            except BaseException as e:
+                self._deliver(
+                    [(j[2], False, StorageError(f"storage writer failed: {e}")) for j in batch],
+                    None,
+                )
+                raise
+            if stop:
+                return
+
+    def _run_batch(self, conn: Conn, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        execute = conn.execute
+        outcomes: list[_Outcome] = []
+        committed = False
+        try:
+            execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:
+                fn, args, fut = batch[0]
+                try:
+                    outcomes.append((fut, True, fn(conn, *args)))
+                except Exception as e:
+                    outcomes.append((fut, False, _storage_error(e)))
+                    if conn.in_transaction:
+                        execute("ROLLBACK")
+                else:
+                    execute("COMMIT")
+                    committed = True
+            else:
+                for fn, args, fut in batch:
+                    execute("SAVEPOINT job")
+                    try:
+                        result = fn(conn, *args)
+                    except Exception as e:
+                        if not conn.in_transaction:
+                            # SQLite rolled the whole transaction back (e.g. disk full).
+                            raise StorageError(f"transaction aborted: {e}") from e
+                        execute("ROLLBACK TO job")
+                        execute("RELEASE job")
+                        outcomes.append((fut, False, _storage_error(e)))
+                    else:
+                        execute("RELEASE job")
+                        outcomes.append((fut, True, result))
+                execute("COMMIT")
+                committed = True
+        except Exception as e:
+            # BEGIN, a savepoint or COMMIT failed: the whole batch fails, nothing is kept.
+            if conn.in_transaction:
+                try:
+                    execute("ROLLBACK")
+                except sqlcipher3.Error:
+                    log.exception("rollback after a failed transaction failed")
+            outcomes = []
+            for _fn, _args, fut in batch:
+                err = StorageError(f"transaction failed: {e}")
+                err.__cause__ = e
+                outcomes.append((fut, False, err))
+        self._deliver(outcomes, time.perf_counter() - t0 if committed else None)
+
+    def _deliver(self, outcomes: list[_Outcome], commit_seconds: float | None) -> None:
+        """Hand results to the event loop(s): one callback per batch and loop."""
+        loop = self._loop
+        assert loop is not None
+        mine: list[_Outcome] = []
+        others: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for o in outcomes:
+            lp = o[0].get_loop()
+            if lp is loop:
+                mine.append(o)
+            else:
+                others.setdefault(lp, []).append(o)
+        try:
+            loop.call_soon_threadsafe(self._resolve, mine, commit_seconds)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+        for lp, items in others.items():
+            try:
+                lp.call_soon_threadsafe(self._resolve, items, None)
+            except RuntimeError:
+                pass
+
+    def _resolve(self, outcomes: list[_Outcome], commit_seconds: float | None) -> None:
+        for fut, ok, value in outcomes:
+            _settle(fut, ok, value)
+        if commit_seconds is not None and self._observer is not None:
+            self._observe("commit", commit_seconds)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        outcomes: list[_Outcome] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                outcomes.append((job[2], False, StorageError(f"storage writer failed: {error}")))
+        if outcomes:
+            self._deliver(outcomes, None)
+
+    # -- delivery ----------------------------------------------------------------------------
+    async def enqueue(
+        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float
+    ) -> list[EnqueueOutcome]:
+        if not messages:
+            self._check_open()
+            return []
+        return await self._write(_enqueue_tx, list(messages), max_depth, dedup_since)
+
+    async def fetch(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0,
+    ) -> list[StoredMessage]:
+        """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
+
+        ``max_bytes`` (0 = no limit) caps the summed payload size; the first message is
+        returned even when it alone is larger, so an inbox can never get stuck."""
+        # Cheap pre-check on a reader: idle long-polls never reach the writer.
+        if not await self._read(_has_messages, recipient_key, channel_id):
+            return []
+        return await self._write(_fetch_tx, recipient_key, channel_id, limit, now, max_bytes)
+
+    async def peek(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0,
+    ) -> list[StoredMessage]:
+        """Like :meth:`fetch` without removing anything."""
+        return await self._read(_select_live, recipient_key, channel_id, limit, now, max_bytes)
+
+    async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
+        return await self._write(_ack_tx, recipient_key, channel_id, seq_up_to)
+
+    async def queue_depth(self, recipient_key: bytes, channel_id: bytes) -> int:
+        return await self._read(_queue_depth, recipient_key, channel_id)
+
+    async def total_queue_depth(self) -> int:
+        return await self._read(_total_depth)
+
+    async def _purge(self, sql: str, bound: float) -> int:
+        total = 0
+        while True:  # bounded transactions: deliveries interleave with a large purge
+            n = await self._write(_delete_chunk, sql, bound)
+            total += n
+            if n < PURGE_CHUNK:
+                return total
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._purge(_PURGE_MESSAGES, now)
+
+    async def purge_dedup(self, older_than: float) -> int:
+        return await self._purge(_PURGE_DEDUP, older_than)
+
+    # -- key packages and hybrid keys ----------------------------------------------------------
+    async def add_key_package(
+        self, identity_key: bytes, package: bytes, fingerprint: bytes
+    ) -> None:
+        await self._write(_add_key_package, identity_key, package, fingerprint)
+
+    async def pop_key_package(self, identity_key: bytes) -> bytes | None:
+        return await self._write(_pop_key_package, identity_key)
+
+    async def count_key_packages(self, identity_key: bytes) -> int:
+        return await self._read(_count_key_packages, identity_key)
+
+    async def set_hybrid_key(self, identity_key: bytes, public_key: bytes) -> None:
+        await self._write(_set_hybrid_key, identity_key, public_key)
+
+    async def get_hybrid_keys(self, identity_keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        unique = list(dict.fromkeys(identity_keys))
+        if not unique:
+            self._check_open()
+            return {}
+        return await self._read(_get_hybrid_keys, unique)
+
+    # -- users, channels, sessions ------------------------------------------------------------
+    async def create_user(self, username: str, identity_key: bytes, *, now: float) -> None:
+        await self._write(_create_user, username, identity_key, now)
+
+    async def get_user_by_name(self, username: str) -> UserRecord | None:
+        return await self._read(_get_user, "username", username)
+
+    async def get_user_by_identity(self, identity_key: bytes) -> UserRecord | None:
+        return await self._read(_get_user, "identity_key", identity_key)
+
+    async def create_channel(
+        self, channel_id: bytes, members: Sequence[bytes], created_by: bytes, *, now: float
+    ) -> bool:
+        return await self._write(_create_channel, channel_id, list(members), created_by, now)
+
+    async def channel_members(self, channel_id: bytes) -> list[bytes] | None:
+        return await self._read(_channel_members, channel_id)
+
+    async def put_session(self, record: SessionRecord) -> None:
+        await self._write(_put_session, record)
+
+    async def get_session(self, token_hash: bytes) -> SessionRecord | None:
+        return await self._read(_get_session, token_hash)
+
+    async def delete_session(self, token_hash: bytes) -> bool:
+        return await self._write(_delete_session, token_hash)
+
+    async def purge_sessions(self, now: float) -> int:
+        return await self._purge(_PURGE_SESSIONS, now)
+
+    async def delete_account(self, identity_key: bytes) -> str | None:
+        return await self._write(_delete_account, identity_key)
+
+    # -- plugin key/value and append-only logs -------------------------------------------------
+    async def kv_get(self, namespace: str, key: bytes) -> bytes | None:
+        return await self._read(_kv_get, namespace, key)
+
+    async def kv_put(self, namespace: str, key: bytes, value: bytes) -> None:
+        await self._write(_kv_put, namespace, key, value)
+
+    async def kv_put_if_absent(self, namespace: str, key: bytes, value: bytes) -> bytes:
+        return await self._write(_kv_put_if_absent, namespace, key, value)
+
+    async def kv_delete(self, namespace: str, key: bytes) -> bool:
+        return await self._write(_kv_delete, namespace, key)
+
+    async def kv_scan(
+        self, namespace: str, prefix: bytes = b"", limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        return await self._read(_kv_scan, namespace, prefix, limit)
+
+    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
+        return await self._write(_log_append, log, list(entries))
+
+    async def log_read(self, log: str, start: int, end: int) -> list[bytes]:
+        return await self._read(_log_read, log, start, end)
+
+    async def log_size(self, log: str) -> int:
+        return await self._read(_log_size, log)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Complete ``fut`` unless its awaiting task was cancelled meanwhile (loop thread only)."""
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)

@@ -1,0 +1,693 @@
+"""The built-in SQLCipher storage backend (qpc_core.storage.sqlcipher)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlcipher3  # type: ignore[import-untyped]
+
+from qpc_core.errors import StorageError
+from qpc_core.storage import sqlcipher as sqlcipher_mod
+from qpc_core.storage.base import (
+    AlreadyExists,
+    EnqueueOutcome,
+    NewMessage,
+    QueueFull,
+    SessionRecord,
+    StoredMessage,
+    WrongKey,
+)
+from qpc_core.storage.sqlcipher import SCHEMA_VERSION, SqlCipherStorage, _prefix_end
+
+pytestmark = pytest.mark.asyncio
+
+KEY = "test 'db' key"  # a quote on purpose: PRAGMA key escaping
+OPERATOR_KEY_SQL = "PRAGMA key='test ''db'' key'"
+ALICE = b"A" * 32
+BOB = b"B" * 32
+CAROL = b"C" * 32
+CHAN = b"chan-1"
+BIG = 1_000_000
+
+
+def msg(recipient: bytes, payload: bytes, channel: bytes = b"", message_id: bytes = b"",
+        expires_at: float | None = None) -> NewMessage:
+    return NewMessage(recipient, channel, payload, message_id, expires_at, BOB)
+
+
+class Commits:
+    """Observer counting reported operations."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, float]] = []
+
+    def __call__(self, op: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.ops.append((op, seconds))
+
+    def count(self, op: str = "commit") -> int:
+        return sum(1 for o, _ in self.ops if o == op)
+
+
+async def open_store(path: Path, key: str = KEY, **kw: Any) -> SqlCipherStorage:
+    kw.setdefault("pool_size", 2)
+    return await SqlCipherStorage.open(path, key, **kw)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "qpc.db"
+
+
+@pytest.fixture
+def commits() -> Commits:
+    return Commits()
+
+
+@pytest_asyncio.fixture
+async def store(db_path: Path, commits: Commits) -> AsyncIterator[SqlCipherStorage]:
+    st = await open_store(db_path, observer=commits)
+    yield st
+    await st.close()
+
+
+async def enqueue_one(st: SqlCipherStorage, m: NewMessage, *, max_depth: int = BIG,
+                      dedup_since: float = 0.0) -> EnqueueOutcome:
+    (out,) = await st.enqueue([m], max_depth=max_depth, dedup_since=dedup_since)
+    return out
+
+
+async def hold_writer(st: SqlCipherStorage) -> threading.Event:
+    """Park the writer thread inside a job until the returned event is set."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def job(conn: Any) -> None:
+        entered.set()
+        gate.wait(30)
+
+    held = st._write(job)
+    await asyncio.to_thread(entered.wait, 30)
+    held.add_done_callback(lambda f: f.exception())
+    return gate
+
+
+# -- delivery --------------------------------------------------------------------------------------
+
+
+async def test_enqueue_peek_fetch_ack(store: SqlCipherStorage) -> None:
+    now = time.time()
+    outs = await store.enqueue([msg(ALICE, b"m1"), msg(ALICE, b"m2"), msg(ALICE, b"m3"),
+                                msg(BOB, b"b1"), msg(ALICE, b"c1", CHAN)],
+                               max_depth=BIG, dedup_since=0)
+    assert outs == [EnqueueOutcome(1, False), EnqueueOutcome(2, False), EnqueueOutcome(3, False),
+                    EnqueueOutcome(1, False), EnqueueOutcome(1, False)]
+    assert await store.queue_depth(ALICE, b"") == 3
+    assert await store.queue_depth(ALICE, CHAN) == 1
+    assert await store.queue_depth(CAROL, b"") == 0
+    assert await store.total_queue_depth() == 5
+
+    assert await store.peek(ALICE, b"", 2, now=now) == [StoredMessage(1, b"m1"),
+                                                        StoredMessage(2, b"m2")]
+    assert await store.peek(ALICE, b"", 0, now=now) == [StoredMessage(1, b"m1"),
+                                                        StoredMessage(2, b"m2"),
+                                                        StoredMessage(3, b"m3")]
+    # peek then ack
+    assert await store.ack(ALICE, b"", 2) == 2
+    assert await store.ack(ALICE, b"", 2) == 0
+    assert await store.peek(ALICE, b"", 0, now=now) == [StoredMessage(3, b"m3")]
+
+    # fetch removes, honours the limit, oldest first
+    await store.enqueue([msg(ALICE, b"m4"), msg(ALICE, b"m5")], max_depth=BIG, dedup_since=0)
+    assert await store.fetch(ALICE, b"", 2, now=now) == [StoredMessage(3, b"m3"),
+                                                         StoredMessage(4, b"m4")]
+    assert await store.fetch(ALICE, b"", 0, now=now) == [StoredMessage(5, b"m5")]
+    assert await store.fetch(ALICE, b"", 0, now=now) == []
+    assert await store.fetch(CAROL, b"", 0, now=now) == []
+    assert await store.queue_depth(ALICE, b"") == 0
+    assert await store.fetch(ALICE, CHAN, 0, now=now) == [StoredMessage(1, b"c1")]
+    assert await store.total_queue_depth() == 1
+    assert await store.enqueue([], max_depth=BIG, dedup_since=0) == []
+
+
+async def test_seq_is_never_reused(db_path: Path) -> None:
+    st = await open_store(db_path)
+    assert [o.seq for o in await st.enqueue([msg(ALICE, b"1"), msg(ALICE, b"2")],
+                                            max_depth=BIG, dedup_since=0)] == [1, 2]
+    assert (await enqueue_one(st, msg(ALICE, b"3"))).seq == 3
+    assert await st.ack(ALICE, b"", 3) == 3
+    assert (await enqueue_one(st, msg(ALICE, b"4"))).seq == 4
+    assert len(await st.fetch(ALICE, b"", 0, now=time.time())) == 1
+    assert await st.queue_depth(ALICE, b"") == 0
+    await st.close()
+
+    st = await open_store(db_path)
+    try:
+        assert (await enqueue_one(st, msg(ALICE, b"5"))).seq == 5
+        assert (await enqueue_one(st, msg(BOB, b"x"))).seq == 1
+    finally:
+        await st.close()
+
+
+async def test_fetch_max_bytes(store: SqlCipherStorage) -> None:
+    await store.enqueue([msg(ALICE, b"x" * 100) for _ in range(5)], max_depth=BIG,
+                        dedup_since=0)
+    now = time.time()
+    assert [m.seq for m in await store.peek(ALICE, b"", 0, now=now, max_bytes=250)] == [1, 2]
+    assert [m.seq for m in await store.fetch(ALICE, b"", 0, now=now, max_bytes=300)] == [1, 2, 3]
+    # a message larger than the budget still comes out alone: the inbox cannot get stuck
+    assert [m.seq for m in await store.fetch(ALICE, b"", 0, now=now, max_bytes=10)] == [4]
+    assert [m.seq for m in await store.fetch(ALICE, b"", 1, now=now, max_bytes=10_000)] == [5]
+
+
+async def test_dedup_within_and_outside_window(store: SqlCipherStorage) -> None:
+    mid = b"m" * 16
+    now = time.time()
+    first = await enqueue_one(store, msg(ALICE, b"hello", message_id=mid), dedup_since=now - 60)
+    assert first == EnqueueOutcome(1, False)
+    again = await enqueue_one(store, msg(ALICE, b"hello", message_id=mid), dedup_since=now - 60)
+    assert again == EnqueueOutcome(1, True)
+    assert await store.queue_depth(ALICE, b"") == 1
+    # still a duplicate after the original was fetched
+    assert len(await store.fetch(ALICE, b"", 0, now=time.time())) == 1
+    assert await enqueue_one(store, msg(ALICE, b"hello", message_id=mid),
+                             dedup_since=now - 60) == EnqueueOutcome(1, True)
+    # the same id in another inbox (other recipient or other channel) is not a duplicate
+    assert await enqueue_one(store, msg(BOB, b"hello", message_id=mid)) == EnqueueOutcome(1, False)
+    assert await enqueue_one(store, msg(ALICE, b"hello", CHAN, mid)) == EnqueueOutcome(1, False)
+    # outside the window: stored again with a new seq, and that seq is remembered
+    later = time.time() + 3600
+    assert await enqueue_one(store, msg(ALICE, b"hello", message_id=mid),
+                             dedup_since=later) == EnqueueOutcome(2, False)
+    assert await enqueue_one(store, msg(ALICE, b"hello", message_id=mid),
+                             dedup_since=now - 60) == EnqueueOutcome(2, True)
+    # empty message ids never dedup
+    assert (await enqueue_one(store, msg(ALICE, b"hello"))).duplicate is False
+    assert (await enqueue_one(store, msg(ALICE, b"hello"))).duplicate is False
+
+
+async def test_dedup_within_one_call(store: SqlCipherStorage) -> None:
+    a, b = b"a" * 16, b"b" * 16
+    outs = await store.enqueue(
+        [msg(ALICE, b"1", message_id=a), msg(ALICE, b"2", message_id=b),
+         msg(ALICE, b"1", message_id=a), msg(BOB, b"1", message_id=a)],
+        max_depth=BIG, dedup_since=0,
+    )
+    assert outs == [EnqueueOutcome(1, False), EnqueueOutcome(2, False), EnqueueOutcome(1, True),
+                    EnqueueOutcome(1, False)]
+    assert await store.queue_depth(ALICE, b"") == 2
+    outs = await store.enqueue([msg(ALICE, b"1", message_id=a), msg(ALICE, b"1", message_id=a)],
+                               max_depth=BIG, dedup_since=0)
+    assert outs == [EnqueueOutcome(1, True), EnqueueOutcome(1, True)]
+
+
+async def test_purge_dedup(store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlcipher_mod, "PURGE_CHUNK", 3)
+    ids = [bytes([i]) * 16 for i in range(7)]
+    await store.enqueue([msg(ALICE, b"p", message_id=i) for i in ids], max_depth=BIG,
+                        dedup_since=0)
+    assert await store.purge_dedup(time.time() - 3600) == 0
+    assert await store.purge_dedup(time.time() + 1) == 7  # in several chunks
+    out = await enqueue_one(store, msg(ALICE, b"p", message_id=ids[0]))
+    assert out == EnqueueOutcome(8, False)
+
+
+async def test_queue_full_is_all_or_nothing(store: SqlCipherStorage) -> None:
+    await store.enqueue([msg(ALICE, b"1"), msg(ALICE, b"2")], max_depth=2, dedup_since=0)
+    with pytest.raises(QueueFull) as info:
+        await store.enqueue([msg(BOB, b"to bob", message_id=b"i" * 16), msg(ALICE, b"3")],
+                            max_depth=2, dedup_since=0)
+    assert info.value.recipient_key == ALICE
+    assert info.value.channel_id == b""
+    assert info.value.depth == 2
+    assert isinstance(info.value, StorageError)
+    assert await store.queue_depth(BOB, b"") == 0  # nothing written for the other recipient
+    assert await store.peek(BOB, b"", 0, now=time.time()) == []
+    # the rejected message id was not recorded, the seq was not consumed
+    assert await enqueue_one(store, msg(BOB, b"to bob", message_id=b"i" * 16),
+                             max_depth=2) == EnqueueOutcome(1, False)
+    await store.ack(ALICE, b"", 1)
+    assert (await enqueue_one(store, msg(ALICE, b"3"), max_depth=2)).seq == 3
+    # a batch that alone exceeds the limit
+    with pytest.raises(QueueFull):
+        await store.enqueue([msg(CAROL, b"x")] * 3, max_depth=2, dedup_since=0)
+    assert await store.queue_depth(CAROL, b"") == 0
+
+
+async def test_queue_full_ignores_expired_messages(store: SqlCipherStorage) -> None:
+    past = time.time() - 10
+    await store.enqueue([msg(ALICE, b"old", expires_at=past)] * 2, max_depth=2, dedup_since=0)
+    assert await store.queue_depth(ALICE, b"") == 2  # expired but uncollected still counted
+    out = await enqueue_one(store, msg(ALICE, b"new"), max_depth=2)
+    assert out.seq == 3
+    with pytest.raises(QueueFull) as info:
+        await store.enqueue([msg(ALICE, b"x")] * 2, max_depth=2, dedup_since=0)
+    assert info.value.depth == 1
+
+
+async def test_expiry(store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.time()
+    await store.enqueue([
+        msg(ALICE, b"gone", expires_at=now - 1),
+        msg(ALICE, b"keep", expires_at=now + 3600),
+        msg(ALICE, b"edge", expires_at=now),
+        msg(ALICE, b"forever"),
+        msg(BOB, b"gone too", expires_at=now - 5),
+    ], max_depth=BIG, dedup_since=0)
+    assert await store.peek(ALICE, b"", 0, now=now) == [StoredMessage(2, b"keep"),
+                                                        StoredMessage(4, b"forever")]
+    assert await store.peek(ALICE, b"", 1, now=now) == [StoredMessage(2, b"keep")]
+    assert await store.queue_depth(ALICE, b"") == 4
+    monkeypatch.setattr(sqlcipher_mod, "PURGE_CHUNK", 2)
+    assert await store.purge_expired(now) == 3
+    assert await store.purge_expired(now) == 0
+    assert await store.queue_depth(ALICE, b"") == 2
+    assert await store.queue_depth(BOB, b"") == 0
+    assert await store.total_queue_depth() == 2
+    # a later "now" makes more messages invisible to fetch, which also drops the expired ones
+    # it skipped on the way
+    assert await store.fetch(ALICE, b"", 0, now=now + 7200) == [StoredMessage(4, b"forever")]
+    assert await store.total_queue_depth() == 0
+    assert await store.purge_expired(now + 7200) == 0
+
+
+# -- key packages and hybrid keys ---------------------------------------------------------------
+
+
+async def test_key_packages_fifo_single_use(store: SqlCipherStorage) -> None:
+    assert await store.pop_key_package(ALICE) is None
+    for i in range(3):
+        await store.add_key_package(ALICE, b"kp%d" % i, b"fp%d" % i)
+    await store.add_key_package(BOB, b"bob-kp", b"bob-fp")
+    assert await store.count_key_packages(ALICE) == 3
+    popped = await asyncio.gather(*(store.pop_key_package(ALICE) for _ in range(4)))
+    assert popped == [b"kp0", b"kp1", b"kp2", None]
+    assert await store.count_key_packages(ALICE) == 0
+    assert await store.count_key_packages(BOB) == 1
+    await store.add_key_package(ALICE, b"kp3", b"fp3")
+    assert await store.pop_key_package(ALICE) == b"kp3"
+
+
+async def test_hybrid_keys(store: SqlCipherStorage) -> None:
+    assert await store.get_hybrid_keys([]) == {}
+    await store.set_hybrid_key(ALICE, b"pk-a1")
+    await store.set_hybrid_key(BOB, b"pk-b")
+    await store.set_hybrid_key(ALICE, b"pk-a2")
+    assert await store.get_hybrid_keys([ALICE, BOB, CAROL, ALICE]) == {ALICE: b"pk-a2",
+                                                                       BOB: b"pk-b"}
+    many = [i.to_bytes(32, "big") for i in range(1200)]  # more than one IN (...) chunk
+    for k in many[::100]:
+        await store.set_hybrid_key(k, b"pk" + k[-2:])
+    got = await store.get_hybrid_keys(many)
+    assert got == {k: b"pk" + k[-2:] for k in many[::100]}
+
+
+# -- users, channels, sessions ------------------------------------------------------------------
+
+
+async def test_users_are_unique(store: SqlCipherStorage) -> None:
+    await store.create_user("alice", ALICE, now=100.0)
+    with pytest.raises(AlreadyExists):
+        await store.create_user("alice", BOB, now=101.0)
+    with pytest.raises(AlreadyExists):
+        await store.create_user("alice2", ALICE, now=101.0)
+    await store.create_user("bob", BOB, now=102.0)
+    alice = await store.get_user_by_name("alice")
+    assert alice is not None
+    assert (alice.username, alice.identity_key, alice.created_at) == ("alice", ALICE, 100.0)
+    assert await store.get_user_by_identity(BOB) == await store.get_user_by_name("bob")
+    assert await store.get_user_by_name("alice2") is None
+    assert await store.get_user_by_identity(CAROL) is None
+
+
+async def test_channels(store: SqlCipherStorage) -> None:
+    assert await store.channel_members(CHAN) is None
+    assert await store.create_channel(CHAN, [ALICE, BOB, ALICE], ALICE, now=1.0) is True
+    assert await store.create_channel(CHAN, [CAROL], CAROL, now=2.0) is False
+    assert sorted(await store.channel_members(CHAN) or []) == [ALICE, BOB]
+    assert await store.create_channel(b"empty", [], ALICE, now=1.0) is True
+    assert await store.channel_members(b"empty") == []
+
+
+async def test_sessions(store: SqlCipherStorage) -> None:
+    rec = SessionRecord(b"t1", ALICE, "alice", 10.0, 100.0)
+    await store.put_session(rec)
+    await store.put_session(SessionRecord(b"t2", ALICE, "alice", 10.0, 50.0))
+    await store.put_session(SessionRecord(b"t3", BOB, "bob", 10.0, 200.0))
+    assert await store.get_session(b"t1") == rec
+    assert await store.get_session(b"nope") is None
+    renewed = SessionRecord(b"t1", ALICE, "alice", 10.0, 150.0)
+    await store.put_session(renewed)
+    assert await store.get_session(b"t1") == renewed
+    assert await store.delete_session(b"t1") is True
+    assert await store.delete_session(b"t1") is False
+    assert await store.purge_sessions(50.0) == 1  # t2 expired at exactly 50
+    assert await store.get_session(b"t2") is None
+    assert await store.get_session(b"t3") is not None
+    assert await store.purge_sessions(50.0) == 0
+
+
+async def test_delete_account(store: SqlCipherStorage) -> None:
+    now = time.time()
+    for ident, name in ((ALICE, "alice"), (BOB, "bob")):
+        await store.create_user(name, ident, now=now)
+        await store.enqueue([msg(ident, b"p", message_id=b"d" * 16), msg(ident, b"q", CHAN)],
+                            max_depth=BIG, dedup_since=0)
+        await store.add_key_package(ident, b"kp", b"fp")
+        await store.set_hybrid_key(ident, b"hk")
+        await store.put_session(SessionRecord(b"tok" + ident, ident, name, now, now + 60))
+    await store.create_channel(CHAN, [ALICE, BOB], ALICE, now=now)
+
+    assert await store.delete_account(ALICE) == "alice"
+
+    assert await store.get_user_by_name("alice") is None
+    assert await store.get_user_by_identity(ALICE) is None
+    assert await store.queue_depth(ALICE, b"") == 0
+    assert await store.queue_depth(ALICE, CHAN) == 0
+    assert await store.peek(ALICE, CHAN, 0, now=now) == []
+    assert await store.count_key_packages(ALICE) == 0
+    assert await store.get_hybrid_keys([ALICE, BOB]) == {BOB: b"hk"}
+    assert await store.get_session(b"tok" + ALICE) is None
+    assert await store.channel_members(CHAN) == [BOB]
+    # the dedup id is forgotten too
+    assert (await enqueue_one(store, msg(ALICE, b"p", message_id=b"d" * 16))).duplicate is False
+    # Bob is untouched
+    assert await store.get_user_by_name("bob") is not None
+    assert await store.queue_depth(BOB, b"") == 1
+    assert await store.queue_depth(BOB, CHAN) == 1
+    assert await store.count_key_packages(BOB) == 1
+    assert await store.get_session(b"tok" + BOB) is not None
+    assert (await enqueue_one(store, msg(BOB, b"p", message_id=b"d" * 16))).duplicate is True
+    assert await store.total_queue_depth() == 3
+
+    assert await store.delete_account(CAROL) is None
+
+
+# -- kv and logs -----------------------------------------------------------------------------------
+
+
+async def test_kv(store: SqlCipherStorage) -> None:
+    assert await store.kv_get("ns", b"k") is None
+    await store.kv_put("ns", b"k", b"v1")
+    await store.kv_put("ns", b"k", b"v2")
+    await store.kv_put("other", b"k", b"o")
+    assert await store.kv_get("ns", b"k") == b"v2"
+    assert await store.kv_put_if_absent("ns", b"k", b"v3") == b"v2"
+    assert await store.kv_put_if_absent("ns", b"new", b"n") == b"n"
+    assert await store.kv_get("ns", b"new") == b"n"
+    assert await store.kv_delete("ns", b"new") is True
+    assert await store.kv_delete("ns", b"new") is False
+    assert await store.kv_get("other", b"k") == b"o"
+
+
+async def test_kv_scan_prefixes(store: SqlCipherStorage) -> None:
+    keys = [b"", b"a", b"a\x00", b"a\xff", b"a\xff\xff", b"a\xff\xffz", b"ab", b"b",
+            b"\xff", b"\xff\x00", b"\xff\xff"]
+    for k in reversed(keys):
+        await store.kv_put("ns", k, b"v" + k)
+    await store.kv_put("zz", b"a1", b"elsewhere")
+
+    async def scan(prefix: bytes, limit: int = 0) -> list[bytes]:
+        return [k for k, _ in await store.kv_scan("ns", prefix, limit)]
+
+    assert await scan(b"") == sorted(keys)
+    assert await scan(b"a") == [b"a", b"a\x00", b"ab", b"a\xff", b"a\xff\xff", b"a\xff\xffz"]
+    assert await scan(b"a\xff") == [b"a\xff", b"a\xff\xff", b"a\xff\xffz"]
+    assert await scan(b"a\xff\xff") == [b"a\xff\xff", b"a\xff\xffz"]
+    assert await scan(b"\xff") == [b"\xff", b"\xff\x00", b"\xff\xff"]
+    assert await scan(b"\xff\xff") == [b"\xff\xff"]
+    assert await scan(b"c") == []
+    assert await scan(b"a", limit=2) == [b"a", b"a\x00"]
+    assert await store.kv_scan("ns", b"ab") == [(b"ab", b"vab")]
+
+
+async def test_prefix_end() -> None:
+    assert _prefix_end(b"") is None
+    assert _prefix_end(b"\xff\xff") is None
+    assert _prefix_end(b"a") == b"b"
+    assert _prefix_end(b"a\xff") == b"b"
+    assert _prefix_end(b"\x00\xfe\xff") == b"\x00\xff"
+
+
+async def test_logs(store: SqlCipherStorage) -> None:
+    assert await store.log_size("kt") == 0
+    assert await store.log_read("kt", 0, 10) == []
+    assert await store.log_append("kt", [b"e0", b"e1", b"e2"]) == 0
+    assert await store.log_append("kt", [b"e3"]) == 3
+    assert await store.log_append("kt", []) == 4
+    assert await store.log_append("other", [b"x"]) == 0
+    assert await store.log_size("kt") == 4
+    assert await store.log_read("kt", 1, 3) == [b"e1", b"e2"]
+    assert await store.log_read("kt", 2, 100) == [b"e2", b"e3"]
+    assert await store.log_read("kt", -5, 1) == [b"e0"]
+    assert await store.log_read("kt", 3, 1) == []
+    starts = await asyncio.gather(*(store.log_append("kt", [b"c", b"c"]) for _ in range(5)))
+    assert sorted(starts) == [4, 6, 8, 10, 12]
+    assert await store.log_size("kt") == 14
+
+
+# -- lifecycle, durability, encryption --------------------------------------------------------
+
+
+async def test_durable_across_close_and_reopen(db_path: Path) -> None:
+    st = await open_store(db_path)
+    await st.enqueue([msg(ALICE, b"persist")], max_depth=BIG, dedup_since=0)
+    await st.create_user("alice", ALICE, now=1.0)
+    await st.kv_put("ns", b"k", b"v")
+    await st.log_append("log", [b"e"])
+    await st.close()
+    st = await open_store(db_path)
+    try:
+        assert await st.peek(ALICE, b"", 0, now=time.time()) == [StoredMessage(1, b"persist")]
+        assert await st.get_user_by_identity(ALICE) is not None
+        assert await st.kv_get("ns", b"k") == b"v"
+        assert await st.log_read("log", 0, 1) == [b"e"]
+    finally:
+        await st.close()
+
+
+async def test_close_drains_queued_writes(db_path: Path) -> None:
+    st = await open_store(db_path)
+    tasks = [asyncio.create_task(enqueue_one(st, msg(ALICE, b"%d" % i))) for i in range(50)]
+    closer = asyncio.create_task(st.close())  # scheduled after every enqueue has queued
+    outs = await asyncio.gather(*tasks)
+    await closer
+    assert [o.seq for o in outs] == list(range(1, 51))
+    st = await open_store(db_path)
+    try:
+        assert await st.queue_depth(ALICE, b"") == 50
+    finally:
+        await st.close()
+
+
+async def test_calls_after_close_fail(db_path: Path) -> None:
+    st = await open_store(db_path)
+    await st.ping()
+    await asyncio.gather(st.close(), st.close())
+    await st.close()  # idempotent
+    for call in (st.ping(), st.queue_depth(ALICE, b""), st.kv_put("n", b"k", b"v"),
+                 st.enqueue([msg(ALICE, b"x")], max_depth=BIG, dedup_since=0),
+                 st.fetch(ALICE, b"", 0, now=0.0)):
+        with pytest.raises(StorageError, match="storage is closed"):
+            await call
+
+
+async def test_encrypted_on_disk(db_path: Path) -> None:
+    st = await open_store(db_path)
+    await st.enqueue([msg(ALICE, b"secret payload")] * 3, max_depth=BIG, dedup_since=0)
+    await st.close()
+    raw = await asyncio.to_thread(db_path.read_bytes)
+    assert b"secret payload" not in raw
+    assert not raw.startswith(b"SQLite format 3")
+    with closing(sqlite3.connect(db_path)) as plain, pytest.raises(sqlite3.DatabaseError):
+        plain.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    with pytest.raises(WrongKey, match="wrong database key or not a qpc database"):
+        await open_store(db_path, "not the key")
+    # an operator with any SQLCipher 4 client and the passphrase
+    with closing(sqlcipher3.connect(str(db_path))) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        conn.execute("PRAGMA wal_autocheckpoint=2000")
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+    # and the store still opens with the right key afterwards
+    st = await open_store(db_path)
+    assert await st.queue_depth(ALICE, b"") == 3
+    await st.close()
+
+
+async def test_plain_sqlite_file_is_wrong_key(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path)) as plain:
+        plain.execute("CREATE TABLE t (x)")
+        plain.commit()
+    with pytest.raises(WrongKey):
+        await open_store(db_path)
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    st = await open_store(db_path)
+    await st.close()
+    with closing(sqlcipher3.connect(str(db_path))) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 7}")
+        conn.commit()
+    with pytest.raises(StorageError) as info:
+        await open_store(db_path)
+    assert f"version {SCHEMA_VERSION + 7}" in str(info.value)
+    assert f"schema version {SCHEMA_VERSION}" in str(info.value)
+
+
+async def test_migrations_record_version(db_path: Path) -> None:
+    st = await open_store(db_path)
+    await st.close()
+    with closing(sqlcipher3.connect(str(db_path))) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"inboxes", "messages", "dedup", "key_packages", "hybrid_keys", "users",
+                "channels", "channel_members", "sessions", "kv", "logs"} <= names
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    st = await open_store(db_path)  # reopening an up-to-date file changes nothing
+    await st.close()
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+async def test_group_commit_batches_concurrent_writes(store: SqlCipherStorage,
+                                                      commits: Commits) -> None:
+    before = commits.count()
+    outs = await asyncio.gather(*(enqueue_one(store, msg(ALICE, b"%d" % i)) for i in range(200)))
+    seqs = [o.seq for o in outs]
+    assert seqs == list(range(1, 201))  # distinct and increasing in submission order
+    used = commits.count() - before
+    assert 1 <= used <= 50, used
+    assert await store.queue_depth(ALICE, b"") == 200
+    assert commits.count("read") >= 1
+
+
+async def test_without_group_commit_each_job_commits(db_path: Path, commits: Commits) -> None:
+    st = await open_store(db_path, group_commit=False, observer=commits)
+    try:
+        outs = await asyncio.gather(*(enqueue_one(st, msg(ALICE, b"x")) for _ in range(20)))
+        assert sorted(o.seq for o in outs) == list(range(1, 21))
+        assert commits.count() == 20
+    finally:
+        await st.close()
+
+
+async def test_failing_job_does_not_fail_its_group(store: SqlCipherStorage,
+                                                   commits: Commits) -> None:
+    await enqueue_one(store, msg(CAROL, b"fills the queue"), max_depth=1)
+    gate = await hold_writer(store)
+    before = commits.count()
+    good = [asyncio.create_task(enqueue_one(store, msg(ALICE, b"%d" % i))) for i in range(10)]
+    full = asyncio.create_task(enqueue_one(store, msg(CAROL, b"no room"), max_depth=1))
+    more = [asyncio.create_task(enqueue_one(store, msg(BOB, b"%d" % i))) for i in range(3)]
+    asyncio.get_running_loop().call_soon(gate.set)  # after every task above has queued
+    results = await asyncio.gather(*good, full, *more, return_exceptions=True)
+    # all 14 jobs ran in one transaction (after the one holding the writer)
+    assert commits.count() - before == 2
+    assert isinstance(results[10], QueueFull)
+    ok = [r for i, r in enumerate(results) if i != 10]
+    assert all(isinstance(r, EnqueueOutcome) for r in ok)
+    assert [r.seq for r in ok if isinstance(r, EnqueueOutcome)] == [*range(1, 11), 1, 2, 3]
+    assert await store.queue_depth(ALICE, b"") == 10
+    assert await store.queue_depth(CAROL, b"") == 1
+    assert await store.queue_depth(BOB, b"") == 3
+
+
+async def test_failed_commit_fails_the_whole_batch(store: SqlCipherStorage) -> None:
+    def violates_at_commit(conn: Any) -> None:
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute("INSERT INTO channel_members (channel_id, identity_key) VALUES (?, ?)",
+                     (b"no such channel", ALICE))
+
+    gate = await hold_writer(store)
+    ok_task = asyncio.create_task(enqueue_one(store, msg(ALICE, b"x")))
+    bad = store._write(violates_at_commit)
+    asyncio.get_running_loop().call_soon(gate.set)
+    results = await asyncio.gather(ok_task, bad, return_exceptions=True)
+    assert all(isinstance(r, StorageError) for r in results), results
+    assert await store.queue_depth(ALICE, b"") == 0
+    assert await store.peek(ALICE, b"", 0, now=time.time()) == []
+    assert (await enqueue_one(store, msg(ALICE, b"y"))).seq == 1  # the store carries on
+
+
+async def test_cancelled_caller_does_not_break_the_writer(store: SqlCipherStorage) -> None:
+    gate = await hold_writer(store)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(enqueue_one(store, msg(ALICE, b"x")))
+    loop.call_soon(task.cancel)  # runs after the task queued its job
+    loop.call_soon(gate.set)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await enqueue_one(store, msg(ALICE, b"y"))).seq == 2  # the first one committed
+
+
+async def test_writer_failure_fails_calls_instead_of_hanging(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = await open_store(db_path)
+
+    def crash(conn: Any, batch: Any) -> None:
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(st, "_run_batch", crash)
+    with pytest.raises(StorageError, match="storage writer failed"):
+        await enqueue_one(st, msg(ALICE, b"x"))
+    with pytest.raises(StorageError, match="storage writer failed"):
+        await st.kv_put("ns", b"k", b"v")
+    with pytest.raises(StorageError):
+        await st.ping()
+    await st.close()
+
+
+async def test_observer_errors_are_contained(db_path: Path) -> None:
+    def broken(op: str, seconds: float) -> None:
+        raise RuntimeError("observer bug")
+
+    st = await open_store(db_path, observer=broken)
+    try:
+        assert (await enqueue_one(st, msg(ALICE, b"x"))).seq == 1
+        assert await st.queue_depth(ALICE, b"") == 1
+    finally:
+        await st.close()
+
+
+async def test_no_sqlite_call_on_the_event_loop_thread(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[int] = set()
+    original: Callable[..., Any] = sqlcipher_mod._connect
+
+    def traced(*args: Any, **kw: Any) -> Any:
+        threads.add(threading.get_ident())
+        conn = original(*args, **kw)
+        conn.set_trace_callback(lambda _sql: threads.add(threading.get_ident()))
+        return conn
+
+    monkeypatch.setattr(sqlcipher_mod, "_connect", traced)
+    st = await open_store(db_path)
+    now = time.time()
+    await st.enqueue([msg(ALICE, b"x", message_id=b"i" * 16)], max_depth=BIG, dedup_since=0)
+    await st.peek(ALICE, b"", 0, now=now)
+    await st.fetch(ALICE, b"", 0, now=now)
+    await st.ack(ALICE, b"", 5)
+    await st.create_user("alice", ALICE, now=now)
+    await st.get_user_by_name("alice")
+    await st.kv_put_if_absent("ns", b"k", b"v")
+    await st.kv_scan("ns")
+    await st.log_append("l", [b"e"])
+    await st.purge_expired(now)
+    await st.delete_account(ALICE)
+    await st.ping()
+    await st.close()
+    assert len(threads) >= 2  # the writer and at least one reader
+    assert threading.get_ident() not in threads
