@@ -43,7 +43,8 @@ class App:
         self.transports: list[tuple[str, Transport]] = []
         self._plugin_config: dict[str, Any] = {}
         self._storage: Storage | None = None
-        self.rate_limiter = RateLimiter(settings.rate_limits)
+        self.rate_limiter = RateLimiter(settings.rate_limits,
+                                        ip_factor=settings.rate_limit_ip_factor)
         self.started_at = time.time()
         self.draining = False
         self.started = False

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     group_commit_max_batch: int = Field(default=512, ge=1)
 
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
+    # Per client IP the limit is this many times the per-identity one (NAT, shared hosts).
+    rate_limit_ip_factor: float = Field(default=10.0, ge=1.0)
     redact_logs: bool = False
     log_level: str = "INFO"
 

@@ -44,8 +44,10 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         gc_interval: float = 60.0,
+        ip_factor: float = 10.0,
     ) -> None:
         self.limits = dict(limits)
+        self.ip_factor = ip_factor
         self._clock = clock
         self._gc_interval = gc_interval
         self._last_gc = clock()
@@ -68,6 +70,7 @@ class RateLimiter:
         if now - self._last_gc >= self._gc_interval:
             self._gc(now)
         window = spec.window_secs
+        allowed = spec.requests * self.ip_factor if kind == "ip" else spec.requests
         ent_key = (group, kind, key)
         w = self._entries.get(ent_key)
         if w is None:
@@ -81,19 +84,19 @@ class RateLimiter:
             elapsed = now - w.start
         weight = 1.0 - elapsed / window
         estimate = w.prev * weight + w.cur
-        if estimate + cost > spec.requests:
+        if estimate + cost > allowed:
             # Time until the previous window's share decays enough to admit `cost`.
-            if w.prev > 0 and w.cur + cost <= spec.requests:
-                need = (estimate + cost - spec.requests) / w.prev * window
+            if w.prev > 0 and w.cur + cost <= allowed:
+                need = (estimate + cost - allowed) / w.prev * window
                 retry = min(window - elapsed, need)
             else:
                 # After the roll, the current count decays as the new previous window:
                 # cur * (1 - t / window) + cost <= requests.
-                frac = 1.0 - (spec.requests - cost) / w.cur if w.cur else 0.0
+                frac = 1.0 - (allowed - cost) / w.cur if w.cur else 0.0
                 retry = (window - elapsed) + window * max(frac, 0.0)
             return RateResult(False, 0, max(retry, 0.001))
         w.cur += cost
-        remaining = max(0, math.floor(spec.requests - estimate - cost))
+        remaining = max(0, math.floor(allowed - estimate - cost))
         return RateResult(True, remaining, 0.0)
 
     def _gc(self, now: float) -> None:

@@ -80,7 +80,7 @@ class ServerConnection(QuicConnectionProtocol):
         self.challenge: bytes | None = None
         self._peer: PeerInfo | None = None
         self._opened = False
-        self._closed = False
+        self._gone = False
         self._created = time.perf_counter()
         self._last_activity = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
@@ -129,14 +129,14 @@ class ServerConnection(QuicConnectionProtocol):
         self.app.bind_identity(self, identity_key)
 
     def push(self, event_type: int, payload: bytes) -> None:
-        if self._closed:
+        if self._gone:
             return
         sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
         self._quic.send_stream_data(sid, encode_push(event_type, payload), end_stream=True)
         self.transmit()
 
     def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
-        if not self._closed:
+        if not self._gone:
             self._quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
 
@@ -172,7 +172,7 @@ class ServerConnection(QuicConnectionProtocol):
 
     def _keepalive_tick(self) -> None:
         """Ping idle connections so healthy clients are not dropped by idle timeouts."""
-        if self._closed:
+        if self._gone:
             return
         interval = self.app.settings.keepalive_interval_secs
         if time.monotonic() - self._last_activity >= interval:
@@ -181,9 +181,9 @@ class ServerConnection(QuicConnectionProtocol):
         self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
 
     def _on_terminated(self, reason: str) -> None:
-        if self._closed:
+        if self._gone:
             return
-        self._closed = True
+        self._gone = True
         if self._keepalive is not None:
             self._keepalive.cancel()
         for st in self.streams.values():
@@ -202,7 +202,7 @@ class ServerConnection(QuicConnectionProtocol):
             return
         st = self.streams.get(sid)
         if st is None:
-            if self._closed:
+            if self._gone:
                 return
             decoder: RequestDecoder | AuthHandshakeDecoder
             if sid == 0 and data[:1] == bytes([AUTH_MAGIC]):
@@ -246,7 +246,7 @@ class ServerConnection(QuicConnectionProtocol):
     async def _call(self, sid: int, frame: Any) -> None:
         try:
             out = await self.dispatcher.call(self, frame)
-            if not self._closed and sid in self.streams:
+            if not self._gone and sid in self.streams:
                 self._quic.send_stream_data(sid, out, end_stream=True)
                 self.transmit()
         finally:
@@ -268,7 +268,7 @@ class ServerConnection(QuicConnectionProtocol):
                 status = Status.UNAUTHENTICATED
             else:
                 self.bind(result)
-            if not self._closed and sid in self.streams:
+            if not self._gone and sid in self.streams:
                 self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
                 self.transmit()
         finally:

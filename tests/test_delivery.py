@@ -1,0 +1,331 @@
+"""Delivery service (200-205) end to end over real QUIC with the SQLCipher store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from qpc_core.builtin import delivery as delivery_mod
+from qpc_core.client.sdk import ProofError
+from qpc_core.errors import (
+    BadRequest,
+    Forbidden,
+    QuotaExceeded,
+    RateLimited,
+    TooLarge,
+)
+from qpc_core.framing import PushEvent
+from qpc_core.pb import common_pb2
+
+
+async def pair(server, connect):
+    return await connect(server), await connect(server)
+
+
+async def test_fifo_and_monotonic_seq(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    seqs = [(await alice.enqueue(bob.identity_key, f"m{i}".encode())).seq for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    msgs = await bob.fetch()
+    assert [(m.seq, m.data) for m in msgs] == [(i + 1, f"m{i}".encode()) for i in range(5)]
+    assert await bob.fetch() == []
+    # seq keeps increasing after the inbox was drained
+    assert (await alice.enqueue(bob.identity_key, b"later")).seq == 6
+
+
+async def test_channels_are_separate_inboxes(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    await alice.enqueue(bob.identity_key, b"default")
+    r = await alice.enqueue(bob.identity_key, b"grp", channel=b"group-1")
+    assert r.seq == 1
+    assert [m.data for m in await bob.fetch(channel=b"group-1")] == [b"grp"]
+    assert [m.data for m in await bob.fetch()] == [b"default"]
+
+
+async def test_fetch_limit(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    for i in range(5):
+        await alice.enqueue(bob.identity_key, bytes([i]))
+    assert [m.seq for m in await bob.fetch(limit=2)] == [1, 2]
+    assert [m.seq for m in await bob.fetch(limit=0)] == [3, 4, 5]
+
+
+async def test_dedup_returns_original_seq(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    mid = b"\x01" * 16
+    first = await alice.enqueue(bob.identity_key, b"once", message_id=mid)
+    await alice.enqueue(bob.identity_key, b"other")
+    again = await alice.enqueue(bob.identity_key, b"once", message_id=mid)
+    assert not first.duplicate and again.duplicate and again.seq == first.seq
+    assert [m.data for m in await bob.fetch()] == [b"once", b"other"]
+
+
+async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
+    alice, bob = await pair(server, connect)
+    await alice.enqueue(bob.identity_key, b"short", ttl_secs=5)
+    await alice.enqueue(bob.identity_key, b"forever")
+    real = delivery_mod.time.time
+    monkeypatch.setattr(delivery_mod.time, "time", lambda: real() + 10)
+    assert [m.data for m in await bob.peek()] == [b"forever"]
+    d = server.state["delivery"]
+    assert await d.collect_once() == 1
+    assert await server.storage.queue_depth(bob.identity_key, b"") == 1
+    assert [m.data for m in await bob.fetch()] == [b"forever"]
+
+
+async def test_fetch_wait_is_woken_by_enqueue(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+    d = server.state["delivery"]
+    while (bob.identity_key, b"") not in d.waiters:  # the long poll is registered
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    await alice.enqueue(bob.identity_key, b"wake up")
+    msgs = await asyncio.wait_for(waiting, 10)
+    assert [m.data for m in msgs] == [b"wake up"]
+
+
+async def test_fetch_wait_times_out_empty(server, connect) -> None:
+    bob = await connect(server)
+    assert await bob.fetch_wait(50) == []
+
+
+async def test_fetch_wait_timeout_is_capped(app_factory, connect) -> None:
+    app = await app_factory(max_fetch_wait_ms=100)
+    bob = await connect(app)
+    assert await asyncio.wait_for(bob.fetch_wait(3_600_000), 10) == []
+
+
+async def test_push_on_new_message(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    r = await alice.enqueue(bob.identity_key, b"hi", channel=b"c1")
+    push = await asyncio.wait_for(bob.pushes.get(), 10)
+    assert push.event_type == PushEvent.NEW_MESSAGE
+    ev = common_pb2.NewMessageEvent.FromString(push.payload)
+    assert (ev.recipient_key, ev.channel_id, ev.seq) == (bob.identity_key, b"c1", r.seq)
+    assert alice.pushes.empty()
+
+
+async def test_peek_then_ack(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    for i in range(4):
+        await alice.enqueue(bob.identity_key, bytes([i]))
+    peeked = await bob.peek()
+    assert [m.seq for m in peeked] == [1, 2, 3, 4]
+    assert [m.seq for m in await bob.peek(limit=2)] == [1, 2]
+    assert await bob.ack(2) == 2
+    assert [m.seq for m in await bob.peek()] == [3, 4]
+    assert await bob.ack(2) == 0
+    assert await bob.ack(10) == 2
+    assert await bob.fetch() == []
+
+
+async def test_batch_enqueue(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    carol = await connect(server)
+    await alice.enqueue(carol.identity_key, b"first for carol")
+    res = await alice.batch_enqueue([bob.identity_key, carol.identity_key], b"to both")
+    assert [r.seq for r in res] == [1, 2]
+    assert [m.data for m in await bob.fetch()] == [b"to both"]
+    assert [m.data for m in await carol.fetch()] == [b"first for carol", b"to both"]
+
+
+async def test_batch_enqueue_all_or_nothing(app_factory, connect) -> None:
+    app = await app_factory(max_queue_depth=2)
+    alice, bob = await connect(app), await connect(app)
+    carol = await connect(app)
+    await alice.enqueue(carol.identity_key, b"1")
+    await alice.enqueue(carol.identity_key, b"2")  # carol is now full
+    with pytest.raises(QuotaExceeded, match="queue is full"):
+        await alice.batch_enqueue([bob.identity_key, carol.identity_key], b"x")
+    assert await bob.fetch() == []  # nothing was written for bob either
+    with pytest.raises(BadRequest, match="duplicates"):
+        await alice.batch_enqueue([bob.identity_key, bob.identity_key], b"x")
+    with pytest.raises(BadRequest, match="32 bytes"):
+        await alice.batch_enqueue([bob.identity_key, b"short"], b"x")
+
+
+async def test_limits(app_factory, connect) -> None:
+    app = await app_factory(max_message_bytes=1000, max_queue_depth=3)
+    alice, bob = await connect(app), await connect(app)
+    with pytest.raises(TooLarge, match="max_message_bytes=1000"):
+        await alice.enqueue(bob.identity_key, b"x" * 1001)
+    for _ in range(3):
+        await alice.enqueue(bob.identity_key, b"ok")
+    with pytest.raises(QuotaExceeded) as ei:
+        await alice.enqueue(bob.identity_key, b"one too many")
+    assert ei.value.retry_after and ei.value.retry_after > 0
+    assert len(await bob.fetch()) == 3  # nothing lost, nothing extra
+
+
+async def test_sender_rate_limit(app_factory, connect) -> None:
+    app = await app_factory(rate_limits={"delivery": {"requests": 5, "window_secs": 60}})
+    hits: list[tuple[str, str]] = []
+    from qpc_core.hookspecs import hookimpl
+
+    class Spy:
+        @hookimpl
+        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
+            hits.append((key_kind, group))
+
+    app.pm.register(Spy(), name="spy")
+    alice, bob = await connect(app), await connect(app)
+    for _ in range(5):
+        await alice.enqueue(bob.identity_key, b"x")
+    with pytest.raises(RateLimited) as ei:
+        await alice.enqueue(bob.identity_key, b"x")
+    assert ei.value.retry_after is not None and ei.value.retry_after > 0
+    assert hits == [("identity", "delivery")]
+    assert len(await bob.fetch()) == 5
+
+
+async def test_other_identity_queue_is_forbidden(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    await alice.enqueue(bob.identity_key, b"secret")
+    for call in (alice.fetch, alice.peek):
+        with pytest.raises(Forbidden, match="your own queue"):
+            await call(recipient=bob.identity_key)
+    with pytest.raises(Forbidden):
+        await alice.fetch_wait(10, recipient=bob.identity_key)
+    with pytest.raises(Forbidden):
+        await alice.ack(100, recipient=bob.identity_key)
+    assert [m.data for m in await bob.fetch()] == [b"secret"]  # still there
+
+
+async def test_malformed_requests(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    with pytest.raises(BadRequest, match="message_id"):
+        await alice.enqueue(bob.identity_key, b"x", message_id=b"short")
+    with pytest.raises(BadRequest, match="payload must not be empty"):
+        await alice.enqueue(bob.identity_key, b"")
+    with pytest.raises(BadRequest, match="channel_id"):
+        await alice.enqueue(bob.identity_key, b"x", channel=b"c" * 65)
+    with pytest.raises(BadRequest, match="recipient_key"):
+        await alice.enqueue(b"\x00" * 33, b"x")
+    assert await bob.fetch() == []
+
+
+async def test_delivery_proof_verifies_and_detects_tampering(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    r = await alice.enqueue(bob.identity_key, b"proof me")  # verified inside the SDK
+    assert len(r.delivery_proof) == 96
+    with pytest.raises(ProofError, match="digest"):
+        await alice.verify_proof(r, bob.identity_key, b"", b"something else")
+    forged = type(r)(seq=r.seq, delivery_proof=r.delivery_proof[:32] + bytes(64))
+    with pytest.raises(ProofError, match="signature"):
+        await alice.verify_proof(forged, bob.identity_key, b"", b"proof me")
+
+
+async def test_signing_key_persists_across_restart(app_factory, connect) -> None:
+    app = await app_factory()
+    k1 = (await (await connect(app)).health()).signing_key
+    await app.stop()
+    app2 = await app_factory()
+    assert (await (await connect(app2)).health()).signing_key == k1
+
+
+async def test_created_channel_requires_membership(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    mallory = await connect(server)
+    cid, was_new = await alice.create_channel([bob.identity_key])
+    assert was_new and len(cid) == 16
+    cid2, was_new2 = await bob.create_channel([alice.identity_key])
+    assert cid2 == cid and not was_new2
+    await alice.enqueue(bob.identity_key, b"member", channel=cid)
+    with pytest.raises(Forbidden, match="not a member"):
+        await mallory.enqueue(bob.identity_key, b"intruder", channel=cid)
+    with pytest.raises(Forbidden, match="recipient is not a member"):
+        await alice.enqueue(mallory.identity_key, b"x", channel=cid)
+    assert [m.data for m in await bob.fetch(channel=cid)] == [b"member"]
+
+
+async def test_key_packages_single_use_fifo(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    fp = await alice.upload_key_package(b"kp-1")
+    assert fp == hashlib.sha256(b"kp-1").digest()
+    await alice.upload_key_package(b"kp-2")
+    assert await bob.fetch_key_package(alice.identity_key) == b"kp-1"
+    assert await bob.fetch_key_package(alice.identity_key) == b"kp-2"
+    assert await bob.fetch_key_package(alice.identity_key) == b""
+    with pytest.raises(TooLarge, match="1 MiB"):
+        await alice.upload_key_package(b"x" * (1024 * 1024 + 1))
+    with pytest.raises(BadRequest):
+        await alice.upload_key_package(b"")
+    from qpc_core.pb import keys_pb2
+
+    with pytest.raises(Forbidden):
+        await alice.call(300, keys_pb2.UploadKeyPackageRequest(
+            identity_key=bob.identity_key, package=b"p"), keys_pb2.UploadKeyPackageResponse)
+
+
+async def test_key_packages_pop_atomically_under_concurrency(server, connect) -> None:
+    alice = await connect(server)
+    fetchers = [await connect(server) for _ in range(3)]
+    for i in range(20):
+        await alice.upload_key_package(f"kp-{i}".encode())
+    got = await asyncio.gather(*(f.fetch_key_package(alice.identity_key)
+                                 for f in fetchers for _ in range(10)))
+    real = [g for g in got if g]
+    assert sorted(real) == sorted(f"kp-{i}".encode() for i in range(20))  # each exactly once
+    assert got.count(b"") == 10
+
+
+async def test_hybrid_keys(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    key = bytes(range(256)) * 4 + bytes(1216 - 1024)
+    with pytest.raises(BadRequest, match="1216"):
+        await alice.upload_hybrid_key(b"x" * 100)
+    await alice.upload_hybrid_key(key)
+    assert await bob.fetch_hybrid_key(alice.identity_key) == key
+    assert await bob.fetch_hybrid_key(bob.identity_key) == b""
+    assert await bob.fetch_hybrid_keys([alice.identity_key, bob.identity_key]) == {
+        alice.identity_key: key}
+    await alice.upload_hybrid_key(key[::-1])  # replaced, not single use
+    assert await bob.fetch_hybrid_key(alice.identity_key) == key[::-1]
+    assert await bob.fetch_hybrid_key(alice.identity_key) == key[::-1]
+
+
+async def test_resolve_user_and_identity(server, connect) -> None:
+    from qpc_core.errors import Conflict, NotFound
+    from qpc_core.users import register_user
+
+    alice = await connect(server)
+    assert await register_user(server, "Alice", alice.identity_key) == "alice"
+    with pytest.raises(Conflict):
+        await register_user(server, "alice", b"\x05" * 32)
+    r = await alice.resolve_user("@alice")
+    assert r.identity_key == alice.identity_key and r.username == "alice"
+    assert (await alice.resolve_identity(alice.identity_key)).username == "alice"
+    with pytest.raises(NotFound):
+        await alice.resolve_user("nobody")
+    with pytest.raises(BadRequest):
+        await alice.resolve_user("bad name!")
+
+
+async def test_delete_account_purges_everything(server, connect) -> None:
+    from qpc_core.errors import NotFound
+    from qpc_core.users import register_user
+
+    alice, bob = await pair(server, connect)
+    await register_user(server, "bob", bob.identity_key)
+    other_bob = await connect(server, identity=bob.identity)
+    await alice.enqueue(bob.identity_key, b"m1")
+    await alice.enqueue(bob.identity_key, b"m2", channel=b"chan")
+    await bob.upload_key_package(b"kp")
+    await bob.upload_hybrid_key(b"h" * 1216)
+    await alice.enqueue(alice.identity_key, b"alice keeps this")
+    await bob.delete_account()
+    assert await server.storage.queue_depth(bob.identity_key, b"") == 0
+    assert await server.storage.queue_depth(bob.identity_key, b"chan") == 0
+    assert await alice.fetch_key_package(bob.identity_key) == b""
+    assert await alice.fetch_hybrid_key(bob.identity_key) == b""
+    with pytest.raises(NotFound):
+        await alice.resolve_user("bob")
+    events = []
+    while not events or events[-1] != PushEvent.SESSION_REVOKED:
+        events.append((await asyncio.wait_for(other_bob.pushes.get(), 10)).event_type)
+    assert events == [PushEvent.NEW_MESSAGE, PushEvent.NEW_MESSAGE, PushEvent.SESSION_REVOKED]
+    await asyncio.wait_for(other_bob.protocol.wait_closed(), 10)
+    assert [m.data for m in await alice.fetch()] == [b"alice keeps this"]
