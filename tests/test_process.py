@@ -1,0 +1,212 @@
+"""Tests against a real `qpc run` process: crash safety, SIGTERM, the qpc-client CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from procs import BIN, ServerProcess
+
+from qpc_core.client import QpcClient
+from qpc_core.client.sdk import ConnectionLost
+from qpc_core.errors import RpcError
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def _client(srv: ServerProcess, identity=None) -> QpcClient:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return await QpcClient.connect("127.0.0.1", srv.port, token="devtoken",
+                                   identity=identity or Ed25519PrivateKey.generate(),
+                                   ca_cert=srv.ca)
+
+
+async def test_sigkill_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    sender = await _client(srv)
+    receiver = await _client(srv)
+    rkey, rid = receiver.identity_key, receiver.identity
+    await receiver.close()
+    acked: dict[int, bytes] = {}
+    target = 1500
+    kill_at = asyncio.Event()
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while not kill_at.is_set():
+            n = next(counter)
+            payload = f"msg-{n}".encode()
+            try:
+                r = await asyncio.wait_for(sender.enqueue(rkey, payload, verify=False), 5)
+            except (RpcError, ConnectionLost, TimeoutError, ConnectionError):
+                return
+            acked[r.seq] = payload
+            if len(acked) >= target:
+                kill_at.set()
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(32)]
+    await kill_at.wait()
+    await srv.kill()  # SIGKILL while 32 enqueues are in flight
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    await sender.close()
+    assert len(acked) >= target
+
+    await srv.start()  # same data dir, same key
+    receiver = await _client(srv, identity=rid)
+    got: list[tuple[int, bytes]] = []
+    while True:
+        batch = await receiver.fetch(limit=500)
+        if not batch:
+            break
+        got.extend((m.seq, m.data) for m in batch)
+    await receiver.close()
+    seqs = [s for s, _ in got]
+    assert seqs == sorted(set(seqs)), "seqs must be strictly increasing, each once"
+    stored = dict(got)
+    missing = [s for s in acked if s not in stored]
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+    assert all(stored[s] == p for s, p in acked.items())
+    assert await srv.terminate() == 0
+
+
+async def test_sigterm_is_graceful(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    c = await _client(srv)
+    await c.enqueue(c.identity_key, b"kept")
+    rc = await srv.terminate()
+    assert rc == 0
+    log = "".join(srv.log)
+    assert "shutting down" in log and "qpc stopped" in log
+    await asyncio.wait_for(c.protocol.wait_closed(), 10)
+    assert c.protocol.closed_reason == "server shutting down"
+    await c.close()
+
+
+def test_database_unreadable_without_key(tmp_path: Path) -> None:
+    async def run() -> Path:
+        srv = ServerProcess(tmp_path / "data")
+        await srv.start()
+        c = await _client(srv)
+        await c.enqueue(c.identity_key, b"x")
+        await c.close()
+        await srv.terminate()
+        return tmp_path / "data" / "qpc.db"
+
+    db = asyncio.run(run())
+    with pytest.raises(sqlite3.DatabaseError):
+        sqlite3.connect(db).execute("SELECT count(*) FROM sqlite_master").fetchall()
+    import sqlcipher3
+
+    wrong = sqlcipher3.connect(str(db))
+    wrong.execute("PRAGMA key='wrong'")
+    with pytest.raises(sqlcipher3.DatabaseError):
+        wrong.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    # The scaling guide's operator command works with the right key.
+    ok = sqlcipher3.connect(str(db))
+    ok.execute("PRAGMA key='proc-test-key'")
+    ok.execute("PRAGMA wal_autocheckpoint=2000")
+    assert ok.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 2000
+    assert ok.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+
+
+async def test_wrong_key_is_a_clear_startup_error(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    await srv.terminate()
+    bad = ServerProcess(tmp_path / "data", env={"QPC_DB_KEY": "not-the-key"})
+    with pytest.raises(RuntimeError, match="wrong database key"):
+        await bad.start()
+    assert bad.proc is not None and await bad.proc.wait() == 1
+
+
+async def test_production_refuses_dev_defaults(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "qpc"), "run", "--data-dir", str(tmp_path),
+        env={"PATH": os.environ["PATH"], "QPC_PRODUCTION": "true"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 1
+    text = err.decode()
+    assert "refusing to start in production mode" in text
+    assert "auth_token" in text and "db_key" in text and "tls_cert" in text
+
+
+async def _cli(srv: ServerProcess, *args: str, state: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "qpc-client"), "--server", f"127.0.0.1:{srv.port}", "--ca-cert", str(srv.ca),
+        "--state", str(state), *args,
+        env={"PATH": os.environ["PATH"], "QPC_ACCESS_TOKEN": "devtoken"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_qpc_client_cli(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    try:
+        rc, out, err = await _cli(srv, state=tmp_path / "a.json")
+        assert rc == 0, err
+        assert "status=ok" in out and "rtt=" in out
+        assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o600
+        rc, out, _ = await _cli(srv, "health", state=tmp_path / "a.json")
+        assert rc == 0 and "version=" in out
+        rc, out, _ = await _cli(srv, "--json", "whoami", state=tmp_path / "b.json")
+        bob = json.loads(out)
+        assert bob["authenticated"] and len(bytes.fromhex(bob["identity_key"])) == 32
+        rc, out, err = await _cli(srv, "send", "--to", bob["identity_key"], "hello bob",
+                                  state=tmp_path / "a.json")
+        assert rc == 0, err
+        assert "delivery proof verified" in out
+        rc, out, err = await _cli(srv, "--json", "recv", state=tmp_path / "b.json")
+        assert rc == 0, err
+        (msg,) = json.loads(out)
+        assert msg["text"] == "hello bob"
+        alice_key = json.loads((tmp_path / "a.json").read_text())["identity_key"]
+        assert msg["from"] == alice_key
+        # The server stored only ciphertext.
+        rc, out, err = await _cli(srv, "send", "--to", "abcd", "x", state=tmp_path / "a.json")
+        assert rc != 0 and "64 hex" in err
+    finally:
+        await srv.terminate()
+
+
+async def test_qpc_client_bad_token(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "qpc-client"), "--server", f"127.0.0.1:{srv.port}", "--ca-cert",
+            str(srv.ca), "--state", str(tmp_path / "s.json"), "--auth-token", "wrong",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _out, err = await proc.communicate()
+        assert proc.returncode == 2
+        assert "UNAUTHENTICATED" in err.decode()
+    finally:
+        await srv.terminate()
+
+
+def test_sealed_text_roundtrip() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from qpc_core.client.sealed import open_text, seal_text
+    from qpc_core.identity import public_bytes
+
+    a, b, c = (Ed25519PrivateKey.generate() for _ in range(3))
+    box = seal_text(a, public_bytes(b), "secret text")
+    assert b"secret text" not in box
+    sender, text = open_text(b, box)
+    assert sender == public_bytes(a) and text == "secret text"
+    with pytest.raises(ValueError, match="not sealed to this identity"):
+        open_text(c, box)
+
