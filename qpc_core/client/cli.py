@@ -51,7 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--ttl", type=int, default=0)
     recv = sub.add_parser("recv", help="fetch, open and print messages")
     recv.add_argument("--wait", type=float, default=0.0, help="long-poll up to SECONDS")
+    reg = sub.add_parser("register", help="register USERNAME with a password (OPAQUE)")
+    reg.add_argument("username")
+    lg = sub.add_parser("login", help="check USERNAME's password and print the session")
+    lg.add_argument("username")
+    p.add_argument("--user", default=os.environ.get("QPC_USER"),
+                   help="log in as USERNAME (OPAQUE; password from QPC_PASSWORD or a prompt) "
+                        "before running the command")
     return p
+
+
+def _password(prompt: str) -> str:
+    pw = os.environ.get("QPC_PASSWORD")
+    if pw is not None:
+        return pw
+    import getpass
+
+    return getpass.getpass(prompt)
+
+
+def _opaque() -> Any:
+    try:
+        from qpc_auth_opaque import client as opaque_client
+        from qpc_auth_opaque import opaque
+    except ImportError:
+        raise SystemExit("qpc-client: password login needs the qpc-auth-opaque package") from None
+    ksf = opaque.IdentityKSF() if os.environ.get("QPC_OPAQUE_KSF") == "identity" else None
+    return opaque_client, ksf
 
 
 def _token(args: argparse.Namespace, state: ClientState) -> str | None:
@@ -97,9 +123,26 @@ def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 async def run(args: argparse.Namespace) -> int:
     state = ClientState.load_or_create(args.state)
     t0 = time.perf_counter()
+    cmd = args.command
+    if cmd in ("register", "login") or args.user:
+        args.auth_token = None  # password auth does not need the operator token
     client = await open_client(args, state)
     try:
-        cmd = args.command
+        if cmd == "register":
+            oc, ksf = _opaque()
+            await oc.register(client, args.username, _password("new password: "), ksf=ksf)
+            emit(args, {"registered": args.username, "identity_key": state.identity_key.hex()},
+                 f"registered {args.username} with identity {state.identity_key.hex()}")
+            return 0
+        if cmd == "login" or args.user:
+            oc, ksf = _opaque()
+            name = args.username if cmd == "login" else args.user
+            res = await oc.login(client, name, _password(f"password for {name}: "), ksf=ksf)
+            if cmd == "login":
+                emit(args, {"username": name, "expires_at": res.expires_at},
+                     f"logged in as {name}; session valid until {res.expires_at} "
+                     "(the token is not stored: use --user to log in per command)")
+                return 0
         if cmd is None or cmd == "health":
             t1 = time.perf_counter()
             h = await client.health()

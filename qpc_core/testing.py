@@ -1,0 +1,183 @@
+"""Pytest fixtures for qpc and its plugins: a real server on loopback, real SDK clients.
+
+Enabled for qpc's own suites by the repository's root ``conftest.py``; a third-party plugin
+enables them with ``pytest_plugins = ["qpc_core.testing"]`` in its own conftest.
+
+* ``app_factory(**settings)`` starts an :class:`~qpc_core.app.App` on 127.0.0.1 with an
+  ephemeral port and a temporary data dir, and stops it after the test;
+* ``server`` is ``app_factory()`` with the defaults;
+* ``connect(app, identity=..., token=...)`` opens a :class:`~qpc_core.client.QpcClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from qpc_core.app import App
+from qpc_core.client import QpcClient
+from qpc_core.config import Settings, load_config
+from qpc_core.transport.quic import QuicTransport
+
+TEST_TOKEN = "devtoken"
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        "metrics_enabled": False,
+        "data_dir": data_dir,
+        "db_key": "test-db-key",
+        "drain_timeout_secs": 5,
+        "rate_limits": {"default": {"requests": 100000, "window_secs": 60},
+                        "delivery": {"requests": 100000, "window_secs": 60},
+                        "auth": {"requests": 100000, "window_secs": 60},
+                        "keys": {"requests": 100000, "window_secs": 60},
+                        "users": {"requests": 100000, "window_secs": 60},
+                        "health": {"requests": 100000, "window_secs": 60}},
+    }
+    base.update(overrides)
+    return load_config(None, base, env={})
+
+
+def quic_transport(app: App) -> QuicTransport:
+    for _plugin, t in app.transports:
+        if isinstance(t, QuicTransport):
+            return t
+    raise AssertionError("no QUIC transport")
+
+
+def quic_port(app: App) -> int:
+    addr = quic_transport(app).address
+    assert addr is not None
+    return addr[1]
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return make_settings(tmp_path / "data", **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def app_factory(settings_factory: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+    started: list[App] = []
+
+    async def make(**overrides: Any) -> App:
+        app = App(settings_factory(**overrides))
+        await app.start()
+        started.append(app)
+        return app
+
+    yield make
+    for app in reversed(started):
+        await app.stop()
+
+
+@pytest.fixture
+async def server(app_factory: Callable[..., Any]) -> App:
+    app: App = await app_factory()
+    return app
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Any]]:
+    clients: list[QpcClient] = []
+
+    async def make(app: App, *, identity: Ed25519PrivateKey | None = None,
+                   token: str | None = TEST_TOKEN, new_identity: bool = True,
+                   **kw: Any) -> QpcClient:
+        if identity is None and new_identity:
+            identity = Ed25519PrivateKey.generate()
+        c = await QpcClient.connect(
+            "127.0.0.1", quic_port(app), token=token, identity=identity,
+            ca_cert=app.settings.data_dir / "server-cert.pem", **kw,
+        )
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+# -- a real `qpc run` process -----------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+READY = re.compile(r"QUIC listening on ([\d.]+):(\d+)")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    log: list[str] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        if not self.port:
+            self.port = free_udp_port()
+        env = {"PATH": os.environ.get("PATH", ""), "QPC_DB_KEY": "proc-test-key",
+               "QPC_METRICS_ENABLED": "false", **self.env}
+        self.proc = await asyncio.create_subprocess_exec(
+            str(BIN / "qpc"), "run", "--listen", f"127.0.0.1:{self.port}",
+            "--data-dir", str(self.data_dir), *self.args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        )
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read(ready))
+        await asyncio.wait_for(ready, timeout)
+
+    async def _read(self, ready: asyncio.Future[None]) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                if not ready.done():
+                    ready.set_exception(RuntimeError("server exited:\n" + "".join(self.log)))
+                return
+            text = line.decode(errors="replace")
+            self.log.append(text)
+            if not ready.done() and READY.search(text):
+                ready.set_result(None)
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+        if self._reader:
+            await self._reader
+
+    async def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader:
+            await self._reader
+        return rc
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "server-cert.pem"
