@@ -76,7 +76,12 @@ class App:
                 )
         tables = s.plugin_tables
         claimed: set[str] = set()
+        owners: dict[str, str] = {}
         for plugin, section in self.hooks.register_config_sections(self):
+            if section.name in owners:
+                raise PluginError(f"config table [{section.name}] is claimed by both plugin "
+                                  f"'{owners[section.name]}' and plugin '{plugin}'")
+            owners[section.name] = plugin
             claimed.add(section.name)
             raw = tables.get(section.name, {})
             if not isinstance(raw, dict):
@@ -204,6 +209,16 @@ class App:
                         f"plugin '{plugin}': listener '{transport.name}' could not start: {e}"
                     ) from e
         except BaseException:
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for _plugin, transport in self.transports:
+                try:
+                    await transport.close("start-up failed")
+                except Exception:
+                    log.exception("listener '%s' failed to close", transport.name)
             await self._close_storage()
             raise
         self.started = True

@@ -134,7 +134,6 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024)
     drain_timeout_secs: float = Field(default=10.0, ge=0)
-    handshake_timeout_secs: float = Field(default=10.0, gt=0)
 
     # Delivery.
     max_message_bytes: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024)
@@ -147,7 +146,6 @@ class Settings(BaseSettings):
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
     # Per client IP the limit is this many times the per-identity one (NAT, shared hosts).
     rate_limit_ip_factor: float = Field(default=10.0, ge=1.0)
-    redact_logs: bool = False
     log_level: str = "INFO"
 
     federation: FederationConfig = Field(default_factory=FederationConfig)

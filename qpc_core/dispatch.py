@@ -85,15 +85,15 @@ class Dispatcher:
 
     async def _run(self, conn: Connection, method: RpcMethod, frame: RequestFrame) -> bytes:
         app = self.app
-        if app.draining:
+        if app.draining and method.group != "health":
             raise Unavailable("server shutting down", retry_after=1.0)
         auth = conn.auth
         payload = frame.payload
         if _AUTH_TAG in payload:
             auth = await self._request_auth(conn, payload) or auth
-        if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
-            raise Unauthenticated("session expired: log in again")
         if method.auth != "none":
+            if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
+                raise Unauthenticated("session expired: log in again")
             if auth is None:
                 raise Unauthenticated(
                     f"{method.name} requires authentication: send the connection auth "

@@ -81,11 +81,17 @@ class QuotaExceeded(RpcError):
     status = Status.QUOTA_EXCEEDED
 
 
+class ProtocolViolation(RpcError):
+    """Client side: the server rejected the bytes of a stream (bad or oversize frame)."""
+
+    status = Status.PROTOCOL_ERROR
+
+
 _BY_STATUS: dict[int, type[RpcError]] = {
     cls.status: cls
     for cls in (
         BadRequest, Unauthenticated, Forbidden, NotFound, Conflict, TooLarge, RateLimited,
-        Unimplemented, Unavailable, Internal, QuotaExceeded,
+        Unimplemented, Unavailable, Internal, QuotaExceeded, ProtocolViolation,
     )
 }
 

@@ -36,6 +36,16 @@ log = logging.getLogger("qpc.hooks")
 Impl = tuple[str, Callable[..., Any]]
 
 
+def _accepting(fn: Callable[..., Any], argnames: tuple[str, ...]) -> Callable[..., Any]:
+    """Like pluggy: an implementation may accept only a subset of the spec's arguments."""
+
+    def call(**kw: Any) -> Any:
+        return fn(**{k: kw[k] for k in argnames})
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
 class Hooks:
     """One per App.  Implementation lists are computed once, after plugins load."""
 
@@ -52,7 +62,13 @@ class Hooks:
         cached = self._cache.get(name)
         if cached is None:
             caller = getattr(self._pm.hook, name)
-            impls = [(i.plugin_name, i.function) for i in caller.get_hookimpls()]
+            impls = []
+            for i in caller.get_hookimpls():
+                spec_args = caller.spec.argnames if caller.spec else ()
+                fn = i.function
+                if tuple(i.argnames) != tuple(spec_args):
+                    fn = _accepting(fn, tuple(i.argnames))
+                impls.append((i.plugin_name, fn))
             impls.sort(key=lambda t: self._order.get(t[0], 1 << 30))
             cached = self._cache[name] = impls
         return cached

@@ -185,7 +185,10 @@ def on_login_failure(app: App, username: str, peer: PeerInfo, reason: str) -> No
 
 @hookspec
 def on_rate_limited(app: App, key_kind: str, group: str, method_id: int, retry_after: float) -> None:
-    """A call was refused by the rate limiter. ``key_kind`` is ``identity`` or ``ip``."""
+    """A call was refused by a rate limiter.
+
+    ``key_kind`` is ``identity`` or ``ip`` (core limiter) or ``username`` (a login throttle,
+    which also reports ``ip``)."""
 
 
 @hookspec

@@ -182,9 +182,19 @@ def module_of(obj: Any) -> ModuleType | None:
 
 
 def describe_installed() -> list[dict[str, Any]]:
-    """Built-ins plus every installed entry point, for ``qpc plugins`` (no loading side
-    effects beyond importing the plugin modules)."""
-    pm = create_plugin_manager()
+    """Built-ins plus every installed entry point, for ``qpc plugins``.
+
+    A plugin that fails to load is listed with its ``error`` instead of hiding the others."""
     eps = available_entry_points()
-    infos = load_plugins(pm, list(eps))
-    return [i.as_dict() for i in infos]
+    good: list[str] = []
+    broken: list[dict[str, Any]] = []
+    for name, ep in sorted(eps.items()):
+        try:
+            load_plugins(create_plugin_manager(), [name])
+            good.append(name)
+        except PluginError as e:
+            dist, version = _dist_of(ep)
+            broken.append({"name": name, "distribution": dist, "version": version,
+                           "builtin": False, "order": None, "hooks": [], "error": str(e)})
+    infos = load_plugins(create_plugin_manager(), good)
+    return [i.as_dict() for i in infos] + broken

@@ -84,6 +84,9 @@ class Connection(Protocol):
 
     def bind_identity(self, identity_key: bytes) -> None: ...
 
+    def unbind(self) -> None:
+        """Forget the credential and identity (the connection becomes unauthenticated)."""
+
     def push(self, event_type: int, payload: bytes) -> None:
         """Send a push frame on a new server-opened unidirectional stream."""
 

@@ -329,3 +329,27 @@ async def test_delete_account_purges_everything(server, connect) -> None:
     assert events == [PushEvent.NEW_MESSAGE, PushEvent.NEW_MESSAGE, PushEvent.SESSION_REVOKED]
     await asyncio.wait_for(other_bob.protocol.wait_closed(), 10)
     assert [m.data for m in await alice.fetch()] == [b"alice keeps this"]
+
+
+async def test_fetch_all_always_fits_in_one_frame(app_factory, connect) -> None:
+    app = await app_factory(max_payload_bytes=4096)
+    alice, bob = await connect(app), await connect(app)
+    await asyncio.gather(*(alice.enqueue(bob.identity_key, bytes([i % 256]), verify=False)
+                           for i in range(300)))
+    got = []
+    while batch := await bob.fetch():  # limit 0 = "all that fit"; nothing may be lost
+        assert len(batch) < 300
+        got.extend(batch)
+    assert sorted(m.seq for m in got) == list(range(1, 301))
+    with pytest.raises(TooLarge, match="exceeds the limit"):
+        await alice.enqueue(bob.identity_key, b"x" * 4020)  # fits a request, not a response
+
+
+async def test_delete_account_unbinds_the_callers_connection(server, connect) -> None:
+    from qpc_core.errors import Unauthenticated
+
+    bob = await connect(server)
+    await bob.delete_account()
+    assert (await bob.whoami()).identity_key == b""
+    with pytest.raises(Unauthenticated):
+        await bob.fetch()

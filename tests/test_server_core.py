@@ -12,7 +12,7 @@ from plugin_helpers import use_fake_plugins
 
 from qpc_core.client.sdk import ConnectionLost
 from qpc_core.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, Unimplemented
-from qpc_core.framing import Status, encode_request
+from qpc_core.framing import PushEvent, Status, encode_request
 from qpc_core.identity import prove_identity_message, public_bytes
 from qpc_core.pb import common_pb2
 
@@ -90,6 +90,41 @@ async def test_ten_thousand_streams_are_freed(server, connect) -> None:
     assert conn.streams == {}
     assert server.in_flight == 0
     assert c.protocol.waiters == {}
+
+
+async def test_bytes_after_a_protocol_error_are_not_a_new_request(server, connect) -> None:
+    c = await connect(server)
+    (conn,) = list(server.connections)
+    quic = c.protocol._quic
+    sid = quic.get_next_available_stream_id()
+    fut = asyncio.get_running_loop().create_future()
+    from qpc_core.framing import ResponseDecoder
+
+    c.protocol.waiters[sid] = (ResponseDecoder(), fut)
+    quic.send_stream_data(sid, struct.pack(">HII", 802, 1, 5 * 1024 * 1024), end_stream=False)
+    c.protocol.transmit()
+    frame = await asyncio.wait_for(fut, 10)
+    assert frame.status == Status.PROTOCOL_ERROR
+    from qpc_core.hookspecs import hookimpl
+
+    health_calls: list[int] = []
+
+    class Spy:
+        @hookimpl
+        def on_rpc_completed(self, method_id):  # a subset of the spec's arguments is fine
+            if method_id == 802:
+                health_calls.append(method_id)
+
+    server.pm.register(Spy(), name="spy")
+    server.hooks._cache.clear()
+    try:  # the server asked us to stop sending; a misbehaving client sends more anyway
+        quic.send_stream_data(sid, encode_request(802, 2, b""), end_stream=True)
+        c.protocol.transmit()
+    except Exception:
+        pass
+    assert (await c.health()).status == "ok"
+    assert health_calls == [802]  # only our Health ran; the stray frame was discarded
+    assert sid not in conn.streams or conn.streams[sid].dead
 
 
 async def test_reset_stream_frees_state(server, connect) -> None:
@@ -180,9 +215,13 @@ async def test_graceful_shutdown_finishes_in_flight_rpc(app_factory, connect, mo
     await st["started"].wait()
     assert app.in_flight == 1
     stopping = asyncio.ensure_future(app.stop())
-    # Draining: new calls are refused while the in-flight one is still running.
+    # Draining: new calls are refused while the in-flight one is still running; Health
+    # still answers (and says so), and connected clients were told by a push.
     with pytest.raises(Unavailable, match="shutting down"):
-        await c.health()
+        await c.fetch()
+    assert (await c.health()).status == "draining"
+    push = await asyncio.wait_for(c.pushes.get(), 10)
+    assert push.event_type == PushEvent.SERVER_SHUTTING_DOWN
     assert not call.done()
     st["release"].set()
     resp = await call

@@ -23,6 +23,7 @@ from qpc_core.storage.base import (
     NewMessage,
     QueueFull,
     SessionRecord,
+    Storage,
     StoredMessage,
     WrongKey,
 )
@@ -452,6 +453,22 @@ async def test_logs(store: SqlCipherStorage) -> None:
     starts = await asyncio.gather(*(store.log_append("kt", [b"c", b"c"]) for _ in range(5)))
     assert sorted(starts) == [4, 6, 8, 10, 12]
     assert await store.log_size("kt") == 14
+
+
+async def test_log_read_many(store: SqlCipherStorage) -> None:
+    entries = [b"e%d" % i for i in range(1200)]  # more than one IN (...) chunk
+    assert await store.log_append("kt", entries) == 0
+    await store.log_append("other", [b"x0", b"x1"])
+    assert await store.log_read_many("kt", []) == {}
+    got = await store.log_read_many("kt", [5, 0, 5, 1199, 1200, -1, 700])
+    assert got == {0: b"e0", 5: b"e5", 700: b"e700", 1199: b"e1199"}
+    wide = list(range(0, 1200, 2))
+    assert await store.log_read_many("kt", wide) == {i: entries[i] for i in wide}
+    assert await store.log_read_many("other", [1, 2]) == {1: b"x1"}
+    assert await store.log_read_many("missing", [0]) == {}
+    # the base-class fallback (one log_read per index) gives the same answers
+    fallback = await Storage.log_read_many(store, "kt", [5, 0, 5, 1199, 1200, -1, 700])
+    assert fallback == got
 
 
 # -- lifecycle, durability, encryption --------------------------------------------------------

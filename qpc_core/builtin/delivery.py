@@ -43,8 +43,10 @@ MESSAGE_ID_LEN = 16
 MAX_BATCH_RECIPIENTS = 1000
 PROOF_CONTEXT = b"qpc-v1 delivery-proof\x00"
 SIGNING_KEY_NAME = "delivery"
-# Bytes of an Envelope beyond its payload (tag + length + seq), for the response size budget.
-ENVELOPE_OVERHEAD = 32
+# Worst-case protobuf bytes around one payload in a FetchResponse: the repeated-field tag and
+# length (1 + 5), the Envelope's seq (1 + 10) and data tag and length (1 + 5) = 23; round up.
+ENVELOPE_OVERHEAD = 24
+RESPONSE_SLACK = 64
 
 
 def proof_digest(recipient_key: bytes, channel_id: bytes, seq: int, payload: bytes) -> bytes:
@@ -106,10 +108,10 @@ class Delivery:
         s = self.app.settings
         if not payload:
             raise BadRequest("payload must not be empty")
-        if len(payload) > s.max_message_bytes:
-            raise TooLarge(
-                f"payload of {len(payload)} bytes exceeds max_message_bytes={s.max_message_bytes}"
-            )
+        limit = self.max_message()
+        if len(payload) > limit:
+            raise TooLarge(f"payload of {len(payload)} bytes exceeds the limit of {limit} bytes "
+                           f"(max_message_bytes={s.max_message_bytes})")
         if message_id and len(message_id) != MESSAGE_ID_LEN:
             raise BadRequest("message_id must be empty or exactly 16 bytes")
 
@@ -144,9 +146,18 @@ class Delivery:
     def expires_at(self, ttl_secs: int) -> float | None:
         return time.time() + ttl_secs if ttl_secs else None
 
-    def budget(self) -> int:
-        """Response bytes available for envelopes (leaves room for framing)."""
-        return self.app.settings.max_payload_bytes - 1024
+    def fetch_caps(self, limit: int) -> tuple[int, int]:
+        """(message limit, payload byte cap) so that the encoded FetchResponse always fits
+        in one frame: sum(payload) + n * ENVELOPE_OVERHEAD <= max_payload_bytes."""
+        max_payload = self.app.settings.max_payload_bytes
+        cap_n = max(1, (max_payload // 2) // ENVELOPE_OVERHEAD)
+        n = min(limit, cap_n) if limit else cap_n
+        return n, max_payload - RESPONSE_SLACK - n * ENVELOPE_OVERHEAD
+
+    def max_message(self) -> int:
+        """Largest payload that can still be delivered in one FetchResponse."""
+        s = self.app.settings
+        return min(s.max_message_bytes, s.max_payload_bytes - RESPONSE_SLACK - ENVELOPE_OVERHEAD)
 
     def envelopes(self, msgs: list[StoredMessage]) -> pb.FetchResponse:
         return pb.FetchResponse(messages=[pb.Envelope(seq=m.seq, data=m.payload) for m in msgs])
@@ -197,14 +208,19 @@ class Delivery:
             raise BadRequest(f"channel_id longer than {MAX_CHANNEL_ID} bytes")
         return recipient, req.channel_id
 
-    async def _take(self, recipient: bytes, channel: bytes, limit: int, remove: bool) -> list[StoredMessage]:
+    async def _take(
+        self, recipient: bytes, channel: bytes, limit: int, remove: bool
+    ) -> list[StoredMessage]:
         st = self.app.storage
         now = time.time()
+        n, cap = self.fetch_caps(limit)
         if remove:
-            return await st.fetch(recipient, channel, limit, now=now, max_bytes=self.budget())
-        return await st.peek(recipient, channel, limit, now=now, max_bytes=self.budget())
+            return await st.fetch(recipient, channel, n, now=now, max_bytes=cap)
+        return await st.peek(recipient, channel, n, now=now, max_bytes=cap)
 
-    def _fetched(self, recipient: bytes, channel: bytes, msgs: list[StoredMessage], how: str) -> None:
+    def _fetched(
+        self, recipient: bytes, channel: bytes, msgs: list[StoredMessage], how: str
+    ) -> None:
         if msgs or how == "fetch_wait":
             self.app.hooks.on_message_fetched(self.app, MessagesFetched(
                 recipient, channel, len(msgs), sum(len(m.payload) for m in msgs), how))

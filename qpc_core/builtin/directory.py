@@ -68,7 +68,7 @@ async def create_channel(
 ) -> pb.CreateChannelResponse:
     me = ctx.require_identity()
     members = [check_identity_key(k, "member_keys[]") for k in req.member_keys]
-    if not members:
+    if not set(members) - {me}:
         raise BadRequest("member_keys must name at least one other member")
     if len(members) > MAX_CHANNEL_MEMBERS:
         raise TooLarge(f"at most {MAX_CHANNEL_MEMBERS} members")
@@ -93,6 +93,7 @@ async def delete_account(
         if conn is not ctx.conn:
             conn.push(PushEvent.SESSION_REVOKED, payload)
             conn.disconnect("account deleted")
+    ctx.conn.unbind()  # the caller's connection no longer speaks for the deleted identity
     return pb.DeleteAccountResponse()
 
 

@@ -95,7 +95,8 @@ class Storage(ABC):
         """Append messages, all or nothing, in one transaction.
 
         Each (recipient, channel) inbox gets the next value of its own monotonically
-        increasing u64 ``seq`` (starting at 1, never reused, even after messages are removed).
+        increasing u64 ``seq`` (starting at 1, never reused while the inbox exists, even after
+        messages are removed; DeleteAccount removes the inbox and so restarts it).
         A non-empty ``message_id`` already stored for the same inbox at or after
         ``dedup_since`` (unix seconds) is a duplicate: its original seq is returned with
         ``duplicate=True`` and nothing is written for it.  :class:`QueueFull` when an inbox
@@ -232,3 +233,16 @@ class Storage(ABC):
 
     @abstractmethod
     async def log_size(self, log: str) -> int: ...
+
+    async def log_read_many(self, log: str, indices: Sequence[int]) -> dict[int, bytes]:
+        """Entries at the given (not necessarily contiguous) indices, as ``{index: entry}``.
+
+        Indices outside the log are left out.  Backends should override this with a single
+        query; this default reads one entry at a time."""
+        out: dict[int, bytes] = {}
+        for i in dict.fromkeys(indices):
+            if i >= 0:
+                got = await self.log_read(log, i, i + 1)
+                if got:
+                    out[i] = got[0]
+        return out

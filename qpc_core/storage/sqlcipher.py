@@ -672,6 +672,19 @@ def _log_read(conn: Conn, log_name: str, start: int, end: int) -> list[bytes]:
     ]
 
 
+def _log_read_many(conn: Conn, log_name: str, indices: list[int]) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for i in range(0, len(indices), IN_CHUNK):
+        chunk = indices[i : i + IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for idx, entry in conn.execute(
+            f"SELECT idx, entry FROM logs WHERE log = ? AND idx IN ({marks})",
+            (log_name, *chunk),
+        ):
+            out[int(idx)] = entry
+    return out
+
+
 def _ping(conn: Conn) -> None:
     conn.execute("PRAGMA user_version").fetchall()
 
@@ -1186,6 +1199,13 @@ class SqlCipherStorage(Storage):
 
     async def log_size(self, log: str) -> int:
         return await self._read(_log_size, log)
+
+    async def log_read_many(self, log: str, indices: Sequence[int]) -> dict[int, bytes]:
+        wanted = [i for i in dict.fromkeys(indices) if i >= 0]
+        if not wanted:
+            self._check_open()
+            return {}
+        return await self._read(_log_read_many, log, wanted)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -33,11 +33,13 @@ from qpc_core.framing import (
     AUTH_MAGIC,
     AuthHandshakeDecoder,
     FrameError,
+    PushEvent,
     RequestDecoder,
     Status,
     encode_auth_reply,
     encode_push,
 )
+from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.certs import resolve_tls
 
@@ -57,11 +59,14 @@ ERR_SHUTDOWN = 0x103
 
 
 class _Stream:
-    __slots__ = ("decoder", "task")
+    __slots__ = ("dead", "decoder", "task")
 
-    def __init__(self, decoder: RequestDecoder | AuthHandshakeDecoder) -> None:
+    def __init__(self, decoder: RequestDecoder | AuthHandshakeDecoder | None) -> None:
         self.decoder = decoder
         self.task: asyncio.Task[None] | None = None
+        # A stream that had a protocol error stays here until the peer finishes or resets it,
+        # so bytes still arriving on it are discarded instead of read as a new request.
+        self.dead = decoder is None
 
 
 class ServerConnection(QuicConnectionProtocol):
@@ -119,6 +124,13 @@ class ServerConnection(QuicConnectionProtocol):
         self._auth = auth
         if auth.identity_key is not None:
             self.bind_identity(auth.identity_key)
+
+    def unbind(self) -> None:
+        """Forget the connection's credential and identity (logout, account deletion)."""
+        self._auth = None
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)
+            self._identity = None
 
     def bind_identity(self, identity_key: bytes) -> None:
         if self._identity == identity_key:
@@ -210,10 +222,15 @@ class ServerConnection(QuicConnectionProtocol):
             else:
                 decoder = RequestDecoder(self.max_payload)
             st = self.streams[sid] = _Stream(decoder)
+        elif st.dead:
+            if fin:
+                del self.streams[sid]
+            return
         elif st.task is not None:
             if data:  # bytes after the frame while the call runs
                 self._stream_error(sid, FrameError("trailing", "unexpected bytes after the frame"))
             return
+        assert st.decoder is not None
         try:
             st.decoder.feed(data)
             if not fin:
@@ -225,13 +242,15 @@ class ServerConnection(QuicConnectionProtocol):
                 frame = st.decoder.finish()
                 st.task = self._loop.create_task(self._call(sid, frame))
         except FrameError as e:
-            self._stream_error(sid, e)
+            self._stream_error(sid, e, fin)
 
-    def _stream_error(self, sid: int, err: FrameError) -> None:
+    def _stream_error(self, sid: int, err: FrameError, fin: bool = False) -> None:
         """Protocol error confined to one stream: answer it, stop it; the connection lives."""
         st = self.streams.pop(sid, None)
         if st is not None and st.task is not None:
             st.task.cancel()
+        if not fin:
+            self.streams[sid] = _Stream(None)
         log.debug("stream %d protocol error: %s", sid, err)
         try:
             self._quic.send_stream_data(
@@ -243,14 +262,21 @@ class ServerConnection(QuicConnectionProtocol):
             pass
         self.transmit()
 
+    def _owns(self, sid: int) -> bool:
+        """True while the running task still owns stream ``sid`` (not reset or failed)."""
+        st = self.streams.get(sid)
+        return not self._gone and st is not None and not st.dead and st.task is not None
+
     async def _call(self, sid: int, frame: Any) -> None:
         try:
             out = await self.dispatcher.call(self, frame)
-            if not self._gone and sid in self.streams:
+            if self._owns(sid):
                 self._quic.send_stream_data(sid, out, end_stream=True)
                 self.transmit()
         finally:
-            self.streams.pop(sid, None)
+            st = self.streams.get(sid)
+            if st is not None and not st.dead:
+                del self.streams[sid]
 
     async def _handshake(self, sid: int, token: bytes) -> None:
         app = self.app
@@ -268,11 +294,13 @@ class ServerConnection(QuicConnectionProtocol):
                 status = Status.UNAUTHENTICATED
             else:
                 self.bind(result)
-            if not self._gone and sid in self.streams:
+            if self._owns(sid):
                 self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
                 self.transmit()
         finally:
-            self.streams.pop(sid, None)
+            st = self.streams.get(sid)
+            if st is not None and not st.dead:
+                del self.streams[sid]
 
 
 class QuicTransport:
@@ -324,7 +352,12 @@ class QuicTransport:
         log.info("QUIC listening on %s:%d (ALPN %s)", self.address[0], self.address[1], ALPN)
 
     async def stop_accepting(self) -> None:
+        """Refuse new connections and tell connected clients the server is going away."""
         self.accepting = False
+        payload = common_pb2.ServerShuttingDownEvent(reason="server shutting down")
+        data = payload.SerializeToString()
+        for proto in list(self.protocols):
+            proto.push(PushEvent.SERVER_SHUTTING_DOWN, data)
 
     async def close(self, reason: str) -> None:
         self.accepting = False

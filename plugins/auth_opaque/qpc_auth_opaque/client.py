@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from qpc_core.client.sdk import QpcClient
 from qpc_core.errors import BadRequest
 from qpc_core.pb import auth_pb2 as pb
+from qpc_core.users import normalize_username
 from qpc_core.pb import common_pb2
 
 from qpc_auth_opaque import opaque
@@ -35,7 +36,7 @@ async def register(client: QpcClient, username: str, password: str, *,
     """Register ``username`` bound to the client's identity key; returns the export key."""
     if client.identity is None or client.identity_key is None:
         raise ValueError("the client needs an identity key to register")
-    name = username.strip().lower().lstrip("@")
+    name = normalize_username(username)
     state, request = opaque.client_start_registration(password.encode())
     resp = await client.call(100, pb.OpaqueRegisterStartRequest(
         username=name, request=request.serialize()), pb.OpaqueRegisterStartResponse)
@@ -58,7 +59,7 @@ async def login(client: QpcClient, username: str, password: str, *,
     """Log in; on success the connection is bound to the session and identity."""
     if client.identity is None or client.identity_key is None:
         raise ValueError("the client needs its identity key to log in")
-    name = username.strip().lower().lstrip("@")
+    name = normalize_username(username)
     state, ke1 = opaque.client_start_login(password.encode())
     ke1_b = ke1.serialize()
     resp = await client.call(102, pb.OpaqueLoginStartRequest(username=name, request=ke1_b),

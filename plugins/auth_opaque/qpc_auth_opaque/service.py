@@ -32,6 +32,7 @@ from qpc_core.errors import (
     RateLimited,
     Unauthenticated,
 )
+from qpc_core.framing import PushEvent
 from qpc_core.identity import check_identity_key, verify_signature
 from qpc_core.pb import auth_pb2 as pb
 from qpc_core.pb import common_pb2
@@ -142,11 +143,14 @@ class OpaqueService:
         return pb.OpaqueRegisterFinishResponse(success=True)
 
     # -- login ------------------------------------------------------------------------------------
-    def _check_throttle(self, name: str, peer: PeerInfo) -> None:
-        wait = max(self.user_throttle.retry_after(name), self.ip_throttle.retry_after(peer.host))
+    def _check_throttle(self, name: str, peer: PeerInfo, method_id: int) -> None:
+        by_user = self.user_throttle.retry_after(name)
+        by_ip = self.ip_throttle.retry_after(peer.host)
+        wait = max(by_user, by_ip)
         if wait > 0:
+            kind = "username" if by_user >= by_ip else "ip"
             self.app.hooks.on_login_failure(self.app, name, peer, "throttled")
-            self.app.hooks.on_rate_limited(self.app, "login", "auth", 102, wait)
+            self.app.hooks.on_rate_limited(self.app, kind, "auth", method_id, wait)
             raise RateLimited(f"too many failed logins; retry in {wait:.0f}s", retry_after=wait)
 
     def _fail(self, name: str, peer: PeerInfo, reason: str) -> Unauthenticated:
@@ -168,7 +172,7 @@ class OpaqueService:
     ) -> pb.OpaqueLoginStartResponse:
         name = normalize_username(req.username)
         peer = ctx.conn.peer
-        self._check_throttle(name, peer)
+        self._check_throttle(name, peer, 102)
         try:
             ke1 = opaque.KE1.deserialize(req.request)
         except opaque.OpaqueError as e:
@@ -197,7 +201,7 @@ class OpaqueService:
     ) -> pb.OpaqueLoginFinishResponse:
         name = normalize_username(req.username)
         peer = ctx.conn.peer
-        self._check_throttle(name, peer)
+        self._check_throttle(name, peer, 103)
         pending = self.pending.pop((ctx.conn.connection_id, name), None)
         if pending is None or pending.expires < time.monotonic():
             raise self._fail(name, peer, "no pending login (expired or replayed)")
@@ -244,6 +248,14 @@ class OpaqueService:
         if auth is None or auth.kind != SESSION_KIND or auth.session_id is None:
             raise BadRequest("this connection is not using a session")
         await self.app.storage.delete_session(auth.session_id)
+        revoked = common_pb2.SessionRevokedEvent(reason="logged out").SerializeToString()
+        for conn in list(self.app.connections):
+            cauth = conn.auth
+            if cauth is not None and cauth.session_id == auth.session_id and conn is not ctx.conn:
+                conn.push(PushEvent.SESSION_REVOKED, revoked)
+                conn.unbind()
+        if ctx.conn.auth is not None and ctx.conn.auth.session_id == auth.session_id:
+            ctx.conn.unbind()
         return common_pb2.LogoutResponse()
 
     async def forget(self, username: str | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -9,6 +11,7 @@ from qpc_auth_opaque import client as opaque_client
 from qpc_auth_opaque import opaque
 from qpc_auth_opaque.service import token_hash
 from qpc_core.errors import BadRequest, Conflict, Forbidden, RateLimited, Unauthenticated
+from qpc_core.framing import PushEvent
 from qpc_core.pb import auth_pb2
 
 FAST = opaque.IdentityKSF()
@@ -205,7 +208,12 @@ async def test_logout_and_account_deletion_end_sessions(opaque_app, connect) -> 
     res = await opaque_client.login(c, "alice", "correct horse", ksf=FAST)
     tok = res.session_token.decode()
     c2 = await connect(opaque_app, token=tok, new_identity=False)
+    c3 = await connect(opaque_app, token=tok, new_identity=False)
     await opaque_client.logout(c2)
+    assert not (await c2.whoami()).authenticated  # this connection is logged out
+    push = await asyncio.wait_for(c3.pushes.get(), 10)  # and so is every other on the session
+    assert push.event_type == PushEvent.SESSION_REVOKED
+    assert not (await c3.whoami()).authenticated
     with pytest.raises(Unauthenticated, match="handshake refused"):
         await connect(opaque_app, token=tok, new_identity=False)
     with pytest.raises(Unauthenticated, match="revoked"):
