@@ -40,8 +40,9 @@ def error_payload(status: int, message: str, retry_after: float | None = None) -
     return err.SerializeToString()
 
 
-def error_response(request_id: int, status: int, message: str,
-                   retry_after: float | None = None) -> bytes:
+def error_response(
+    request_id: int, status: int, message: str, retry_after: float | None = None
+) -> bytes:
     return encode_response(status, request_id, error_payload(status, message, retry_after))
 
 
@@ -64,11 +65,13 @@ class Dispatcher:
             method = entry[1]
             payload = await self._run(conn, method, frame)
             try:
-                out = encode_response(Status.OK, frame.request_id, payload,
-                                      max_payload=self.max_payload)
+                out = encode_response(
+                    Status.OK, frame.request_id, payload, max_payload=self.max_payload
+                )
             except FrameError:
-                log.error("method %s produced an oversize response (%d bytes)",
-                          method.name, len(payload))
+                log.error(
+                    "method %s produced an oversize response (%d bytes)", method.name, len(payload)
+                )
                 status = Status.INTERNAL
                 out = error_response(frame.request_id, status, "internal error")
         except RpcError as e:

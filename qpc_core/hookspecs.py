@@ -79,6 +79,7 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
     """Return the RPC methods this plugin serves (method ID → handler).
 
     Two plugins returning the same method ID is a start-up error naming both."""
+    return []
 
 
 @hookspec
@@ -86,6 +87,7 @@ def register_transports(app: App) -> list[Transport]:
     """Return listeners to start with the server (core registers the QUIC listener).
 
     Each is started after ``startup`` and told to stop accepting when the server drains."""
+    return []
 
 
 @hookspec
@@ -93,6 +95,7 @@ def register_admin_routes(app: App) -> list[Any]:
     """Return Starlette routes for the admin app, mounted under ``/p/<plugin name>/``.
 
     Every route mounted this way requires the admin token."""
+    return []
 
 
 @hookspec
@@ -101,6 +104,7 @@ def register_config_sections(app: App) -> list[ConfigSection]:
 
     Validated before start-up (and by ``qpc check-config``); the parsed model is available as
     ``app.plugin_config(name)``.  Errors name the path (``blobs.max_blob_bytes: ...``)."""
+    return []
 
 
 # --- resolvers -----------------------------------------------------------------------------
@@ -159,8 +163,7 @@ def on_rpc_completed(app: App, method_id: int, method: str, status: int, seconds
 
 @hookspec
 def on_message_enqueued(app: App, event: MessageEnqueued) -> None:
-    """A message was committed to a queue (also fired with ``duplicate=True`` for dedup hits).
-    """
+    """A message was committed to a queue (also fired with ``duplicate=True`` for dedup hits)."""
 
 
 @hookspec
@@ -184,7 +187,9 @@ def on_login_failure(app: App, username: str, peer: PeerInfo, reason: str) -> No
 
 
 @hookspec
-def on_rate_limited(app: App, key_kind: str, group: str, method_id: int, retry_after: float) -> None:
+def on_rate_limited(
+    app: App, key_kind: str, group: str, method_id: int, retry_after: float
+) -> None:
     """A call was refused by a rate limiter.
 
     ``key_kind`` is ``identity`` or ``ip`` (core limiter) or ``username`` (a login throttle,

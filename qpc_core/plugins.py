@@ -125,7 +125,7 @@ def load_plugins(pm: pluggy.PluginManager, selected: list[str]) -> list[PluginIn
         dist, version = _dist_of(ep)
         try:
             module = ep.load()
-        except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+        except Exception as e:
             raise PluginError(
                 f"plugin '{name}' ({dist} {version}) failed to import: {e}"
             ) from e

@@ -29,7 +29,7 @@ class RateResult:
 
 
 class _Window:
-    __slots__ = ("start", "cur", "prev")
+    __slots__ = ("cur", "prev", "start")
 
     def __init__(self, start: float) -> None:
         self.start = start

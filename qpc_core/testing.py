@@ -40,12 +40,14 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "data_dir": data_dir,
         "db_key": "test-db-key",
         "drain_timeout_secs": 5,
-        "rate_limits": {"default": {"requests": 100000, "window_secs": 60},
-                        "delivery": {"requests": 100000, "window_secs": 60},
-                        "auth": {"requests": 100000, "window_secs": 60},
-                        "keys": {"requests": 100000, "window_secs": 60},
-                        "users": {"requests": 100000, "window_secs": 60},
-                        "health": {"requests": 100000, "window_secs": 60}},
+        "rate_limits": {
+            "default": {"requests": 100000, "window_secs": 60},
+            "delivery": {"requests": 100000, "window_secs": 60},
+            "auth": {"requests": 100000, "window_secs": 60},
+            "keys": {"requests": 100000, "window_secs": 60},
+            "users": {"requests": 100000, "window_secs": 60},
+            "health": {"requests": 100000, "window_secs": 60},
+        },
     }
     base.update(overrides)
     return load_config(None, base, env={})
@@ -73,7 +75,9 @@ def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-async def app_factory(settings_factory: Callable[..., Settings]) -> AsyncIterator[Callable[..., Any]]:
+async def app_factory(
+    settings_factory: Callable[..., Settings],
+) -> AsyncIterator[Callable[..., Any]]:
     started: list[App] = []
 
     async def make(**overrides: Any) -> App:
@@ -97,14 +101,23 @@ async def server(app_factory: Callable[..., Any]) -> App:
 async def connect() -> AsyncIterator[Callable[..., Any]]:
     clients: list[QpcClient] = []
 
-    async def make(app: App, *, identity: Ed25519PrivateKey | None = None,
-                   token: str | None = TEST_TOKEN, new_identity: bool = True,
-                   **kw: Any) -> QpcClient:
+    async def make(
+        app: App,
+        *,
+        identity: Ed25519PrivateKey | None = None,
+        token: str | None = TEST_TOKEN,
+        new_identity: bool = True,
+        **kw: Any,
+    ) -> QpcClient:
         if identity is None and new_identity:
             identity = Ed25519PrivateKey.generate()
         c = await QpcClient.connect(
-            "127.0.0.1", quic_port(app), token=token, identity=identity,
-            ca_cert=app.settings.data_dir / "server-cert.pem", **kw,
+            "127.0.0.1",
+            quic_port(app),
+            token=token,
+            identity=identity,
+            ca_cert=app.settings.data_dir / "server-cert.pem",
+            **kw,
         )
         clients.append(c)
         return c
@@ -139,12 +152,23 @@ class ServerProcess:
     async def start(self, timeout: float = 30.0) -> None:
         if not self.port:
             self.port = free_udp_port()
-        env = {"PATH": os.environ.get("PATH", ""), "QPC_DB_KEY": "proc-test-key",
-               "QPC_METRICS_ENABLED": "false", **self.env}
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "QPC_DB_KEY": "proc-test-key",
+            "QPC_METRICS_ENABLED": "false",
+            **self.env,
+        }
         self.proc = await asyncio.create_subprocess_exec(
-            str(BIN / "qpc"), "run", "--listen", f"127.0.0.1:{self.port}",
-            "--data-dir", str(self.data_dir), *self.args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            str(BIN / "qpc"),
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
         )
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reader = asyncio.ensure_future(self._read(ready))

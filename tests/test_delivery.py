@@ -77,10 +77,17 @@ async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
 
 async def test_fetch_wait_is_woken_by_enqueue(server, connect) -> None:
     alice, bob = await pair(server, connect)
-    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
     d = server.state["delivery"]
-    while (bob.identity_key, b"") not in d.waiters:  # the long poll is registered
-        await asyncio.sleep(0)
+    registered = asyncio.Event()
+
+    class Watched(dict):
+        def setdefault(self, key, default=None):
+            registered.set()  # the long poll is now waiting
+            return super().setdefault(key, default)
+
+    d.waiters = Watched(d.waiters)
+    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await asyncio.wait_for(registered.wait(), 10)
     assert not waiting.done()
     await alice.enqueue(bob.identity_key, b"wake up")
     msgs = await asyncio.wait_for(waiting, 10)
@@ -256,8 +263,11 @@ async def test_key_packages_single_use_fifo(server, connect) -> None:
     from qpc_core.pb import keys_pb2
 
     with pytest.raises(Forbidden):
-        await alice.call(300, keys_pb2.UploadKeyPackageRequest(
-            identity_key=bob.identity_key, package=b"p"), keys_pb2.UploadKeyPackageResponse)
+        await alice.call(
+            300,
+            keys_pb2.UploadKeyPackageRequest(identity_key=bob.identity_key, package=b"p"),
+            keys_pb2.UploadKeyPackageResponse,
+        )
 
 
 async def test_key_packages_pop_atomically_under_concurrency(server, connect) -> None:
@@ -265,8 +275,9 @@ async def test_key_packages_pop_atomically_under_concurrency(server, connect) ->
     fetchers = [await connect(server) for _ in range(3)]
     for i in range(20):
         await alice.upload_key_package(f"kp-{i}".encode())
-    got = await asyncio.gather(*(f.fetch_key_package(alice.identity_key)
-                                 for f in fetchers for _ in range(10)))
+    got = await asyncio.gather(
+        *(f.fetch_key_package(alice.identity_key) for f in fetchers for _ in range(10))
+    )
     real = [g for g in got if g]
     assert sorted(real) == sorted(f"kp-{i}".encode() for i in range(20))  # each exactly once
     assert got.count(b"") == 10
@@ -281,7 +292,8 @@ async def test_hybrid_keys(server, connect) -> None:
     assert await bob.fetch_hybrid_key(alice.identity_key) == key
     assert await bob.fetch_hybrid_key(bob.identity_key) == b""
     assert await bob.fetch_hybrid_keys([alice.identity_key, bob.identity_key]) == {
-        alice.identity_key: key}
+        alice.identity_key: key
+    }
     await alice.upload_hybrid_key(key[::-1])  # replaced, not single use
     assert await bob.fetch_hybrid_key(alice.identity_key) == key[::-1]
     assert await bob.fetch_hybrid_key(alice.identity_key) == key[::-1]
@@ -334,8 +346,9 @@ async def test_delete_account_purges_everything(server, connect) -> None:
 async def test_fetch_all_always_fits_in_one_frame(app_factory, connect) -> None:
     app = await app_factory(max_payload_bytes=4096)
     alice, bob = await connect(app), await connect(app)
-    await asyncio.gather(*(alice.enqueue(bob.identity_key, bytes([i % 256]), verify=False)
-                           for i in range(300)))
+    await asyncio.gather(
+        *(alice.enqueue(bob.identity_key, bytes([i % 256]), verify=False) for i in range(300))
+    )
     got = []
     while batch := await bob.fetch():  # limit 0 = "all that fit"; nothing may be lost
         assert len(batch) < 300

@@ -53,7 +53,11 @@ def test_header_layouts_are_big_endian() -> None:
 @pytest.mark.parametrize(
     ("encoded", "decoder_cls", "expected"),
     [
-        (encode_request(200, 42, b"hello world"), RequestDecoder, RequestFrame(200, 42, b"hello world")),
+        (
+            encode_request(200, 42, b"hello world"),
+            RequestDecoder,
+            RequestFrame(200, 42, b"hello world"),
+        ),
         (encode_response(0, 42, b"ok!"), ResponseDecoder, ResponseFrame(0, 42, b"ok!")),
         (encode_push(1, b"evt"), PushDecoder, PushFrame(1, b"evt")),
         (encode_request(802, 1, b""), RequestDecoder, RequestFrame(802, 1, b"")),
@@ -74,8 +78,12 @@ def test_split_at_every_byte_boundary(encoded, decoder_cls, expected) -> None:
     assert all(r is None for r in results[:-1])
 
 
-@given(payload=st.binary(max_size=300), cuts=st.lists(st.integers(0, 320), max_size=6),
-       method=st.integers(0, 0xFFFF), rid=st.integers(0, 0xFFFFFFFF))
+@given(
+    payload=st.binary(max_size=300),
+    cuts=st.lists(st.integers(0, 320), max_size=6),
+    method=st.integers(0, 0xFFFF),
+    rid=st.integers(0, 0xFFFFFFFF),
+)
 def test_any_split_roundtrips(payload: bytes, cuts: list[int], method: int, rid: int) -> None:
     data = encode_request(method, rid, payload)
     points = sorted({min(c, len(data)) for c in cuts})

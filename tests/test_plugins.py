@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
 from plugin_helpers import use_fake_plugins
 
+from conftest import make_settings
 from qpc_core import hookspecs
 from qpc_core.app import App
 from qpc_core.errors import ConfigError, PluginError

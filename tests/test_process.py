@@ -21,9 +21,13 @@ pytestmark = pytest.mark.timeout(240)
 async def _client(srv: ServerProcess, identity=None) -> QpcClient:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    return await QpcClient.connect("127.0.0.1", srv.port, token="devtoken",
-                                   identity=identity or Ed25519PrivateKey.generate(),
-                                   ca_cert=srv.ca)
+    return await QpcClient.connect(
+        "127.0.0.1",
+        srv.port,
+        token="devtoken",
+        identity=identity or Ed25519PrivateKey.generate(),
+        ca_cert=srv.ca,
+    )
 
 
 async def test_sigkill_loses_no_acknowledged_message(tmp_path: Path) -> None:
@@ -130,10 +134,15 @@ async def test_wrong_key_is_a_clear_startup_error(tmp_path: Path) -> None:
 
 async def test_production_refuses_dev_defaults(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "qpc"), "run", "--data-dir", str(tmp_path),
+        str(BIN / "qpc"),
+        "run",
+        "--data-dir",
+        str(tmp_path),
         env={"PATH": os.environ["PATH"], "QPC_PRODUCTION": "true"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _out, err = await proc.communicate()
     assert proc.returncode == 1
     text = err.decode()
     assert "refusing to start in production mode" in text
@@ -142,10 +151,18 @@ async def test_production_refuses_dev_defaults(tmp_path: Path) -> None:
 
 async def _cli(srv: ServerProcess, *args: str, state: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "qpc-client"), "--server", f"127.0.0.1:{srv.port}", "--ca-cert", str(srv.ca),
-        "--state", str(state), *args,
+        str(BIN / "qpc-client"),
+        "--server",
+        f"127.0.0.1:{srv.port}",
+        "--ca-cert",
+        str(srv.ca),
+        "--state",
+        str(state),
+        *args,
         env={"PATH": os.environ["PATH"], "QPC_ACCESS_TOKEN": "devtoken"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -164,8 +181,9 @@ async def test_qpc_client_cli(tmp_path: Path) -> None:
         rc, out, _ = await _cli(srv, "--json", "whoami", state=tmp_path / "b.json")
         bob = json.loads(out)
         assert bob["authenticated"] and len(bytes.fromhex(bob["identity_key"])) == 32
-        rc, out, err = await _cli(srv, "send", "--to", bob["identity_key"], "hello bob",
-                                  state=tmp_path / "a.json")
+        rc, out, err = await _cli(
+            srv, "send", "--to", bob["identity_key"], "hello bob", state=tmp_path / "a.json"
+        )
         assert rc == 0, err
         assert "delivery proof verified" in out
         rc, out, err = await _cli(srv, "--json", "recv", state=tmp_path / "b.json")
@@ -186,9 +204,18 @@ async def test_qpc_client_bad_token(tmp_path: Path) -> None:
     await srv.start()
     try:
         proc = await asyncio.create_subprocess_exec(
-            str(BIN / "qpc-client"), "--server", f"127.0.0.1:{srv.port}", "--ca-cert",
-            str(srv.ca), "--state", str(tmp_path / "s.json"), "--auth-token", "wrong",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            str(BIN / "qpc-client"),
+            "--server",
+            f"127.0.0.1:{srv.port}",
+            "--ca-cert",
+            str(srv.ca),
+            "--state",
+            str(tmp_path / "s.json"),
+            "--auth-token",
+            "wrong",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         _out, err = await proc.communicate()
         assert proc.returncode == 2
         assert "UNAUTHENTICATED" in err.decode()
@@ -209,4 +236,3 @@ def test_sealed_text_roundtrip() -> None:
     assert sender == public_bytes(a) and text == "secret text"
     with pytest.raises(ValueError, match="not sealed to this identity"):
         open_text(c, box)
-

@@ -6,10 +6,10 @@ import asyncio
 import struct
 
 import pytest
-from conftest import quic_transport
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from plugin_helpers import use_fake_plugins
 
+from conftest import quic_transport
 from qpc_core.client.sdk import ConnectionLost
 from qpc_core.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, Unimplemented
 from qpc_core.framing import PushEvent, Status, encode_request
@@ -52,9 +52,9 @@ async def _raw_stream(c, data: bytes, *, fin: bool = True):
     "garbage",
     [
         struct.pack(">HII", 802, 1, 5 * 1024 * 1024),  # oversize length in the header
-        b"\xff" * 40,                                   # garbage
-        encode_request(802, 1, b"abc")[:-1],            # truncated by FIN
-        encode_request(802, 1, b"") + b"extra",         # bytes after the frame
+        b"\xff" * 40,  # garbage
+        encode_request(802, 1, b"abc")[:-1],  # truncated by FIN
+        encode_request(802, 1, b"") + b"extra",  # bytes after the frame
     ],
 )
 async def test_malformed_frame_fails_only_its_stream(server, connect, garbage: bytes) -> None:
@@ -186,13 +186,19 @@ async def test_token_client_cannot_claim_another_identity(server, connect) -> No
     # The attacker signs the victim's key with its own key: refused.
     forged = attacker.sign(prove_identity_message(ch.nonce, public_bytes(victim)))
     with pytest.raises(Unauthenticated, match="does not verify"):
-        await c.call(105, common_pb2.ProveIdentityRequest(
-            identity_key=public_bytes(victim), signature=forged), common_pb2.ProveIdentityResponse)
+        await c.call(
+            105,
+            common_pb2.ProveIdentityRequest(identity_key=public_bytes(victim), signature=forged),
+            common_pb2.ProveIdentityResponse,
+        )
     # A replayed challenge is refused too (single use).
     good = victim.sign(prove_identity_message(ch.nonce, public_bytes(victim)))
     with pytest.raises(BadRequest, match="no challenge"):
-        await c.call(105, common_pb2.ProveIdentityRequest(
-            identity_key=public_bytes(victim), signature=good), common_pb2.ProveIdentityResponse)
+        await c.call(
+            105,
+            common_pb2.ProveIdentityRequest(identity_key=public_bytes(victim), signature=good),
+            common_pb2.ProveIdentityResponse,
+        )
     with pytest.raises(Forbidden):
         await c.fetch(recipient=public_bytes(victim))
     who = await c.whoami()
@@ -211,7 +217,9 @@ async def test_graceful_shutdown_finishes_in_flight_rpc(app_factory, connect, mo
     app = await app_factory(plugins=["slow"])
     c = await connect(app)
     st = app.state["slow"]
-    call = asyncio.ensure_future(c.call(9100, common_pb2.HealthRequest(), common_pb2.HealthResponse))
+    call = asyncio.ensure_future(
+        c.call(9100, common_pb2.HealthRequest(), common_pb2.HealthResponse)
+    )
     await st["started"].wait()
     assert app.in_flight == 1
     stopping = asyncio.ensure_future(app.stop())

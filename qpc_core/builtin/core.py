@@ -79,10 +79,22 @@ async def whoami(ctx: RpcContext, req: pb.WhoAmIRequest) -> pb.WhoAmIResponse:
 def register_rpc_methods(app: App) -> list[RpcMethod]:
     return [
         RpcMethod(HEALTH, "Health", pb.HealthRequest, health, group="health", auth="none"),
-        RpcMethod(AUTH_CHALLENGE, "AuthChallenge", pb.AuthChallengeRequest, auth_challenge,
-                  group="auth", auth="none"),
-        RpcMethod(PROVE_IDENTITY, "ProveIdentity", pb.ProveIdentityRequest, prove_identity,
-                  group="auth", auth="authenticated"),
+        RpcMethod(
+            AUTH_CHALLENGE,
+            "AuthChallenge",
+            pb.AuthChallengeRequest,
+            auth_challenge,
+            group="auth",
+            auth="none",
+        ),
+        RpcMethod(
+            PROVE_IDENTITY,
+            "ProveIdentity",
+            pb.ProveIdentityRequest,
+            prove_identity,
+            group="auth",
+            auth="authenticated",
+        ),
         RpcMethod(WHOAMI, "WhoAmI", pb.WhoAmIRequest, whoami, group="health", auth="none"),
     ]
 

@@ -25,7 +25,8 @@ from qpc_core.errors import BadRequest, Forbidden, QuotaExceeded, TooLarge
 from qpc_core.framing import PushEvent
 from qpc_core.hookspecs import hookimpl
 from qpc_core.identity import check_identity_key
-from qpc_core.pb import common_pb2, delivery_pb2 as pb
+from qpc_core.pb import common_pb2
+from qpc_core.pb import delivery_pb2 as pb
 from qpc_core.rpc import MessageEnqueued, MessagesFetched, RpcContext, RpcMethod
 from qpc_core.storage.base import EnqueueOutcome, NewMessage, QueueFull, StoredMessage
 from qpc_core.users import server_key
@@ -75,7 +76,9 @@ class Delivery:
         digest = proof_digest(recipient, channel, seq, payload)
         return digest + self.signing_key.sign(digest)
 
-    async def check_channel(self, channel: bytes, sender: bytes, recipients: Sequence[bytes]) -> None:
+    async def check_channel(
+        self, channel: bytes, sender: bytes, recipients: Sequence[bytes]
+    ) -> None:
         if not channel:
             return
         if len(channel) > MAX_CHANNEL_ID:
@@ -110,8 +113,10 @@ class Delivery:
             raise BadRequest("payload must not be empty")
         limit = self.max_message()
         if len(payload) > limit:
-            raise TooLarge(f"payload of {len(payload)} bytes exceeds the limit of {limit} bytes "
-                           f"(max_message_bytes={s.max_message_bytes})")
+            raise TooLarge(
+                f"payload of {len(payload)} bytes exceeds the limit of {limit} bytes "
+                f"(max_message_bytes={s.max_message_bytes})"
+            )
         if message_id and len(message_id) != MESSAGE_ID_LEN:
             raise BadRequest("message_id must be empty or exactly 16 bytes")
 
@@ -119,20 +124,29 @@ class Delivery:
         s = self.app.settings
         try:
             outcomes = await self.app.storage.enqueue(
-                messages, max_depth=s.max_queue_depth,
+                messages,
+                max_depth=s.max_queue_depth,
                 dedup_since=time.time() - s.dedup_window_secs,
             )
         except QueueFull as e:
             raise QuotaExceeded(
                 f"recipient queue is full ({e.depth} messages; max_queue_depth="
-                f"{s.max_queue_depth})", retry_after=60.0,
+                f"{s.max_queue_depth})",
+                retry_after=60.0,
             ) from None
         app = self.app
         for msg, out in zip(messages, outcomes, strict=True):
-            app.hooks.on_message_enqueued(app, MessageEnqueued(
-                msg.recipient_key, msg.channel_id, out.seq, len(msg.payload), sender,
-                out.duplicate,
-            ))
+            app.hooks.on_message_enqueued(
+                app,
+                MessageEnqueued(
+                    msg.recipient_key,
+                    msg.channel_id,
+                    out.seq,
+                    len(msg.payload),
+                    sender,
+                    out.duplicate,
+                ),
+            )
             if out.duplicate:
                 continue
             self.wake(msg.recipient_key, msg.channel_id)
@@ -168,11 +182,18 @@ class Delivery:
         recipient = check_identity_key(req.recipient_key, "recipient_key")
         self.validate_common(req.payload, req.message_id)
         await self.check_channel(req.channel_id, sender, (recipient,))
-        msg = NewMessage(recipient, req.channel_id, req.payload, req.message_id,
-                         self.expires_at(req.ttl_secs), sender)
+        msg = NewMessage(
+            recipient,
+            req.channel_id,
+            req.payload,
+            req.message_id,
+            self.expires_at(req.ttl_secs),
+            sender,
+        )
         (out,) = await self.store(sender, [msg])
         return pb.EnqueueResponse(
-            seq=out.seq, duplicate=out.duplicate,
+            seq=out.seq,
+            duplicate=out.duplicate,
             delivery_proof=self.proof(recipient, req.channel_id, out.seq, req.payload),
         )
 
@@ -192,14 +213,21 @@ class Delivery:
         self.validate_common(req.payload, req.message_id)
         await self.check_channel(req.channel_id, sender, recipients)
         exp = self.expires_at(req.ttl_secs)
-        msgs = [NewMessage(r, req.channel_id, req.payload, req.message_id, exp, sender)
-                for r in recipients]
+        msgs = [
+            NewMessage(r, req.channel_id, req.payload, req.message_id, exp, sender)
+            for r in recipients
+        ]
         outs = await self.store(sender, msgs)
-        return pb.BatchEnqueueResponse(results=[
-            pb.EnqueueResponse(seq=o.seq, duplicate=o.duplicate,
-                               delivery_proof=self.proof(r, req.channel_id, o.seq, req.payload))
-            for r, o in zip(recipients, outs, strict=True)
-        ])
+        return pb.BatchEnqueueResponse(
+            results=[
+                pb.EnqueueResponse(
+                    seq=o.seq,
+                    duplicate=o.duplicate,
+                    delivery_proof=self.proof(r, req.channel_id, o.seq, req.payload),
+                )
+                for r, o in zip(recipients, outs, strict=True)
+            ]
+        )
 
     def _inbox(self, ctx: RpcContext, req: pb.FetchRequest | pb.AckRequest) -> tuple[bytes, bytes]:
         recipient = check_identity_key(req.recipient_key, "recipient_key")
@@ -222,8 +250,12 @@ class Delivery:
         self, recipient: bytes, channel: bytes, msgs: list[StoredMessage], how: str
     ) -> None:
         if msgs or how == "fetch_wait":
-            self.app.hooks.on_message_fetched(self.app, MessagesFetched(
-                recipient, channel, len(msgs), sum(len(m.payload) for m in msgs), how))
+            self.app.hooks.on_message_fetched(
+                self.app,
+                MessagesFetched(
+                    recipient, channel, len(msgs), sum(len(m.payload) for m in msgs), how
+                ),
+            )
 
     async def fetch(self, ctx: RpcContext, req: pb.FetchRequest) -> pb.FetchResponse:
         recipient, channel = self._inbox(ctx, req)
@@ -324,10 +356,16 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
     return [
         RpcMethod(ENQUEUE, "Enqueue", pb.EnqueueRequest, _bind(app, "enqueue"), group="delivery"),
         RpcMethod(FETCH, "Fetch", pb.FetchRequest, _bind(app, "fetch"), group="delivery"),
-        RpcMethod(FETCH_WAIT, "FetchWait", pb.FetchRequest, _bind(app, "fetch_wait"),
-                  group="delivery"),
+        RpcMethod(
+            FETCH_WAIT, "FetchWait", pb.FetchRequest, _bind(app, "fetch_wait"), group="delivery"
+        ),
         RpcMethod(PEEK, "Peek", pb.FetchRequest, _bind(app, "peek"), group="delivery"),
         RpcMethod(ACK, "Ack", pb.AckRequest, _bind(app, "ack"), group="delivery"),
-        RpcMethod(BATCH_ENQUEUE, "BatchEnqueue", pb.BatchEnqueueRequest,
-                  _bind(app, "batch_enqueue"), group="delivery"),
+        RpcMethod(
+            BATCH_ENQUEUE,
+            "BatchEnqueue",
+            pb.BatchEnqueueRequest,
+            _bind(app, "batch_enqueue"),
+            group="delivery",
+        ),
     ]

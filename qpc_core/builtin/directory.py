@@ -20,9 +20,11 @@ from qpc_core.errors import BadRequest, NotFound, TooLarge
 from qpc_core.framing import PushEvent
 from qpc_core.hookspecs import hookimpl
 from qpc_core.identity import check_identity_key
-from qpc_core.pb import common_pb2, directory_pb2 as pb
+from qpc_core.pb import common_pb2
+from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import RpcContext, RpcMethod
-from qpc_core.users import normalize_username, resolve_identity as _resolve_identity
+from qpc_core.users import normalize_username
+from qpc_core.users import resolve_identity as _resolve_identity
 
 if TYPE_CHECKING:
     from qpc_core.app import App

@@ -31,16 +31,25 @@ DEV_CA = Path("data/server-cert.pem")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpc-client", description="qpc command-line client")
     p.add_argument("--server", default=os.environ.get("QPC_SERVER", "127.0.0.1:7000"))
-    p.add_argument("--auth-token", default=os.environ.get("QPC_ACCESS_TOKEN"),
-                   help="operator or session token (env QPC_ACCESS_TOKEN)")
-    p.add_argument("--ca-cert", type=Path, default=None,
-                   help="CA/server certificate (PEM or DER); default data/server-cert.pem "
-                        "when present (the dev server's own certificate)")
-    p.add_argument("--insecure", action="store_true",
-                   help="skip certificate verification (development only)")
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("QPC_ACCESS_TOKEN"),
+        help="operator or session token (env QPC_ACCESS_TOKEN)",
+    )
+    p.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=None,
+        help="CA/server certificate (PEM or DER); default data/server-cert.pem "
+        "when present (the dev server's own certificate)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="skip certificate verification (development only)"
+    )
     p.add_argument("--server-name", default="localhost", help="TLS server name (SNI)")
-    p.add_argument("--state", type=Path, default=Path(os.environ.get("QPC_CLIENT_STATE",
-                                                                     DEFAULT_STATE)))
+    p.add_argument(
+        "--state", type=Path, default=Path(os.environ.get("QPC_CLIENT_STATE", DEFAULT_STATE))
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("health", help="server health and version")
@@ -55,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("username")
     lg = sub.add_parser("login", help="check USERNAME's password and print the session")
     lg.add_argument("username")
-    p.add_argument("--user", default=os.environ.get("QPC_USER"),
-                   help="log in as USERNAME (OPAQUE; password from QPC_PASSWORD or a prompt) "
-                        "before running the command")
+    p.add_argument(
+        "--user",
+        default=os.environ.get("QPC_USER"),
+        help="log in as USERNAME (OPAQUE; password from QPC_PASSWORD or a prompt) "
+        "before running the command",
+    )
     return p
 
 
@@ -91,8 +103,13 @@ async def open_client(args: argparse.Namespace, state: ClientState) -> QpcClient
     if ca is None and not args.insecure and DEV_CA.is_file():
         ca = DEV_CA
     client = await QpcClient.connect(
-        host, port, token=_token(args, state), identity=state.identity, ca_cert=ca,
-        insecure=args.insecure, server_name=args.server_name,
+        host,
+        port,
+        token=_token(args, state),
+        identity=state.identity,
+        ca_cert=ca,
+        insecure=args.insecure,
+        server_name=args.server_name,
         pinned_signing_key=state.server_key(args.server),
     )
 
@@ -110,7 +127,9 @@ async def resolve_recipient(client: QpcClient, to: str) -> bytes:
     try:
         key = bytes.fromhex(to)
     except ValueError:
-        raise SystemExit(f"qpc-client: --to must be 64 hex characters or @username: {to!r}")
+        raise SystemExit(
+            f"qpc-client: --to must be 64 hex characters or @username: {to!r}"
+        ) from None
     if len(key) != 32:
         raise SystemExit("qpc-client: --to identity key must be 32 bytes (64 hex characters)")
     return key
@@ -131,46 +150,69 @@ async def run(args: argparse.Namespace) -> int:
         if cmd == "register":
             oc, ksf = _opaque()
             await oc.register(client, args.username, _password("new password: "), ksf=ksf)
-            emit(args, {"registered": args.username, "identity_key": state.identity_key.hex()},
-                 f"registered {args.username} with identity {state.identity_key.hex()}")
+            emit(
+                args,
+                {"registered": args.username, "identity_key": state.identity_key.hex()},
+                f"registered {args.username} with identity {state.identity_key.hex()}",
+            )
             return 0
         if cmd == "login" or args.user:
             oc, ksf = _opaque()
             name = args.username if cmd == "login" else args.user
             res = await oc.login(client, name, _password(f"password for {name}: "), ksf=ksf)
             if cmd == "login":
-                emit(args, {"username": name, "expires_at": res.expires_at},
-                     f"logged in as {name}; session valid until {res.expires_at} "
-                     "(the token is not stored: use --user to log in per command)")
+                emit(
+                    args,
+                    {"username": name, "expires_at": res.expires_at},
+                    f"logged in as {name}; session valid until {res.expires_at} "
+                    "(the token is not stored: use --user to log in per command)",
+                )
                 return 0
         if cmd is None or cmd == "health":
             t1 = time.perf_counter()
             h = await client.health()
             rtt = (time.perf_counter() - t1) * 1000
             total = (time.perf_counter() - t0) * 1000
-            emit(args, {"status": h.status, "version": h.version, "uptime_secs": h.uptime_secs,
-                        "rtt_ms": round(rtt, 3), "connect_ms": round(total - rtt, 3)},
-                 f"status={h.status} version={h.version} uptime={h.uptime_secs}s "
-                 f"rtt={rtt:.2f}ms connect={total - rtt:.2f}ms")
+            emit(
+                args,
+                {
+                    "status": h.status,
+                    "version": h.version,
+                    "uptime_secs": h.uptime_secs,
+                    "rtt_ms": round(rtt, 3),
+                    "connect_ms": round(total - rtt, 3),
+                },
+                f"status={h.status} version={h.version} uptime={h.uptime_secs}s "
+                f"rtt={rtt:.2f}ms connect={total - rtt:.2f}ms",
+            )
         elif cmd == "whoami":
             w = await client.whoami()
-            emit(args, {"authenticated": w.authenticated, "auth_kind": w.auth_kind,
-                        "identity_key": w.identity_key.hex(), "username": w.username},
-                 f"authenticated={w.authenticated} kind={w.auth_kind or '-'} "
-                 f"identity={w.identity_key.hex() or '-'} username={w.username or '-'}")
+            emit(
+                args,
+                {
+                    "authenticated": w.authenticated,
+                    "auth_kind": w.auth_kind,
+                    "identity_key": w.identity_key.hex(),
+                    "username": w.username,
+                },
+                f"authenticated={w.authenticated} kind={w.auth_kind or '-'} "
+                f"identity={w.identity_key.hex() or '-'} username={w.username or '-'}",
+            )
         elif cmd == "send":
             recipient = await resolve_recipient(client, args.to)
             sealed = seal_text(state.identity, recipient, args.message)
             resp = await client.enqueue(recipient, sealed, ttl_secs=args.ttl)
-            emit(args, {"seq": resp.seq, "duplicate": resp.duplicate,
-                        "proof": resp.delivery_proof.hex()},
-                 f"sent seq={resp.seq} (delivery proof verified)")
+            emit(
+                args,
+                {"seq": resp.seq, "duplicate": resp.duplicate, "proof": resp.delivery_proof.hex()},
+                f"sent seq={resp.seq} (delivery proof verified)",
+            )
         elif cmd == "recv":
             if args.wait > 0:
                 msgs = await client.fetch_wait(int(args.wait * 1000))
             else:
                 msgs = await client.fetch()
-            out = []
+            out: list[dict[str, Any]] = []
             for m in msgs:
                 try:
                     sender, text = open_text(state.identity, m.data)
@@ -201,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qpc-client: error: {e.status.name}: {e}", file=sys.stderr)
         return 2
     except (ConnectionError, OSError, TimeoutError) as e:
-        print(f"qpc-client: error: cannot reach {args.server}: {e or type(e).__name__}",
-              file=sys.stderr)
+        print(
+            f"qpc-client: error: cannot reach {args.server}: {e or type(e).__name__}",
+            file=sys.stderr,
+        )
         return 3

@@ -22,7 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -125,12 +126,19 @@ class _ClientProtocol(QuicConnectionProtocol):
 
 
 def client_configuration(
-    *, ca_cert: str | Path | None = None, insecure: bool = False,
-    server_name: str = "localhost", idle_timeout: float = 300.0,
+    *,
+    ca_cert: str | Path | None = None,
+    insecure: bool = False,
+    server_name: str = "localhost",
+    idle_timeout: float = 300.0,
 ) -> QuicConfiguration:
     cfg = QuicConfiguration(
-        is_client=True, alpn_protocols=[ALPN], server_name=server_name,
-        idle_timeout=idle_timeout, max_stream_data=8 * 1024 * 1024, max_data=32 * 1024 * 1024,
+        is_client=True,
+        alpn_protocols=[ALPN],
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        max_stream_data=8 * 1024 * 1024,
+        max_data=32 * 1024 * 1024,
     )
     if insecure:
         cfg.verify_mode = ssl.CERT_NONE
@@ -148,8 +156,12 @@ def client_configuration(
 class QpcClient:
     """One QUIC connection to a qpc server.  Create with :meth:`connect`."""
 
-    def __init__(self, proto: _ClientProtocol, stack: contextlib.AsyncExitStack,
-                 identity: Ed25519PrivateKey | None) -> None:
+    def __init__(
+        self,
+        proto: _ClientProtocol,
+        stack: contextlib.AsyncExitStack,
+        identity: Ed25519PrivateKey | None,
+    ) -> None:
         self._proto = proto
         self._stack = stack
         self._ids = itertools.count(1)
@@ -160,10 +172,17 @@ class QpcClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, token: str | bytes | None = None,
-        identity: Ed25519PrivateKey | None = None, ca_cert: str | Path | None = None,
-        insecure: bool = False, server_name: str = "localhost",
-        pinned_signing_key: bytes | None = None, prove: bool = True,
+        cls,
+        host: str,
+        port: int,
+        *,
+        token: str | bytes | None = None,
+        identity: Ed25519PrivateKey | None = None,
+        ca_cert: str | Path | None = None,
+        insecure: bool = False,
+        server_name: str = "localhost",
+        pinned_signing_key: bytes | None = None,
+        prove: bool = True,
         timeout: float = 10.0,
     ) -> QpcClient:
         cfg = client_configuration(ca_cert=ca_cert, insecure=insecure, server_name=server_name)
@@ -171,8 +190,13 @@ class QpcClient:
         try:
             proto = await asyncio.wait_for(
                 stack.enter_async_context(
-                    connect(host, port, configuration=cfg, create_protocol=_ClientProtocol,
-                            wait_connected=True)
+                    connect(
+                        host,
+                        port,
+                        configuration=cfg,
+                        create_protocol=_ClientProtocol,
+                        wait_connected=True,
+                    )
                 ),
                 timeout,
             )
@@ -196,8 +220,9 @@ class QpcClient:
     async def __aenter__(self) -> QpcClient:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -213,7 +238,7 @@ class QpcClient:
     def protocol(self) -> _ClientProtocol:
         return self._proto
 
-    # -- raw calls ----------------------------------------------------------------------------------
+    # -- raw calls --------------------------------------------------------------------------------
     async def handshake(self, token: str | bytes) -> None:
         """Run the connection auth handshake; raises Unauthenticated when refused."""
         tok = token.encode() if isinstance(token, str) else token
@@ -237,7 +262,7 @@ class QpcClient:
         except DecodeError as e:
             raise Internal(f"malformed {response_type.__name__} from server: {e}") from None
 
-    # -- core ---------------------------------------------------------------------------------------
+    # -- core -------------------------------------------------------------------------------------
     async def health(self) -> common_pb2.HealthResponse:
         return await self.call(802, common_pb2.HealthRequest(), common_pb2.HealthResponse)
 
@@ -247,11 +272,15 @@ class QpcClient:
     async def prove_identity(self) -> None:
         if self.identity is None or self.identity_key is None:
             raise ValueError("no identity key to prove")
-        ch = await self.call(104, common_pb2.AuthChallengeRequest(),
-                             common_pb2.AuthChallengeResponse)
+        ch = await self.call(
+            104, common_pb2.AuthChallengeRequest(), common_pb2.AuthChallengeResponse
+        )
         sig = self.identity.sign(prove_identity_message(ch.nonce, self.identity_key))
-        await self.call(105, common_pb2.ProveIdentityRequest(
-            identity_key=self.identity_key, signature=sig), common_pb2.ProveIdentityResponse)
+        await self.call(
+            105,
+            common_pb2.ProveIdentityRequest(identity_key=self.identity_key, signature=sig),
+            common_pb2.ProveIdentityResponse,
+        )
 
     async def signing_key(self) -> bytes:
         """The server's delivery-proof key: pinned on first use."""
@@ -262,9 +291,10 @@ class QpcClient:
                 self.on_server_key(key)
         return self.server_signing_key
 
-    # -- delivery -------------------------------------------------------------------------------------
-    async def verify_proof(self, resp: delivery_pb2.EnqueueResponse, recipient: bytes,
-                           channel: bytes, payload: bytes) -> None:
+    # -- delivery ---------------------------------------------------------------------------------
+    async def verify_proof(
+        self, resp: delivery_pb2.EnqueueResponse, recipient: bytes, channel: bytes, payload: bytes
+    ) -> None:
         from qpc_core.builtin.delivery import proof_digest
 
         proof = resp.delivery_proof
@@ -276,25 +306,54 @@ class QpcClient:
         if not verify_signature(await self.signing_key(), proof[32:], digest):
             raise ProofError("delivery proof signature does not verify with the pinned key")
 
-    async def enqueue(self, recipient: bytes, payload: bytes, *, channel: bytes = b"",
-                      ttl_secs: int = 0, message_id: bytes | None = None,
-                      verify: bool = True) -> delivery_pb2.EnqueueResponse:
+    async def enqueue(
+        self,
+        recipient: bytes,
+        payload: bytes,
+        *,
+        channel: bytes = b"",
+        ttl_secs: int = 0,
+        message_id: bytes | None = None,
+        verify: bool = True,
+    ) -> delivery_pb2.EnqueueResponse:
         mid = message_id if message_id is not None else new_message_id()
-        resp = await self.call(200, delivery_pb2.EnqueueRequest(
-            recipient_key=recipient, payload=payload, channel_id=channel, ttl_secs=ttl_secs,
-            message_id=mid), delivery_pb2.EnqueueResponse)
+        resp = await self.call(
+            200,
+            delivery_pb2.EnqueueRequest(
+                recipient_key=recipient,
+                payload=payload,
+                channel_id=channel,
+                ttl_secs=ttl_secs,
+                message_id=mid,
+            ),
+            delivery_pb2.EnqueueResponse,
+        )
         if verify:
             await self.verify_proof(resp, recipient, channel, payload)
         return resp
 
-    async def batch_enqueue(self, recipients: Sequence[bytes], payload: bytes, *,
-                            channel: bytes = b"", ttl_secs: int = 0,
-                            message_id: bytes | None = None,
-                            verify: bool = True) -> list[delivery_pb2.EnqueueResponse]:
+    async def batch_enqueue(
+        self,
+        recipients: Sequence[bytes],
+        payload: bytes,
+        *,
+        channel: bytes = b"",
+        ttl_secs: int = 0,
+        message_id: bytes | None = None,
+        verify: bool = True,
+    ) -> list[delivery_pb2.EnqueueResponse]:
         mid = message_id if message_id is not None else new_message_id()
-        resp = await self.call(205, delivery_pb2.BatchEnqueueRequest(
-            recipient_keys=list(recipients), payload=payload, channel_id=channel,
-            ttl_secs=ttl_secs, message_id=mid), delivery_pb2.BatchEnqueueResponse)
+        resp = await self.call(
+            205,
+            delivery_pb2.BatchEnqueueRequest(
+                recipient_keys=list(recipients),
+                payload=payload,
+                channel_id=channel,
+                ttl_secs=ttl_secs,
+                message_id=mid,
+            ),
+            delivery_pb2.BatchEnqueueResponse,
+        )
         out = list(resp.results)
         if verify:
             for r, res in zip(recipients, out, strict=True):
@@ -307,77 +366,131 @@ class QpcClient:
             raise ValueError("no identity key")
         return key
 
-    async def fetch(self, *, channel: bytes = b"", limit: int = 0,
-                    recipient: bytes | None = None) -> list[delivery_pb2.Envelope]:
-        resp = await self.call(201, delivery_pb2.FetchRequest(
-            recipient_key=self._me(recipient), channel_id=channel, limit=limit),
-            delivery_pb2.FetchResponse)
+    async def fetch(
+        self, *, channel: bytes = b"", limit: int = 0, recipient: bytes | None = None
+    ) -> list[delivery_pb2.Envelope]:
+        resp = await self.call(
+            201,
+            delivery_pb2.FetchRequest(
+                recipient_key=self._me(recipient), channel_id=channel, limit=limit
+            ),
+            delivery_pb2.FetchResponse,
+        )
         return list(resp.messages)
 
-    async def fetch_wait(self, timeout_ms: int, *, channel: bytes = b"", limit: int = 0,
-                         recipient: bytes | None = None) -> list[delivery_pb2.Envelope]:
-        resp = await self.call(202, delivery_pb2.FetchRequest(
-            recipient_key=self._me(recipient), channel_id=channel, limit=limit,
-            timeout_ms=timeout_ms), delivery_pb2.FetchResponse)
+    async def fetch_wait(
+        self,
+        timeout_ms: int,
+        *,
+        channel: bytes = b"",
+        limit: int = 0,
+        recipient: bytes | None = None,
+    ) -> list[delivery_pb2.Envelope]:
+        resp = await self.call(
+            202,
+            delivery_pb2.FetchRequest(
+                recipient_key=self._me(recipient),
+                channel_id=channel,
+                limit=limit,
+                timeout_ms=timeout_ms,
+            ),
+            delivery_pb2.FetchResponse,
+        )
         return list(resp.messages)
 
-    async def peek(self, *, channel: bytes = b"", limit: int = 0,
-                   recipient: bytes | None = None) -> list[delivery_pb2.Envelope]:
-        resp = await self.call(203, delivery_pb2.FetchRequest(
-            recipient_key=self._me(recipient), channel_id=channel, limit=limit),
-            delivery_pb2.FetchResponse)
+    async def peek(
+        self, *, channel: bytes = b"", limit: int = 0, recipient: bytes | None = None
+    ) -> list[delivery_pb2.Envelope]:
+        resp = await self.call(
+            203,
+            delivery_pb2.FetchRequest(
+                recipient_key=self._me(recipient), channel_id=channel, limit=limit
+            ),
+            delivery_pb2.FetchResponse,
+        )
         return list(resp.messages)
 
-    async def ack(self, seq_up_to: int, *, channel: bytes = b"",
-                  recipient: bytes | None = None) -> int:
-        resp = await self.call(204, delivery_pb2.AckRequest(
-            recipient_key=self._me(recipient), channel_id=channel, seq_up_to=seq_up_to),
-            delivery_pb2.AckResponse)
+    async def ack(
+        self, seq_up_to: int, *, channel: bytes = b"", recipient: bytes | None = None
+    ) -> int:
+        resp = await self.call(
+            204,
+            delivery_pb2.AckRequest(
+                recipient_key=self._me(recipient), channel_id=channel, seq_up_to=seq_up_to
+            ),
+            delivery_pb2.AckResponse,
+        )
         return resp.removed
 
-    # -- keys -------------------------------------------------------------------------------------------
+    # -- keys -------------------------------------------------------------------------------------
     async def upload_key_package(self, package: bytes) -> bytes:
-        resp = await self.call(300, keys_pb2.UploadKeyPackageRequest(
-            identity_key=self._me(None), package=package), keys_pb2.UploadKeyPackageResponse)
+        resp = await self.call(
+            300,
+            keys_pb2.UploadKeyPackageRequest(identity_key=self._me(None), package=package),
+            keys_pb2.UploadKeyPackageResponse,
+        )
         return resp.fingerprint
 
     async def fetch_key_package(self, identity_key: bytes) -> bytes:
-        resp = await self.call(301, keys_pb2.FetchKeyPackageRequest(identity_key=identity_key),
-                               keys_pb2.FetchKeyPackageResponse)
+        resp = await self.call(
+            301,
+            keys_pb2.FetchKeyPackageRequest(identity_key=identity_key),
+            keys_pb2.FetchKeyPackageResponse,
+        )
         return resp.package
 
     async def upload_hybrid_key(self, public_key: bytes) -> None:
-        await self.call(302, keys_pb2.UploadHybridKeyRequest(
-            identity_key=self._me(None), hybrid_public_key=public_key),
-            keys_pb2.UploadHybridKeyResponse)
+        await self.call(
+            302,
+            keys_pb2.UploadHybridKeyRequest(
+                identity_key=self._me(None), hybrid_public_key=public_key
+            ),
+            keys_pb2.UploadHybridKeyResponse,
+        )
 
     async def fetch_hybrid_key(self, identity_key: bytes) -> bytes:
-        resp = await self.call(303, keys_pb2.FetchHybridKeyRequest(identity_key=identity_key),
-                               keys_pb2.FetchHybridKeyResponse)
+        resp = await self.call(
+            303,
+            keys_pb2.FetchHybridKeyRequest(identity_key=identity_key),
+            keys_pb2.FetchHybridKeyResponse,
+        )
         return resp.hybrid_public_key
 
     async def fetch_hybrid_keys(self, identity_keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        resp = await self.call(304, keys_pb2.FetchHybridKeysRequest(
-            identity_keys=list(identity_keys)), keys_pb2.FetchHybridKeysResponse)
+        resp = await self.call(
+            304,
+            keys_pb2.FetchHybridKeysRequest(identity_keys=list(identity_keys)),
+            keys_pb2.FetchHybridKeysResponse,
+        )
         return {e.identity_key: e.hybrid_public_key for e in resp.keys}
 
-    # -- directory ----------------------------------------------------------------------------------------
+    # -- directory --------------------------------------------------------------------------------
     async def resolve_user(self, username: str) -> directory_pb2.ResolveUserResponse:
-        return await self.call(500, directory_pb2.ResolveUserRequest(username=username),
-                               directory_pb2.ResolveUserResponse)
+        return await self.call(
+            500,
+            directory_pb2.ResolveUserRequest(username=username),
+            directory_pb2.ResolveUserResponse,
+        )
 
     async def resolve_identity(self, identity_key: bytes) -> directory_pb2.ResolveIdentityResponse:
-        return await self.call(501, directory_pb2.ResolveIdentityRequest(
-            identity_key=identity_key), directory_pb2.ResolveIdentityResponse)
+        return await self.call(
+            501,
+            directory_pb2.ResolveIdentityRequest(identity_key=identity_key),
+            directory_pb2.ResolveIdentityResponse,
+        )
 
     async def create_channel(self, members: Sequence[bytes]) -> tuple[bytes, bool]:
-        resp = await self.call(400, directory_pb2.CreateChannelRequest(
-            member_keys=list(members)), directory_pb2.CreateChannelResponse)
+        resp = await self.call(
+            400,
+            directory_pb2.CreateChannelRequest(member_keys=list(members)),
+            directory_pb2.CreateChannelResponse,
+        )
         return resp.channel_id, resp.was_new
 
     async def delete_account(self) -> None:
-        await self.call(950, directory_pb2.DeleteAccountRequest(),
-                        directory_pb2.DeleteAccountResponse)
+        await self.call(
+            950, directory_pb2.DeleteAccountRequest(), directory_pb2.DeleteAccountResponse
+        )
 
 
 def decode_error(frame: ResponseFrame) -> RpcError:

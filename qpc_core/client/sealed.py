@@ -50,7 +50,7 @@ def open_text(me: Ed25519PrivateKey, data: bytes) -> tuple[bytes, str]:
         raise ValueError("cannot open: not sealed to this identity") from None
     if not plain.startswith(MAGIC) or len(plain) < len(MAGIC) + 96:
         raise ValueError("not a qpc text message")
-    rest = plain[len(MAGIC):]
+    rest = plain[len(MAGIC) :]
     sender, sig, body = rest[:32], rest[32:96], rest[96:]
     if not verify_signature(sender, sig, SIGN_CONTEXT + public_bytes(me) + body):
         raise ValueError("sender signature does not verify")

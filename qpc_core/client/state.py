@@ -42,8 +42,12 @@ class ClientState:
 
     def save(self) -> None:
         seed = self.identity.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        data = {"version": 1, "identity_seed": seed.hex(),
-                "identity_key": self.identity_key.hex(), "servers": self.servers}
+        data = {
+            "version": 1,
+            "identity_seed": seed.hex(),
+            "identity_key": self.identity_key.hex(),
+            "servers": self.servers,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -164,9 +164,7 @@ class _Decoder(Generic[F]):
                 raise FrameError(
                     "truncated", f"stream ended after {have} bytes, inside the frame header"
                 )
-            raise FrameError(
-                "truncated", f"stream ended after {have} of {self._need} frame bytes"
-            )
+            raise FrameError("truncated", f"stream ended after {have} of {self._need} frame bytes")
         return self.frame
 
     @property
@@ -212,7 +210,9 @@ class AuthHandshakeDecoder:
             return self.token
         self._buf += data
         if self._buf and self._buf[0] != AUTH_MAGIC:
-            raise FrameError("bad_magic", f"auth handshake must start with 0x01, got {self._buf[0]:#04x}")
+            raise FrameError(
+                "bad_magic", f"auth handshake must start with 0x01, got {self._buf[0]:#04x}"
+            )
         if len(self._buf) < 3:
             return None
         need = 3 + struct.unpack_from(">H", self._buf, 1)[0]

@@ -69,11 +69,13 @@ def generate_self_signed(
     _write(cert_der, cert.public_bytes(serialization.Encoding.DER), 0o644)
     _write(out_dir / DEV_CERT_PEM, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     key_bytes_der = key.private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     key_bytes_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     _write(key_der, key_bytes_der, 0o600)
@@ -98,7 +100,9 @@ def load_certificate(path: Path) -> x509.Certificate:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except ValueError as e:
-        raise ConfigError(f"config: tls_cert: {path} is not a DER or PEM certificate: {e}") from None
+        raise ConfigError(
+            f"config: tls_cert: {path} is not a DER or PEM certificate: {e}"
+        ) from None
 
 
 def load_private_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
@@ -129,7 +133,9 @@ def resolve_tls(
             generate_self_signed(data_dir)
             log.warning(
                 "generated a self-signed development certificate at %s (clients need "
-                "--ca-cert %s); never use it in production", cert, data_dir / DEV_CERT_PEM,
+                "--ca-cert %s); never use it in production",
+                cert,
+                data_dir / DEV_CERT_PEM,
             )
     for label, p in (("tls_cert", cert), ("tls_key", key)):
         if not p.is_file():
@@ -142,6 +148,8 @@ def resolve_tls(
     elif remaining < EXPIRY_WARNING:
         log.warning(
             "TLS certificate %s expires in %d days (%s): renew it",
-            cert, remaining.days, certificate.not_valid_after_utc,
+            cert,
+            remaining.days,
+            certificate.not_valid_after_utc,
         )
     return TlsMaterial(certificate, private_key, cert)

@@ -16,8 +16,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from aioquic.asyncio import QuicConnectionProtocol, serve
-from aioquic.asyncio.server import QuicServer
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import (
     ConnectionTerminated,
@@ -254,7 +254,8 @@ class ServerConnection(QuicConnectionProtocol):
         log.debug("stream %d protocol error: %s", sid, err)
         try:
             self._quic.send_stream_data(
-                sid, error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"),
+                sid,
+                error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"),
                 end_stream=True,
             )
             self._quic.stop_stream(sid, ERR_PROTOCOL)
@@ -346,6 +347,7 @@ class QuicTransport:
             return ServerConnection(*args, app=app, listener=self, **kwargs)
 
         self.server = await serve(host, port, configuration=cfg, create_protocol=factory)
+        assert self.server._transport is not None
         sockname = self.server._transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
         self.accepting = True

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qpc_auth_opaque.config import OpaqueConfig
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import auth_pb2 as pb
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, ConfigSection, PeerInfo, RpcContext, RpcMethod
 
-from qpc_auth_opaque.config import OpaqueConfig
-
 if TYPE_CHECKING:
-    from qpc_core.app import App
-
     from qpc_auth_opaque.service import OpaqueService
+    from qpc_core.app import App
 
 NAME = "auth_opaque"
 REGISTER_START, REGISTER_FINISH, LOGIN_START, LOGIN_FINISH, LOGOUT = 100, 101, 102, 103, 107
@@ -53,16 +51,46 @@ def _h(name: str) -> Any:
 @hookimpl
 def register_rpc_methods(app: App) -> list[RpcMethod]:
     return [
-        RpcMethod(REGISTER_START, "OpaqueRegisterStart", pb.OpaqueRegisterStartRequest,
-                  _h("register_start"), group="auth", auth="none"),
-        RpcMethod(REGISTER_FINISH, "OpaqueRegisterFinish", pb.OpaqueRegisterFinishRequest,
-                  _h("register_finish"), group="auth", auth="none"),
-        RpcMethod(LOGIN_START, "OpaqueLoginStart", pb.OpaqueLoginStartRequest,
-                  _h("login_start"), group="auth", auth="none"),
-        RpcMethod(LOGIN_FINISH, "OpaqueLoginFinish", pb.OpaqueLoginFinishRequest,
-                  _h("login_finish"), group="auth", auth="none"),
-        RpcMethod(LOGOUT, "Logout", common_pb2.LogoutRequest, _h("logout"), group="auth",
-                  auth="authenticated"),
+        RpcMethod(
+            REGISTER_START,
+            "OpaqueRegisterStart",
+            pb.OpaqueRegisterStartRequest,
+            _h("register_start"),
+            group="auth",
+            auth="none",
+        ),
+        RpcMethod(
+            REGISTER_FINISH,
+            "OpaqueRegisterFinish",
+            pb.OpaqueRegisterFinishRequest,
+            _h("register_finish"),
+            group="auth",
+            auth="none",
+        ),
+        RpcMethod(
+            LOGIN_START,
+            "OpaqueLoginStart",
+            pb.OpaqueLoginStartRequest,
+            _h("login_start"),
+            group="auth",
+            auth="none",
+        ),
+        RpcMethod(
+            LOGIN_FINISH,
+            "OpaqueLoginFinish",
+            pb.OpaqueLoginFinishRequest,
+            _h("login_finish"),
+            group="auth",
+            auth="none",
+        ),
+        RpcMethod(
+            LOGOUT,
+            "Logout",
+            common_pb2.LogoutRequest,
+            _h("logout"),
+            group="auth",
+            auth="authenticated",
+        ),
     ]
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpc_auth_opaque import opaque
+from qpc_auth_opaque.service import login_message, register_message
 from qpc_core.client.sdk import QpcClient
 from qpc_core.errors import BadRequest
 from qpc_core.pb import auth_pb2 as pb
-from qpc_core.users import normalize_username
 from qpc_core.pb import common_pb2
-
-from qpc_auth_opaque import opaque
-from qpc_auth_opaque.service import login_message, register_message
+from qpc_core.users import normalize_username
 
 
 @dataclass(frozen=True)
@@ -31,15 +30,24 @@ def default_ksf() -> opaque.KSF:
     return opaque.Argon2idKSF()
 
 
-async def register(client: QpcClient, username: str, password: str, *,
-                   ksf: opaque.KSF | None = None, context: bytes = opaque.DEFAULT_CONTEXT) -> bytes:
+async def register(
+    client: QpcClient,
+    username: str,
+    password: str,
+    *,
+    ksf: opaque.KSF | None = None,
+    context: bytes = opaque.DEFAULT_CONTEXT,
+) -> bytes:
     """Register ``username`` bound to the client's identity key; returns the export key."""
     if client.identity is None or client.identity_key is None:
         raise ValueError("the client needs an identity key to register")
     name = normalize_username(username)
     state, request = opaque.client_start_registration(password.encode())
-    resp = await client.call(100, pb.OpaqueRegisterStartRequest(
-        username=name, request=request.serialize()), pb.OpaqueRegisterStartResponse)
+    resp = await client.call(
+        100,
+        pb.OpaqueRegisterStartRequest(username=name, request=request.serialize()),
+        pb.OpaqueRegisterStartResponse,
+    )
     try:
         response = opaque.RegistrationResponse.deserialize(resp.response)
     except opaque.OpaqueError as e:
@@ -47,27 +55,38 @@ async def register(client: QpcClient, username: str, password: str, *,
     record, export_key = opaque.client_finalize_registration(state, response, ksf or default_ksf())
     upload = record.serialize()
     sig = client.identity.sign(register_message(name, upload))
-    await client.call(101, pb.OpaqueRegisterFinishRequest(
-        username=name, upload=upload, identity_key=client.identity_key, signature=sig),
-        pb.OpaqueRegisterFinishResponse)
+    await client.call(
+        101,
+        pb.OpaqueRegisterFinishRequest(
+            username=name, upload=upload, identity_key=client.identity_key, signature=sig
+        ),
+        pb.OpaqueRegisterFinishResponse,
+    )
     return export_key
 
 
-async def login(client: QpcClient, username: str, password: str, *,
-                ksf: opaque.KSF | None = None,
-                context: bytes = opaque.DEFAULT_CONTEXT) -> LoginResult:
+async def login(
+    client: QpcClient,
+    username: str,
+    password: str,
+    *,
+    ksf: opaque.KSF | None = None,
+    context: bytes = opaque.DEFAULT_CONTEXT,
+) -> LoginResult:
     """Log in; on success the connection is bound to the session and identity."""
     if client.identity is None or client.identity_key is None:
         raise ValueError("the client needs its identity key to log in")
     name = normalize_username(username)
     state, ke1 = opaque.client_start_login(password.encode())
     ke1_b = ke1.serialize()
-    resp = await client.call(102, pb.OpaqueLoginStartRequest(username=name, request=ke1_b),
-                             pb.OpaqueLoginStartResponse)
+    resp = await client.call(
+        102, pb.OpaqueLoginStartRequest(username=name, request=ke1_b), pb.OpaqueLoginStartResponse
+    )
     try:
         ke2 = opaque.KE2.deserialize(resp.response)
         ke3, _session_key, export_key = opaque.client_finish_login(
-            state, ke2, ksf or default_ksf(), context)
+            state, ke2, ksf or default_ksf(), context
+        )
     except opaque.OpaqueError:
         # Tell the server this attempt is over so it counts the failure consistently.
         await _abort(client, name)
@@ -75,19 +94,30 @@ async def login(client: QpcClient, username: str, password: str, *,
 
         raise Unauthenticated("login failed: wrong username or password") from None
     sig = client.identity.sign(login_message(ke1_b, resp.response, client.identity_key))
-    fin = await client.call(103, pb.OpaqueLoginFinishRequest(
-        username=name, finalization=ke3.serialize(), identity_key=client.identity_key,
-        signature=sig), pb.OpaqueLoginFinishResponse)
+    fin = await client.call(
+        103,
+        pb.OpaqueLoginFinishRequest(
+            username=name,
+            finalization=ke3.serialize(),
+            identity_key=client.identity_key,
+            signature=sig,
+        ),
+        pb.OpaqueLoginFinishResponse,
+    )
     return LoginResult(fin.session_token, fin.expires_at, export_key)
 
 
 async def _abort(client: QpcClient, name: str) -> None:
     """Finish the exchange with a KE3 that cannot verify (the server records the failure)."""
     try:
-        await client.call(103, pb.OpaqueLoginFinishRequest(
-            username=name, finalization=bytes(64), identity_key=client.identity_key or b""),
-            pb.OpaqueLoginFinishResponse)
-    except Exception:  # noqa: BLE001 - expected to fail
+        await client.call(
+            103,
+            pb.OpaqueLoginFinishRequest(
+                username=name, finalization=bytes(64), identity_key=client.identity_key or b""
+            ),
+            pb.OpaqueLoginFinishResponse,
+        )
+    except Exception:
         pass
 
 

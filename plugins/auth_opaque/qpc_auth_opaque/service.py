@@ -25,6 +25,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qpc_auth_opaque import opaque
+from qpc_auth_opaque.config import OpaqueConfig
+from qpc_auth_opaque.throttle import Throttle
 from qpc_core.errors import (
     BadRequest,
     Conflict,
@@ -39,10 +42,6 @@ from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo, RpcContext
 from qpc_core.storage.base import SessionRecord
 from qpc_core.users import normalize_username, register_user
-
-from qpc_auth_opaque import opaque
-from qpc_auth_opaque.config import OpaqueConfig
-from qpc_auth_opaque.throttle import Throttle
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -87,13 +86,22 @@ class OpaqueService:
         self.context = cfg.context.encode()
         self.server_identity = cfg.server_identity.encode() or None
         # A secret for fake records, derived from (never equal to) the OPRF seed.
-        self._fake_secret = hmac.new(setup.oprf_seed, b"qpc fake-record secret",
-                                     hashlib.sha512).digest()
+        self._fake_secret = hmac.new(
+            setup.oprf_seed, b"qpc fake-record secret", hashlib.sha512
+        ).digest()
         self.pending: OrderedDict[tuple[int, str], _Pending] = OrderedDict()
-        self.user_throttle = Throttle(free=cfg.user_free_failures, window=cfg.failure_window_secs,
-                                      base=cfg.backoff_base_secs, cap=cfg.backoff_max_secs)
-        self.ip_throttle = Throttle(free=cfg.ip_free_failures, window=cfg.failure_window_secs,
-                                    base=cfg.backoff_base_secs, cap=cfg.backoff_max_secs)
+        self.user_throttle = Throttle(
+            free=cfg.user_free_failures,
+            window=cfg.failure_window_secs,
+            base=cfg.backoff_base_secs,
+            cap=cfg.backoff_max_secs,
+        )
+        self.ip_throttle = Throttle(
+            free=cfg.ip_free_failures,
+            window=cfg.failure_window_secs,
+            base=cfg.backoff_base_secs,
+            cap=cfg.backoff_max_secs,
+        )
 
     # -- records ------------------------------------------------------------------------------
     async def load_record(self, username: str) -> opaque.RegistrationRecord | None:
@@ -182,17 +190,27 @@ class OpaqueService:
         fake_sk, fake_mask = self.fake_inputs(name)
         try:
             ke2, state = opaque.server_generate_ke2(
-                self.setup, record, name.encode(), ke1, context=self.context,
+                self.setup,
+                record,
+                name.encode(),
+                ke1,
+                context=self.context,
                 server_identity=self.server_identity,
-                fake_client_private_key=fake_sk, fake_masking_key=fake_mask,
+                fake_client_private_key=fake_sk,
+                fake_masking_key=fake_mask,
             )
         except opaque.OpaqueError as e:
             raise BadRequest(f"invalid KE1: {e}") from None
         ke2_bytes = ke2.serialize()
         key = (ctx.conn.connection_id, name)
         self.pending.pop(key, None)
-        self.pending[key] = _Pending(state, (req.request, ke2_bytes), name, record is not None,
-                                     time.monotonic() + self.cfg.pending_login_ttl_secs)
+        self.pending[key] = _Pending(
+            state,
+            (req.request, ke2_bytes),
+            name,
+            record is not None,
+            time.monotonic() + self.cfg.pending_login_ttl_secs,
+        )
         self._prune()
         return pb.OpaqueLoginStartResponse(response=ke2_bytes)
 
@@ -216,8 +234,9 @@ class OpaqueService:
         if user is None or req.identity_key != user.identity_key:
             raise self._fail(name, peer, "identity key does not match the registration")
         ke1_b, ke2_b = pending.binder
-        if not verify_signature(user.identity_key, req.signature,
-                                login_message(ke1_b, ke2_b, user.identity_key)):
+        if not verify_signature(
+            user.identity_key, req.signature, login_message(ke1_b, ke2_b, user.identity_key)
+        ):
             raise self._fail(name, peer, "identity signature does not verify")
         token = TOKEN_PREFIX + os.urandom(32).hex().encode()
         now = time.time()
@@ -225,8 +244,15 @@ class OpaqueService:
         th = token_hash(token)
         await self.app.storage.put_session(SessionRecord(th, user.identity_key, name, now, expires))
         self.user_throttle.success(name)
-        ctx.conn.bind(AuthResult(kind=SESSION_KIND, identity_key=user.identity_key,
-                                 username=name, session_id=th, expires_at=expires))
+        ctx.conn.bind(
+            AuthResult(
+                kind=SESSION_KIND,
+                identity_key=user.identity_key,
+                username=name,
+                session_id=th,
+                expires_at=expires,
+            )
+        )
         self.app.hooks.on_login_success(self.app, name, user.identity_key, peer)
         return pb.OpaqueLoginFinishResponse(session_token=token, expires_at=int(expires))
 
@@ -239,11 +265,17 @@ class OpaqueService:
             raise Unauthenticated("unknown or revoked session token")
         if rec.expires_at <= time.time():
             raise Unauthenticated("session expired: log in again")
-        return AuthResult(kind=SESSION_KIND, identity_key=rec.identity_key,
-                          username=rec.username, session_id=rec.token_hash,
-                          expires_at=rec.expires_at)
+        return AuthResult(
+            kind=SESSION_KIND,
+            identity_key=rec.identity_key,
+            username=rec.username,
+            session_id=rec.token_hash,
+            expires_at=rec.expires_at,
+        )
 
-    async def logout(self, ctx: RpcContext, req: common_pb2.LogoutRequest) -> common_pb2.LogoutResponse:
+    async def logout(
+        self, ctx: RpcContext, req: common_pb2.LogoutRequest
+    ) -> common_pb2.LogoutResponse:
         auth = ctx.auth
         if auth is None or auth.kind != SESSION_KIND or auth.session_id is None:
             raise BadRequest("this connection is not using a session")

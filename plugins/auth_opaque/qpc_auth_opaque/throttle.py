@@ -22,8 +22,16 @@ class _Entry:
 
 
 class Throttle:
-    def __init__(self, *, free: int, window: float, base: float, cap: float,
-                 clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        free: int,
+        window: float,
+        base: float,
+        cap: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
         self.free = free
         self.window = window
         self.base = base
@@ -56,7 +64,7 @@ class Throttle:
         excess = len(e.failures) - self.free
         if excess <= 0:
             return 0.0
-        lock = min(self.base * (2 ** (excess - 1)), self.cap)
+        lock = float(min(self.base * (2.0 ** (excess - 1)), self.cap))
         e.locked_until = max(e.locked_until, now + lock)
         return lock
 
@@ -64,7 +72,10 @@ class Throttle:
         self._entries.pop(key, None)
 
     def _gc(self, now: float) -> None:
-        stale = [k for k, e in self._entries.items()
-                 if e.locked_until <= now and (not e.failures or now - e.failures[-1] > self.window)]
+        stale = [
+            k
+            for k, e in self._entries.items()
+            if e.locked_until <= now and (not e.failures or now - e.failures[-1] > self.window)
+        ]
         for k in stale:
             del self._entries[k]

@@ -19,9 +19,18 @@ async def _cli(srv: ServerProcess, state: Path, *args: str, password: str | None
     if password is not None:
         env["QPC_PASSWORD"] = password
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "qpc-client"), "--server", f"127.0.0.1:{srv.port}", "--ca-cert", str(srv.ca),
-        "--state", str(state), *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(BIN / "qpc-client"),
+        "--server",
+        f"127.0.0.1:{srv.port}",
+        "--ca-cert",
+        str(srv.ca),
+        "--state",
+        str(state),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     return proc.returncode, out.decode(), err.decode()
 
@@ -43,8 +52,9 @@ async def test_register_login_send_to_username(tmp_path: Path) -> None:
         assert rc == 2 and "UNAUTHENTICATED" in err
         rc, out, err = await _cli(srv, a, "login", "alice", password="pw-alice")
         assert rc == 0 and "logged in as alice" in out, err
-        rc, out, err = await _cli(srv, a, "--user", "alice", "send", "--to", "@bob", "hi bob",
-                                  password="pw-alice")
+        rc, out, err = await _cli(
+            srv, a, "--user", "alice", "send", "--to", "@bob", "hi bob", password="pw-alice"
+        )
         assert rc == 0 and "delivery proof verified" in out, err
         rc, out, err = await _cli(srv, b, "--user", "bob", "--json", "recv", password="pw-bob")
         assert rc == 0, err

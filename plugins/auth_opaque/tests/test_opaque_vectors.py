@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from qpc_auth_opaque import opaque
 from qpc_auth_opaque.opaque import (
     KE1,
@@ -404,7 +403,7 @@ def test_argon2id_ksf_properties() -> None:
     assert (default.memory_kib, default.iterations, default.parallelism) == (19456, 2, 1)
     assert default.salt == bytes(16)
     assert isinstance(default, opaque.KSF)
-    assert opaque.DEFAULT_KSF == default
+    assert default == opaque.DEFAULT_KSF
     with pytest.raises(OpaqueError):
         Argon2idKSF(memory_kib=4)
 
@@ -535,7 +534,7 @@ MESSAGE_TYPES: list[tuple[type[Any], int]] = [
 
 @pytest.mark.parametrize(("cls", "size"), MESSAGE_TYPES, ids=[c.__name__ for c, _ in MESSAGE_TYPES])
 def test_sizes_constant(cls: type[Any], size: int) -> None:
-    assert cls.SIZE == size
+    assert size == cls.SIZE
 
 
 @pytest.mark.parametrize(("cls", "size"), MESSAGE_TYPES, ids=[c.__name__ for c, _ in MESSAGE_TYPES])
