@@ -69,7 +69,7 @@ def quic_port(app: App) -> int:
 @pytest.fixture
 def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        return make_settings(tmp_path / "data", **overrides)
+        return make_settings(overrides.pop("data_dir", tmp_path / "data"), **overrides)
 
     return make
 
@@ -123,8 +123,7 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
         return c
 
     yield make
-    for c in clients:
-        await c.close()
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 # -- a real `qpc run` process -----------------------------------------------------------

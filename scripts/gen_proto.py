@@ -20,7 +20,9 @@ DEFAULT_OUT = ROOT / "qpc_core" / "pb"
 def generate(out: Path) -> list[Path]:
     from grpc_tools import protoc  # dev dependency only
 
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "qpc" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "qpc" / "v1").glob("*.proto")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         rc = protoc.main(
             ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}", *sources]

@@ -366,3 +366,21 @@ async def test_delete_account_unbinds_the_callers_connection(server, connect) ->
     assert (await bob.whoami()).identity_key == b""
     with pytest.raises(Unauthenticated):
         await bob.fetch()
+
+
+async def test_one_push_per_inbox_until_fetched(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    r1 = await alice.enqueue(bob.identity_key, b"1")
+    await alice.enqueue(bob.identity_key, b"2")
+    first = await asyncio.wait_for(bob.pushes.get(), 10)
+    assert common_pb2.NewMessageEvent.FromString(first.payload).seq == r1.seq
+    assert [m.seq for m in await bob.fetch()] == [1, 2]
+    assert bob.pushes.empty()  # the second message did not cause a second push
+    r3 = await alice.enqueue(bob.identity_key, b"3")  # after a fetch, notify again
+    again = await asyncio.wait_for(bob.pushes.get(), 10)
+    assert common_pb2.NewMessageEvent.FromString(again.payload).seq == r3.seq
+    # A second device of bob's that connects later is told too.
+    bob2 = await connect(server, identity=bob.identity)
+    await alice.enqueue(bob.identity_key, b"4")
+    push = await asyncio.wait_for(bob2.pushes.get(), 10)
+    assert common_pb2.NewMessageEvent.FromString(push.payload).seq == r3.seq + 1

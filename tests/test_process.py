@@ -236,3 +236,19 @@ def test_sealed_text_roundtrip() -> None:
     assert sender == public_bytes(a) and text == "secret text"
     with pytest.raises(ValueError, match="not sealed to this identity"):
         open_text(c, box)
+
+
+async def test_qpc_client_loadtest(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    try:
+        rc, out, err = await _cli(srv, "--json", "loadtest", "--clients", "4", "--messages",
+                                  "200", "--size", "64", state=tmp_path / "s.json")
+        assert rc == 0, err
+        r = json.loads(out)
+        assert r["delivered"] == 200 and r["errors"] == 0 and r["msgs_per_sec"] > 0
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+        rc, out, err = await _cli(srv, "loadtest", "--clients", "3", state=tmp_path / "s.json")
+        assert rc == 2 and "even number" in err
+    finally:
+        await srv.terminate()

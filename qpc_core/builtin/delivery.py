@@ -70,6 +70,10 @@ class Delivery:
         self.signing_key = signing_key
         self.waiters: dict[tuple[bytes, bytes], set[asyncio.Future[None]]] = {}
         self.channel_cache: dict[bytes, frozenset[bytes] | None] = {}
+        # Inboxes whose owner's connections (by id) were already told "new messages" and have
+        # not fetched since: one NEW_MESSAGE push per inbox and connection until the next
+        # Fetch/FetchWait/Peek.  A connection that appears later is told again.
+        self.notified: dict[tuple[bytes, bytes], frozenset[int]] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
     def proof(self, recipient: bytes, channel: bytes, seq: int, payload: bytes) -> bytes:
@@ -149,8 +153,17 @@ class Delivery:
             )
             if out.duplicate:
                 continue
-            self.wake(msg.recipient_key, msg.channel_id)
-            if msg.recipient_key in app.by_identity:
+            key = (msg.recipient_key, msg.channel_id)
+            if key in self.waiters:
+                self.wake(*key)  # a long poll is already waiting: it will deliver, no push
+                continue
+            conns = app.by_identity.get(msg.recipient_key)
+            if not conns:
+                self.notified.pop(key, None)
+                continue
+            ids = frozenset(c.connection_id for c in conns)
+            if not ids <= self.notified.get(key, frozenset()):
+                self.notified[key] = ids
                 event = common_pb2.NewMessageEvent(
                     recipient_key=msg.recipient_key, channel_id=msg.channel_id, seq=out.seq
                 ).SerializeToString()
@@ -240,6 +253,8 @@ class Delivery:
         self, recipient: bytes, channel: bytes, limit: int, remove: bool
     ) -> list[StoredMessage]:
         st = self.app.storage
+        # Forget the push before reading, so a message stored during the read is pushed.
+        self.notified.pop((recipient, channel), None)
         now = time.time()
         n, cap = self.fetch_caps(limit)
         if remove:

@@ -65,6 +65,7 @@ class _ClientProtocol(QuicConnectionProtocol):
         self.push_decoders: dict[int, PushDecoder] = {}
         self.pushes: asyncio.Queue[PushFrame] = asyncio.Queue()
         self.closed_reason: str | None = None
+        self._transmit_pending = False
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
@@ -121,8 +122,14 @@ class _ClientProtocol(QuicConnectionProtocol):
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.waiters[sid] = (bytearray() if raw else ResponseDecoder(), fut)
         self._quic.send_stream_data(sid, data, end_stream=True)
-        self.transmit()
+        if not self._transmit_pending:  # coalesce requests issued in the same loop turn
+            self._transmit_pending = True
+            self._loop.call_soon(self._flush)
         return await fut
+
+    def _flush(self) -> None:
+        self._transmit_pending = False
+        self.transmit()
 
 
 def client_configuration(

@@ -89,6 +89,7 @@ class ServerConnection(QuicConnectionProtocol):
         self._created = time.perf_counter()
         self._last_activity = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
+        self._transmit_pending = False
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
         quic = self._quic
@@ -145,10 +146,22 @@ class ServerConnection(QuicConnectionProtocol):
             return
         sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
         self._quic.send_stream_data(sid, encode_push(event_type, payload), end_stream=True)
+        self.transmit_soon()
+
+    def transmit_soon(self) -> None:
+        """Send at the end of this loop iteration, so responses and pushes produced together
+        share packets (fewer datagrams, less crypto per RPC under load)."""
+        if not self._transmit_pending:
+            self._transmit_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._transmit_pending = False
         self.transmit()
 
     def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
         if not self._gone:
+            self.transmit()  # flush responses and pushes queued for this loop turn first
             self._quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
 
@@ -273,7 +286,7 @@ class ServerConnection(QuicConnectionProtocol):
             out = await self.dispatcher.call(self, frame)
             if self._owns(sid):
                 self._quic.send_stream_data(sid, out, end_stream=True)
-                self.transmit()
+                self.transmit_soon()
         finally:
             st = self.streams.get(sid)
             if st is not None and not st.dead:
@@ -297,7 +310,7 @@ class ServerConnection(QuicConnectionProtocol):
                 self.bind(result)
             if self._owns(sid):
                 self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
-                self.transmit()
+                self.transmit_soon()
         finally:
             st = self.streams.get(sid)
             if st is not None and not st.dead:
