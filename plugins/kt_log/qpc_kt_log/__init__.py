@@ -1,0 +1,61 @@
+"""qpc plugin ``kt_log``: the key-transparency log (methods 510, 511, 520, 521, 522).
+
+Hook implementations only.  The Merkle tree is in :mod:`qpc_kt_log.merkle` (sans-I/O), its
+persistence in :mod:`qpc_kt_log.store`, the server logic and RPC handlers in
+:mod:`qpc_kt_log.service`, the verifying client in :mod:`qpc_kt_log.client`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qpc_core.hookspecs import hookimpl
+from qpc_core.pb import directory_pb2 as pb
+from qpc_core.rpc import ConfigSection, RpcMethod
+from qpc_core.users import server_key
+from qpc_kt_log import service as s
+from qpc_kt_log.config import KtLogConfig
+from qpc_kt_log.service import KtLogService
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+
+NAME = "kt_log"
+REVOKE_KEY, CHECK_REVOCATION, AUDIT, GET_STH, GET_CONSISTENCY = 510, 511, 520, 521, 522
+
+
+@hookimpl
+def register_config_sections(app: App) -> list[ConfigSection]:
+    return [ConfigSection(NAME, KtLogConfig)]
+
+
+@hookimpl
+async def startup(app: App) -> None:
+    svc = KtLogService(app, app.plugin_config(NAME), await server_key(app, NAME))
+    await svc.start()
+    app.state[NAME] = svc
+
+
+@hookimpl
+def register_rpc_methods(app: App) -> list[RpcMethod]:
+    return [
+        RpcMethod(REVOKE_KEY, "RevokeKey", pb.RevokeKeyRequest, s.revoke_key, group="users"),
+        RpcMethod(CHECK_REVOCATION, "CheckRevocation", pb.CheckRevocationRequest,
+                  s.check_revocation, group="users", auth="authenticated"),
+        RpcMethod(AUDIT, "AuditKeyTransparency", pb.AuditKeyTransparencyRequest, s.audit_log,
+                  group="users", auth="authenticated"),
+        RpcMethod(GET_STH, "GetSignedTreeHead", pb.GetSignedTreeHeadRequest, s.get_sth,
+                  group="users", auth="authenticated"),
+        RpcMethod(GET_CONSISTENCY, "GetConsistencyProof", pb.GetConsistencyProofRequest,
+                  s.get_consistency_proof, group="users", auth="authenticated"),
+    ]
+
+
+@hookimpl
+async def on_user_registered(app: App, username: str, identity_key: bytes) -> None:
+    await s.service(app).log_binding(username, identity_key)
+
+
+@hookimpl
+async def prove_binding(app: App, username: str, identity_key: bytes) -> Any | None:
+    return await s.service(app).prove_binding(username, identity_key)
