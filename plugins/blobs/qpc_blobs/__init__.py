@@ -1,0 +1,73 @@
+"""qpc plugin ``blobs``: content-addressed, resumable, chunked blob storage.
+
+Methods 600 UploadBlob, 601 DownloadBlob and 602 BlobUploadStatus (see README.md).  Hook
+implementations only: the logic is in :mod:`qpc_blobs.service`, the files in
+:mod:`qpc_blobs.store`, the client side in :mod:`qpc_blobs.client`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qpc_blobs.config import BlobsConfig
+from qpc_core.hookspecs import hookimpl
+from qpc_core.pb import blobs_pb2 as pb
+from qpc_core.rpc import ConfigSection, RpcContext, RpcMethod
+
+if TYPE_CHECKING:
+    from qpc_blobs.service import BlobService
+    from qpc_core.app import App
+
+NAME = "blobs"  # entry point = --plugins token = config table = app.state key = kv namespace
+UPLOAD_BLOB, DOWNLOAD_BLOB, BLOB_UPLOAD_STATUS = 600, 601, 602
+
+
+def _service(app: App) -> BlobService:
+    svc: BlobService = app.state[NAME]
+    return svc
+
+
+def _h(name: str) -> Any:
+    async def handler(ctx: RpcContext, req: Any) -> Any:
+        return await getattr(_service(ctx.app), name)(ctx, req)
+
+    handler.__name__ = name
+    return handler
+
+
+@hookimpl
+def register_config_sections(app: App) -> list[ConfigSection]:
+    return [ConfigSection(NAME, BlobsConfig)]
+
+
+@hookimpl
+def register_rpc_methods(app: App) -> list[RpcMethod]:
+    return [
+        RpcMethod(UPLOAD_BLOB, "UploadBlob", pb.UploadBlobRequest, _h("upload"),
+                  group="blobs", auth="identity"),
+        RpcMethod(DOWNLOAD_BLOB, "DownloadBlob", pb.DownloadBlobRequest, _h("download"),
+                  group="blobs", auth="identity"),
+        RpcMethod(BLOB_UPLOAD_STATUS, "BlobUploadStatus", pb.BlobUploadStatusRequest,
+                  _h("status"), group="blobs", auth="identity"),
+    ]
+
+
+@hookimpl
+async def startup(app: App) -> None:
+    from qpc_blobs.service import BlobService
+
+    svc = BlobService(app, app.plugin_config(NAME))
+    await svc.start()
+    app.state[NAME] = svc
+
+
+@hookimpl
+async def shutdown(app: App) -> None:
+    svc = app.state.get(NAME)
+    if svc is not None:
+        await svc.close()
+
+
+@hookimpl
+async def on_account_deleted(app: App, identity_key: bytes, username: str | None) -> None:
+    await _service(app).forget_identity(identity_key)
