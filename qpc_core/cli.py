@@ -12,6 +12,7 @@ from typing import Any
 
 from qpc_core import __version__
 from qpc_core.errors import ConfigError, PluginError, QpcError
+from qpc_core.plan import add_arguments as add_plan_arguments
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -50,13 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--days", type=int, default=365)
     sub.add_parser("version", help="print the version")
     plan = sub.add_parser("plan", help="capacity planning worksheet (scaling guide)")
-    plan.add_argument("--users", type=int, required=True)
-    plan.add_argument("--msgs-per-hour", type=float, required=True)
-    plan.add_argument("--msg-size", type=float, required=True, help="bytes")
-    plan.add_argument("--blob-uploads-per-day", type=float, default=0)
-    plan.add_argument("--blob-size-mb", type=float, default=0)
-    plan.add_argument("--retention-days", type=float, default=30)
-    plan.add_argument("--json", action="store_true")
+    add_plan_arguments(plan)
     return parser
 
 
@@ -114,15 +109,9 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from qpc_core.plan import format_plan, plan
+    from qpc_core.plan import run
 
-    result = plan(
-        users=args.users, msgs_per_hour=args.msgs_per_hour, msg_size=args.msg_size,
-        blob_uploads_per_day=args.blob_uploads_per_day, blob_size_mb=args.blob_size_mb,
-        retention_days=args.retention_days,
-    )
-    print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0
+    return run(args)
 
 
 COMMANDS = {

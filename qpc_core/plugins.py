@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("delivery", "qpc_core.builtin.delivery"),
     ("keys", "qpc_core.builtin.keys"),
     ("directory", "qpc_core.builtin.directory"),
+    ("admin", "qpc_core.builtin.admin"),
 )
 
 
