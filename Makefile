@@ -27,11 +27,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy qpc_core $(foreach d,$(PLUGIN_DIRS),$(d)qpc_*)
+	$(BIN)/mypy qpc_core $(filter-out %.egg-info,$(wildcard $(addsuffix qpc_*,$(PLUGIN_DIRS))))
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

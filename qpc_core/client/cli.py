@@ -60,10 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--ttl", type=int, default=0)
     recv = sub.add_parser("recv", help="fetch, open and print messages")
     recv.add_argument("--wait", type=float, default=0.0, help="long-poll up to SECONDS")
+    lt = sub.add_parser("loadtest", help="enqueue -> delivery load test (clients in pairs)")
+    lt.add_argument("--clients", type=int, default=2)
+    lt.add_argument("--messages", type=int, default=1000)
+    lt.add_argument("--size", type=int, default=256, help="payload bytes")
+    lt.add_argument("--rate", type=float, default=None, help="open loop: total msgs/s")
+    lt.add_argument("--window", type=int, default=4, help="closed loop: in flight per sender")
+    lt.add_argument("--max-seconds", type=float, default=60.0)
     reg = sub.add_parser("register", help="register USERNAME with a password (OPAQUE)")
     reg.add_argument("username")
     lg = sub.add_parser("login", help="check USERNAME's password and print the session")
     lg.add_argument("username")
+    kt = _kt()
+    if kt is not None:
+        kt.add_commands(sub)
+    blob_cli = _blob_cli()
+    if blob_cli is not None:
+        blob_cli.add_commands(sub)
     p.add_argument(
         "--user",
         default=os.environ.get("QPC_USER"),
@@ -80,6 +93,24 @@ def _password(prompt: str) -> str:
     import getpass
 
     return getpass.getpass(prompt)
+
+
+def _blob_cli() -> Any:
+    """The ``blob`` commands of the qpc-blobs plugin, when it is installed."""
+    try:
+        from qpc_blobs import cli as blob_cli
+    except ImportError:
+        return None
+    return blob_cli
+
+
+def _kt() -> Any:
+    """The key-transparency commands, when qpc-kt-log is installed."""
+    try:
+        from qpc_kt_log import client as kt_client
+    except ImportError:
+        return None
+    return kt_client
 
 
 def _opaque() -> Any:
@@ -140,9 +171,11 @@ def emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "loadtest":
+        return await run_load(args)
     state = ClientState.load_or_create(args.state)
     t0 = time.perf_counter()
-    cmd = args.command
     if cmd in ("register", "login") or args.user:
         args.auth_token = None  # password auth does not need the operator token
     client = await open_client(args, state)
@@ -168,6 +201,10 @@ async def run(args: argparse.Namespace) -> int:
                     "(the token is not stored: use --user to log in per command)",
                 )
                 return 0
+        if cmd == "blob":
+            blob_cli = _blob_cli()
+            assert blob_cli is not None  # the parser offers "blob" only when it imports
+            return int(await blob_cli.run(args, client))
         if cmd is None or cmd == "health":
             t1 = time.perf_counter()
             h = await client.health()
@@ -207,6 +244,10 @@ async def run(args: argparse.Namespace) -> int:
                 {"seq": resp.seq, "duplicate": resp.duplicate, "proof": resp.delivery_proof.hex()},
                 f"sent seq={resp.seq} (delivery proof verified)",
             )
+        elif cmd == "kt":
+            kt_state = state.servers.setdefault(args.server, {}).setdefault("kt", {})
+            rc: int = await _kt().run(args, client, kt_state)
+            return rc
         elif cmd == "recv":
             if args.wait > 0:
                 msgs = await client.fetch_wait(int(args.wait * 1000))
@@ -233,6 +274,26 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         await client.close()
         state.save()
+
+
+async def run_load(args: argparse.Namespace) -> int:
+    from qpc_core.client.loadtest import format_result, run_loadtest
+
+    host, port = parse_hostport(args.server, default_host="127.0.0.1")
+    ca = args.ca_cert
+    if ca is None and not args.insecure and DEV_CA.is_file():
+        ca = DEV_CA
+    try:
+        result = await run_loadtest(
+            host, port, token=args.auth_token, ca_cert=ca, insecure=args.insecure,
+            clients=args.clients, messages=args.messages, size=args.size, rate=args.rate,
+            window=args.window, max_seconds=args.max_seconds,
+        )
+    except ValueError as e:
+        print(f"qpc-client: error: {e}", file=sys.stderr)
+        return 2
+    print(format_result(result, args.json))
+    return 0 if result.errors == 0 and result.delivered > 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
