@@ -60,6 +60,8 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aioquic logs every connection's negotiation at INFO: too chatty for operators.
+    logging.getLogger("quic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _make_app(args: argparse.Namespace) -> Any:
