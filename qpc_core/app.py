@@ -222,8 +222,9 @@ class App:
             await self._close_storage()
             raise
         self.started = True
-        log.info("qpc %s started with plugins: %s", self.version,
-                 ", ".join(p.name for p in self.plugins))
+        loop = asyncio.get_running_loop()
+        log.info("qpc %s started with plugins: %s (event loop: %s)", self.version,
+                 ", ".join(p.name for p in self.plugins), type(loop).__module__)
 
     def request_stop(self) -> None:
         if self._stop_requested is not None:

@@ -75,6 +75,16 @@ def _make_app(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     app = _make_app(args)
+    if app.settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError(
+                "config: event_loop: 'uvloop' is not installed (pip install 'qpc-core[fast]')"
+            ) from None
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(app.serve_forever())
+        return 0
     asyncio.run(app.serve_forever())
     return 0
 

@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     # Per client IP the limit is this many times the per-identity one (NAT, shared hosts).
     rate_limit_ip_factor: float = Field(default=10.0, ge=1.0)
     log_level: str = "INFO"
+    # "uvloop" needs `pip install 'qpc-core[fast]'`; the same qpc code runs on either loop.
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     federation: FederationConfig = Field(default_factory=FederationConfig)
 

@@ -252,3 +252,17 @@ async def test_qpc_client_loadtest(tmp_path: Path) -> None:
         assert rc == 2 and "even number" in err
     finally:
         await srv.terminate()
+
+
+async def test_server_runs_on_uvloop(tmp_path: Path) -> None:
+    """The fast option: the same qpc code on uvloop (selected by config)."""
+    srv = ServerProcess(tmp_path / "data", env={"QPC_EVENT_LOOP": "uvloop"})
+    await srv.start()
+    try:
+        c = await _client(srv)
+        r = await c.enqueue(c.identity_key, b"on uvloop")
+        assert r.seq == 1 and [m.data for m in await c.fetch()] == [b"on uvloop"]
+        await c.close()
+        assert "event loop: uvloop" in "".join(srv.log)
+    finally:
+        assert await srv.terminate() == 0
