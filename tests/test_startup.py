@@ -36,7 +36,7 @@ def test_warns_when_certificate_expires_soon(tmp_path: Path, caplog) -> None:
     resolve_tls(tmp_path, cert, key, production=True)  # operator files, DER
     assert "expires in" in caplog.text and "renew" in caplog.text
     caplog.clear()
-    cert2, key2 = generate_self_signed(tmp_path / "long", days=365)
+    generate_self_signed(tmp_path / "long", days=365)
     resolve_tls(tmp_path, tmp_path / "long" / "server-cert.pem",
                 tmp_path / "long" / "server-key.pem", production=True)  # PEM works too
     assert "expires in" not in caplog.text
@@ -47,7 +47,7 @@ def test_bad_certificate_file_is_a_config_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a certificate")
     key = tmp_path / "key.der"
     key.write_bytes(b"nor a key")
-    with pytest.raises(ConfigError, match="tls_cert: .* is not a DER or PEM certificate"):
+    with pytest.raises(ConfigError, match=r"tls_cert: .* is not a DER or PEM certificate"):
         resolve_tls(tmp_path, bad, key, production=True)
 
 
