@@ -246,3 +246,20 @@ async def test_new_connections_refused_while_draining(server, connect) -> None:
     with pytest.raises(ConnectionLost, match="server shutting down"):
         await c.health()
     assert server.connections == set()
+
+
+@pytest.mark.parametrize("keepalive", [0.2, 0.0])
+async def test_keepalive_keeps_idle_clients_connected(app_factory, connect, keepalive) -> None:
+    """A client whose own idle timeout (1 s) is shorter than the server's survives an idle
+    period thanks to the server's keep-alive pings; without them it is dropped (control)."""
+    app = await app_factory(keepalive_interval_secs=keepalive)
+    c = await connect(app, idle_timeout=1.0)
+    assert (await c.health()).status == "ok"
+    # Waiting out the idle timeout is the behaviour under test, not synchronisation.
+    await asyncio.sleep(2.5)
+    if keepalive:
+        assert (await c.health()).status == "ok"
+        assert c.protocol.closed_reason is None
+    else:
+        with pytest.raises(ConnectionLost):
+            await c.health()

@@ -191,8 +191,11 @@ class QpcClient:
         pinned_signing_key: bytes | None = None,
         prove: bool = True,
         timeout: float = 10.0,
+        idle_timeout: float = 300.0,
     ) -> QpcClient:
-        cfg = client_configuration(ca_cert=ca_cert, insecure=insecure, server_name=server_name)
+        cfg = client_configuration(
+            ca_cert=ca_cert, insecure=insecure, server_name=server_name, idle_timeout=idle_timeout
+        )
         stack = contextlib.AsyncExitStack()
         try:
             proto = await asyncio.wait_for(
