@@ -36,9 +36,12 @@ async def register(
     password: str,
     *,
     ksf: opaque.KSF | None = None,
-    context: bytes = opaque.DEFAULT_CONTEXT,
+    server_identity: bytes | None = None,
 ) -> bytes:
-    """Register ``username`` bound to the client's identity key; returns the export key."""
+    """Register ``username`` bound to the client's identity key; returns the export key.
+
+    ``server_identity`` must equal the server's ``[auth_opaque] server_identity`` when that is
+    set (default: the server's OPAQUE public key, nothing to pass)."""
     if client.identity is None or client.identity_key is None:
         raise ValueError("the client needs an identity key to register")
     name = normalize_username(username)
@@ -52,7 +55,9 @@ async def register(
         response = opaque.RegistrationResponse.deserialize(resp.response)
     except opaque.OpaqueError as e:
         raise BadRequest(f"server sent an invalid registration response: {e}") from None
-    record, export_key = opaque.client_finalize_registration(state, response, ksf or default_ksf())
+    record, export_key = opaque.client_finalize_registration(
+        state, response, ksf or default_ksf(), server_identity=server_identity
+    )
     upload = record.serialize()
     sig = client.identity.sign(register_message(name, upload))
     await client.call(
@@ -72,6 +77,7 @@ async def login(
     *,
     ksf: opaque.KSF | None = None,
     context: bytes = opaque.DEFAULT_CONTEXT,
+    server_identity: bytes | None = None,
 ) -> LoginResult:
     """Log in; on success the connection is bound to the session and identity."""
     if client.identity is None or client.identity_key is None:
@@ -85,7 +91,7 @@ async def login(
     try:
         ke2 = opaque.KE2.deserialize(resp.response)
         ke3, _session_key, export_key = opaque.client_finish_login(
-            state, ke2, ksf or default_ksf(), context
+            state, ke2, ksf or default_ksf(), context, server_identity=server_identity
         )
     except opaque.OpaqueError:
         # Tell the server this attempt is over so it counts the failure consistently.

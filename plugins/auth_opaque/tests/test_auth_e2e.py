@@ -325,3 +325,16 @@ async def test_setup_is_never_logged(app_factory, caplog) -> None:
     text = caplog.text
     assert setup.oprf_seed.hex() not in text and setup.server_private_key.hex() not in text
     assert setup.oprf_seed.hex() not in repr(setup)
+
+
+async def test_configured_server_identity_must_match(app_factory, connect) -> None:
+    app = await app_factory(plugins=["auth_opaque"],
+                            auth_opaque={**CFG, "server_identity": "chat.example.com"})
+    c = await anon(connect, app)
+    ident = b"chat.example.com"
+    await opaque_client.register(c, "erin", "pw-erin", ksf=FAST, server_identity=ident)
+    res = await opaque_client.login(c, "erin", "pw-erin", ksf=FAST, server_identity=ident)
+    assert res.session_token
+    other = await anon(connect, app, identity=c.identity)
+    with pytest.raises(Unauthenticated):  # a client that does not use it cannot log in
+        await opaque_client.login(other, "erin", "pw-erin", ksf=FAST)
