@@ -384,3 +384,86 @@ async def test_one_push_per_inbox_until_fetched(server, connect) -> None:
     await alice.enqueue(bob.identity_key, b"4")
     push = await asyncio.wait_for(bob2.pushes.get(), 10)
     assert common_pb2.NewMessageEvent.FromString(push.payload).seq == r3.seq + 1
+
+
+async def parked(d, key) -> None:
+    """Wait until a FetchWait is parked on inbox ``key`` (event-driven, no sleeps)."""
+    changed = asyncio.Event()
+
+    class Watched(dict):
+        def setdefault(self, k, default=None):
+            changed.set()
+            return super().setdefault(k, default)
+
+    d.waiters = Watched(d.waiters)
+    while not d.waiters.get(key):
+        changed.clear()
+        await asyncio.wait_for(changed.wait(), 10)
+    # Registered is not yet parked: the waiter first looks in the store; its future is
+    # awaited once that read is done.  Either way an Enqueue from now on reaches it.
+
+
+async def test_enqueue_hands_message_to_parked_fetch_wait(server, connect) -> None:
+    alice, bob = await pair(server, connect)
+    d = server.state["delivery"]
+    calls = []
+    real = server.storage.enqueue
+
+    async def spy(messages, **kw):
+        calls.append(set(kw.get("take", ())))
+        return await real(messages, **kw)
+
+    server.storage.enqueue = spy
+    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await parked(d, (bob.identity_key, b""))
+    r = await alice.enqueue(bob.identity_key, b"straight through")
+    msgs = await asyncio.wait_for(waiting, 10)
+    assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"straight through")]
+    assert calls == [{(bob.identity_key, b"")}]  # the enqueue offered the hand-off
+    # Delivered exactly once: nothing left in the store, seq continues.
+    assert await server.storage.queue_depth(bob.identity_key, b"") == 0
+    assert await bob.fetch() == []
+    assert (await alice.enqueue(bob.identity_key, b"next")).seq == r.seq + 1
+    assert [m.data for m in await bob.fetch()] == [b"next"]
+    assert not d.claims and not d.waiters.get((bob.identity_key, b""))
+
+
+async def test_message_for_a_departed_waiter_is_kept(server, connect) -> None:
+    """The FetchWait is claimed by an Enqueue, then goes away (its task is cancelled, as when
+    its connection closes) before the commit: the acknowledged message must end up in the
+    store, not be lost."""
+    alice, bob = await pair(server, connect)
+    d = server.state["delivery"]
+    real = server.storage.enqueue
+    outcomes = []
+
+    def server_fetch_wait_task() -> asyncio.Task:
+        for t in asyncio.all_tasks():
+            c, names = t.get_coro(), []
+            while c is not None:
+                names.append(getattr(c, "__qualname__", ""))
+                c = getattr(c, "cr_await", None)
+            if "Delivery.fetch_wait" in names:
+                return t
+        raise AssertionError("no server-side FetchWait task")
+
+    async def waiter_leaves_then_enqueue(messages, **kw):
+        assert set(kw["take"]) == {(bob.identity_key, b"")}
+        victim.cancel()
+        outs = await real(messages, **kw)
+        outcomes.extend(outs)
+        return outs
+
+    client_wait = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await parked(d, (bob.identity_key, b""))
+    victim = server_fetch_wait_task()
+    server.storage.enqueue = waiter_leaves_then_enqueue
+    r = await alice.enqueue(bob.identity_key, b"keep me")
+    server.storage.enqueue = real
+    assert [o.taken for o in outcomes] == [True]  # it was handed over in the transaction...
+    assert victim.cancelled()
+    # ...and put back before the Enqueue answered OK, under its seq.
+    assert await server.storage.queue_depth(bob.identity_key, b"") == 1
+    msgs = await bob.fetch()
+    assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"keep me")]
+    client_wait.cancel()

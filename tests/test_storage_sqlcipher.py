@@ -708,3 +708,39 @@ async def test_no_sqlite_call_on_the_event_loop_thread(
     await st.close()
     assert len(threads) >= 2  # the writer and at least one reader
     assert threading.get_ident() not in threads
+
+
+# -- hand-off to a waiting reader (enqueue take=...) ----------------------------------------------
+
+
+async def test_take_hands_over_only_from_an_empty_inbox(store: SqlCipherStorage) -> None:
+    mid = b"\x07" * 16
+    (t,) = await store.enqueue([msg(ALICE, b"direct", message_id=mid)], max_depth=BIG,
+                               dedup_since=0.0, take=[(ALICE, b"")])
+    assert (t.seq, t.duplicate, t.taken) == (1, False, True)
+    # Taken means not stored: the queue stays empty, the seq is used up, dedup remembers it.
+    assert await store.queue_depth(ALICE, b"") == 0
+    assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
+    again = await enqueue_one(store, msg(ALICE, b"direct", message_id=mid))
+    assert (again.seq, again.duplicate, again.taken) == (1, True, False)
+    stored = await enqueue_one(store, msg(ALICE, b"queued"))
+    assert stored.seq == 2 and not stored.taken
+    # A non-empty inbox is never taken from (FIFO: the older message must come out first);
+    # inboxes not named in `take` are stored as usual.
+    outs = await store.enqueue([msg(ALICE, b"behind"), msg(BOB, b"bob")], max_depth=BIG,
+                               dedup_since=0.0, take=[(ALICE, b"")])
+    assert [(o.seq, o.taken) for o in outs] == [(3, False), (1, False)]
+    got = await store.fetch(ALICE, b"", 0, now=time.time())
+    assert [(m.seq, m.payload) for m in got] == [(2, b"queued"), (3, b"behind")]
+
+
+async def test_restore_puts_a_taken_message_back_in_order(store: SqlCipherStorage) -> None:
+    m = msg(ALICE, b"undelivered", CHAN)
+    (t,) = await store.enqueue([m], max_depth=BIG, dedup_since=0.0, take=[(ALICE, CHAN)])
+    assert t.taken
+    later = await enqueue_one(store, msg(ALICE, b"later", CHAN))
+    await store.restore([(m, t.seq)])
+    assert await store.queue_depth(ALICE, CHAN) == 2
+    got = await store.fetch(ALICE, CHAN, 0, now=time.time())
+    assert [(x.seq, x.payload) for x in got] == [(t.seq, b"undelivered"), (later.seq, b"later")]
+    assert await store.queue_depth(ALICE, CHAN) == 0

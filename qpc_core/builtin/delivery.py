@@ -62,13 +62,44 @@ def proof_digest(recipient_key: bytes, channel_id: bytes, seq: int, payload: byt
     ).digest()
 
 
+class Waiter:
+    """A parked FetchWait: its future and how much one response may carry."""
+
+    __slots__ = ("fut", "max_bytes", "max_count")
+
+    def __init__(self, fut: asyncio.Future[list[StoredMessage]], max_count: int,
+                 max_bytes: int) -> None:
+        self.fut = fut
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+
+
+class Claim:
+    """Enqueues (sharers) handing their messages to one claimed waiter."""
+
+    __slots__ = ("count", "open", "settled", "sharers", "size", "taken", "waiter")
+
+    def __init__(self, waiter: Waiter) -> None:
+        self.waiter = waiter
+        self.open = True
+        self.count = 0  # messages offered (joined) so far
+        self.size = 0
+        self.sharers = 0
+        self.taken: list[tuple[NewMessage, int]] = []
+        self.settled: asyncio.Future[None] = waiter.fut.get_loop().create_future()
+
+
 class Delivery:
     """Per-App delivery state: waiters, channel cache and the proof key."""
 
     def __init__(self, app: App, signing_key: Ed25519PrivateKey) -> None:
         self.app = app
         self.signing_key = signing_key
-        self.waiters: dict[tuple[bytes, bytes], set[asyncio.Future[None]]] = {}
+        # Parked FetchWait calls per inbox.  A waiter's future resolves to the messages
+        # Enqueues handed it directly, or to [] meaning "look in the store".
+        self.waiters: dict[tuple[bytes, bytes], set[Waiter]] = {}
+        # Inboxes whose waiter in-flight Enqueues have claimed (no push needed meanwhile).
+        self.claims: dict[tuple[bytes, bytes], Claim] = {}
         self.channel_cache: dict[bytes, frozenset[bytes] | None] = {}
         # Inboxes whose owner's connections (by id) were already told "new messages" and have
         # not fetched since: one NEW_MESSAGE push per inbox and connection until the next
@@ -100,11 +131,63 @@ class Delivery:
                 raise Forbidden("recipient is not a member of this channel")
 
     def wake(self, recipient: bytes, channel: bytes) -> None:
-        futs = self.waiters.pop((recipient, channel), None)
-        if futs:
-            for f in futs:
-                if not f.done():
-                    f.set_result(None)
+        waiting = self.waiters.pop((recipient, channel), None)
+        if waiting:
+            for w in waiting:
+                if not w.fut.done():
+                    w.fut.set_result([])
+
+    def join_claim(self, key: tuple[bytes, bytes], size: int) -> Claim | None:
+        """Join (or open) the claim on a parked waiter of ``key`` for one message of ``size``
+        bytes if that waiter can still take it; None means: store the message as usual."""
+        c = self.claims.get(key)
+        if c is None:
+            waiting = self.waiters.get(key)
+            w = None
+            while waiting:
+                cand = waiting.pop()
+                if not cand.fut.done():
+                    w = cand
+                    break
+            if waiting is not None and not waiting:
+                del self.waiters[key]
+            if w is None:
+                return None
+            c = self.claims[key] = Claim(w)
+        if not c.open or c.count >= c.waiter.max_count or c.size + size > c.waiter.max_bytes:
+            c.open = False  # FIFO: nothing after a stored message may be handed over
+            return None
+        c.count += 1
+        c.size += size
+        c.sharers += 1
+        return c
+
+    async def leave_claim(self, key: tuple[bytes, bytes], c: Claim) -> None:
+        """One Enqueue is done with claim ``c``; the last one settles it.  Every sharer waits
+        for that, so no Enqueue answers OK before its message was handed to a live waiter or
+        put back into the store."""
+        c.open = False  # arrivals after the first commit are stored (bounded wait for all)
+        c.sharers -= 1
+        if c.sharers == 0:
+            if self.claims.get(key) is c:
+                del self.claims[key]
+            try:
+                if c.waiter.fut.done():  # the waiter left: keep its messages after all
+                    if c.taken:
+                        await self.app.storage.restore(c.taken)
+                else:
+                    c.waiter.fut.set_result(
+                        sorted((StoredMessage(q, m.payload) for m, q in c.taken),
+                               key=lambda x: x.seq)
+                    )
+            except BaseException as e:
+                c.settled.set_exception(e)
+                c.settled.exception()  # sharers see it when they await; never "unretrieved"
+                raise
+            else:
+                c.settled.set_result(None)
+        else:
+            await asyncio.shield(c.settled)
 
     def wake_all(self) -> None:
         """Draining: end every long poll now (they answer with what is queued)."""
@@ -125,19 +208,44 @@ class Delivery:
             raise BadRequest("message_id must be empty or exactly 16 bytes")
 
     async def store(self, sender: bytes, messages: list[NewMessage]) -> list[EnqueueOutcome]:
+        """Commit ``messages``; then deliver, wake or notify.
+
+        Hot path: when a FetchWait is parked on an empty inbox, the message is handed to it
+        in the enqueue transaction itself (storage ``take``): one commit instead of an insert,
+        a wake-up, a read and a deleting fetch.  Enqueues to that inbox arriving before the
+        first of them commits share the claim, so a pipelining sender's burst reaches the
+        waiter in one response.  If the waiter is gone by then, the messages are put back
+        (``restore``) before any of those Enqueues answers: an acknowledged message is always
+        either handed to a live FetchWait or stored.
+        """
         s = self.app.settings
+        joined: dict[tuple[bytes, bytes], Claim] = {}
+        for msg in messages:
+            key = (msg.recipient_key, msg.channel_id)
+            if key not in joined:
+                c = self.join_claim(key, len(msg.payload))
+                if c is not None:
+                    joined[key] = c
+        outcomes: list[EnqueueOutcome] = []
         try:
             outcomes = await self.app.storage.enqueue(
                 messages,
                 max_depth=s.max_queue_depth,
                 dedup_since=time.time() - s.dedup_window_secs,
+                take=joined.keys(),
             )
+            for msg, out in zip(messages, outcomes, strict=True):
+                if out.taken:
+                    joined[(msg.recipient_key, msg.channel_id)].taken.append((msg, out.seq))
         except QueueFull as e:
             raise QuotaExceeded(
                 f"recipient queue is full ({e.depth} messages; max_queue_depth="
                 f"{s.max_queue_depth})",
                 retry_after=60.0,
             ) from None
+        finally:
+            for key, c in joined.items():
+                await self.leave_claim(key, c)
         app = self.app
         for msg, out in zip(messages, outcomes, strict=True):
             app.hooks.on_message_enqueued(
@@ -151,9 +259,11 @@ class Delivery:
                     out.duplicate,
                 ),
             )
-            if out.duplicate:
+            if out.duplicate or out.taken:
                 continue
             key = (msg.recipient_key, msg.channel_id)
+            if key in self.claims:
+                continue  # that FetchWait answers now; its client comes back for the rest
             if key in self.waiters:
                 self.wake(*key)  # a long poll is already waiting: it will deliver, no push
                 continue
@@ -289,27 +399,35 @@ class Delivery:
         timeout = min(req.timeout_ms, self.app.settings.max_fetch_wait_ms) / 1000.0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        key = (recipient, channel)
+        max_count, max_bytes = self.fetch_caps(req.limit)
         while True:
             # Register before looking so an Enqueue between the two cannot be missed.
-            fut: asyncio.Future[None] = loop.create_future()
-            key = (recipient, channel)
-            self.waiters.setdefault(key, set()).add(fut)
+            w = Waiter(loop.create_future(), max_count, max_bytes)
+            self.waiters.setdefault(key, set()).add(w)
             try:
                 msgs = await self._take(recipient, channel, req.limit, True)
                 remaining = deadline - loop.time()
                 if msgs or remaining <= 0 or self.app.draining:
                     break
                 try:
-                    await asyncio.wait_for(fut, remaining)
+                    msgs = await asyncio.wait_for(w.fut, remaining)
                 except TimeoutError:
                     msgs = await self._take(recipient, channel, req.limit, True)
+                    break
+                if msgs:  # handed over by Enqueues: already out of the store
+                    self.notified.pop(key, None)
                     break
             finally:
                 waiting = self.waiters.get(key)
                 if waiting is not None:
-                    waiting.discard(fut)
+                    waiting.discard(w)
                     if not waiting:
                         del self.waiters[key]
+                # Enqueues that claimed this waiter and find it done put their messages
+                # back into the store, so nothing handed to a departed waiter is lost.
+                if not w.fut.done():
+                    w.fut.cancel()
         self._fetched(recipient, channel, msgs, "fetch_wait")
         return self.envelopes(msgs)
 

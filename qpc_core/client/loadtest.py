@@ -109,10 +109,12 @@ async def run_loadtest(
         await asyncio.gather(*tasks)
         return sent
 
-    async def send_open(tx: QpcClient, rx_key: bytes, per_sender_rate: float) -> int:
+    async def send_open(tx: QpcClient, rx_key: bytes, per_sender_rate: float, phase: float) -> int:
         nonlocal errors
         interval = 1.0 / per_sender_rate
-        start = time.time() + 0.05
+        # Senders are phase-shifted so the combined schedule is evenly spaced at the total
+        # rate; without this every sender fires at the same instant (bursts of N/2 messages).
+        start = t_start + phase * interval
         tasks = []
 
         async def one(at: float) -> None:
@@ -134,9 +136,11 @@ async def run_loadtest(
         return len(tasks)
 
     t0 = time.perf_counter()
+    t_start = time.time() + 0.05
     receivers = [asyncio.ensure_future(receive(rx, per_sender)) for _tx, rx in pairs]
     if rate:
-        senders = [send_open(tx, rx.identity_key or b"", rate / len(pairs)) for tx, rx in pairs]
+        senders = [send_open(tx, rx.identity_key or b"", rate / len(pairs), k / len(pairs))
+                   for k, (tx, rx) in enumerate(pairs)]
     else:
         senders = [send_closed(tx, rx.identity_key or b"") for tx, rx in pairs]
     sent_counts = await asyncio.gather(*senders)

@@ -42,6 +42,7 @@ from qpc_core.framing import (
 )
 from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
+from qpc_core.transport.backend import piggyback_acks
 
 M = TypeVar("M", bound=Message)
 
@@ -129,6 +130,7 @@ class _ClientProtocol(QuicConnectionProtocol):
 
     def _flush(self) -> None:
         self._transmit_pending = False
+        piggyback_acks(self._quic)
         self.transmit()
 
 

@@ -11,7 +11,7 @@ plugs in through the ``open_storage`` hook.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from qpc_core.errors import StorageError
@@ -49,6 +49,9 @@ class NewMessage:
 class EnqueueOutcome:
     seq: int
     duplicate: bool
+    #: True when the message was handed straight to a waiting reader instead of being
+    #: stored (see ``take`` in :meth:`Storage.enqueue`).
+    taken: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,8 @@ class Storage(ABC):
     # -- delivery ---------------------------------------------------------------------------
     @abstractmethod
     async def enqueue(
-        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float
+        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float,
+        take: Collection[tuple[bytes, bytes]] = (),
     ) -> list[EnqueueOutcome]:
         """Append messages, all or nothing, in one transaction.
 
@@ -101,7 +105,18 @@ class Storage(ABC):
         ``dedup_since`` (unix seconds) is a duplicate: its original seq is returned with
         ``duplicate=True`` and nothing is written for it.  :class:`QueueFull` when an inbox
         would hold more than ``max_depth`` unexpired messages (nothing is written at all).
+
+        ``take`` names (recipient, channel) inboxes that a reader is waiting on.  When such an
+        inbox holds no message at all, its new messages are not stored: they get their seq
+        (and dedup record) as usual and come back with ``taken=True``, i.e. the append and a
+        destructive fetch of exactly those messages happen in the same transaction.  The
+        caller then owns them and must hand them out or give them back with :meth:`restore`.
         """
+
+    @abstractmethod
+    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        """Store messages that ``enqueue(take=...)`` returned as taken but that could not be
+        handed out, under the seq they were given (FIFO order is kept)."""
 
     @abstractmethod
     async def fetch(

@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
@@ -189,6 +189,12 @@ _INBOX_RESERVE = (
     " SET next_seq = next_seq + ?3, depth = depth + ?3"
     " RETURNING next_seq - ?3, depth - ?3"
 )
+_INBOX_UNRESERVE_DEPTH = (
+    "UPDATE inboxes SET depth = depth - ?3 WHERE recipient_key = ?1 AND channel_id = ?2"
+)
+_INBOX_RESTORE_DEPTH = (
+    "UPDATE inboxes SET depth = depth + 1 WHERE recipient_key = ? AND channel_id = ?"
+)
 _COUNT_EXPIRED = (
     "SELECT count(*) FROM messages WHERE recipient_key = ? AND channel_id = ?"
     " AND expires_at <= ?"
@@ -318,7 +324,8 @@ def _storage_error(e: BaseException) -> BaseException:
 
 
 def _enqueue_tx(
-    conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float
+    conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float,
+    take: Collection[tuple[bytes, bytes]] = (),
 ) -> list[EnqueueOutcome]:
     now = time.time()
     execute = conn.execute
@@ -349,9 +356,19 @@ def _enqueue_tx(
         else:
             idxs.append(i)
 
-    for (recipient, channel), idxs in fresh.items():
+    taken: set[tuple[bytes, bytes]] = set()
+    for inbox, idxs in fresh.items():
+        recipient, channel = inbox
         k = len(idxs)
         first, depth = execute(_INBOX_RESERVE, (recipient, channel, k)).fetchall()[0]
+        if depth == 0 and inbox in take:
+            # A reader is waiting on this empty inbox: hand the messages over instead of
+            # storing them (seq and dedup are kept; the queue stays empty).
+            execute(_INBOX_UNRESERVE_DEPTH, (recipient, channel, k))
+            taken.add(inbox)
+            for off, i in enumerate(idxs):
+                seqs[i] = first + off
+            continue
         if depth + k > max_depth:
             # Slow path: expired but not yet collected messages do not count.
             expired: int = execute(_COUNT_EXPIRED, (recipient, channel, now)).fetchone()[0]
@@ -366,10 +383,11 @@ def _enqueue_tx(
         rows = [
             (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
             for seq, m in stored
+            if (m.recipient_key, m.channel_id) not in taken
         ]
         if len(rows) == 1:
             execute(_MESSAGE_INSERT, rows[0])
-        else:
+        elif rows:
             conn.executemany(_MESSAGE_INSERT, rows)
         dedup_rows = [
             (m.recipient_key, m.channel_id, m.message_id, seq, now)
@@ -384,7 +402,21 @@ def _enqueue_tx(
     for i, j in repeats:
         seqs[i] = seqs[j]
         dup[i] = True
-    return [EnqueueOutcome(s, d) for s, d in zip(seqs, dup, strict=True)]
+    if not taken:
+        return [EnqueueOutcome(s, d) for s, d in zip(seqs, dup, strict=True)]
+    return [
+        EnqueueOutcome(s, d, not d and (m.recipient_key, m.channel_id) in taken)
+        for s, d, m in zip(seqs, dup, msgs, strict=True)
+    ]
+
+
+def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
+    now = time.time()
+    for m, seq in items:
+        conn.execute(
+            _MESSAGE_INSERT, (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+        )
+        conn.execute(_INBOX_RESTORE_DEPTH, (m.recipient_key, m.channel_id))
 
 
 def _select_live(
@@ -1068,12 +1100,19 @@ class SqlCipherStorage(Storage):
 
     # -- delivery ----------------------------------------------------------------------------
     async def enqueue(
-        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float
+        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float,
+        take: Collection[tuple[bytes, bytes]] = (),
     ) -> list[EnqueueOutcome]:
         if not messages:
             self._check_open()
             return []
-        return await self._write(_enqueue_tx, list(messages), max_depth, dedup_since)
+        return await self._write(
+            _enqueue_tx, list(messages), max_depth, dedup_since, frozenset(take)
+        )
+
+    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        if messages:
+            await self._write(_restore_tx, list(messages))
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,

@@ -41,6 +41,7 @@ from qpc_core.framing import (
 )
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
+from qpc_core.transport.backend import piggyback_acks
 from qpc_core.transport.certs import resolve_tls
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class ServerConnection(QuicConnectionProtocol):
 
     def _flush(self) -> None:
         self._transmit_pending = False
+        piggyback_acks(self._quic)
         self.transmit()
 
     def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
