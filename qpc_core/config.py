@@ -149,6 +149,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "uvloop" needs `pip install 'qpc-core[fast]'`; the same qpc code runs on either loop.
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # QUIC library: "qh3" (compiled packet engine) needs `pip install 'qpc-core[fast]'`.
+    quic_backend: Literal["aioquic", "qh3"] = "aioquic"
 
     federation: FederationConfig = Field(default_factory=FederationConfig)
 

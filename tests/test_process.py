@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,36 @@ async def test_server_runs_on_uvloop(tmp_path: Path) -> None:
         assert "event loop: uvloop" in "".join(srv.log)
     finally:
         assert await srv.terminate() == 0
+
+
+async def test_server_runs_on_qh3(tmp_path: Path) -> None:
+    """The fast transport option: the same qpc code on qh3's compiled QUIC engine, talking
+    to the (aioquic-based) SDK; the stream limits it cannot apply are named at start-up."""
+    srv = ServerProcess(tmp_path / "data", env={"QPC_QUIC_BACKEND": "qh3"})
+    await srv.start()
+    try:
+        c = await _client(srv)
+        r = await c.enqueue(c.identity_key, b"on qh3")
+        assert r.seq == 1 and [m.data for m in await c.fetch()] == [b"on qh3"]
+        waiting = asyncio.ensure_future(c.fetch_wait(10_000))
+        other = await _client(srv)
+        await other.enqueue(c.identity_key, b"woken")
+        assert [m.data for m in await asyncio.wait_for(waiting, 15)] == [b"woken"]
+        await c.close()
+        await other.close()
+        log = "".join(srv.log)
+        assert "ALPN qpc, qh3" in log
+        assert "quic_backend=qh3 cannot apply max_concurrent_bidi_streams" in log
+    finally:
+        assert await srv.terminate() == 0
+
+
+def test_unknown_quic_backend_is_a_config_error(tmp_path: Path) -> None:
+    from qpc_core.transport.backend import load_backend
+
+    with pytest.raises(ValueError, match="unknown QUIC backend 'quiche'"):
+        load_backend("quiche")
+    res = subprocess.run([str(BIN / "qpc"), "check-config", "--data-dir", str(tmp_path)],
+                         env={**os.environ, "QPC_QUIC_BACKEND": "quiche"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "quic_backend" in res.stderr

@@ -17,15 +17,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    HandshakeCompleted,
-    QuicEvent,
-    StreamDataReceived,
-    StreamReset,
-)
 
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
@@ -41,7 +32,13 @@ from qpc_core.framing import (
 )
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
-from qpc_core.transport.backend import piggyback_acks
+from qpc_core.transport.backend import (
+    Backend,
+    load_backend,
+    peer_address,
+    piggyback_acks,
+    set_stream_limits,
+)
 from qpc_core.transport.certs import resolve_tls
 
 if TYPE_CHECKING:
@@ -70,8 +67,18 @@ class _Stream:
         self.dead = decoder is None
 
 
-class ServerConnection(QuicConnectionProtocol):
-    """One client connection.  Implements :class:`qpc_core.rpc.Connection`."""
+if TYPE_CHECKING:
+    _ProtocolBase = QuicConnectionProtocol
+else:
+    _ProtocolBase = object
+
+
+class _ServerConnectionLogic(_ProtocolBase):
+    """One client connection.  Implements :class:`qpc_core.rpc.Connection`.
+
+    Written against the asyncio protocol API that aioquic and qh3 share; the concrete classes
+    (:class:`ServerConnection` for aioquic, one made by :func:`connection_class` for qh3) add
+    the library's ``QuicConnectionProtocol`` as the next base."""
 
     def __init__(self, *args: Any, app: App, listener: QuicTransport, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,9 +100,7 @@ class ServerConnection(QuicConnectionProtocol):
         self._transmit_pending = False
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
-        quic = self._quic
-        quic._local_max_streams_bidi.value = s.max_concurrent_bidi_streams
-        quic._local_max_streams_uni.value = s.max_concurrent_uni_streams
+        set_stream_limits(self._quic, s.max_concurrent_bidi_streams, s.max_concurrent_uni_streams)
         self.max_payload = s.max_payload_bytes
 
     # -- Connection protocol for plugins -----------------------------------------------------------
@@ -106,12 +111,10 @@ class ServerConnection(QuicConnectionProtocol):
     @property
     def peer(self) -> PeerInfo:
         if self._peer is None:
-            paths = self._quic._network_paths
-            if paths:
-                addr = paths[0].addr
-                self._peer = PeerInfo(str(addr[0]), int(addr[1]))
-            else:
+            addr = peer_address(self._quic)
+            if addr is None:
                 return PeerInfo("unknown", 0)
+            self._peer = PeerInfo(*addr)
         return self._peer
 
     @property
@@ -168,17 +171,19 @@ class ServerConnection(QuicConnectionProtocol):
             self.transmit()
 
     # -- aioquic events ----------------------------------------------------------------------------
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
+    def quic_event_received(self, event: Any) -> None:
+        # By class name: aioquic and qh3 have separate but identically named event classes.
+        kind = type(event).__name__
+        if kind == "StreamDataReceived":
             self._last_activity = time.monotonic()
             self._on_stream_data(event.stream_id, event.data, event.end_stream)
-        elif isinstance(event, StreamReset):
+        elif kind == "StreamReset":
             st = self.streams.pop(event.stream_id, None)
             if st is not None and st.task is not None:
                 st.task.cancel()
-        elif isinstance(event, HandshakeCompleted):
+        elif kind == "HandshakeCompleted":
             self._on_handshake()
-        elif isinstance(event, ConnectionTerminated):
+        elif kind == "ConnectionTerminated":
             self._on_terminated(event.reason_phrase or f"error {event.error_code}")
 
     def _on_handshake(self) -> None:
@@ -319,14 +324,31 @@ class ServerConnection(QuicConnectionProtocol):
                 del self.streams[sid]
 
 
+class ServerConnection(_ServerConnectionLogic, QuicConnectionProtocol):
+    """A client connection on aioquic (the default backend)."""
+
+
+_connection_classes: dict[str, type[_ServerConnectionLogic]] = {"aioquic": ServerConnection}
+
+
+def connection_class(backend: Backend) -> type[_ServerConnectionLogic]:
+    cls = _connection_classes.get(backend.name)
+    if cls is None:
+        cls = type(f"{backend.name.capitalize()}ServerConnection",
+                   (_ServerConnectionLogic, backend.protocol_base), {})
+        _connection_classes[backend.name] = cls
+    return cls
+
+
 class QuicTransport:
     """The client-facing QUIC listener (registered by the built-in ``core`` plugin)."""
 
     name = "quic"
 
     def __init__(self) -> None:
-        self.server: QuicServer | None = None
-        self.protocols: set[ServerConnection] = set()
+        self.server: Any = None  # the backend's QuicServer
+        self.backend: Backend | None = None
+        self.protocols: set[_ServerConnectionLogic] = set()
         self.accepting = False
         self.dispatcher: Dispatcher
         self.address: tuple[str, int] | None = None
@@ -335,19 +357,17 @@ class QuicTransport:
     def ready(self) -> bool:
         return self.server is not None and self.accepting
 
-    def configuration(self, app: App) -> QuicConfiguration:
+    def configuration(self, app: App, backend: Backend | None = None) -> Any:
         s = app.settings
+        backend = backend or load_backend("aioquic")
         tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
-        cfg = QuicConfiguration(
-            is_client=False,
+        cfg = backend.configuration(
+            tls,
             alpn_protocols=[ALPN],
             idle_timeout=s.max_idle_timeout_secs,
-            max_datagram_frame_size=None,
             max_data=16 * 1024 * 1024,
             max_stream_data=max(s.max_payload_bytes + 64, 1024 * 1024),
         )
-        cfg.certificate = tls.certificate
-        cfg.private_key = tls.private_key
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog:
             cfg.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server
@@ -355,18 +375,28 @@ class QuicTransport:
 
     async def start(self, app: App) -> None:
         self.dispatcher = Dispatcher(app)
-        host, port = parse_hostport(app.settings.listen)
-        cfg = self.configuration(app)
+        s = app.settings
+        host, port = parse_hostport(s.listen)
+        backend = self.backend = load_backend(s.quic_backend)
+        cfg = self.configuration(app, backend)
+        cls = connection_class(backend)
+        if not backend.can_set_stream_limits:
+            log.warning(
+                "quic_backend=%s cannot apply max_concurrent_bidi_streams=%d / "
+                "max_concurrent_uni_streams=%d (the library fixes its own stream limits)",
+                backend.name, s.max_concurrent_bidi_streams, s.max_concurrent_uni_streams,
+            )
 
-        def factory(*args: Any, **kwargs: Any) -> ServerConnection:
-            return ServerConnection(*args, app=app, listener=self, **kwargs)
+        def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:
+            return cls(*args, app=app, listener=self, **kwargs)
 
-        self.server = await serve(host, port, configuration=cfg, create_protocol=factory)
+        self.server = await backend.serve(host, port, configuration=cfg, create_protocol=factory)
         assert self.server._transport is not None
         sockname = self.server._transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
         self.accepting = True
-        log.info("QUIC listening on %s:%d (ALPN %s)", self.address[0], self.address[1], ALPN)
+        log.info("QUIC listening on %s:%d (ALPN %s, %s)", self.address[0], self.address[1], ALPN,
+                 backend.name)
 
     async def stop_accepting(self) -> None:
         """Refuse new connections and tell connected clients the server is going away."""
