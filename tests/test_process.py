@@ -270,9 +270,10 @@ async def test_server_runs_on_uvloop(tmp_path: Path) -> None:
 
 
 async def test_server_runs_on_qh3(tmp_path: Path) -> None:
-    """The fast transport option: the same qpc code on qh3's compiled QUIC engine, talking
-    to the (aioquic-based) SDK; the stream limits it cannot apply are named at start-up."""
-    srv = ServerProcess(tmp_path / "data", env={"QPC_QUIC_BACKEND": "qh3"})
+    """The fast transport option: the same qpc code on qh3 (compiled crypto and buffers),
+    talking to the aioquic-based SDK, with the configured stream limits applied."""
+    srv = ServerProcess(tmp_path / "data", env={"QPC_QUIC_BACKEND": "qh3",
+                                                "QPC_MAX_CONCURRENT_BIDI_STREAMS": "77"})
     await srv.start()
     try:
         c = await _client(srv)
@@ -282,11 +283,11 @@ async def test_server_runs_on_qh3(tmp_path: Path) -> None:
         other = await _client(srv)
         await other.enqueue(c.identity_key, b"woken")
         assert [m.data for m in await asyncio.wait_for(waiting, 15)] == [b"woken"]
+        # What the server advertised in its transport parameters.
+        assert c.protocol._quic._remote_max_streams_bidi == 77
         await c.close()
         await other.close()
-        log = "".join(srv.log)
-        assert "ALPN qpc, qh3" in log
-        assert "quic_backend=qh3 cannot apply max_concurrent_bidi_streams" in log
+        assert "ALPN qpc, qh3" in "".join(srv.log)
     finally:
         assert await srv.terminate() == 0
 
@@ -300,3 +301,14 @@ def test_unknown_quic_backend_is_a_config_error(tmp_path: Path) -> None:
                          env={**os.environ, "QPC_QUIC_BACKEND": "quiche"},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "quic_backend" in res.stderr
+
+
+def test_qh3_2_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from qpc_core.transport.backend import load_backend
+
+    assert load_backend("qh3").name == "qh3"  # the installed 1.x loads
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "2.1.0")
+    with pytest.raises(ImportError, match=r"needs qh3 1\.x, found 2\.1\.0"):
+        load_backend("qh3")

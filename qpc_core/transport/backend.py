@@ -1,15 +1,19 @@
 """The QUIC library behind qpc's transport: aioquic (default) or qh3 (``quic_backend``).
 
-qh3 is an aioquic fork whose packet engine is compiled (Rust).  Its asyncio layer has the same
-shape (``QuicConnectionProtocol``, ``serve``, the same event class names), so the transport
-code is shared; the few places where qpc reaches below the public API live here:
+qh3 1.x is an aioquic fork with compiled (Rust) cryptography, header protection and buffers
+under the same Python connection logic, so the transport code is shared and every setting
+applies.  qh3 2.x is a different engine (a compiled packet core behind a thin facade) and is
+refused here, because with it (2.0-2.1, checked on this project's machines):
 
-* stream limits: aioquic lets the server advertise its own (a private attribute, set before
-  the handshake); qh3 2.1's compiled core takes fixed values, so there the configured
-  ``max_concurrent_bidi_streams`` / ``max_concurrent_uni_streams`` cannot be applied;
-* the peer address: aioquic keeps it on the network path, qh3 on the connection;
-* ACK piggybacking: only aioquic needs (and allows) it;
-* certificates: aioquic takes ``cryptography`` objects, qh3 PEM.
+* the server cannot set its stream limits (the core takes fixed values), so
+  ``max_concurrent_bidi_streams`` / ``max_concurrent_uni_streams`` would be ignored;
+* every handshake from an aioquic-based client (the qpc SDK) fails inside the core with
+  "packet builder capacity exhausted" several times and completes only through
+  retransmission (~0.8 s per handshake instead of milliseconds); a qh3 2.1 client could not
+  connect to a qh3 2.1 server at all.
+
+The few places where qpc reaches below the public API live here: the stream limits it
+advertises, the peer address and ACK piggybacking.
 """
 
 from __future__ import annotations
@@ -30,17 +34,11 @@ class Backend:
     protocol_base: type[Any]  # the library's QuicConnectionProtocol
     serve: Any
     configuration_class: type[Any]
-    can_set_stream_limits: bool
 
     def configuration(self, tls: TlsMaterial, **kwargs: Any) -> Any:
         """A server QuicConfiguration with qpc's TLS material."""
         cfg = self.configuration_class(is_client=False, **kwargs)
         if self.name == "qh3":
-            # qh3 defaults to 1280-byte datagrams; against clients that pad their Initial to
-            # the QUIC minimum of 1200 bytes its handshake flight then overruns the 3x
-            # anti-amplification budget and the core fails with "packet builder capacity
-            # exhausted".  1200 is what every QUIC path must carry anyway.
-            cfg.max_datagram_size = 1200
             from cryptography.hazmat.primitives import serialization
 
             cert_pem = tls.certificate.public_bytes(serialization.Encoding.PEM)
@@ -60,6 +58,19 @@ def load_backend(name: str) -> Backend:
     """Import the named QUIC library; ImportError says how to install a missing one."""
     if name not in BACKENDS:
         raise ValueError(f"unknown QUIC backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "qh3":
+        try:
+            from importlib.metadata import version
+
+            major = int(version("qh3").split(".")[0])
+        except Exception:  # not installed: the import below says so
+            major = 1
+        if major >= 2:
+            raise ImportError(
+                f"QUIC backend 'qh3' needs qh3 1.x, found {version('qh3')} "
+                "(pip install 'qh3>=1.9,<2'; qh3 2.x is not supported, see "
+                "qpc_core/transport/backend.py)"
+            )
     try:
         proto = importlib.import_module(f"{name}.asyncio.protocol")
         server = importlib.import_module(f"{name}.asyncio.server")
@@ -72,7 +83,6 @@ def load_backend(name: str) -> Backend:
         protocol_base=proto.QuicConnectionProtocol,
         serve=server.serve,
         configuration_class=conf.QuicConfiguration,
-        can_set_stream_limits=name == "aioquic",
     )
 
 

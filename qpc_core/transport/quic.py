@@ -100,7 +100,10 @@ class _ServerConnectionLogic(_ProtocolBase):
         self._transmit_pending = False
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
-        set_stream_limits(self._quic, s.max_concurrent_bidi_streams, s.max_concurrent_uni_streams)
+        if not set_stream_limits(
+            self._quic, s.max_concurrent_bidi_streams, s.max_concurrent_uni_streams
+        ):
+            raise RuntimeError("this QUIC library does not let qpc set its stream limits")
         self.max_payload = s.max_payload_bytes
 
     # -- Connection protocol for plugins -----------------------------------------------------------
@@ -380,12 +383,6 @@ class QuicTransport:
         backend = self.backend = load_backend(s.quic_backend)
         cfg = self.configuration(app, backend)
         cls = connection_class(backend)
-        if not backend.can_set_stream_limits:
-            log.warning(
-                "quic_backend=%s cannot apply max_concurrent_bidi_streams=%d / "
-                "max_concurrent_uni_streams=%d (the library fixes its own stream limits)",
-                backend.name, s.max_concurrent_bidi_streams, s.max_concurrent_uni_streams,
-            )
 
         def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:
             return cls(*args, app=app, listener=self, **kwargs)
