@@ -467,3 +467,21 @@ async def test_message_for_a_departed_waiter_is_kept(server, connect) -> None:
     msgs = await bob.fetch()
     assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"keep me")]
     client_wait.cancel()
+
+
+async def test_fetch_after_a_store_skips_the_emptiness_check(server, connect) -> None:
+    """A connected recipient whose inbox got stored messages fetches without the reader-side
+    emptiness check first (a hint only: results are the same)."""
+    alice, bob = await pair(server, connect)
+    seen = []
+    real = server.storage.fetch
+
+    async def spy(*a, **kw):
+        seen.append(kw.get("likely_nonempty", False))
+        return await real(*a, **kw)
+
+    server.storage.fetch = spy
+    await alice.enqueue(bob.identity_key, b"stored")
+    assert [m.data for m in await bob.fetch()] == [b"stored"]
+    assert await bob.fetch() == []
+    assert seen == [True, False]

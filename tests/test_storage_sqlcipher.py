@@ -618,6 +618,28 @@ async def test_failing_job_does_not_fail_its_group(store: SqlCipherStorage,
     assert await store.queue_depth(ALICE, b"") == 10
     assert await store.queue_depth(CAROL, b"") == 1
     assert await store.queue_depth(BOB, b"") == 3
+    # The refused enqueue left no trace: its seq reservation was undone.
+    assert (await enqueue_one(store, msg(CAROL, b"later"))).seq == 2
+
+
+async def test_unexpected_error_in_a_batch_reruns_it_job_by_job(
+    store: SqlCipherStorage, commits: Commits
+) -> None:
+    """A delivery job that fails in an unexpected way mid-transaction (here: a payload SQLite
+    cannot bind, after its seq was reserved) must not take its batch down or leave writes."""
+    gate = await hold_writer(store)
+    before = commits.count()
+    good = [asyncio.create_task(enqueue_one(store, msg(ALICE, b"%d" % i))) for i in range(3)]
+    bad = asyncio.create_task(enqueue_one(store, msg(BOB, object())))  # type: ignore[arg-type]
+    last = asyncio.create_task(enqueue_one(store, msg(ALICE, b"last")))
+    asyncio.get_running_loop().call_soon(gate.set)
+    results = await asyncio.gather(*good, bad, last, return_exceptions=True)
+    assert isinstance(results[3], StorageError), results[3]
+    assert [r.seq for r in results if isinstance(r, EnqueueOutcome)] == [1, 2, 3, 4]
+    assert commits.count() - before == 2  # the holder, then the batch (rerun once)
+    assert await store.queue_depth(ALICE, b"") == 4
+    assert await store.queue_depth(BOB, b"") == 0
+    assert (await enqueue_one(store, msg(BOB, b"ok"))).seq == 1
 
 
 async def test_failed_commit_fails_the_whole_batch(store: SqlCipherStorage) -> None:

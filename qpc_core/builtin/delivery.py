@@ -62,6 +62,9 @@ def proof_digest(recipient_key: bytes, channel_id: bytes, seq: int, payload: byt
     ).digest()
 
 
+MAX_FETCH_HINTS = 100_000
+
+
 class Waiter:
     """A parked FetchWait: its future and how much one response may carry."""
 
@@ -100,6 +103,9 @@ class Delivery:
         self.waiters: dict[tuple[bytes, bytes], set[Waiter]] = {}
         # Inboxes whose waiter in-flight Enqueues have claimed (no push needed meanwhile).
         self.claims: dict[tuple[bytes, bytes], Claim] = {}
+        # Inboxes of connected recipients that got messages stored since their last fetch:
+        # their next fetch goes straight to the writer (no emptiness check on a reader).
+        self.stored_since_fetch: set[tuple[bytes, bytes]] = set()
         self.channel_cache: dict[bytes, frozenset[bytes] | None] = {}
         # Inboxes whose owner's connections (by id) were already told "new messages" and have
         # not fetched since: one NEW_MESSAGE push per inbox and connection until the next
@@ -262,6 +268,11 @@ class Delivery:
             if out.duplicate or out.taken:
                 continue
             key = (msg.recipient_key, msg.channel_id)
+            if msg.recipient_key in app.by_identity:
+                hints = self.stored_since_fetch
+                if len(hints) >= MAX_FETCH_HINTS:  # only a hint: bounded by clearing
+                    hints.clear()
+                hints.add(key)
             if key in self.claims:
                 continue  # that FetchWait answers now; its client comes back for the rest
             if key in self.waiters:
@@ -363,12 +374,16 @@ class Delivery:
         self, recipient: bytes, channel: bytes, limit: int, remove: bool
     ) -> list[StoredMessage]:
         st = self.app.storage
+        key = (recipient, channel)
         # Forget the push before reading, so a message stored during the read is pushed.
-        self.notified.pop((recipient, channel), None)
+        self.notified.pop(key, None)
         now = time.time()
         n, cap = self.fetch_caps(limit)
         if remove:
-            return await st.fetch(recipient, channel, n, now=now, max_bytes=cap)
+            stored = key in self.stored_since_fetch
+            self.stored_since_fetch.discard(key)
+            return await st.fetch(recipient, channel, n, now=now, max_bytes=cap,
+                                  likely_nonempty=stored)
         return await st.peek(recipient, channel, n, now=now, max_bytes=cap)
 
     def _fetched(

@@ -121,12 +121,14 @@ class Storage(ABC):
     @abstractmethod
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0,
+        max_bytes: int = 0, likely_nonempty: bool = False,
     ) -> list[StoredMessage]:
         """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
 
         ``max_bytes`` (0 = no cap) stops before the payloads would exceed it, but the first
-        message is always returned so an inbox can never get stuck."""
+        message is always returned so an inbox can never get stuck.  ``likely_nonempty`` is a
+        hint (messages were stored since the last fetch): a backend that checks for an empty
+        inbox before starting a write may skip that check.  Results are the same either way."""
 
     @abstractmethod
     async def peek(

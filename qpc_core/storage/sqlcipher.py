@@ -189,8 +189,17 @@ _INBOX_RESERVE = (
     " SET next_seq = next_seq + ?3, depth = depth + ?3"
     " RETURNING next_seq - ?3, depth - ?3"
 )
-_INBOX_UNRESERVE_DEPTH = (
-    "UPDATE inboxes SET depth = depth - ?3 WHERE recipient_key = ?1 AND channel_id = ?2"
+_INBOX_UNRESERVE = (
+    "UPDATE inboxes SET next_seq = next_seq - ?3, depth = depth - ?4"
+    " WHERE recipient_key = ?1 AND channel_id = ?2"
+)
+# The same for an inbox a reader waits on: when it is empty, the ?3 new messages are handed
+# over instead of stored, so its depth stays 0.  Returns (first seq, depth after).
+_INBOX_RESERVE_TAKE = (
+    "INSERT INTO inboxes (recipient_key, channel_id, next_seq, depth) VALUES (?1, ?2, 1 + ?3, 0)"
+    " ON CONFLICT (recipient_key, channel_id) DO UPDATE"
+    " SET next_seq = next_seq + ?3, depth = CASE WHEN depth = 0 THEN 0 ELSE depth + ?3 END"
+    " RETURNING next_seq - ?3, depth"
 )
 _INBOX_RESTORE_DEPTH = (
     "UPDATE inboxes SET depth = depth + 1 WHERE recipient_key = ? AND channel_id = ?"
@@ -357,24 +366,34 @@ def _enqueue_tx(
             idxs.append(i)
 
     taken: set[tuple[bytes, bytes]] = set()
+    reserved: list[tuple[bytes, bytes, int, int]] = []  # (recipient, channel, seqs, depth added)
     for inbox, idxs in fresh.items():
         recipient, channel = inbox
         k = len(idxs)
-        first, depth = execute(_INBOX_RESERVE, (recipient, channel, k)).fetchall()[0]
-        if depth == 0 and inbox in take:
-            # A reader is waiting on this empty inbox: hand the messages over instead of
-            # storing them (seq and dedup are kept; the queue stays empty).
-            execute(_INBOX_UNRESERVE_DEPTH, (recipient, channel, k))
-            taken.add(inbox)
-            for off, i in enumerate(idxs):
-                seqs[i] = first + off
-            continue
+        if inbox in take:
+            first, after = execute(_INBOX_RESERVE_TAKE, (recipient, channel, k)).fetchall()[0]
+            if after == 0:
+                # A reader is waiting on this empty inbox: the messages are handed over
+                # instead of stored (seq and dedup are kept; the queue stays empty).
+                taken.add(inbox)
+                reserved.append((recipient, channel, k, 0))
+                for off, i in enumerate(idxs):
+                    seqs[i] = first + off
+                continue
+            depth = after - k
+        else:
+            first, depth = execute(_INBOX_RESERVE, (recipient, channel, k)).fetchall()[0]
+        reserved.append((recipient, channel, k, k))
         if depth + k > max_depth:
             # Slow path: expired but not yet collected messages do not count.
             expired: int = execute(_COUNT_EXPIRED, (recipient, channel, now)).fetchone()[0]
             live = depth - expired
             if live + k > max_depth:
-                raise QueueFull(recipient, channel, live)  # the savepoint undoes everything
+                # Undo this call's reservations (nothing else was written yet), so the job
+                # leaves no trace without needing a savepoint of its own.
+                for r, c, n_seq, n_depth in reserved:
+                    execute(_INBOX_UNRESERVE, (r, c, n_seq, n_depth))
+                raise QueueFull(recipient, channel, live)
         for off, i in enumerate(idxs):
             seqs[i] = first + off
 
@@ -728,6 +747,13 @@ _Outcome = tuple["asyncio.Future[Any]", bool, Any]  # (future, ok, result or exc
 _STOP: Final = None
 
 
+#: Write jobs whose only expected failure (QueueFull) leaves no writes behind, so a batch
+#: needs no savepoint around them.
+_CLEAN_FAILING_JOBS: Final[frozenset[Callable[..., Any]]] = frozenset(
+    {_enqueue_tx, _fetch_tx, _ack_tx, _restore_tx}
+)
+
+
 class SqlCipherStorage(Storage):
     """SQLCipher 4 storage with a group-committing writer thread and a reader pool."""
 
@@ -1011,6 +1037,51 @@ class SqlCipherStorage(Storage):
 
     def _run_batch(self, conn: Conn, batch: list[_Job]) -> None:
         t0 = time.perf_counter()
+        if len(batch) > 1:
+            lean = self._run_lean(conn, batch)
+            if lean is not None:
+                self._deliver(lean, time.perf_counter() - t0)
+                return
+        self._run_savepoints(conn, batch, t0)
+
+    def _run_lean(self, conn: Conn, batch: list[_Job]) -> list[_Outcome] | None:
+        """One transaction for the batch with a savepoint only around jobs that are not known
+        to fail cleanly (two statements fewer per delivery job).  None: something unexpected
+        failed; everything was rolled back and the caller reruns the batch the careful way."""
+        execute = conn.execute
+        outcomes: list[_Outcome] = []
+        try:
+            execute("BEGIN IMMEDIATE")
+            for fn, args, fut in batch:
+                if fn in _CLEAN_FAILING_JOBS:
+                    try:
+                        outcomes.append((fut, True, fn(conn, *args)))
+                    except QueueFull as e:  # raised before, or after undoing, any write
+                        outcomes.append((fut, False, e))
+                    continue
+                execute("SAVEPOINT job")
+                try:
+                    result = fn(conn, *args)
+                except Exception as e:
+                    if not conn.in_transaction:
+                        raise
+                    execute("ROLLBACK TO job")
+                    execute("RELEASE job")
+                    outcomes.append((fut, False, _storage_error(e)))
+                else:
+                    execute("RELEASE job")
+                    outcomes.append((fut, True, result))
+            execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                try:
+                    execute("ROLLBACK")
+                except sqlcipher3.Error:
+                    log.exception("rollback after a failed transaction failed")
+            return None
+        return outcomes
+
+    def _run_savepoints(self, conn: Conn, batch: list[_Job], t0: float) -> None:
         execute = conn.execute
         outcomes: list[_Outcome] = []
         committed = False
@@ -1116,14 +1187,16 @@ class SqlCipherStorage(Storage):
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0,
+        max_bytes: int = 0, likely_nonempty: bool = False,
     ) -> list[StoredMessage]:
         """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
 
         ``max_bytes`` (0 = no limit) caps the summed payload size; the first message is
         returned even when it alone is larger, so an inbox can never get stuck."""
         # Cheap pre-check on a reader: idle long-polls never reach the writer.
-        if not await self._read(_has_messages, recipient_key, channel_id):
+        if not likely_nonempty and not await self._read(
+            _has_messages, recipient_key, channel_id
+        ):
             return []
         return await self._write(_fetch_tx, recipient_key, channel_id, limit, now, max_bytes)
 

@@ -109,6 +109,23 @@ def peer_address(quic: Any) -> tuple[str, int] | None:
     return None
 
 
+def hold_ack(quic: Any, until: float) -> None:
+    """Allow the pending application-data ACK to wait until ``until`` (loop time).
+
+    Used while requests of this connection are being answered: the answer, sent within a few
+    milliseconds, carries the ACK (see :func:`piggyback_acks`) instead of a separate ACK-only
+    packet going out after aioquic's 1 ms.  ``until`` must stay below the max_ack_delay the
+    endpoint advertised (aioquic: 25 ms), so the peer's loss detection is unaffected."""
+    spaces = getattr(quic, "_spaces", None)
+    if not spaces:
+        return
+    for epoch, space in spaces.items():
+        if getattr(epoch, "name", "") == "ONE_RTT":
+            if space.ack_at is not None and space.ack_at < until:
+                space.ack_at = until
+            return
+
+
 def piggyback_acks(quic: Any) -> None:
     """Let the packets about to be sent carry the pending ACK.
 

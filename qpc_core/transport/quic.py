@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 
@@ -34,6 +34,7 @@ from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
     Backend,
+    hold_ack,
     load_backend,
     peer_address,
     piggyback_acks,
@@ -54,6 +55,8 @@ ERR_NONE = 0
 ERR_PROTOCOL = 0x101
 ERR_CONNECTION_LIMIT = 0x102
 ERR_SHUTDOWN = 0x103
+# How long an ACK may wait for the answer it can ride on (below aioquic's max_ack_delay, 25 ms).
+ACK_HOLD_SECS = 0.015
 
 
 class _Stream:
@@ -174,6 +177,26 @@ class _ServerConnectionLogic(_ProtocolBase):
             self.transmit()
 
     # -- aioquic events ----------------------------------------------------------------------------
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # As the library's own, plus: while complete requests are being answered and no
+        # request is still arriving, their answers carry the ACK (no ACK-only packet 1 ms
+        # later).  Partially received requests (uploads) keep the prompt ACK.
+        now = self._loop.time()
+        quic = self._quic
+        quic.receive_datagram(cast(bytes, data), addr, now=now)
+        self._process_events()
+        running = False
+        for st in self.streams.values():
+            if st.task is None:
+                if not st.dead:
+                    running = False
+                    break
+            else:
+                running = True
+        if running:
+            hold_ack(quic, now + ACK_HOLD_SECS)
+        self.transmit()
+
     def quic_event_received(self, event: Any) -> None:
         # By class name: aioquic and qh3 have separate but identically named event classes.
         kind = type(event).__name__
