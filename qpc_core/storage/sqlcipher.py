@@ -26,6 +26,7 @@ Schema notes
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -795,7 +796,13 @@ class SqlCipherStorage(Storage):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = True  # until open() finished
         self._closing: asyncio.Future[None] | None = None
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Items are lists of jobs: the jobs queued during one event-loop turn travel (and
+        # wake the writer) together; None stops the writer.
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: list[_Job] = []
+        self._flush_scheduled = False
+        self._pending_reads: list[_Job] = []
+        self._read_flush_scheduled = False
         self._writer: threading.Thread | None = None
         self._writer_conn: Conn | None = None
         self._writer_stopped: asyncio.Future[None] | None = None
@@ -882,6 +889,7 @@ class SqlCipherStorage(Storage):
         self._closing = loop.create_future()
         self._closed = True
         try:
+            self._flush_pending()
             self._jobs.put(_STOP)  # queued writes before it still commit
             if self._writer_stopped is not None:
                 await asyncio.shield(self._writer_stopped)
@@ -933,32 +941,74 @@ class SqlCipherStorage(Storage):
 
         Synchronous on purpose: the job is queued before the caller's first suspension."""
         self._check_open()
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((fn, args, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._pending.append((fn, args, fut))
+        if not self._flush_scheduled:
+            # One hand-over (and one writer wake-up) per loop turn, not per job: waking the
+            # writer thread per job cost two context switches each on a busy core.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_pending)
+        return fut
+
+    def _flush_pending(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        jobs, self._pending = self._pending, []
+        self._jobs.put(jobs)
         if self._writer_error is not None:  # the writer died meanwhile: do not hang
             self._fail_queued(self._writer_error)
-        return fut
 
     async def _read(self, fn: Callable[[Conn, *Ts], T], *args: *Ts) -> T:
         self._check_open()
-        assert self._readers is not None
         loop = asyncio.get_running_loop()
-        seconds, result = await loop.run_in_executor(self._readers, self._run_read, fn, args)
+        fut: asyncio.Future[tuple[float, T]] = loop.create_future()
+        self._pending_reads.append((fn, args, fut))
+        if not self._read_flush_scheduled:  # one hand-over per loop turn, as for writes
+            self._read_flush_scheduled = True
+            loop.call_soon(self._flush_reads)
+        seconds, result = await fut
         if self._observer is not None:
             self._observe("read", seconds)
         return result
 
-    def _run_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[float, T]:
+    def _flush_reads(self) -> None:
+        self._read_flush_scheduled = False
+        reads, self._pending_reads = self._pending_reads, []
+        if not reads:
+            return
+        try:
+            assert self._readers is not None
+            self._readers.submit(self._run_reads, reads)
+        except (RuntimeError, AssertionError) as e:  # pool shut down (closing)
+            for _fn, _args, fut in reads:
+                _settle(fut, False, StorageError(f"storage is closed: {e}"))
+
+    def _run_reads(self, reads: list[_Job]) -> None:
+        """Run the reads of one loop turn on one reader connection (a reader thread)."""
+        outcomes: list[_Outcome] = []
         conn = self._idle_readers.get()
         try:
-            t0 = time.perf_counter()
-            try:
-                result = fn(conn, *args)
-            except sqlcipher3.Error as e:
-                raise StorageError(f"database error: {e}") from e
-            return time.perf_counter() - t0, result
+            for fn, args, fut in reads:
+                t0 = time.perf_counter()
+                try:
+                    result = fn(conn, *args)
+                except sqlcipher3.Error as e:
+                    err = StorageError(f"database error: {e}")
+                    err.__cause__ = e
+                    outcomes.append((fut, False, err))
+                except Exception as e:
+                    outcomes.append((fut, False, e))
+                else:
+                    outcomes.append((fut, True, (time.perf_counter() - t0, result)))
         finally:
             self._idle_readers.put(conn)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._resolve, outcomes, None)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _observe(self, operation: str, seconds: float) -> None:
         observer = self._observer
@@ -1009,30 +1059,38 @@ class SqlCipherStorage(Storage):
     def _writer_loop(self, conn: Conn) -> None:
         jobs = self._jobs
         max_batch = self._max_batch if self._group_commit else 1
+        backlog: collections.deque[_Job] = collections.deque()
+        stop = False
         while True:
-            job = jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            stop = False
-            while len(batch) < max_batch:
+            if not backlog:
+                if stop:
+                    return
+                item = jobs.get()
+                if item is None:
+                    return
+                backlog.extend(item)
+            while not stop and len(backlog) < max_batch:
                 try:
-                    nxt = jobs.get_nowait()
+                    item = jobs.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
+                if item is None:
                     stop = True
-                    break
-                batch.append(nxt)
+                else:
+                    backlog.extend(item)
+            batch = [backlog.popleft() for _ in range(min(max_batch, len(backlog)))]
             try:
                 self._run_batch(conn, batch)
             except BaseException as e:
                 self._deliver(
-                    [(j[2], False, StorageError(f"storage writer failed: {e}")) for j in batch],
+                    [
+                        (j[2], False, StorageError(f"storage writer failed: {e}"))
+                        for j in (*batch, *backlog)
+                    ],
                     None,
                 )
                 raise
-            if stop:
+            if stop and not backlog:
                 return
 
     def _run_batch(self, conn: Conn, batch: list[_Job]) -> None:
@@ -1161,10 +1219,10 @@ class SqlCipherStorage(Storage):
         outcomes: list[_Outcome] = []
         while True:
             try:
-                job = self._jobs.get_nowait()
+                item = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            for job in item or ():
                 outcomes.append((job[2], False, StorageError(f"storage writer failed: {error}")))
         if outcomes:
             self._deliver(outcomes, None)

@@ -109,6 +109,11 @@ def peer_address(quic: Any) -> tuple[str, int] | None:
     return None
 
 
+#: How long an ACK may wait for an outgoing packet to ride on (below the 25 ms max_ack_delay
+#: that aioquic and qh3 1.x advertise, so the peer's loss detection is unaffected).
+ACK_HOLD_SECS = 0.015
+
+
 def hold_ack(quic: Any, until: float) -> None:
     """Allow the pending application-data ACK to wait until ``until`` (loop time).
 

@@ -33,6 +33,7 @@ from qpc_core.framing import (
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
+    ACK_HOLD_SECS,
     Backend,
     hold_ack,
     load_backend,
@@ -55,8 +56,6 @@ ERR_NONE = 0
 ERR_PROTOCOL = 0x101
 ERR_CONNECTION_LIMIT = 0x102
 ERR_SHUTDOWN = 0x103
-# How long an ACK may wait for the answer it can ride on (below aioquic's max_ack_delay, 25 ms).
-ACK_HOLD_SECS = 0.015
 
 
 class _Stream:
