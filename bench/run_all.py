@@ -140,17 +140,34 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
                                                4)
             out[n]["qpc"] = r
             rows.append({"figure": "throughput", "system": "qpc", **r})
-        # Figure 2: open-loop latency at 25/50/75% of the capacity measured at 50 clients.
+        # Figure 2: open-loop latency at 25/50/75% of capacity, for two readings of
+        # "capacity": the closed-loop figure above at 50 clients (pipelined bursts, which
+        # batch), and the highest evenly spaced open-loop rate the server keeps up with
+        # (found by stepping the rate; "keeps up" = delivers >= 97% of the offered rate).
         cap_n = 50 if 50 in out else 2
         capacity = out[cap_n]["qpc"]["msgs_per_sec"]
-        for frac in (0.25, 0.5, 0.75):
-            rate = max(10.0, capacity * frac)
-            count = int(rate * (10 if not QUICK else 4))
-            r = qpc.load("deliver", "--clients", str(cap_n), "--count", str(count), "--rate",
-                         str(rate), "--seconds", "40")
-            r["fraction_of_capacity"] = frac
-            rows.append({"figure": "latency", "system": "qpc", **r})
-            out.setdefault(-1, {})[frac] = r  # type: ignore[index]
+        open_cap = 0.0
+        for step in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            rate = max(10.0, capacity * step)
+            r = qpc.load("deliver", "--clients", str(cap_n), "--count", str(int(rate * 4)),
+                         "--rate", str(rate), "--seconds", "30")
+            r["step_of_closed_loop_capacity"] = step
+            rows.append({"figure": "open_loop_capacity_search", "system": "qpc", **r})
+            out.setdefault(-4, []).append(r)  # type: ignore[index, attr-defined]
+            if r["msgs_per_sec"] < 0.97 * rate or r["delivered"] < r["sent"]:
+                break
+            open_cap = rate
+        out[-3] = {"closed_loop": capacity, "open_loop": open_cap}  # type: ignore[index]
+        for basis, cap, slot in (("closed_loop", capacity, -1), ("open_loop", open_cap, -2)):
+            for frac in (0.25, 0.5, 0.75):
+                rate = max(10.0, cap * frac)
+                count = int(rate * (10 if not QUICK else 4))
+                r = qpc.load("deliver", "--clients", str(cap_n), "--count", str(count),
+                             "--rate", str(rate), "--seconds", "40")
+                r["fraction_of_capacity"] = frac
+                r["capacity_basis"] = basis
+                rows.append({"figure": "latency", "system": "qpc", **r})
+                out.setdefault(slot, {})[frac] = r  # type: ignore[index]
     finally:
         qpc.stop()
     return out
@@ -338,13 +355,18 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
         lines.append(f"| {n} | {e['req_per_sec']:.0f} | {q['msgs_per_sec']:.0f} | "
                      f"{q['msgs_per_sec'] / e['req_per_sec']:.2f} | {q['latency_ms']['p50']:.1f}"
                      f" | {q['latency_ms']['p99']:.1f} | {q['server_cpu_ms_per_msg']:.3f} |")
+    caps = tp.get(-3, {})
     lines += ["", "## 2. Delivery latency, open loop (fraction of measured capacity)", "",
-              "| load | rate msg/s | delivered | p50 ms | p99 ms | p99.9 ms |",
-              "|---|---|---|---|---|---|"]
-    for frac, r in sorted(tp.get(-1, {}).items()):
-        lat = r["latency_ms"]
-        lines.append(f"| {int(frac * 100)}% | {r['rate']:.0f} | {r['delivered']} | "
-                     f"{lat['p50']:.1f} | {lat['p99']:.1f} | {lat['p99.9']:.1f} |")
+              f"Capacity, two readings: closed loop at 50 clients (figure 1) "
+              f"{caps.get('closed_loop', 0):.0f} msg/s; highest evenly spaced open-loop rate "
+              f"kept up with {caps.get('open_loop', 0):.0f} msg/s.", "",
+              "| capacity basis | load | rate msg/s | delivered | p50 ms | p99 ms | p99.9 ms |",
+              "|---|---|---|---|---|---|---|"]
+    for slot, basis in ((-1, "closed loop"), (-2, "open loop")):
+        for frac, r in sorted(tp.get(slot, {}).items()):
+            lat = r["latency_ms"]
+            lines.append(f"| {basis} | {int(frac * 100)}% | {r['rate']:.0f} | {r['delivered']} | "
+                         f"{lat['p50']:.1f} | {lat['p99']:.1f} | {lat['p99.9']:.1f} |")
     lines += ["", "## 3. Handshakes", "",
               "| concurrency | echo hs/s | qpc hs/s | echo p95 ms | qpc p95 ms | "
               "echo CPU ms/hs | qpc CPU ms/hs | CPU ratio |", "|---|---|---|---|---|---|---|---|"]
@@ -398,7 +420,7 @@ def chart(tp: dict[Any, Any], path: Path) -> None:
     except ImportError:
         return
     ns = sorted(k for k in tp if isinstance(k, int) and k > 0)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
     a1.plot(ns, [tp[n]["echo"]["req_per_sec"] for n in ns], "o-", label="bare echo req/s")
     a1.plot(ns, [tp[n]["qpc"]["msgs_per_sec"] for n in ns], "o-", label="qpc msg/s")
     a1.set_xscale("log")
@@ -412,8 +434,18 @@ def chart(tp: dict[Any, Any], path: Path) -> None:
     a2.set_yscale("log")
     a2.set_xlabel("clients")
     a2.set_ylabel("ms")
-    a2.set_title("latency")
+    a2.set_title("latency (closed loop)")
     a2.legend()
+    steps = [r for r in tp.get(-4, []) if r.get("rate")]
+    if steps:
+        rates = [r["rate"] for r in steps]
+        a3.plot(rates, [r["latency_ms"]["p50"] for r in steps], "o-", label="p50")
+        a3.plot(rates, [r["latency_ms"]["p99"] for r in steps], "o-", label="p99")
+        a3.set_yscale("log")
+        a3.set_xlabel("offered msg/s (open loop, 50 clients)")
+        a3.set_ylabel("ms")
+        a3.set_title("latency against offered rate")
+        a3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

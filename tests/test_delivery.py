@@ -485,3 +485,63 @@ async def test_fetch_after_a_store_skips_the_emptiness_check(server, connect) ->
     assert [m.data for m in await bob.fetch()] == [b"stored"]
     assert await bob.fetch() == []
     assert seen == [True, False]
+
+
+async def test_stored_message_wakes_other_waiters_during_a_hand_off(server, connect) -> None:
+    """While one FetchWait is being handed a message, a second message that cannot join that
+    hand-off (the first waiter asked for one message) is stored and must wake the other
+    FetchWait parked on the same inbox (two devices of one identity), not wait for its
+    timeout."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    d = server.state["delivery"]
+    alice = await connect(server)
+    key = Ed25519PrivateKey.generate()
+    bob1 = await connect(server, identity=key)
+    bob2 = await connect(server, identity=key)
+    inbox = (bob1.identity_key, b"")
+    changed = asyncio.Event()
+
+    class Watched(dict):
+        def setdefault(self, k, default=None):
+            changed.set()
+            return super().setdefault(k, default)
+
+    d.waiters = Watched(d.waiters)
+    real_join = d.join_claim
+
+    def join(k, size):
+        changed.set()
+        return real_join(k, size)
+
+    d.join_claim = join
+
+    async def until(cond) -> None:
+        while not cond():
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), 10)
+
+    real = server.storage.enqueue
+    gate = asyncio.Event()
+
+    async def held_first(messages, **kw):
+        if kw.get("take"):
+            await gate.wait()  # keep the first hand-off in flight
+        return await real(messages, **kw)
+
+    server.storage.enqueue = held_first
+    w1 = asyncio.ensure_future(bob1.fetch_wait(20_000, limit=1))
+    w2 = asyncio.ensure_future(bob2.fetch_wait(20_000, limit=1))
+    await until(lambda: len(d.waiters.get(inbox, ())) == 2)
+    first = asyncio.ensure_future(alice.enqueue(bob1.identity_key, b"one"))
+    await until(lambda: inbox in d.claims)
+    second = await alice.enqueue(bob1.identity_key, b"two")  # stored, not joined
+    done, _ = await asyncio.wait([w1, w2], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert done, "the other parked FetchWait was not woken by the stored message"
+    got = [m for t in done for m in t.result()]
+    assert [(m.seq, m.data) for m in got] == [(second.seq, b"two")]
+    gate.set()
+    r1 = await first
+    rest = [t for t in (w1, w2) if t not in done]
+    assert [(m.seq, m.data) for m in await asyncio.wait_for(rest[0], 10)] == [(r1.seq, b"one")]
+    server.storage.enqueue = real

@@ -42,7 +42,7 @@ from qpc_core.framing import (
 )
 from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
-from qpc_core.transport.backend import ACK_HOLD_SECS, hold_ack, piggyback_acks
+from qpc_core.transport.backend import hold_ack, piggyback_acks
 
 M = TypeVar("M", bound=Message)
 
@@ -76,7 +76,7 @@ class _ClientProtocol(QuicConnectionProtocol):
         quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
         if self.waiters and not self._receiving():
-            hold_ack(quic, now + ACK_HOLD_SECS)
+            hold_ack(quic, now)
         self.transmit()
 
     def _receiving(self) -> bool:

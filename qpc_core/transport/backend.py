@@ -112,22 +112,28 @@ def peer_address(quic: Any) -> tuple[str, int] | None:
 #: How long an ACK may wait for an outgoing packet to ride on (below the 25 ms max_ack_delay
 #: that aioquic and qh3 1.x advertise, so the peer's loss detection is unaffected).
 ACK_HOLD_SECS = 0.015
+# aioquic schedules an ACK at most 1 ms after the packet that needs it; anything later than
+# this is already held.
+_NOT_HELD = 0.002
 
 
-def hold_ack(quic: Any, until: float) -> None:
-    """Allow the pending application-data ACK to wait until ``until`` (loop time).
+def hold_ack(quic: Any, now: float) -> None:
+    """Let a pending application-data ACK wait up to :data:`ACK_HOLD_SECS` for a packet to
+    ride on.
 
-    Used while requests of this connection are being answered: the answer, sent within a few
-    milliseconds, carries the ACK (see :func:`piggyback_acks`) instead of a separate ACK-only
-    packet going out after aioquic's 1 ms.  ``until`` must stay below the max_ack_delay the
-    endpoint advertised (aioquic: 25 ms), so the peer's loss detection is unaffected."""
+    Used while answers (server) or further requests (client) are about to be sent: they carry
+    the ACK (see :func:`piggyback_acks`) instead of a separate ACK-only packet going out after
+    aioquic's 1 ms.  An ACK that is already being held is not postponed again, so no ACK waits
+    longer than the hold (plus aioquic's 1 ms), below the max_ack_delay the endpoint
+    advertised (25 ms): the peer's loss detection never fires because of it."""
     spaces = getattr(quic, "_spaces", None)
     if not spaces:
         return
     for epoch, space in spaces.items():
         if getattr(epoch, "name", "") == "ONE_RTT":
-            if space.ack_at is not None and space.ack_at < until:
-                space.ack_at = until
+            ack_at = space.ack_at
+            if ack_at is not None and ack_at <= now + _NOT_HELD:
+                space.ack_at = ack_at + ACK_HOLD_SECS
             return
 
 

@@ -33,7 +33,6 @@ from qpc_core.framing import (
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
-    ACK_HOLD_SECS,
     Backend,
     hold_ack,
     load_backend,
@@ -193,7 +192,7 @@ class _ServerConnectionLogic(_ProtocolBase):
             else:
                 running = True
         if running:
-            hold_ack(quic, now + ACK_HOLD_SECS)
+            hold_ack(quic, now)
         self.transmit()
 
     def quic_event_received(self, event: Any) -> None:
