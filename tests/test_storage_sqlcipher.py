@@ -243,6 +243,31 @@ async def test_queue_full_is_all_or_nothing(store: SqlCipherStorage) -> None:
     assert await store.queue_depth(CAROL, b"") == 0
 
 
+async def test_single_enqueue_queue_full_and_duplicates(store: SqlCipherStorage) -> None:
+    """The one-message path (reserve, then claim the id): a full queue leaves neither the id
+    nor the seq behind, and a retry of an already stored message is a duplicate even when
+    the queue is full."""
+    mid, other = b"d" * 16, b"e" * 16
+    kept = await enqueue_one(store, msg(ALICE, b"1", message_id=mid), max_depth=1)
+    assert kept == EnqueueOutcome(1, False)
+    with pytest.raises(QueueFull) as info:
+        await enqueue_one(store, msg(ALICE, b"2", message_id=other), max_depth=1)
+    assert info.value.depth == 1
+    # the retry of the stored one: its original seq, not "queue full"
+    assert await enqueue_one(store, msg(ALICE, b"1", message_id=mid),
+                             max_depth=1) == EnqueueOutcome(1, True)
+    assert await store.queue_depth(ALICE, b"") == 1
+    await store.ack(ALICE, b"", 1)
+    # the refused one was not remembered and did not use up a seq
+    assert await enqueue_one(store, msg(ALICE, b"2", message_id=other),
+                             max_depth=1) == EnqueueOutcome(2, False)
+    # a duplicate offered to a waiting reader is still a duplicate (and nothing is taken)
+    (t,) = await store.enqueue([msg(ALICE, b"2", message_id=other)], max_depth=BIG,
+                               dedup_since=0.0, take=[(ALICE, b"")])
+    assert (t.seq, t.duplicate, t.taken) == (2, True, False)
+    assert (await enqueue_one(store, msg(ALICE, b"3"))).seq == 3
+
+
 async def test_queue_full_ignores_expired_messages(store: SqlCipherStorage) -> None:
     past = time.time() - 10
     await store.enqueue([msg(ALICE, b"old", expires_at=past)] * 2, max_depth=2, dedup_since=0)

@@ -213,6 +213,16 @@ _MESSAGE_INSERT = (
     "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+# Claim a message id for an inbox: inserts, or replaces a record older than the window
+# (?6); changes() == 0 means a record inside the window exists, i.e. a duplicate.
+_DEDUP_CLAIM = (
+    "INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
+    " VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE"
+    " SET seq = excluded.seq, created_at = excluded.created_at WHERE dedup.created_at < ?6"
+)
+_DEDUP_DELETE = (
+    "DELETE FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ?"
+)
 _DEDUP_UPSERT = (
     "INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE"
@@ -333,10 +343,52 @@ def _storage_error(e: BaseException) -> BaseException:
 # -- jobs (run on a worker thread with a connection) ---------------------------------------------
 
 
+def _enqueue_one(
+    conn: Conn, m: NewMessage, max_depth: int, dedup_since: float, take_it: bool
+) -> EnqueueOutcome:
+    """One message (Enqueue, the hot path): two or three statements instead of four.
+
+    The seq is reserved first and the dedup record claimed with one conditional upsert
+    (inserted, or a record older than the window replaced: ``changes() == 1``); a fresh
+    record means a duplicate, and the reservation is undone.  Same results as the general
+    path; nothing is left behind when it raises QueueFull."""
+    now = time.time()
+    execute = conn.execute
+    recipient, channel, mid = m.recipient_key, m.channel_id, m.message_id
+    if take_it:
+        first, after = execute(_INBOX_RESERVE_TAKE, (recipient, channel, 1)).fetchall()[0]
+        taken = after == 0
+        depth = 0 if taken else after - 1
+    else:
+        first, depth = execute(_INBOX_RESERVE, (recipient, channel, 1)).fetchall()[0]
+        taken = False
+    added = 0 if taken else 1
+    if mid and execute(_DEDUP_CLAIM, (recipient, channel, mid, first, now, dedup_since)
+                       ).rowcount == 0:
+        execute(_INBOX_UNRESERVE, (recipient, channel, 1, added))
+        row = execute(_DEDUP_FIND, (recipient, channel, mid, dedup_since)).fetchone()
+        return EnqueueOutcome(int(row[0]), True)
+    if not taken and depth + 1 > max_depth:
+        expired: int = execute(_COUNT_EXPIRED, (recipient, channel, now)).fetchone()[0]
+        live = depth - expired
+        if live + 1 > max_depth:
+            execute(_INBOX_UNRESERVE, (recipient, channel, 1, 1))
+            if mid:
+                execute(_DEDUP_DELETE, (recipient, channel, mid))
+            raise QueueFull(recipient, channel, live)
+    if not taken:
+        execute(_MESSAGE_INSERT, (recipient, channel, first, m.expires_at, now, m.payload))
+    return EnqueueOutcome(first, False, taken)
+
+
 def _enqueue_tx(
     conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float,
     take: Collection[tuple[bytes, bytes]] = (),
 ) -> list[EnqueueOutcome]:
+    if len(msgs) == 1:
+        m = msgs[0]
+        take_it = bool(take) and (m.recipient_key, m.channel_id) in take
+        return [_enqueue_one(conn, m, max_depth, dedup_since, take_it)]
     now = time.time()
     execute = conn.execute
     n = len(msgs)
