@@ -791,3 +791,21 @@ async def test_restore_puts_a_taken_message_back_in_order(store: SqlCipherStorag
     got = await store.fetch(ALICE, CHAN, 0, now=time.time())
     assert [(x.seq, x.payload) for x in got] == [(t.seq, b"undelivered"), (later.seq, b"later")]
     assert await store.queue_depth(ALICE, CHAN) == 0
+
+
+async def test_calls_from_another_event_loop_thread(store: SqlCipherStorage) -> None:
+    """Calls are batched per turn of the storage's own loop; a call from another loop (in
+    another thread) is handed over directly and answered on that loop."""
+
+    def other_thread() -> tuple[EnqueueOutcome, int]:
+        async def work() -> tuple[EnqueueOutcome, int]:
+            out = await enqueue_one(store, msg(BOB, b"from elsewhere"))
+            return out, await store.queue_depth(BOB, b"")
+
+        return asyncio.run(work())
+
+    mine = await enqueue_one(store, msg(ALICE, b"here"))
+    theirs, depth = await asyncio.to_thread(other_thread)
+    assert (mine.seq, theirs.seq, depth) == (1, 1, 1)
+    assert [m.payload for m in await store.fetch(BOB, b"", 0, now=time.time())] == [
+        b"from elsewhere"]

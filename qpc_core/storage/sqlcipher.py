@@ -995,6 +995,11 @@ class SqlCipherStorage(Storage):
         self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        if loop is not self._loop:  # another loop (or thread): hand over at once
+            self._jobs.put([(fn, args, fut)])
+            if self._writer_error is not None:
+                self._fail_queued(self._writer_error)
+            return fut
         self._pending.append((fn, args, fut))
         if not self._flush_scheduled:
             # One hand-over (and one writer wake-up) per loop turn, not per job: waking the
@@ -1016,6 +1021,13 @@ class SqlCipherStorage(Storage):
         self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[float, T]] = loop.create_future()
+        if loop is not self._loop:  # another loop (or thread): hand over at once
+            assert self._readers is not None
+            self._readers.submit(self._run_reads, [(fn, args, fut)])
+            seconds, result = await fut
+            if self._observer is not None:
+                self._observe("read", seconds)
+            return result
         self._pending_reads.append((fn, args, fut))
         if not self._read_flush_scheduled:  # one hand-over per loop turn, as for writes
             self._read_flush_scheduled = True
@@ -1056,11 +1068,7 @@ class SqlCipherStorage(Storage):
                     outcomes.append((fut, True, (time.perf_counter() - t0, result)))
         finally:
             self._idle_readers.put(conn)
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(self._resolve, outcomes, None)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
+            self._deliver(outcomes, None)  # to each future's own loop
 
     def _observe(self, operation: str, seconds: float) -> None:
         observer = self._observer
