@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -42,7 +42,7 @@ from qpc_core.framing import (
 )
 from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
-from qpc_core.transport.backend import hold_ack, piggyback_acks
+from qpc_core.transport.backend import piggyback_acks, receive_holding_ack
 
 M = TypeVar("M", bound=Message)
 
@@ -69,22 +69,17 @@ class _ClientProtocol(QuicConnectionProtocol):
         self._transmit_pending = False
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        # As aioquic's own, plus: while calls are outstanding and no answer or push is half
-        # received, the ACK waits for the next request to carry it (see the server side).
-        now = self._loop.time()
-        quic = self._quic
-        quic.receive_datagram(cast(bytes, data), addr, now=now)
-        self._process_events()
-        if self.waiters and not self._receiving():
-            hold_ack(quic, now)
-        self.transmit()
+        receive_holding_ack(self, data, addr, self._waiting)
 
-    def _receiving(self) -> bool:
-        """True while an answer or a push is partly received (bulk data: ACK promptly)."""
+    def _waiting(self) -> bool:
+        """Calls are outstanding (the next request may carry the ACK) and no answer or push is
+        partly received (bulk data needs the prompt ACK)."""
+        if not self.waiters:
+            return False
         for dec, _fut in self.waiters.values():
             if (len(dec) if isinstance(dec, bytearray) else dec.buffered) > 0:
-                return True
-        return any(d.buffered > 0 for d in self.push_decoders.values())
+                return False
+        return not any(d.buffered > 0 for d in self.push_decoders.values())
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):

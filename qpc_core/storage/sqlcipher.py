@@ -800,6 +800,32 @@ _Outcome = tuple["asyncio.Future[Any]", bool, Any]  # (future, ok, result or exc
 _STOP: Final = None
 
 
+def _in_savepoint(conn: Conn, fn: Callable[..., Any], args: tuple[Any, ...],
+                  fut: asyncio.Future[Any]) -> _Outcome:
+    """Run one job of a batch inside its own savepoint: its failure undoes only its writes."""
+    execute = conn.execute
+    execute("SAVEPOINT job")
+    try:
+        result = fn(conn, *args)
+    except Exception as e:
+        if not conn.in_transaction:
+            # SQLite rolled the whole transaction back (e.g. disk full).
+            raise StorageError(f"transaction aborted: {e}") from e
+        execute("ROLLBACK TO job")
+        execute("RELEASE job")
+        return (fut, False, _storage_error(e))
+    execute("RELEASE job")
+    return (fut, True, result)
+
+
+def _rollback(conn: Conn) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlcipher3.Error:
+            log.exception("rollback after a failed transaction failed")
+
+
 #: Write jobs whose only expected failure (QueueFull) leaves no writes behind, so a batch
 #: needs no savepoint around them.
 _CLEAN_FAILING_JOBS: Final[frozenset[Callable[..., Any]]] = frozenset(
@@ -996,9 +1022,7 @@ class SqlCipherStorage(Storage):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         if loop is not self._loop:  # another loop (or thread): hand over at once
-            self._jobs.put([(fn, args, fut)])
-            if self._writer_error is not None:
-                self._fail_queued(self._writer_error)
+            self._hand_to_writer([(fn, args, fut)])
             return fut
         self._pending.append((fn, args, fut))
         if not self._flush_scheduled:
@@ -1013,6 +1037,9 @@ class SqlCipherStorage(Storage):
         if not self._pending:
             return
         jobs, self._pending = self._pending, []
+        self._hand_to_writer(jobs)
+
+    def _hand_to_writer(self, jobs: list[_Job]) -> None:
         self._jobs.put(jobs)
         if self._writer_error is not None:  # the writer died meanwhile: do not hang
             self._fail_queued(self._writer_error)
@@ -1022,16 +1049,12 @@ class SqlCipherStorage(Storage):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[float, T]] = loop.create_future()
         if loop is not self._loop:  # another loop (or thread): hand over at once
-            assert self._readers is not None
-            self._readers.submit(self._run_reads, [(fn, args, fut)])
-            seconds, result = await fut
-            if self._observer is not None:
-                self._observe("read", seconds)
-            return result
-        self._pending_reads.append((fn, args, fut))
-        if not self._read_flush_scheduled:  # one hand-over per loop turn, as for writes
-            self._read_flush_scheduled = True
-            loop.call_soon(self._flush_reads)
+            self._hand_to_readers([(fn, args, fut)])
+        else:
+            self._pending_reads.append((fn, args, fut))
+            if not self._read_flush_scheduled:  # one hand-over per loop turn, as for writes
+                self._read_flush_scheduled = True
+                loop.call_soon(self._flush_reads)
         seconds, result = await fut
         if self._observer is not None:
             self._observe("read", seconds)
@@ -1040,12 +1063,15 @@ class SqlCipherStorage(Storage):
     def _flush_reads(self) -> None:
         self._read_flush_scheduled = False
         reads, self._pending_reads = self._pending_reads, []
-        if not reads:
-            return
+        if reads:
+            self._hand_to_readers(reads)
+
+    def _hand_to_readers(self, reads: list[_Job]) -> None:
         try:
-            assert self._readers is not None
+            if self._readers is None:
+                raise RuntimeError("no reader pool")
             self._readers.submit(self._run_reads, reads)
-        except (RuntimeError, AssertionError) as e:  # pool shut down (closing)
+        except RuntimeError as e:  # pool shut down (closing)
             for _fn, _args, fut in reads:
                 _settle(fut, False, StorageError(f"storage is closed: {e}"))
 
@@ -1177,25 +1203,10 @@ class SqlCipherStorage(Storage):
                     except QueueFull as e:  # raised before, or after undoing, any write
                         outcomes.append((fut, False, e))
                     continue
-                execute("SAVEPOINT job")
-                try:
-                    result = fn(conn, *args)
-                except Exception as e:
-                    if not conn.in_transaction:
-                        raise
-                    execute("ROLLBACK TO job")
-                    execute("RELEASE job")
-                    outcomes.append((fut, False, _storage_error(e)))
-                else:
-                    execute("RELEASE job")
-                    outcomes.append((fut, True, result))
+                outcomes.append(_in_savepoint(conn, fn, args, fut))
             execute("COMMIT")
         except Exception:
-            if conn.in_transaction:
-                try:
-                    execute("ROLLBACK")
-                except sqlcipher3.Error:
-                    log.exception("rollback after a failed transaction failed")
+            _rollback(conn)
             return None
         return outcomes
 
@@ -1217,29 +1228,12 @@ class SqlCipherStorage(Storage):
                     execute("COMMIT")
                     committed = True
             else:
-                for fn, args, fut in batch:
-                    execute("SAVEPOINT job")
-                    try:
-                        result = fn(conn, *args)
-                    except Exception as e:
-                        if not conn.in_transaction:
-                            # SQLite rolled the whole transaction back (e.g. disk full).
-                            raise StorageError(f"transaction aborted: {e}") from e
-                        execute("ROLLBACK TO job")
-                        execute("RELEASE job")
-                        outcomes.append((fut, False, _storage_error(e)))
-                    else:
-                        execute("RELEASE job")
-                        outcomes.append((fut, True, result))
+                outcomes = [_in_savepoint(conn, fn, args, fut) for fn, args, fut in batch]
                 execute("COMMIT")
                 committed = True
         except Exception as e:
             # BEGIN, a savepoint or COMMIT failed: the whole batch fails, nothing is kept.
-            if conn.in_transaction:
-                try:
-                    execute("ROLLBACK")
-                except sqlcipher3.Error:
-                    log.exception("rollback after a failed transaction failed")
+            _rollback(conn)
             outcomes = []
             for _fn, _args, fut in batch:
                 err = StorageError(f"transaction failed: {e}")

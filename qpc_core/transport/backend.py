@@ -19,8 +19,9 @@ advertises, the peer address and ACK piggybacking.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from qpc_core.transport.certs import TlsMaterial
@@ -135,6 +136,19 @@ def hold_ack(quic: Any, now: float) -> None:
             if ack_at is not None and ack_at <= now + _NOT_HELD:
                 space.ack_at = ack_at + ACK_HOLD_SECS
             return
+
+
+def receive_holding_ack(protocol: Any, data: bytes | str, addr: Any,
+                        may_hold: Callable[[], bool]) -> None:
+    """An asyncio QUIC protocol's ``datagram_received`` (receive, dispatch events, send),
+    plus :func:`hold_ack` when ``may_hold()`` says a packet of ours will follow shortly."""
+    now = protocol._loop.time()
+    quic = protocol._quic
+    quic.receive_datagram(cast(bytes, data), addr, now=now)
+    protocol._process_events()
+    if may_hold():
+        hold_ack(quic, now)
+    protocol.transmit()
 
 
 def piggyback_acks(quic: Any) -> None:

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 
@@ -34,10 +34,10 @@ from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
     Backend,
-    hold_ack,
     load_backend,
     peer_address,
     piggyback_acks,
+    receive_holding_ack,
     set_stream_limits,
 )
 from qpc_core.transport.certs import resolve_tls
@@ -176,24 +176,18 @@ class _ServerConnectionLogic(_ProtocolBase):
 
     # -- aioquic events ----------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        # As the library's own, plus: while complete requests are being answered and no
-        # request is still arriving, their answers carry the ACK (no ACK-only packet 1 ms
-        # later).  Partially received requests (uploads) keep the prompt ACK.
-        now = self._loop.time()
-        quic = self._quic
-        quic.receive_datagram(cast(bytes, data), addr, now=now)
-        self._process_events()
-        running = False
+        receive_holding_ack(self, data, addr, self._answering)
+
+    def _answering(self) -> bool:
+        """Requests are being answered (their answers will carry the ACK) and none is still
+        arriving (a partly received request, e.g. an upload, needs the prompt ACK)."""
+        busy = False
         for st in self.streams.values():
-            if st.task is None:
-                if not st.dead:
-                    running = False
-                    break
-            else:
-                running = True
-        if running:
-            hold_ack(quic, now)
-        self.transmit()
+            if st.task is not None:
+                busy = True
+            elif not st.dead:
+                return False
+        return busy
 
     def quic_event_received(self, event: Any) -> None:
         # By class name: aioquic and qh3 have separate but identically named event classes.
