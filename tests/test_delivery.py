@@ -386,24 +386,28 @@ async def test_one_push_per_inbox_until_fetched(server, connect) -> None:
     assert common_pb2.NewMessageEvent.FromString(push.payload).seq == r3.seq + 1
 
 
-async def parked(d, key) -> None:
-    """Wait until a FetchWait is parked on inbox ``key`` (event-driven, no sleeps)."""
+def watch_parking(monkeypatch) -> asyncio.Event:
+    """An event set each time a FetchWait parks (found its inbox empty and now waits)."""
     changed = asyncio.Event()
+    real_park = delivery_mod.Waiter.park
 
-    class Watched(dict):
-        def setdefault(self, k, default=None):
-            changed.set()
-            return super().setdefault(k, default)
+    def park(self) -> None:
+        real_park(self)
+        changed.set()
 
-    d.waiters = Watched(d.waiters)
-    while not d.waiters.get(key):
+    monkeypatch.setattr(delivery_mod.Waiter, "park", park)
+    return changed
+
+
+async def parked(d, key, changed: asyncio.Event, n: int = 1) -> None:
+    """Wait until ``n`` FetchWaits are parked on inbox ``key`` (event-driven, no sleeps)."""
+    while sum(w.parked and not w.fut.done() for w in d.waiters.get(key, ())) < n:
         changed.clear()
         await asyncio.wait_for(changed.wait(), 10)
-    # Registered is not yet parked: the waiter first looks in the store; its future is
-    # awaited once that read is done.  Either way an Enqueue from now on reaches it.
 
 
-async def test_enqueue_hands_message_to_parked_fetch_wait(server, connect) -> None:
+async def test_enqueue_hands_message_to_parked_fetch_wait(server, connect, monkeypatch) -> None:
+    parking = watch_parking(monkeypatch)
     alice, bob = await pair(server, connect)
     d = server.state["delivery"]
     calls = []
@@ -415,7 +419,7 @@ async def test_enqueue_hands_message_to_parked_fetch_wait(server, connect) -> No
 
     server.storage.enqueue = spy
     waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
-    await parked(d, (bob.identity_key, b""))
+    await parked(d, (bob.identity_key, b""), parking)
     r = await alice.enqueue(bob.identity_key, b"straight through")
     msgs = await asyncio.wait_for(waiting, 10)
     assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"straight through")]
@@ -428,7 +432,7 @@ async def test_enqueue_hands_message_to_parked_fetch_wait(server, connect) -> No
     assert not d.claims and not d.waiters.get((bob.identity_key, b""))
 
 
-async def test_message_for_a_departed_waiter_is_kept(server, connect) -> None:
+async def test_message_for_a_departed_waiter_is_kept(server, connect, monkeypatch) -> None:
     """The FetchWait is claimed by an Enqueue, then goes away (its task is cancelled, as when
     its connection closes) before the commit: the acknowledged message must end up in the
     store, not be lost."""
@@ -454,8 +458,9 @@ async def test_message_for_a_departed_waiter_is_kept(server, connect) -> None:
         outcomes.extend(outs)
         return outs
 
+    parking = watch_parking(monkeypatch)
     client_wait = asyncio.ensure_future(bob.fetch_wait(20_000))
-    await parked(d, (bob.identity_key, b""))
+    await parked(d, (bob.identity_key, b""), parking)
     victim = server_fetch_wait_task()
     server.storage.enqueue = waiter_leaves_then_enqueue
     r = await alice.enqueue(bob.identity_key, b"keep me")
@@ -467,6 +472,42 @@ async def test_message_for_a_departed_waiter_is_kept(server, connect) -> None:
     msgs = await bob.fetch()
     assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"keep me")]
     client_wait.cancel()
+
+
+async def test_enqueue_during_the_look_is_stored_not_handed_over(server, connect) -> None:
+    """A FetchWait that is still looking in the store (registered, not parked) is not handed
+    messages: the Enqueue stores its message and wakes it, so nothing has to be put back."""
+    alice, bob = await pair(server, connect)
+    d = server.state["delivery"]
+    looking, release = asyncio.Event(), asyncio.Event()
+    real_fetch, real_restore = server.storage.fetch, server.storage.restore
+    takes, restores = [], []
+
+    async def held_fetch(*a, **kw):
+        looking.set()
+        await release.wait()
+        return await real_fetch(*a, **kw)
+
+    async def enqueue_spy(messages, **kw):
+        takes.append(set(kw.get("take", ())))
+        return await real_enqueue(messages, **kw)
+
+    async def restore_spy(taken):
+        restores.append(taken)
+        return await real_restore(taken)
+
+    real_enqueue = server.storage.enqueue
+    server.storage.fetch, server.storage.enqueue = held_fetch, enqueue_spy
+    server.storage.restore = restore_spy
+    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await asyncio.wait_for(looking.wait(), 10)
+    assert d.waiters.get((bob.identity_key, b""))  # registered, so it will be woken
+    r = await alice.enqueue(bob.identity_key, b"during the look")
+    release.set()
+    msgs = await asyncio.wait_for(waiting, 10)
+    assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"during the look")]
+    assert takes == [set()] and restores == []
+    assert await server.storage.queue_depth(bob.identity_key, b"") == 0
 
 
 async def test_fetch_after_a_store_skips_the_emptiness_check(server, connect) -> None:
@@ -487,7 +528,9 @@ async def test_fetch_after_a_store_skips_the_emptiness_check(server, connect) ->
     assert seen == [True, False]
 
 
-async def test_stored_message_wakes_other_waiters_during_a_hand_off(server, connect) -> None:
+async def test_stored_message_wakes_other_waiters_during_a_hand_off(
+    server, connect, monkeypatch
+) -> None:
     """While one FetchWait is being handed a message, a second message that cannot join that
     hand-off (the first waiter asked for one message) is stored and must wake the other
     FetchWait parked on the same inbox (two devices of one identity), not wait for its
@@ -530,9 +573,10 @@ async def test_stored_message_wakes_other_waiters_during_a_hand_off(server, conn
         return await real(messages, **kw)
 
     server.storage.enqueue = held_first
+    parking = watch_parking(monkeypatch)
     w1 = asyncio.ensure_future(bob1.fetch_wait(20_000, limit=1))
     w2 = asyncio.ensure_future(bob2.fetch_wait(20_000, limit=1))
-    await until(lambda: len(d.waiters.get(inbox, ())) == 2)
+    await parked(d, inbox, parking, n=2)
     first = asyncio.ensure_future(alice.enqueue(bob1.identity_key, b"one"))
     await until(lambda: inbox in d.claims)
     second = await alice.enqueue(bob1.identity_key, b"two")  # stored, not joined

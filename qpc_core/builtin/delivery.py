@@ -69,15 +69,24 @@ MAX_FETCH_HINTS = 100_000
 
 
 class Waiter:
-    """A parked FetchWait: its future and how much one response may carry."""
+    """A FetchWait: its future and how much one response may carry.
 
-    __slots__ = ("fut", "max_bytes", "max_count")
+    Registered (so Enqueues wake it) before it looks in the store; *parked* once that look
+    found nothing.  Only a parked waiter is handed messages directly: one that is still
+    looking may return stored messages, and messages handed to it would then have to be
+    put back (an extra transaction each, and out of the FetchWait's answer)."""
+
+    __slots__ = ("fut", "max_bytes", "max_count", "parked")
 
     def __init__(self, fut: asyncio.Future[list[StoredMessage]], max_count: int,
                  max_bytes: int) -> None:
         self.fut = fut
         self.max_count = max_count
         self.max_bytes = max_bytes
+        self.parked = False
+
+    def park(self) -> None:
+        self.parked = True
 
 
 class Claim:
@@ -159,16 +168,16 @@ class Delivery:
         c = self.claims.get(key)
         if c is None:
             waiting = self.waiters.get(key)
-            w = None
-            while waiting:
-                cand = waiting.pop()
-                if not cand.fut.done():
-                    w = cand
-                    break
-            if waiting is not None and not waiting:
-                del self.waiters[key]
-            if w is None:
+            if not waiting:
                 return None
+            for w in waiting:
+                if w.parked and not w.fut.done():
+                    break
+            else:
+                return None  # still looking in the store: store the message and wake it
+            waiting.discard(w)
+            if not waiting:
+                del self.waiters[key]
             c = self.claims[key] = Claim(w)
         if not c.open or c.count >= c.waiter.max_count or c.size + size > c.waiter.max_bytes:
             c.open = False  # FIFO: nothing after a stored message may be handed over
@@ -435,6 +444,7 @@ class Delivery:
                 remaining = deadline - loop.time()
                 if msgs or remaining <= 0 or self.app.draining:
                     break
+                w.park()
                 try:
                     msgs = await asyncio.wait_for(w.fut, remaining)
                 except TimeoutError:
