@@ -248,6 +248,7 @@ async def test_qpc_client_loadtest(tmp_path: Path) -> None:
         assert rc == 0, err
         r = json.loads(out)
         assert r["delivered"] == 200 and r["errors"] == 0 and r["msgs_per_sec"] > 0
+        assert r["leftover"] == 0  # nothing acknowledged was left undelivered
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
         rc, out, err = await _cli(srv, "loadtest", "--clients", "3", state=tmp_path / "s.json")
         assert rc == 2 and "even number" in err

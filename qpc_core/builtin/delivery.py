@@ -92,11 +92,12 @@ class Waiter:
 class Claim:
     """Enqueues (sharers) handing their messages to one claimed waiter."""
 
-    __slots__ = ("count", "open", "settled", "sharers", "size", "taken", "waiter")
+    __slots__ = ("count", "open", "restored", "settled", "sharers", "size", "taken", "waiter")
 
     def __init__(self, waiter: Waiter) -> None:
         self.waiter = waiter
         self.open = True
+        self.restored = False  # the waiter left: the taken messages went back to the store
         self.count = 0  # messages offered (joined) so far
         self.size = 0
         self.sharers = 0
@@ -200,6 +201,7 @@ class Delivery:
                 if c.waiter.fut.done():  # the waiter left: keep its messages after all
                     if c.taken:
                         await self.app.storage.restore(c.taken)
+                        c.restored = True  # now stored: wake/notify as for stored ones
                 else:
                     c.waiter.fut.set_result(
                         sorted((StoredMessage(q, m.payload) for m, q in c.taken),
@@ -284,7 +286,9 @@ class Delivery:
                     out.duplicate,
                 ),
             )
-            if out.duplicate or out.taken:
+            if out.duplicate or (
+                out.taken and not joined[(msg.recipient_key, msg.channel_id)].restored
+            ):
                 continue
             key = (msg.recipient_key, msg.channel_id)
             if msg.recipient_key in app.by_identity:

@@ -42,6 +42,9 @@ class LoadResult:
     msgs_per_sec: float
     latency_ms: dict[str, float] = field(default_factory=dict)
     rate: float | None = None
+    # Acknowledged messages still in the store when the run ended (fetched afterwards):
+    # non-zero means a FetchWait was not woken for them within the run.
+    leftover: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +154,12 @@ async def run_loadtest(
     elapsed = time.perf_counter() - t0
     done.set()
     await asyncio.gather(*receivers, return_exceptions=True)
+    leftover = 0
+    for _tx, rx in pairs:
+        try:
+            leftover += len(await rx.fetch())
+        except RpcError:
+            pass
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
     lat = sorted(latencies)
     return LoadResult(
@@ -159,7 +168,7 @@ async def run_loadtest(
         latency_ms={"p50": round(percentile(lat, 50), 3), "p99": round(percentile(lat, 99), 3),
                     "p99.9": round(percentile(lat, 99.9), 3),
                     "max": round(lat[-1], 3) if lat else float("nan")},
-        rate=rate,
+        rate=rate, leftover=leftover,
     )
 
 
