@@ -42,7 +42,7 @@ from qpc_core.framing import (
 )
 from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
-from qpc_core.transport.backend import piggyback_acks, receive_holding_ack
+from qpc_core.transport.backend import DatagramDrain, TurnBatching
 
 M = TypeVar("M", bound=Message)
 
@@ -59,17 +59,32 @@ class ProofError(Exception):
     """A delivery proof did not verify against the pinned server key."""
 
 
-class _ClientProtocol(QuicConnectionProtocol):
+class _ClientProtocol(TurnBatching, QuicConnectionProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiters: dict[int, tuple[ResponseDecoder | bytearray, asyncio.Future[Any]]] = {}
         self.push_decoders: dict[int, PushDecoder] = {}
         self.pushes: asyncio.Queue[PushFrame] = asyncio.Queue()
         self.closed_reason: str | None = None
-        self._transmit_pending = False
+        self._drain: DatagramDrain | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._drain = DatagramDrain(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._drain is not None:
+            self._drain.close()
+            self._drain = None
+        super().connection_lost(exc)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        receive_holding_ack(self, data, addr, self._waiting)
+        self._receive(data, addr)
+        if self._drain is not None:
+            self._drain.drain(self._receive)
+
+    def _receive(self, data: bytes | str, addr: Any) -> None:
+        self.receive_batched(data, addr, self._waiting)
 
     def _waiting(self) -> bool:
         """Calls are outstanding (the next request may carry the ACK) and no answer or push is
@@ -136,15 +151,8 @@ class _ClientProtocol(QuicConnectionProtocol):
         fut: asyncio.Future[Any] = self._loop.create_future()
         self.waiters[sid] = (bytearray() if raw else ResponseDecoder(), fut)
         self._quic.send_stream_data(sid, data, end_stream=True)
-        if not self._transmit_pending:  # coalesce requests issued in the same loop turn
-            self._transmit_pending = True
-            self._loop.call_soon(self._flush)
+        self.send_soon()  # requests issued in the same loop turn share packets
         return await fut
-
-    def _flush(self) -> None:
-        self._transmit_pending = False
-        piggyback_acks(self._quic)
-        self.transmit()
 
 
 def client_configuration(

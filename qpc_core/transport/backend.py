@@ -13,12 +13,15 @@ refused here, because with it (2.0-2.1, checked on this project's machines):
   connect to a qh3 2.1 server at all.
 
 The few places where qpc reaches below the public API live here: the stream limits it
-advertises, the peer address and ACK piggybacking.
+advertises, the peer address, ACK piggybacking, one transmit per connection and loop turn
+(:class:`TurnBatching`) and reading every queued datagram per wake-up (:class:`DatagramDrain`).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -138,17 +141,100 @@ def hold_ack(quic: Any, now: float) -> None:
             return
 
 
-def receive_holding_ack(protocol: Any, data: bytes | str, addr: Any,
-                        may_hold: Callable[[], bool]) -> None:
-    """An asyncio QUIC protocol's ``datagram_received`` (receive, dispatch events, send),
-    plus :func:`hold_ack` when ``may_hold()`` says a packet of ours will follow shortly."""
-    now = protocol._loop.time()
-    quic = protocol._quic
-    quic.receive_datagram(cast(bytes, data), addr, now=now)
-    protocol._process_events()
-    if may_hold():
-        hold_ack(quic, now)
-    protocol.transmit()
+class TurnBatching:
+    """Mixin for an asyncio QUIC connection protocol (aioquic, qh3 1.x): what a connection
+    sends in one event-loop turn leaves in one ``transmit()``.
+
+    The libraries transmit after every received datagram.  A ``transmit()`` with nothing
+    to send still walks every packet space, builds and discards packets and re-arms the
+    loss/ACK timer (a third of aioquic's send path in a 2-client profile); received
+    datagrams and the answers, requests and pushes of the same turn now share one.
+    Deferring to the end of the turn delays nothing that was ready to leave earlier in it.
+    """
+
+    _loop: Any
+    _quic: Any
+    _turn_flush = False  # a flush is scheduled for this loop turn
+    _turn_sending = False  # ... and data of ours is queued (so the ACK rides along)
+
+    # Provided by the library's QuicConnectionProtocol (later in the MRO).
+    transmit: Callable[[], None]
+    _process_events: Callable[[], None]
+
+    def send_soon(self) -> None:
+        """Our data (an answer, a request, a push) is queued: send it at the end of the turn,
+        with the pending ACK (:func:`piggyback_acks`)."""
+        self._turn_sending = True
+        if not self._turn_flush:
+            self._turn_flush = True
+            self._loop.call_soon(self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._turn_flush = False
+        if self._turn_sending:
+            self._turn_sending = False
+            piggyback_acks(self._quic)
+        self.transmit()
+
+    def receive_batched(self, data: bytes | str, addr: Any, may_hold: Callable[[], bool]) -> None:
+        """``datagram_received``: receive and dispatch events now, plus :func:`hold_ack` when
+        ``may_hold()`` says a packet of ours will follow shortly; send at the end of the turn."""
+        now = self._loop.time()
+        quic = self._quic
+        quic.receive_datagram(cast(bytes, data), addr, now=now)
+        self._process_events()
+        if may_hold():
+            hold_ack(quic, now)
+        if not self._turn_flush:
+            self._turn_flush = True
+            self._loop.call_soon(self._flush_turn)
+
+
+class DatagramDrain:
+    """Reads the datagrams already queued on a UDP endpoint's socket each time the event loop
+    delivers one.
+
+    asyncio's selector loop hands a datagram endpoint one datagram per wake-up, so a burst
+    of N packets took N loop turns, each with its own storage hand-off and its own
+    transmit; read together, their RPCs share a group commit and their answers share
+    packets.  Bounded per wake-up (``limit``) so one busy socket cannot starve the loop.
+    uvloop already reads in batches; there this finds the socket empty (one syscall).
+
+    Works on a duplicate of the transport's socket descriptor (the transport does not lend
+    its socket for reading); :meth:`close` it with the transport."""
+
+    def __init__(self, transport: Any, limit: int = 32) -> None:
+        self.limit = limit
+        self._transport = transport
+        self._sock: socket.socket | None = None
+        ts = transport.get_extra_info("socket")
+        if ts is None:
+            return
+        try:
+            self._sock = socket.socket(fileno=os.dup(ts.fileno()))
+            self._sock.setblocking(False)
+        except (OSError, AttributeError, ValueError):
+            self._sock = None  # no descriptor to share: one datagram per wake-up, as before
+
+    def drain(self, receive: Callable[[bytes, Any], None]) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(self.limit):
+            if self._transport.is_closing():
+                return
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. an ICMP error: the loop's own read reports it
+                return
+            receive(data, addr)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def piggyback_acks(quic: Any) -> None:

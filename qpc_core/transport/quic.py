@@ -34,10 +34,10 @@ from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
     Backend,
+    DatagramDrain,
+    TurnBatching,
     load_backend,
     peer_address,
-    piggyback_acks,
-    receive_holding_ack,
     set_stream_limits,
 )
 from qpc_core.transport.certs import resolve_tls
@@ -74,7 +74,7 @@ else:
     _ProtocolBase = object
 
 
-class _ServerConnectionLogic(_ProtocolBase):
+class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
     """One client connection.  Implements :class:`qpc_core.rpc.Connection`.
 
     Written against the asyncio protocol API that aioquic and qh3 share; the concrete classes
@@ -98,7 +98,6 @@ class _ServerConnectionLogic(_ProtocolBase):
         self._created = time.perf_counter()
         self._last_activity = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
-        self._transmit_pending = False
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
         if not set_stream_limits(
@@ -154,19 +153,7 @@ class _ServerConnectionLogic(_ProtocolBase):
             return
         sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
         self._quic.send_stream_data(sid, encode_push(event_type, payload), end_stream=True)
-        self.transmit_soon()
-
-    def transmit_soon(self) -> None:
-        """Send at the end of this loop iteration, so responses and pushes produced together
-        share packets (fewer datagrams, less crypto per RPC under load)."""
-        if not self._transmit_pending:
-            self._transmit_pending = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._transmit_pending = False
-        piggyback_acks(self._quic)
-        self.transmit()
+        self.send_soon()
 
     def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
         if not self._gone:
@@ -176,7 +163,9 @@ class _ServerConnectionLogic(_ProtocolBase):
 
     # -- aioquic events ----------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        receive_holding_ack(self, data, addr, self._answering)
+        # Answers, pushes and what this datagram calls for leave together at the end of the
+        # loop turn (TurnBatching), so responses produced together share packets.
+        self.receive_batched(data, addr, self._answering)
 
     def _answering(self) -> bool:
         """Requests are being answered (their answers will carry the ACK) and none is still
@@ -311,7 +300,7 @@ class _ServerConnectionLogic(_ProtocolBase):
             out = await self.dispatcher.call(self, frame)
             if self._owns(sid):
                 self._quic.send_stream_data(sid, out, end_stream=True)
-                self.transmit_soon()
+                self.send_soon()
         finally:
             st = self.streams.get(sid)
             if st is not None and not st.dead:
@@ -335,7 +324,7 @@ class _ServerConnectionLogic(_ProtocolBase):
                 self.bind(result)
             if self._owns(sid):
                 self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
-                self.transmit_soon()
+                self.send_soon()
         finally:
             st = self.streams.get(sid)
             if st is not None and not st.dead:
@@ -366,6 +355,7 @@ class QuicTransport:
     def __init__(self) -> None:
         self.server: Any = None  # the backend's QuicServer
         self.backend: Backend | None = None
+        self._drain: DatagramDrain | None = None
         self.protocols: set[_ServerConnectionLogic] = set()
         self.accepting = False
         self.dispatcher: Dispatcher
@@ -402,9 +392,21 @@ class QuicTransport:
         def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:
             return cls(*args, app=app, listener=self, **kwargs)
 
-        self.server = await backend.serve(host, port, configuration=cfg, create_protocol=factory)
-        assert self.server._transport is not None
-        sockname = self.server._transport.get_extra_info("sockname")
+        self.server = server = await backend.serve(
+            host, port, configuration=cfg, create_protocol=factory
+        )
+        assert server._transport is not None
+        # Read every datagram already queued per wake-up (see DatagramDrain): requests that
+        # arrive together are handled in one loop turn and share a commit and packets.
+        drain = self._drain = DatagramDrain(server._transport)
+        receive = server.datagram_received
+
+        def datagram_received(data: bytes | str, addr: Any) -> None:
+            receive(data, addr)
+            drain.drain(receive)
+
+        server.datagram_received = datagram_received
+        sockname = server._transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
         self.accepting = True
         log.info("QUIC listening on %s:%d (ALPN %s, %s)", self.address[0], self.address[1], ALPN,
@@ -433,3 +435,6 @@ class QuicTransport:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if self._drain is not None:
+            self._drain.close()
+            self._drain = None
