@@ -599,6 +599,40 @@ async def test_migrations_record_version(db_path: Path) -> None:
     await st.close()
 
 
+async def test_migration_2_keeps_messages_of_a_version_1_file(db_path: Path) -> None:
+    """A file written by schema 1 (messages with a rowid) opens under the current schema
+    with every message, seq, expiry and depth intact, and the depth trigger still works."""
+    v1 = dict(sqlcipher_mod.MIGRATIONS)[1]
+    with closing(sqlcipher3.connect(str(db_path), isolation_level=None)) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        for stmt in sqlcipher_mod._split_sql(v1):
+            conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id = {sqlcipher_mod.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO inboxes VALUES (?, x'', 4, 3)", (ALICE,))
+        far = time.time() + 3600
+        for seq, exp in ((1, None), (2, far), (3, None)):
+            conn.execute(
+                "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,"
+                " payload) VALUES (?, x'', ?, ?, 0, ?)", (ALICE, seq, exp, b"m%d" % seq))
+    st = await open_store(db_path)
+    try:
+        assert await st.queue_depth(ALICE, b"") == 3
+        got = await st.fetch(ALICE, b"", 2, now=time.time())
+        assert [(m.seq, m.payload) for m in got] == [(1, b"m1"), (2, b"m2")]
+        assert await st.queue_depth(ALICE, b"") == 1  # the recreated trigger counted down
+        out = await enqueue_one(st, msg(ALICE, b"m4"))
+        assert out.seq == 4  # next_seq carried over
+        assert [m.seq for m in await st.fetch(ALICE, b"", 0, now=time.time())] == [3, 4]
+    finally:
+        await st.close()
+    with closing(sqlcipher3.connect(str(db_path))) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+        assert "WITHOUT ROWID" in sql
+
+
 # -- group commit ---------------------------------------------------------------------------------
 
 
