@@ -258,9 +258,12 @@ _DEDUP_UPSERT = (
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE"
     " SET seq = excluded.seq, created_at = excluded.created_at"
 )
+# No ``LIMIT ?``: SQLite 3.51 (sqlcipher3) re-prepares a statement on every execution whose
+# LIMIT is a bound parameter (~15 us each, more than the lookup itself); the caller stops
+# stepping the cursor after ``limit`` rows instead, which reads no further.
 _SELECT_LIVE = (
     "SELECT seq, payload FROM messages WHERE recipient_key = ? AND channel_id = ?"
-    " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq LIMIT ?"
+    " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq"
 )
 _DELETE_UP_TO = "DELETE FROM messages WHERE recipient_key = ? AND channel_id = ? AND seq <= ?"
 _INBOX_DEPTH = "SELECT depth FROM inboxes WHERE recipient_key = ? AND channel_id = ?"
@@ -524,16 +527,18 @@ def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
 def _select_live(
     conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
 ) -> list[StoredMessage]:
-    cur = conn.execute(_SELECT_LIVE, (recipient, channel, now, limit if limit > 0 else -1))
-    if max_bytes <= 0:
+    cur = conn.execute(_SELECT_LIVE, (recipient, channel, now))
+    if limit <= 0 and max_bytes <= 0:
         return [StoredMessage(s, p) for s, p in cur]
     out: list[StoredMessage] = []
     total = 0
     for s, p in cur:
         total += len(p)
-        if total > max_bytes and out:
+        if max_bytes > 0 and total > max_bytes and out:
             break
         out.append(StoredMessage(s, p))
+        if len(out) == limit:
+            break
     cur.close()
     return out
 
