@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import nacl.signing
+import nacl.bindings
 from cryptography.hazmat.primitives import serialization
 
 from qpc_core.errors import BadRequest, Forbidden, QuotaExceeded, TooLarge
@@ -117,7 +117,9 @@ class Delivery:
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),
         )
-        self._signer = nacl.signing.SigningKey(seed)
+        # libsodium's secret key (seed + public key); the binding is called directly, without
+        # the SigningKey wrapper's SignedMessage objects, once per Enqueue.
+        self._sodium_sk = nacl.bindings.crypto_sign_seed_keypair(seed)[1]
         # Parked FetchWait calls per inbox.  A waiter's future resolves to the messages
         # Enqueues handed it directly, or to [] meaning "look in the store".
         self.waiters: dict[tuple[bytes, bytes], set[Waiter]] = {}
@@ -135,7 +137,7 @@ class Delivery:
     # -- helpers ----------------------------------------------------------------------------------
     def proof(self, recipient: bytes, channel: bytes, seq: int, payload: bytes) -> bytes:
         digest = proof_digest(recipient, channel, seq, payload)
-        return digest + self._signer.sign(digest).signature
+        return digest + nacl.bindings.crypto_sign(digest, self._sodium_sk)[:64]
 
     async def check_channel(
         self, channel: bytes, sender: bytes, recipients: Sequence[bytes]
