@@ -349,12 +349,16 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
              "to core 0, load generator to core 1.", "",
              "## 1. Enqueue -> delivery vs bare aioquic echo (closed loop)", "",
              "| clients | echo req/s | qpc msg/s | ratio | qpc p50 ms | qpc p99 ms | "
-             "server CPU ms/msg |", "|---|---|---|---|---|---|---|"]
+             "qpc server CPU ms/msg | echo server CPU ms/req | acknowledged / delivered / "
+             "left in store |", "|---|---|---|---|---|---|---|---|---|"]
     for n in sorted(k for k in tp if isinstance(k, int) and k > 0):
         e, q = tp[n]["echo"], tp[n]["qpc"]
+        e_cpu = 1000 * e.get("server_cpu_s", 0) / max(1, e["requests"])
         lines.append(f"| {n} | {e['req_per_sec']:.0f} | {q['msgs_per_sec']:.0f} | "
                      f"{q['msgs_per_sec'] / e['req_per_sec']:.2f} | {q['latency_ms']['p50']:.1f}"
-                     f" | {q['latency_ms']['p99']:.1f} | {q['server_cpu_ms_per_msg']:.3f} |")
+                     f" | {q['latency_ms']['p99']:.1f} | {q['server_cpu_ms_per_msg']:.3f} | "
+                     f"{e_cpu:.3f} | {q['sent'] - q['errors']} / {q['delivered']} / "
+                     f"{q.get('leftover', 0)} |")
     caps = tp.get(-3, {})
     lines += ["", "## 2. Delivery latency, open loop (fraction of measured capacity)", "",
               f"Capacity, two readings: closed loop at 50 clients (figure 1) "
