@@ -39,6 +39,9 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 SERVER_CORE, LOAD_CORE = 0, 1
 LOADGEN = str(ROOT / "bench" / "loadgen.py")
 READY = r"QUIC listening on"
+# Open-loop capacity search: a median delivery latency above this means a standing queue
+# (unloaded, the median is 3-6 ms on the benchmark machine).
+KEEP_UP_P50_MS = 20.0
 
 
 class Server:
@@ -143,7 +146,10 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
         # Figure 2: open-loop latency at 25/50/75% of capacity, for two readings of
         # "capacity": the closed-loop figure above at 50 clients (pipelined bursts, which
         # batch), and the highest evenly spaced open-loop rate the server keeps up with
-        # (found by stepping the rate; "keeps up" = delivers >= 97% of the offered rate).
+        # (found by stepping the rate).  "Keeps up" = delivers >= 97% of the offered rate
+        # with no standing queue: a step is 4 s long, so a server that falls behind by a few
+        # percent still delivers nearly everything, but its median delivery latency grows
+        # from a few ms to the queue's length; a median above KEEP_UP_P50_MS fails the step.
         cap_n = 50 if 50 in out else 2
         capacity = out[cap_n]["qpc"]["msgs_per_sec"]
         open_cap = 0.0
@@ -154,7 +160,9 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
             r["step_of_closed_loop_capacity"] = step
             rows.append({"figure": "open_loop_capacity_search", "system": "qpc", **r})
             out.setdefault(-4, []).append(r)  # type: ignore[index, attr-defined]
-            if r["msgs_per_sec"] < 0.97 * rate or r["delivered"] < r["sent"]:
+            r["kept_up"] = (r["msgs_per_sec"] >= 0.97 * rate and r["delivered"] >= r["sent"]
+                            and r["latency_ms"]["p50"] <= KEEP_UP_P50_MS)
+            if not r["kept_up"]:
                 break
             open_cap = rate
         out[-3] = {"closed_loop": capacity, "open_loop": open_cap}  # type: ignore[index]
@@ -363,7 +371,8 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
     lines += ["", "## 2. Delivery latency, open loop (fraction of measured capacity)", "",
               f"Capacity, two readings: closed loop at 50 clients (figure 1) "
               f"{caps.get('closed_loop', 0):.0f} msg/s; highest evenly spaced open-loop rate "
-              f"kept up with {caps.get('open_loop', 0):.0f} msg/s.", "",
+              f"kept up with {caps.get('open_loop', 0):.0f} msg/s (>= 97 % delivered, median "
+              f"latency <= {KEEP_UP_P50_MS:.0f} ms: no standing queue).", "",
               "| capacity basis | load | rate msg/s | delivered | p50 ms | p99 ms | p99.9 ms |",
               "|---|---|---|---|---|---|---|"]
     for slot, basis in ((-1, "closed loop"), (-2, "open loop")):
