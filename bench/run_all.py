@@ -153,7 +153,7 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
         cap_n = 50 if 50 in out else 2
         capacity = out[cap_n]["qpc"]["msgs_per_sec"]
         open_cap = 0.0
-        for step in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        for step in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
             rate = max(10.0, capacity * step)
             r = qpc.load("deliver", "--clients", str(cap_n), "--count", str(int(rate * 4)),
                          "--rate", str(rate), "--seconds", "30")
