@@ -102,18 +102,28 @@ async def test_drain_is_bounded_per_wakeup() -> None:
     assert proto.wakeups >= 3  # at most 1 + 2 datagrams per wake-up
 
 
+class _Closing(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(None)
+
+
 async def test_drain_close_releases_the_port() -> None:
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    transport, proto = await loop.create_datagram_endpoint(
+        _Closing, local_addr=("127.0.0.1", 0))
     addr = transport.get_extra_info("sockname")
     drain = DatagramDrain(transport)
     transport.close()
-    await asyncio.sleep(0)  # let the transport's own close run (one loop turn)
+    await asyncio.wait_for(proto.lost, 10)  # the transport closed its own descriptor
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy, pytest.raises(OSError):
+        busy.bind(addr)  # the duplicate still holds the port...
     drain.close()
     drain.drain(lambda d, a: pytest.fail("read after close"))  # a no-op now
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
-        again.bind(addr)  # the duplicate descriptor no longer holds the port
+        again.bind(addr)  # ...until the drain is closed
 
 
 class _FakeConnection(TurnBatching):
@@ -137,16 +147,24 @@ class _FakeConnection(TurnBatching):
         self.transmits.append(self._quic._spaces[tls.Epoch.ONE_RTT].ack_at)
 
 
+async def end_of_turn() -> None:
+    """Return once the callbacks scheduled so far (this loop turn's flushes) have run."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_soon(done.set_result, None)  # FIFO: runs after every earlier call_soon
+    await done
+
+
 async def test_one_transmit_per_connection_and_turn() -> None:
     c = _FakeConnection(asyncio.get_running_loop())
     for _ in range(3):
         c.receive_batched(b"x", ("127.0.0.1", 1), lambda: False)
     assert c.received == 3 and c.transmits == []  # nothing sent inside the turn
-    await asyncio.sleep(0)
+    await end_of_turn()
     assert len(c.transmits) == 1  # one transmit for the three datagrams
     assert c.transmits[0] is not None and c.transmits[0] > 0  # ACK left to its own timer
     c.receive_batched(b"x", ("127.0.0.1", 1), lambda: False)
     c.send_soon()  # an answer in the same turn: one transmit, and it carries the ACK
     c.send_soon()
-    await asyncio.sleep(0)
+    await end_of_turn()
     assert c.transmits[1:] == [0.0]
