@@ -843,3 +843,108 @@ async def test_calls_from_another_event_loop_thread(store: SqlCipherStorage) -> 
     assert (mine.seq, theirs.seq, depth) == (1, 1, 1)
     assert [m.payload for m in await store.fetch(BOB, b"", 0, now=time.time())] == [
         b"from elsewhere"]
+
+
+# -- known-empty inboxes (fetch answered from memory) ---------------------------------------------
+
+
+class ReadCounter:
+    """Counts jobs handed to the reader pool."""
+
+    def __init__(self, store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.jobs: list[str] = []
+        real = store._hand_to_readers
+
+        def counting(reads: list[Any]) -> None:
+            self.jobs.extend(fn.__name__ for fn, _args, _fut in reads)
+            real(reads)
+
+        monkeypatch.setattr(store, "_hand_to_readers", counting)
+
+
+async def test_drained_inbox_is_answered_from_memory_until_something_is_added(
+    store: SqlCipherStorage, commits: Commits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = ReadCounter(store, monkeypatch)
+    assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
+    assert reads.jobs == ["_has_messages"]  # never seen: a reader looks
+    before = commits.count()
+    for _ in range(3):
+        assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
+    assert reads.jobs == ["_has_messages"] and commits.count() == before  # from memory
+    await enqueue_one(store, msg(ALICE, b"one"))
+    await enqueue_one(store, msg(ALICE, b"two"))
+    # A fetch that leaves a message behind does not make the inbox "empty"...
+    got = await store.fetch(ALICE, b"", 1, now=time.time())
+    assert [m.payload for m in got] == [b"one"]
+    got = await store.fetch(ALICE, b"", 1, now=time.time())
+    assert [m.payload for m in got] == [b"two"]
+    # ...the one that took the last message does.
+    n_reads = len(reads.jobs)
+    assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
+    assert len(reads.jobs) == n_reads
+    # Other inboxes (same recipient, other channel) are not affected.
+    await enqueue_one(store, msg(ALICE, b"chan", CHAN))
+    assert [m.payload for m in await store.fetch(ALICE, CHAN, 0, now=time.time())] == [b"chan"]
+
+
+async def test_a_fetch_with_an_enqueue_in_flight_sees_its_message(
+    store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader's snapshot may predate an enqueue that was queued but has not committed; a
+    fetch queued after it goes to the writer (which runs jobs in order) instead."""
+    assert await store.fetch(ALICE, b"", 0, now=time.time()) == []  # known empty now
+    reads = ReadCounter(store, monkeypatch)
+    for i in range(3):
+        out, got = await asyncio.gather(
+            enqueue_one(store, msg(ALICE, b"m%d" % i)),  # queued first (tasks start in order)
+            store.fetch(ALICE, b"", 0, now=time.time()),
+        )
+        assert [(m.seq, m.payload) for m in got] == [(out.seq, b"m%d" % i)]
+    assert reads.jobs == []
+
+
+async def test_a_reader_that_found_the_inbox_empty_does_not_hide_a_later_enqueue(
+    store: SqlCipherStorage,
+) -> None:
+    """Fetch first, enqueue second in the same turn: the fetch's (empty) observation is older
+    than the enqueue, so the next fetch must not trust it."""
+    got, out = await asyncio.gather(
+        store.fetch(ALICE, b"", 0, now=time.time()),
+        enqueue_one(store, msg(ALICE, b"late")),
+    )
+    assert got in ([], [StoredMessage(out.seq, b"late")])
+    if not got:
+        assert await store.fetch(ALICE, b"", 0, now=time.time()) == [
+            StoredMessage(out.seq, b"late")]
+
+
+async def test_taken_messages_leave_the_inbox_known_empty_until_restored(
+    store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = ReadCounter(store, monkeypatch)
+    m = msg(ALICE, b"handed over")
+    (t,) = await store.enqueue([m], max_depth=BIG, dedup_since=0.0, take=[(ALICE, b"")])
+    assert t.taken
+    assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
+    assert reads.jobs == []  # the hand-over proved the inbox empty
+    await store.restore([(m, t.seq)])
+    got = await store.fetch(ALICE, b"", 0, now=time.time())
+    assert got == [StoredMessage(t.seq, b"handed over")]
+
+
+async def test_writes_from_another_loop_turn_the_hint_off(
+    store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs from another loop jump this loop's queue, so their order is unknown."""
+    assert await store.fetch(BOB, b"", 0, now=time.time()) == []
+
+    def other_thread() -> None:
+        asyncio.run(enqueue_one(store, msg(BOB, b"from elsewhere")))
+
+    await asyncio.to_thread(other_thread)
+    reads = ReadCounter(store, monkeypatch)
+    got = await store.fetch(BOB, b"", 0, now=time.time())
+    assert [m.payload for m in got] == [b"from elsewhere"]
+    assert await store.fetch(BOB, b"", 0, now=time.time()) == []
+    assert reads.jobs == ["_has_messages", "_has_messages"]  # asked each time, not remembered

@@ -54,6 +54,7 @@ from qpc_core.storage.base import (
     UserRecord,
     WrongKey,
 )
+from qpc_core.storage.emptiness import EmptyInboxes
 
 if TYPE_CHECKING:
     # sqlcipher3 mirrors the stdlib DB-API module; borrow its type information.
@@ -545,13 +546,25 @@ def _select_live(
 
 def _fetch_tx(
     conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
-) -> list[StoredMessage]:
-    out = _select_live(conn, recipient, channel, limit, now, max_bytes)
+) -> tuple[list[StoredMessage], bool]:
+    """Remove and return the oldest live messages; the flag says whether that drained every
+    live message of the inbox (what is left, if anything, has expired)."""
+    cur = conn.execute(_SELECT_LIVE, (recipient, channel, now))
+    out: list[StoredMessage] = []
+    total = 0
+    drained = True
+    for s, p in cur:
+        total += len(p)
+        if (max_bytes > 0 and total > max_bytes and out) or (limit > 0 and len(out) == limit):
+            drained = False  # one more live message than this fetch takes
+            break
+        out.append(StoredMessage(s, p))
+    cur.close()
     if out:
         # Everything up to the last returned seq goes: the returned messages plus expired
         # ones between them (nothing unexpired below the last returned seq is left out).
         conn.execute(_DELETE_UP_TO, (recipient, channel, out[-1].seq))
-    return out
+    return out, drained
 
 
 def _has_messages(conn: Conn, recipient: bytes, channel: bytes) -> bool:
@@ -923,6 +936,8 @@ class SqlCipherStorage(Storage):
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._idle_readers: queue.SimpleQueue[Conn] = queue.SimpleQueue()
+        # This process is the file's only writer, so emptiness can be remembered.
+        self._empties = EmptyInboxes()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -1324,13 +1339,45 @@ class SqlCipherStorage(Storage):
         if not messages:
             self._check_open()
             return []
-        return await self._write(
-            _enqueue_tx, list(messages), max_depth, dedup_since, frozenset(take)
-        )
+        take = frozenset(take)
+        fut = self._write(_enqueue_tx, list(messages), max_depth, dedup_since, take)
+        inboxes = {(m.recipient_key, m.channel_id) for m in messages}
+        stamps = self._adding(inboxes)
+        try:
+            outcomes = await fut
+        finally:
+            self._added(inboxes)
+        if take and stamps:
+            # Handed over from an empty inbox (an inbox's new messages are either all
+            # handed over or all stored): still empty, unless written since.
+            for m, o in zip(messages, outcomes, strict=True):
+                if o.taken:
+                    inbox = (m.recipient_key, m.channel_id)
+                    self._empties.observed_empty(inbox, stamps[inbox])
+        return outcomes
 
     async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if messages:
-            await self._write(_restore_tx, list(messages))
+            fut = self._write(_restore_tx, list(messages))
+            inboxes = {(m.recipient_key, m.channel_id) for m, _seq in messages}
+            self._adding(inboxes)
+            try:
+                await fut
+            finally:
+                self._added(inboxes)
+
+    def _adding(self, inboxes: set[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], int]:
+        """Writes that may add messages to ``inboxes`` were just queued (see emptiness.py)."""
+        empties = self._empties
+        if asyncio.get_running_loop() is not self._loop:
+            empties.disable()  # queued out of the loop's order: stop trusting the hint
+            return {}
+        return {inbox: empties.writing(inbox) for inbox in inboxes}
+
+    def _added(self, inboxes: set[tuple[bytes, bytes]]) -> None:
+        if asyncio.get_running_loop() is self._loop:
+            for inbox in inboxes:
+                self._empties.written(inbox)
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
@@ -1340,12 +1387,28 @@ class SqlCipherStorage(Storage):
 
         ``max_bytes`` (0 = no limit) caps the summed payload size; the first message is
         returned even when it alone is larger, so an inbox can never get stuck."""
-        # Cheap pre-check on a reader: idle long-polls never reach the writer.
-        if not likely_nonempty and not await self._read(
-            _has_messages, recipient_key, channel_id
-        ):
-            return []
-        return await self._write(_fetch_tx, recipient_key, channel_id, limit, now, max_bytes)
+        inbox = (recipient_key, channel_id)
+        empties = self._empties
+        on_loop = asyncio.get_running_loop() is self._loop
+        if not likely_nonempty and not (on_loop and empties.in_flight(inbox)):
+            # Idle long polls never reach the writer: an inbox seen drained (with nothing
+            # added since) is answered from memory, otherwise a reader checks first.
+            if on_loop and empties.is_empty(inbox):
+                return []
+            since = empties.stamp()
+            if not await self._read(_has_messages, recipient_key, channel_id):
+                if on_loop:
+                    empties.observed_empty(inbox, since)
+                return []
+        # With an add in flight the writer (which runs jobs in order) sees it; a reader's
+        # snapshot might not yet.
+        since = self._empties.stamp()
+        out, drained = await self._write(
+            _fetch_tx, recipient_key, channel_id, limit, now, max_bytes
+        )
+        if drained and on_loop:
+            empties.observed_empty(inbox, since)
+        return out
 
     async def peek(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
