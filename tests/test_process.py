@@ -133,6 +133,24 @@ async def test_wrong_key_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert bad.proc is not None and await bad.proc.wait() == 1
 
 
+async def test_second_server_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "data")
+    await srv.start()
+    try:
+        second = ServerProcess(tmp_path / "data")
+        with pytest.raises(RuntimeError, match="in use by another qpc process"):
+            await second.start()
+        assert second.proc is not None and await second.proc.wait() == 1
+        c = await _client(srv)  # the first one is untouched
+        try:
+            out = await c.enqueue(c.identity_key, b"still served")
+            assert out.seq == 1
+        finally:
+            await c.close()
+    finally:
+        await srv.terminate()
+
+
 async def test_production_refuses_dev_defaults(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "qpc"),

@@ -948,3 +948,24 @@ async def test_writes_from_another_loop_turn_the_hint_off(
     assert [m.payload for m in got] == [b"from elsewhere"]
     assert await store.fetch(BOB, b"", 0, now=time.time()) == []
     assert reads.jobs == ["_has_messages", "_has_messages"]  # asked each time, not remembered
+
+
+async def test_one_open_storage_per_database_file(db_path: Path) -> None:
+    first = await open_store(db_path)
+    try:
+        with pytest.raises(StorageError, match=r"in use by another qpc process \(pid \d+"):
+            await open_store(db_path)
+        # The refused open changed nothing: the first storage still works.
+        assert (await enqueue_one(first, msg(ALICE, b"still mine"))).seq == 1
+    finally:
+        await first.close()
+    second = await open_store(db_path)  # released on close
+    try:
+        got = await second.fetch(ALICE, b"", 0, now=time.time())
+        assert [m.payload for m in got] == [b"still mine"]
+    finally:
+        await second.close()
+    # A refused open with a wrong key does not keep the lock either.
+    with pytest.raises(WrongKey):
+        await open_store(db_path, key="not the key")
+    await (await open_store(db_path)).close()

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
@@ -881,6 +883,36 @@ _CLEAN_FAILING_JOBS: Final[frozenset[Callable[..., Any]]] = frozenset(
 )
 
 
+def _lock_exclusively(path: Path) -> int:
+    """Hold an exclusive lock on ``<database>.lock`` for as long as the storage is open.
+
+    One server process per database file: two would each batch their own writes (fine for
+    SQLite) but neither could trust what it remembers about the file (known-empty inboxes,
+    the channel cache), and two servers on one data directory are a deployment mistake
+    best reported at start-up.  Other SQLCipher clients (an operator's shell, backups)
+    do not take this lock and are unaffected."""
+    lock_path = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StorageError(
+            f"database {path} is in use by another qpc process (pid {holder}, lock file "
+            f"{lock_path}); run one server per database file"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class SqlCipherStorage(Storage):
     """SQLCipher 4 storage with a group-committing writer thread and a reader pool."""
 
@@ -936,8 +968,10 @@ class SqlCipherStorage(Storage):
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[Conn] = []
         self._idle_readers: queue.SimpleQueue[Conn] = queue.SimpleQueue()
-        # This process is the file's only writer, so emptiness can be remembered.
+        # This process is the file's only writer (see _lock_exclusively), so emptiness can be
+        # remembered.
         self._empties = EmptyInboxes()
+        self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -966,6 +1000,19 @@ class SqlCipherStorage(Storage):
         return self
 
     async def _start(self) -> None:
+        self._lock_fd = _lock_exclusively(self.path)
+        try:
+            await self._start_locked()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    async def _start_locked(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         self._writer_stopped = loop.create_future()
@@ -1023,6 +1070,7 @@ class SqlCipherStorage(Storage):
                 await asyncio.shield(self._writer_stopped)
             await self._in_thread(self._close_readers)
         finally:
+            self._unlock()
             self._closing.set_result(None)
 
     def _close_readers(self) -> None:
