@@ -516,6 +516,44 @@ async def test_enqueue_during_the_look_is_stored_not_handed_over(server, connect
     assert await server.storage.queue_depth(bob.identity_key, b"") == 0
 
 
+async def test_fetch_wait_on_a_drained_inbox_parks_without_a_storage_round_trip(
+    server, connect, monkeypatch
+) -> None:
+    """The store remembers inboxes it saw drained: a FetchWait on one parks in the loop turn
+    it arrives in (no reader job, no transaction), so every Enqueue that follows finds it
+    parked and hands its message over inside its own commit."""
+    parking = watch_parking(monkeypatch)
+    alice, bob = await pair(server, connect)
+    d = server.state["delivery"]
+    st = server.storage
+    key = (bob.identity_key, b"")
+    reads, takes = [], []
+    real_reads, real_enqueue = st._hand_to_readers, st.enqueue
+
+    def count_reads(jobs):
+        reads.extend(fn.__name__ for fn, _a, _f in jobs)
+        real_reads(jobs)
+
+    async def enqueue_spy(messages, **kw):
+        outs = await real_enqueue(messages, **kw)
+        takes.extend(o.taken for o in outs)
+        return outs
+
+    monkeypatch.setattr(st, "_hand_to_readers", count_reads)
+    monkeypatch.setattr(st, "enqueue", enqueue_spy)
+    assert await bob.fetch() == []  # first look: a reader finds the inbox empty
+    assert reads == ["_has_messages"]
+    for i in range(5):
+        waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+        await parked(d, key, parking)
+        r = await alice.enqueue(bob.identity_key, b"m%d" % i)
+        msgs = await asyncio.wait_for(waiting, 10)
+        assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"m%d" % i)]
+    assert reads == ["_has_messages"]  # never asked again
+    assert takes == [True] * 5  # every message handed over, none stored
+    assert await st.queue_depth(*key) == 0
+
+
 async def test_fetch_after_a_store_skips_the_emptiness_check(server, connect) -> None:
     """A connected recipient whose inbox got stored messages fetches without the reader-side
     emptiness check first (a hint only: results are the same)."""
