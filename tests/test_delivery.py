@@ -14,6 +14,8 @@ from qpc_core.errors import (
     Forbidden,
     QuotaExceeded,
     RateLimited,
+    RpcError,
+    StorageError,
     TooLarge,
 )
 from qpc_core.framing import PushEvent
@@ -475,6 +477,60 @@ async def test_message_for_a_departed_waiter_is_kept(server, connect, monkeypatc
     assert common_pb2.NewMessageEvent.FromString(push.payload).seq == r.seq
     msgs = await bob.fetch()
     assert [(m.seq, m.data) for m in msgs] == [(r.seq, b"keep me")]
+    client_wait.cancel()
+
+
+async def test_failed_put_back_forgets_the_message_id_so_a_retry_stores_it(
+    server, connect, monkeypatch
+) -> None:
+    """The FetchWait leaves after being handed a message and putting the message back fails:
+    the Enqueue answers with an error, and its retry (same message_id) must store the
+    message, not be told "duplicate" of a message that was never kept."""
+    alice, bob = await pair(server, connect)
+    d = server.state["delivery"]
+    st = server.storage
+    real_enqueue, real_restore = st.enqueue, st.restore
+    outcomes, restores = [], []
+
+    def server_fetch_wait_task() -> asyncio.Task:
+        for t in asyncio.all_tasks():
+            c, names = t.get_coro(), []
+            while c is not None:
+                names.append(getattr(c, "__qualname__", ""))
+                c = getattr(c, "cr_await", None)
+            if "Delivery.fetch_wait" in names:
+                return t
+        raise AssertionError("no server-side FetchWait task")
+
+    async def waiter_leaves_then_enqueue(messages, **kw):
+        victim.cancel()
+        outs = await real_enqueue(messages, **kw)
+        outcomes.extend(outs)
+        return outs
+
+    async def failing_restore(taken):
+        restores.append(taken)
+        raise StorageError("disk full (injected)")
+
+    parking = watch_parking(monkeypatch)
+    client_wait = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await parked(d, (bob.identity_key, b""), parking)
+    victim = server_fetch_wait_task()
+    monkeypatch.setattr(st, "enqueue", waiter_leaves_then_enqueue)
+    monkeypatch.setattr(st, "restore", failing_restore)
+    mid = b"\x42" * 16
+    with pytest.raises(RpcError):
+        await alice.enqueue(bob.identity_key, b"retry me", message_id=mid)
+    assert [o.taken for o in outcomes] == [True] and len(restores) == 1
+    monkeypatch.setattr(st, "enqueue", real_enqueue)
+    monkeypatch.setattr(st, "restore", real_restore)
+    again = await alice.enqueue(bob.identity_key, b"retry me", message_id=mid)
+    assert not again.duplicate and again.seq > outcomes[0].seq
+    msgs = await bob.fetch()
+    assert [(m.seq, m.data) for m in msgs] == [(again.seq, b"retry me")]
+    # A third send of the same id is now the duplicate of the stored one.
+    third = await alice.enqueue(bob.identity_key, b"retry me", message_id=mid)
+    assert third.duplicate and third.seq == again.seq
     client_wait.cancel()
 
 

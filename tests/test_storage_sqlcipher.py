@@ -969,3 +969,17 @@ async def test_one_open_storage_per_database_file(db_path: Path) -> None:
     with pytest.raises(WrongKey):
         await open_store(db_path, key="not the key")
     await (await open_store(db_path)).close()
+
+
+async def test_forget_taken_removes_only_that_seqs_dedup_record(store: SqlCipherStorage) -> None:
+    mid = b"\x09" * 16
+    m = msg(ALICE, b"handed over", message_id=mid)
+    (t,) = await store.enqueue([m], max_depth=BIG, dedup_since=0.0, take=[(ALICE, b"")])
+    assert t.taken
+    await store.forget_taken([(m, t.seq + 1)])  # not its seq: the record stays
+    assert (await enqueue_one(store, m)).duplicate
+    await store.forget_taken([(m, t.seq)])
+    again = await enqueue_one(store, m)
+    assert (again.duplicate, again.taken) == (False, False) and again.seq > t.seq
+    assert [x.payload for x in await store.fetch(ALICE, b"", 0, now=time.time())] == [
+        b"handed over"]

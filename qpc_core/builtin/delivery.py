@@ -202,7 +202,7 @@ class Delivery:
             try:
                 if c.waiter.fut.done():  # the waiter left: keep its messages after all
                     if c.taken:
-                        await self.app.storage.restore(c.taken)
+                        await self._put_back(c.taken)
                         c.restored = True  # now stored: wake/notify as for stored ones
                 else:
                     c.waiter.fut.set_result(
@@ -217,6 +217,24 @@ class Delivery:
                 c.settled.set_result(None)
         else:
             await asyncio.shield(c.settled)
+
+    async def _put_back(self, taken: list[tuple[NewMessage, int]]) -> None:
+        """Store messages a departed FetchWait was handed.  If that fails, their Enqueues
+        answer with the error, and the dedup records the hand-off committed are removed
+        first: otherwise a retry would be answered "duplicate" for a message never kept."""
+        st = self.app.storage
+        try:
+            await st.restore(taken)
+        except Exception:
+            try:
+                await st.forget_taken(taken)
+            except Exception:
+                log.exception(
+                    "could not put back %d handed-over message(s) nor forget their message "
+                    "ids: a retry of these ids is answered as a duplicate, but the messages "
+                    "were not stored", len(taken),
+                )
+            raise
 
     def wake_all(self) -> None:
         """Draining: end every long poll now (they answer with what is queued)."""

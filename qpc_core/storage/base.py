@@ -119,6 +119,13 @@ class Storage(ABC):
         handed out, under the seq they were given (FIFO order is kept)."""
 
     @abstractmethod
+    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        """Remove the dedup records of taken messages that could be neither handed out nor
+        restored (the restore failed), so a retry with the same ``message_id`` stores the
+        message instead of being answered "duplicate" for a message that was never kept.
+        Only a record that still maps the id to the given seq is removed."""
+
+    @abstractmethod
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
         max_bytes: int = 0, likely_nonempty: bool = False,

@@ -256,6 +256,9 @@ _DEDUP_CLAIM = (
 _DEDUP_DELETE = (
     "DELETE FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ?"
 )
+_DEDUP_FORGET = (
+    "DELETE FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ? AND seq = ?"
+)
 _DEDUP_UPSERT = (
     "INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE"
@@ -525,6 +528,13 @@ def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
             _MESSAGE_INSERT, (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
         )
         conn.execute(_INBOX_RESTORE_DEPTH, (m.recipient_key, m.channel_id))
+
+
+def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
+    conn.executemany(
+        _DEDUP_FORGET,
+        [(m.recipient_key, m.channel_id, m.message_id, seq) for m, seq in items if m.message_id],
+    )
 
 
 def _select_live(
@@ -1413,6 +1423,10 @@ class SqlCipherStorage(Storage):
                 await fut
             finally:
                 self._added(inboxes)
+
+    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        if any(m.message_id for m, _seq in messages):
+            await self._write(_forget_taken_tx, list(messages))
 
     def _adding(self, inboxes: set[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], int]:
         """Writes that may add messages to ``inboxes`` were just queued (see emptiness.py)."""
