@@ -983,3 +983,37 @@ async def test_forget_taken_removes_only_that_seqs_dedup_record(store: SqlCipher
     assert (again.duplicate, again.taken) == (False, False) and again.seq > t.seq
     assert [x.payload for x in await store.fetch(ALICE, b"", 0, now=time.time())] == [
         b"handed over"]
+
+
+async def test_a_cancelled_enqueue_still_counts_as_in_flight_until_it_commits(
+    store: SqlCipherStorage,
+) -> None:
+    """The caller of an enqueue goes away (its task cancelled) after the job was queued: the
+    job still commits, so until then the inbox must count as "an add in flight" (else a
+    reader that looks meanwhile would record it as empty, and it would stay "empty" with
+    the message in it)."""
+    inbox = (ALICE, b"")
+    assert await store.fetch(*inbox, 0, now=time.time()) == []  # known empty
+    gate = threading.Event()
+
+    def hold(conn: Any) -> None:
+        gate.wait(30)
+
+    held = store._write(hold)  # the writer is busy until the gate opens
+    try:
+        task = asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"orphaned")))
+
+        async def cancel_after_it_queued() -> None:
+            task.cancel()  # runs after the task's first step (tasks start in order)
+
+        await asyncio.ensure_future(cancel_after_it_queued())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert store._empties.in_flight(inbox) and not store._empties.is_empty(inbox)
+    finally:
+        gate.set()
+    await held
+    await store.kv_put("barrier", b"k", b"v")  # a later write: the enqueue has committed
+    assert not store._empties.in_flight(inbox)
+    got = await store.fetch(*inbox, 0, now=time.time())
+    assert [m.payload for m in got] == [b"orphaned"]

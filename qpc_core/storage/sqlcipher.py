@@ -1399,12 +1399,8 @@ class SqlCipherStorage(Storage):
             return []
         take = frozenset(take)
         fut = self._write(_enqueue_tx, list(messages), max_depth, dedup_since, take)
-        inboxes = {(m.recipient_key, m.channel_id) for m in messages}
-        stamps = self._adding(inboxes)
-        try:
-            outcomes = await fut
-        finally:
-            self._added(inboxes)
+        stamps = self._adding(fut, {(m.recipient_key, m.channel_id) for m in messages})
+        outcomes = await asyncio.shield(fut)
         if take and stamps:
             # Handed over from an empty inbox (an inbox's new messages are either all
             # handed over or all stored): still empty, unless written since.
@@ -1417,29 +1413,31 @@ class SqlCipherStorage(Storage):
     async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if messages:
             fut = self._write(_restore_tx, list(messages))
-            inboxes = {(m.recipient_key, m.channel_id) for m, _seq in messages}
-            self._adding(inboxes)
-            try:
-                await fut
-            finally:
-                self._added(inboxes)
+            self._adding(fut, {(m.recipient_key, m.channel_id) for m, _seq in messages})
+            await asyncio.shield(fut)
 
     async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if any(m.message_id for m, _seq in messages):
             await self._write(_forget_taken_tx, list(messages))
 
-    def _adding(self, inboxes: set[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], int]:
-        """Writes that may add messages to ``inboxes`` were just queued (see emptiness.py)."""
+    def _adding(
+        self, job: asyncio.Future[Any], inboxes: set[tuple[bytes, bytes]]
+    ) -> dict[tuple[bytes, bytes], int]:
+        """``job`` (just queued) may add messages to ``inboxes``: they are "in flight" until
+        the writer has run it (see emptiness.py).  The caller awaits ``job`` shielded, so a
+        cancelled caller cannot end that early: the job commits all the same."""
         empties = self._empties
         if asyncio.get_running_loop() is not self._loop:
             empties.disable()  # queued out of the loop's order: stop trusting the hint
             return {}
-        return {inbox: empties.writing(inbox) for inbox in inboxes}
+        stamps = {inbox: empties.writing(inbox) for inbox in inboxes}
 
-    def _added(self, inboxes: set[tuple[bytes, bytes]]) -> None:
-        if asyncio.get_running_loop() is self._loop:
+        def written(_job: asyncio.Future[Any]) -> None:
             for inbox in inboxes:
-                self._empties.written(inbox)
+                empties.written(inbox)
+
+        job.add_done_callback(written)
+        return stamps
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
