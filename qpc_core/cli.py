@@ -22,6 +22,10 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
     p.add_argument("--metrics-listen", help="admin/metrics HTTP address HOST:PORT")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--audit-log", action="store_true", default=None,
+                   help="log one line per RPC on logger qpc.audit (config: audit_log)")
+    p.add_argument("--redact-logs", action=argparse.BooleanOptionalAction, default=None,
+                   help="audit lines show keyed hashes of identities and IPs (default: on)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -30,6 +34,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": args.data_dir,
         "metrics_listen": args.metrics_listen,
         "log_level": args.log_level,
+        "audit_log": args.audit_log,
+        "redact_logs": args.redact_logs,
     }
     if args.plugins is not None:
         out["plugins"] = [p.strip() for p in args.plugins.split(",") if p.strip()]

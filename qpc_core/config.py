@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     # Per client IP the limit is this many times the per-identity one (NAT, shared hosts).
     rate_limit_ip_factor: float = Field(default=10.0, ge=1.0)
     log_level: str = "INFO"
+    # Audit log: one INFO line per answered RPC on logger "qpc.audit" (see docs/operations).
+    audit_log: bool = False
+    # In audit lines, identities and client IPs are keyed-hash tokens instead of the values.
+    redact_logs: bool = True
     # "uvloop" needs `pip install 'qpc-core[fast]'`; the same qpc code runs on either loop.
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
     # QUIC library: "qh3" (compiled packet engine) needs `pip install 'qpc-core[fast]'`.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
+from qpc_core import audit
 from qpc_core.errors import (
     BadRequest,
     RateLimited,
@@ -50,6 +51,7 @@ class Dispatcher:
     def __init__(self, app: App) -> None:
         self.app = app
         self.max_payload = app.settings.max_payload_bytes
+        self.audit = audit.get(app)  # None unless audit_log is on
 
     async def call(self, conn: Connection, frame: RequestFrame) -> bytes:
         """Run one RPC and return the encoded response frame (never raises)."""
@@ -83,7 +85,10 @@ class Dispatcher:
             out = error_response(frame.request_id, status, "internal error")
         finally:
             app.rpc_finished()
-        app.hooks.on_rpc_completed(app, frame.method_id, name, status, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        app.hooks.on_rpc_completed(app, frame.method_id, name, status, seconds)
+        if self.audit is not None:
+            self.audit.rpc(conn, frame.method_id, name, status, seconds)
         return out
 
     async def _run(self, conn: Connection, method: RpcMethod, frame: RequestFrame) -> bytes:

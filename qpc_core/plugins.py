@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("keys", "qpc_core.builtin.keys"),
     ("directory", "qpc_core.builtin.directory"),
     ("admin", "qpc_core.builtin.admin"),
+    ("audit", "qpc_core.audit"),
 )
 
 
