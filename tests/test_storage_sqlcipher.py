@@ -1017,3 +1017,18 @@ async def test_a_cancelled_enqueue_still_counts_as_in_flight_until_it_commits(
     assert not store._empties.in_flight(inbox)
     got = await store.fetch(*inbox, 0, now=time.time())
     assert [m.payload for m in got] == [b"orphaned"]
+
+
+async def test_unlockable_database_is_a_clear_storage_error(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(sqlcipher_mod.fcntl, "flock", no_locks)
+    with pytest.raises(StorageError, match=r"cannot lock .*qpc\.db\.lock: .*not supported"):
+        await open_store(db_path)
+    monkeypatch.undo()
+    (db_path.parent / "qpc.db.lock").mkdir()  # the lock file's name is taken by a directory
+    with pytest.raises(StorageError, match="cannot create the lock file"):
+        await open_store(db_path)

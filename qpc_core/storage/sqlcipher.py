@@ -902,8 +902,11 @@ def _lock_exclusively(path: Path) -> int:
     best reported at start-up.  Other SQLCipher clients (an operator's shell, backups)
     do not take this lock and are unaffected."""
     lock_path = path.with_name(path.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StorageError(f"cannot create the lock file {lock_path}: {e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -915,6 +918,9 @@ def _lock_exclusively(path: Path) -> int:
             f"database {path} is in use by another qpc process (pid {holder}, lock file "
             f"{lock_path}); run one server per database file"
         ) from None
+    except OSError as e:  # e.g. a file system without locks
+        os.close(fd)
+        raise StorageError(f"cannot lock {lock_path}: {e}") from None
     except BaseException:
         os.close(fd)
         raise
