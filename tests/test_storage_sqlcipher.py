@@ -1029,6 +1029,7 @@ async def test_unlockable_database_is_a_clear_storage_error(
     with pytest.raises(StorageError, match=r"cannot lock .*qpc\.db\.lock: .*not supported"):
         await open_store(db_path)
     monkeypatch.undo()
-    (db_path.parent / "qpc.db.lock").mkdir()  # the lock file's name is taken by a directory
+    other = db_path.parent / "other" / "qpc.db"
+    (other.parent / "qpc.db.lock").mkdir(parents=True)  # the lock file's name is a directory
     with pytest.raises(StorageError, match="cannot create the lock file"):
-        await open_store(db_path)
+        await open_store(other)
