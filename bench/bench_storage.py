@@ -43,7 +43,7 @@ async def run(path: Path, n: int, group: bool, sync: str) -> tuple[float, int]:
     return n / el, commits
 
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 async def main(work: Path, n: int) -> None:

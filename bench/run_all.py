@@ -399,7 +399,7 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
                      f"{q['bytes_per_connection'] / max(1, e['bytes_per_connection']):.2f} | "
                      f"{100 * q['idle_cpu_fraction']:.2f}% |")
     lines += ["", "## 5. Durable enqueues (SQLCipher, 2000 concurrent single-message calls, "
-              "median of 3 rounds)", "",
+              "median of 5 rounds)", "",
               "| synchronous | group commit msg/s (commits) | one tx per message msg/s | ratio "
               "| ratio per round |",
               "|---|---|---|---|---|",

@@ -681,6 +681,116 @@ async def test_failing_job_does_not_fail_its_group(store: SqlCipherStorage,
     assert (await enqueue_one(store, msg(CAROL, b"later"))).seq == 2
 
 
+class MergedRuns:
+    """Records the sizes of the enqueue runs the writer merged into one call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = sqlcipher_mod._enqueue_merged
+
+        def spy(conn: Any, run: list[Any]) -> Any:
+            self.sizes.append(len(run))
+            return real(conn, run)
+
+        monkeypatch.setattr(sqlcipher_mod, "_enqueue_merged", spy)
+
+
+async def test_concurrent_enqueues_are_merged_with_one_by_one_results(
+    store: SqlCipherStorage, commits: Commits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merged = MergedRuns(monkeypatch)
+    await enqueue_one(store, msg(ALICE, b"old", message_id=b"seen"))  # seq 1, before the batch
+    gate = await hold_writer(store)
+    before = commits.count()
+    calls = [
+        store.enqueue([msg(ALICE, b"a", message_id=b"m1")], max_depth=BIG, dedup_since=0),
+        store.enqueue([msg(BOB, b"b", message_id=b"m1")], max_depth=BIG, dedup_since=0),
+        store.enqueue([msg(ALICE, b"again", message_id=b"m1")], max_depth=BIG, dedup_since=0),
+        store.enqueue([msg(ALICE, b"stored", message_id=b"seen")], max_depth=BIG,
+                      dedup_since=0),
+        store.enqueue([msg(ALICE, b"c"), msg(BOB, b"d"), msg(ALICE, b"e", CHAN)],
+                      max_depth=BIG, dedup_since=0),
+        store.enqueue([msg(ALICE, b"f")], max_depth=BIG, dedup_since=0),
+    ]
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    asyncio.get_running_loop().call_soon(gate.set)
+    results = await asyncio.gather(*tasks)
+    assert merged.sizes == [6]
+    assert commits.count() - before == 2  # the holder, then the whole batch
+    got = [[(o.seq, o.duplicate) for o in r] for r in results]
+    assert got == [
+        [(2, False)],
+        [(1, False)],
+        [(2, True)],  # the same id as an earlier call of the batch: its duplicate
+        [(1, True)],  # the same id as a committed message
+        [(3, False), (2, False), (1, False)],
+        [(4, False)],
+    ]
+    now = time.time()
+    assert [m.payload for m in await store.peek(ALICE, b"", 0, now=now)] == [
+        b"old", b"a", b"c", b"f"]
+    assert [m.payload for m in await store.peek(BOB, b"", 0, now=now)] == [b"b", b"d"]
+    assert await store.queue_depth(ALICE, CHAN) == 1
+
+
+async def test_a_full_inbox_in_a_merged_run_fails_only_its_calls(
+    store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merged = MergedRuns(monkeypatch)
+    for i in range(2):
+        await enqueue_one(store, msg(CAROL, b"%d" % i), max_depth=3)
+    gate = await hold_writer(store)
+    tasks = [
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"a1"), max_depth=3)),
+        asyncio.ensure_future(enqueue_one(store, msg(CAROL, b"fits"), max_depth=3)),
+        asyncio.ensure_future(enqueue_one(store, msg(CAROL, b"full", message_id=b"x"),
+                                          max_depth=3)),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"a2"), max_depth=3)),
+    ]
+    asyncio.get_running_loop().call_soon(gate.set)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert merged.sizes == [4]
+    assert isinstance(results[2], QueueFull), results[2]
+    assert [(r.seq, r.duplicate) for r in results if isinstance(r, EnqueueOutcome)] == [
+        (1, False), (3, False), (2, False)]
+    assert await store.queue_depth(CAROL, b"") == 3
+    assert await store.queue_depth(ALICE, b"") == 2
+    # The refused call left nothing behind: no seq used, no dedup record.
+    await store.ack(CAROL, b"", 3)
+    again = await enqueue_one(store, msg(CAROL, b"retry", message_id=b"x"), max_depth=3)
+    assert (again.seq, again.duplicate) == (4, False)
+
+
+async def test_only_compatible_enqueues_are_merged(
+    store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls that hand messages over to a waiting reader, calls with another depth limit and
+    other jobs between calls split the runs; order is kept across the splits."""
+    merged = MergedRuns(monkeypatch)
+    gate = await hold_writer(store)
+    tasks = [
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"1"))),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"2"))),
+        asyncio.ensure_future(store.enqueue([msg(BOB, b"taken")], max_depth=BIG,
+                                            dedup_since=0, take={(BOB, b"")})),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"3"))),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"4"), max_depth=BIG - 1)),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"5"))),
+        asyncio.ensure_future(store.ack(ALICE, b"", 1)),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"6"))),
+        asyncio.ensure_future(enqueue_one(store, msg(ALICE, b"7"))),
+    ]
+    asyncio.get_running_loop().call_soon(gate.set)
+    results = await asyncio.gather(*tasks)
+    assert merged.sizes == [2, 2]  # 1+2, then 6+7; the others ran alone
+    taken = results[2]
+    assert isinstance(taken, list) and taken[0].taken
+    seqs = [r.seq for i, r in enumerate(results) if i not in (2, 6)]
+    assert seqs == [1, 2, 3, 4, 5, 6, 7]
+    assert [m.payload for m in await store.peek(ALICE, b"", 0, now=time.time())] == [
+        b"2", b"3", b"4", b"5", b"6", b"7"]
+
+
 async def test_unexpected_error_in_a_batch_reruns_it_job_by_job(
     store: SqlCipherStorage, commits: Commits
 ) -> None:

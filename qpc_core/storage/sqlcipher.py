@@ -4,7 +4,10 @@ Threads
     * one **writer thread** owns the only read-write connection.  It does group commit: it
       takes every write job queued so far (up to ``max_batch``), runs them in one
       ``BEGIN IMMEDIATE`` … ``COMMIT``, each inside its own ``SAVEPOINT`` so a job that raises
-      is undone alone, and resolves the jobs' futures only after ``COMMIT`` returned;
+      is undone alone, and resolves the jobs' futures only after ``COMMIT`` returned.
+      Consecutive enqueue calls of a batch are written as one call (``_enqueue_merged``:
+      one seq reservation per inbox, ``executemany`` for the rows), with the results they
+      would have had one by one;
     * a pool of ``pool_size`` **reader connections** used from a ``ThreadPoolExecutor``
       (each read borrows one connection for its duration).
 
@@ -37,7 +40,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
@@ -853,6 +856,64 @@ def _ping(conn: Conn) -> None:
     conn.execute("PRAGMA user_version").fetchall()
 
 
+def _run_clean(conn: Conn, fn: Callable[..., Any], args: tuple[Any, ...],
+               fut: asyncio.Future[Any]) -> _Outcome:
+    """Run a job of ``_CLEAN_FAILING_JOBS`` without a savepoint."""
+    try:
+        return (fut, True, fn(conn, *args))
+    except QueueFull as e:  # raised before, or after undoing, any write
+        return (fut, False, e)
+
+
+def _mergeable(job: _Job) -> bool:
+    """An enqueue job that hands nothing over to a waiting reader (``take`` is empty)."""
+    return job[0] is _enqueue_tx and not job[1][3]
+
+
+def _enqueue_runs(batch: list[_Job]) -> Iterator[list[_Job]]:
+    """Split a batch, in order, into single jobs and runs of consecutive mergeable enqueue
+    jobs with the same depth limit (see ``_enqueue_merged``)."""
+    run: list[_Job] = []
+    for job in batch:
+        if run and _mergeable(job) and job[1][1] == run[0][1][1]:
+            run.append(job)
+            continue
+        if run:
+            yield run
+        run = [job]
+        if not _mergeable(job):
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _enqueue_merged(conn: Conn, run: list[_Job]) -> list[_Outcome]:
+    """Consecutive enqueue calls of one batch, written as one call.
+
+    With one message per call (Enqueue), a batch of single calls costs three statements per
+    message; merged, it costs one seq reservation per inbox and two ``executemany`` for the
+    rows.  Results are what running the calls one after another gives: seqs in call order,
+    a message id repeated by a later call is its duplicate.  Each call's dedup window is
+    honoured in full (the earliest cut-off of the run is used, so a window may stretch by the
+    milliseconds between the calls).  If any inbox is full, nothing was written and the
+    calls run one by one, so only the calls that do not fit fail."""
+    msgs = [m for _fn, args, _fut in run for m in args[0]]
+    max_depth: int = run[0][1][1]
+    dedup_since = min(args[2] for _fn, args, _fut in run)
+    try:
+        outs = _enqueue_tx(conn, msgs, max_depth, dedup_since)
+    except QueueFull:
+        return [_run_clean(conn, fn, args, fut) for fn, args, fut in run]
+    outcomes: list[_Outcome] = []
+    start = 0
+    for _fn, args, fut in run:
+        end = start + len(args[0])
+        outcomes.append((fut, True, outs[start:end]))
+        start = end
+    return outcomes
+
+
 # -- the store ------------------------------------------------------------------------------------
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
@@ -1310,12 +1371,13 @@ class SqlCipherStorage(Storage):
         outcomes: list[_Outcome] = []
         try:
             execute("BEGIN IMMEDIATE")
-            for fn, args, fut in batch:
+            for run in _enqueue_runs(batch):
+                if len(run) > 1:
+                    outcomes.extend(_enqueue_merged(conn, run))
+                    continue
+                fn, args, fut = run[0]
                 if fn in _CLEAN_FAILING_JOBS:
-                    try:
-                        outcomes.append((fut, True, fn(conn, *args)))
-                    except QueueFull as e:  # raised before, or after undoing, any write
-                        outcomes.append((fut, False, e))
+                    outcomes.append(_run_clean(conn, fn, args, fut))
                     continue
                 outcomes.append(_in_savepoint(conn, fn, args, fut))
             execute("COMMIT")
