@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import threading
 import time
@@ -759,6 +760,54 @@ async def test_a_full_inbox_in_a_merged_run_fails_only_its_calls(
     await store.ack(CAROL, b"", 3)
     again = await enqueue_one(store, msg(CAROL, b"retry", message_id=b"x"), max_depth=3)
     assert (again.seq, again.duplicate) == (4, False)
+
+
+async def test_merged_batches_match_one_call_at_a_time(tmp_path: Path) -> None:
+    """Differential check: random mixes of single and batch calls (repeated ids, channels,
+    inboxes near their depth limit) give the same answers and the same stored inboxes
+    whether the writer merges them into one transaction or runs them one by one."""
+    rng = random.Random(20261129)
+    inboxes = [(ALICE, b""), (BOB, b""), (ALICE, CHAN), (CAROL, b"")]
+    merged_st = await open_store(tmp_path / "merged.db")
+    serial_st = await open_store(tmp_path / "serial.db")
+    try:
+        for rnd in range(12):
+            calls = []
+            for _ in range(rng.randint(2, 25)):
+                size = 1 if rng.random() < 0.7 else rng.randint(2, 4)
+                call = []
+                for _ in range(size):
+                    r, c = rng.choice(inboxes)
+                    mid = b"" if rng.random() < 0.3 else b"id-%02d-%d" % (rnd, rng.randint(0, 9))
+                    call.append(msg(r, b"p%d" % rng.randint(0, 999), c, mid.ljust(16, b".")
+                                    if mid else b""))
+                calls.append(call)
+            depth = rng.randint(4, 12)
+
+            async def one(st: SqlCipherStorage, call: list[NewMessage]) -> Any:
+                try:
+                    outs = await st.enqueue(call, max_depth=depth, dedup_since=0)
+                except QueueFull:
+                    return "full"
+                return [(o.seq, o.duplicate) for o in outs]
+
+            gate = await hold_writer(merged_st)
+            tasks = [asyncio.ensure_future(one(merged_st, c)) for c in calls]
+            asyncio.get_running_loop().call_soon(gate.set)
+            merged = await asyncio.gather(*tasks)
+            serial = [await one(serial_st, c) for c in calls]
+            assert merged == serial, (rnd, calls)
+            now = time.time()
+            for r, c in inboxes:
+                a = [(m.seq, m.payload) for m in await merged_st.peek(r, c, 0, now=now)]
+                b = [(m.seq, m.payload) for m in await serial_st.peek(r, c, 0, now=now)]
+                assert a == b, (rnd, r, c)
+                if rng.random() < 0.5 and a:  # make room sometimes
+                    upto = rng.choice(a)[0]
+                    assert await merged_st.ack(r, c, upto) == await serial_st.ack(r, c, upto)
+    finally:
+        await merged_st.close()
+        await serial_st.close()
 
 
 async def test_only_compatible_enqueues_are_merged(
