@@ -784,7 +784,8 @@ async def test_merged_batches_match_one_call_at_a_time(tmp_path: Path) -> None:
                 calls.append(call)
             depth = rng.randint(4, 12)
 
-            async def one(st: SqlCipherStorage, call: list[NewMessage]) -> Any:
+            async def one(st: SqlCipherStorage, call: list[NewMessage],
+                          depth: int = depth) -> Any:
                 try:
                     outs = await st.enqueue(call, max_depth=depth, dedup_since=0)
                 except QueueFull:
