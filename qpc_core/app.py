@@ -52,6 +52,8 @@ class App:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop_requested: asyncio.Event | None = None
+        #: Process exit status for ``qpc run``: 1 when the server stopped because of a failure.
+        self.exit_code = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connections: set[Connection] = set()
         self.by_identity: dict[bytes, set[Connection]] = {}
@@ -198,6 +200,7 @@ class App:
                 f"no plugin opened storage '{self.settings.storage}' (is its plugin selected?)"
             )
         self._storage = storage
+        storage.add_failure_callback(self._storage_failed)
         try:
             await self.hooks.startup(self)
             self.transports = self.hooks.register_transports(self)
@@ -225,6 +228,14 @@ class App:
         loop = asyncio.get_running_loop()
         log.info("qpc %s started with plugins: %s (event loop: %s)", self.version,
                  ", ".join(p.name for p in self.plugins), type(loop).__module__)
+
+    def _storage_failed(self, error: BaseException) -> None:
+        if self.exit_code:
+            return
+        self.exit_code = 1
+        log.critical("storage failed for good (%s): stopping the server so that its supervisor "
+                     "restarts it; no call was acknowledged without its data committed", error)
+        self.request_stop()
 
     def request_stop(self) -> None:
         if self._stop_requested is not None:

@@ -90,9 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             ) from None
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(app.serve_forever())
-        return 0
+        return int(app.exit_code)
     asyncio.run(app.serve_forever())
-    return 0
+    return int(app.exit_code)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

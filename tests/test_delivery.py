@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import pytest
 
+from qpc_core.app import App
 from qpc_core.builtin import delivery as delivery_mod
 from qpc_core.client.sdk import ProofError
 from qpc_core.errors import (
@@ -689,3 +691,38 @@ async def test_stored_message_wakes_other_waiters_during_a_hand_off(
     rest = [t for t in (w1, w2) if t not in done]
     assert [(m.seq, m.data) for m in await asyncio.wait_for(rest[0], 10)] == [(r1.seq, b"one")]
     server.storage.enqueue = real
+
+
+async def test_a_failed_store_stops_the_server_with_exit_status_1(
+    settings_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that can no longer serve (here: its writer thread died) must not leave a server
+    answering every call with an error and /healthz green: it stops, status 1, for a restart."""
+    app = App(settings_factory())
+    started = asyncio.Event()
+    real_start = app.start
+
+    async def start() -> None:
+        await real_start()
+        started.set()
+
+    monkeypatch.setattr(app, "start", start)
+    serving = asyncio.ensure_future(app.serve_forever())
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        client = await connect(app)
+        await client.enqueue(b"R" * 32, b"kept")
+
+        def crash(conn: Any, batch: Any) -> None:
+            raise RuntimeError("writer bug")
+
+        monkeypatch.setattr(app.storage, "_run_batch", crash)
+        with pytest.raises(RpcError):
+            await client.enqueue(b"R" * 32, b"never acknowledged")
+        await asyncio.wait_for(serving, 60)
+    finally:
+        if not serving.done():
+            app.request_stop()
+            await asyncio.wait_for(serving, 60)
+    assert app.exit_code == 1
+    assert app.draining and not app.started

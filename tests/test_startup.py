@@ -70,3 +70,22 @@ async def test_production_refuses_to_start_without_db_key(app_factory, tmp_path)
 
     with pytest.raises(ConfigError, match="production requires a database key"):
         resolve_db_key(FakeApp())  # type: ignore[arg-type]
+
+
+def test_qpc_run_exits_with_the_apps_exit_code(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`qpc run` returns 1 when the server stopped because of a failure (e.g. a failed store),
+    0 after an ordinary shutdown."""
+    from qpc_core import cli
+    from qpc_core.app import App
+
+    codes = iter([1, 0])
+
+    async def serve_forever(self: App) -> None:
+        self.exit_code = next(codes)
+
+    monkeypatch.setattr(App, "serve_forever", serve_forever)
+    monkeypatch.setattr(cli, "_setup_logging", lambda level: None)  # no global logging changes
+    argv = ["run", "--data-dir", str(tmp_path / "data")]
+    assert cli.main(argv) == 1
+    assert cli.main(argv) == 0

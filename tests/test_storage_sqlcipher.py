@@ -907,6 +907,29 @@ async def test_writer_failure_fails_calls_instead_of_hanging(
     await st.close()
 
 
+async def test_writer_failure_is_reported_to_failure_callbacks(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = await open_store(db_path)
+    reported: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    def broken_callback(error: BaseException) -> None:
+        raise RuntimeError("a failing callback must not stop the others")
+
+    st.add_failure_callback(broken_callback)
+    st.add_failure_callback(reported.set_result)
+
+    def crash(conn: Any, batch: Any) -> None:
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(st, "_run_batch", crash)
+    with pytest.raises(StorageError, match="storage writer failed"):
+        await enqueue_one(st, msg(ALICE, b"x"))
+    error = await asyncio.wait_for(reported, 30)
+    assert isinstance(error, RuntimeError) and str(error) == "writer bug"
+    await st.close()
+
+
 async def test_observer_errors_are_contained(db_path: Path) -> None:
     def broken(op: str, seconds: float) -> None:
         raise RuntimeError("observer bug")

@@ -10,11 +10,14 @@ plugs in through the ``open_storage`` hook.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from qpc_core.errors import StorageError
+
+log = logging.getLogger("qpc.storage")
 
 
 class QueueFull(StorageError):
@@ -89,6 +92,22 @@ class Storage(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """Raise :class:`StorageError` when the backend is unreachable (used by /readyz)."""
+
+    def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(error)`` (on the event loop) if the backend fails for good.
+
+        The core registers one at start-up: a store that can no longer serve anything stops
+        the server with exit status 1, so a supervisor restarts it instead of it answering
+        every call with an error.  Backends report such a failure with :meth:`report_failure`."""
+        self.__dict__.setdefault("_failure_callbacks", []).append(callback)
+
+    def report_failure(self, error: BaseException) -> None:
+        """Report a permanent failure to every failure callback (call on the event loop)."""
+        for callback in list(self.__dict__.get("_failure_callbacks", ())):
+            try:
+                callback(error)
+            except Exception:
+                log.exception("storage failure callback failed")
 
     # -- delivery ---------------------------------------------------------------------------
     @abstractmethod

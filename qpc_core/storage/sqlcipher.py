@@ -1307,6 +1307,10 @@ class SqlCipherStorage(Storage):
             self._writer_error = e
             log.exception("storage writer thread failed")
             self._fail_queued(e)
+            try:
+                loop.call_soon_threadsafe(self.report_failure, e)
+            except RuntimeError:  # loop already closed
+                pass
         finally:
             try:
                 conn.close()
