@@ -423,6 +423,57 @@ def _enqueue_one(
     return EnqueueOutcome(first, False, taken)
 
 
+class _NotFresh(Exception):
+    """A duplicate or a full inbox: ``_enqueue_fresh`` does not apply."""
+
+
+def _enqueue_fresh(
+    conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float
+) -> list[EnqueueOutcome] | None:
+    """The common case of a many-message write, optimistically: no message is a duplicate and
+    every inbox has room.  One seq reservation per inbox, then the message ids are claimed
+    and the rows inserted with one ``executemany`` each (no lookup per message).  When the
+    claims changed fewer rows than there are ids (a duplicate, within the call or stored) or
+    an inbox would overflow, everything is rolled back to the savepoint and None sends the
+    caller down the general path, which gives those cases their answers."""
+    now = time.time()
+    execute = conn.execute
+    by_inbox: dict[tuple[bytes, bytes], list[int]] = {}
+    for i, m in enumerate(msgs):
+        idxs = by_inbox.get((m.recipient_key, m.channel_id))
+        if idxs is None:
+            by_inbox[(m.recipient_key, m.channel_id)] = [i]
+        else:
+            idxs.append(i)
+    seqs = [0] * len(msgs)
+    execute("SAVEPOINT fresh")
+    try:
+        for (recipient, channel), idxs in by_inbox.items():
+            k = len(idxs)
+            first, depth = execute(_INBOX_RESERVE, (recipient, channel, k)).fetchall()[0]
+            if depth + k > max_depth:
+                raise _NotFresh
+            for off, i in enumerate(idxs):
+                seqs[i] = first + off
+        claims = [
+            (m.recipient_key, m.channel_id, m.message_id, seq, now, dedup_since)
+            for m, seq in zip(msgs, seqs, strict=True)
+            if m.message_id
+        ]
+        if claims and conn.executemany(_DEDUP_CLAIM, claims).rowcount != len(claims):
+            raise _NotFresh
+    except _NotFresh:
+        execute("ROLLBACK TO fresh")
+        execute("RELEASE fresh")
+        return None
+    conn.executemany(_MESSAGE_INSERT, [
+        (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+        for m, seq in zip(msgs, seqs, strict=True)
+    ])
+    execute("RELEASE fresh")
+    return [EnqueueOutcome(seq, False) for seq in seqs]
+
+
 def _enqueue_tx(
     conn: Conn, msgs: Sequence[NewMessage], max_depth: int, dedup_since: float,
     take: Collection[tuple[bytes, bytes]] = (),
@@ -431,6 +482,10 @@ def _enqueue_tx(
         m = msgs[0]
         take_it = bool(take) and (m.recipient_key, m.channel_id) in take
         return [_enqueue_one(conn, m, max_depth, dedup_since, take_it)]
+    if not take:
+        fresh_outcomes = _enqueue_fresh(conn, msgs, max_depth, dedup_since)
+        if fresh_outcomes is not None:
+            return fresh_outcomes
     now = time.time()
     execute = conn.execute
     n = len(msgs)
