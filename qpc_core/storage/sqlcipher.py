@@ -1103,6 +1103,9 @@ class SqlCipherStorage(Storage):
         # This process is the file's only writer (see _lock_exclusively), so emptiness can be
         # remembered.
         self._empties = EmptyInboxes()
+        # Write jobs that may add messages, with their inboxes, until the writer's outcome
+        # for them arrives (see _adding); touched on the event loop only.
+        self._adding_jobs: dict[asyncio.Future[Any], set[tuple[bytes, bytes]]] = {}
         self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -1499,8 +1502,14 @@ class SqlCipherStorage(Storage):
                 pass
 
     def _resolve(self, outcomes: list[_Outcome], commit_seconds: float | None) -> None:
+        adding = self._adding_jobs
         for fut, ok, value in outcomes:
             _settle(fut, ok, value)
+            if adding:
+                inboxes = adding.pop(fut, None)
+                if inboxes is not None:
+                    for inbox in inboxes:
+                        self._empties.written(inbox)
         if commit_seconds is not None and self._observer is not None:
             self._observe("commit", commit_seconds)
 
@@ -1527,7 +1536,7 @@ class SqlCipherStorage(Storage):
         take = frozenset(take)
         fut = self._write(_enqueue_tx, list(messages), max_depth, dedup_since, take)
         stamps = self._adding(fut, {(m.recipient_key, m.channel_id) for m in messages})
-        outcomes = await asyncio.shield(fut)
+        outcomes = await fut
         if take and stamps:
             # Handed over from an empty inbox (an inbox's new messages are either all
             # handed over or all stored): still empty, unless written since.
@@ -1541,7 +1550,7 @@ class SqlCipherStorage(Storage):
         if messages:
             fut = self._write(_restore_tx, list(messages))
             self._adding(fut, {(m.recipient_key, m.channel_id) for m, _seq in messages})
-            await asyncio.shield(fut)
+            await fut
 
     async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if any(m.message_id for m, _seq in messages):
@@ -1551,20 +1560,15 @@ class SqlCipherStorage(Storage):
         self, job: asyncio.Future[Any], inboxes: set[tuple[bytes, bytes]]
     ) -> dict[tuple[bytes, bytes], int]:
         """``job`` (just queued) may add messages to ``inboxes``: they are "in flight" until
-        the writer has run it (see emptiness.py).  The caller awaits ``job`` shielded, so a
-        cancelled caller cannot end that early: the job commits all the same."""
+        the writer has run it (see emptiness.py).  That ends in :meth:`_resolve`, when the
+        writer's outcome for the job arrives, not when ``job`` is done: a cancelled caller
+        cancels ``job``, but the writer runs it and commits all the same."""
         empties = self._empties
         if asyncio.get_running_loop() is not self._loop:
             empties.disable()  # queued out of the loop's order: stop trusting the hint
             return {}
-        stamps = {inbox: empties.writing(inbox) for inbox in inboxes}
-
-        def written(_job: asyncio.Future[Any]) -> None:
-            for inbox in inboxes:
-                empties.written(inbox)
-
-        job.add_done_callback(written)
-        return stamps
+        self._adding_jobs[job] = inboxes
+        return {inbox: empties.writing(inbox) for inbox in inboxes}
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
