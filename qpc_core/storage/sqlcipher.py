@@ -1497,11 +1497,12 @@ class SqlCipherStorage(Storage):
             pass
         for lp, items in others.items():
             try:
-                lp.call_soon_threadsafe(self._resolve, items, None)
+                lp.call_soon_threadsafe(_settle_all, items)
             except RuntimeError:
                 pass
 
     def _resolve(self, outcomes: list[_Outcome], commit_seconds: float | None) -> None:
+        """Settle this loop's futures and end their "add in flight" marks (loop thread)."""
         adding = self._adding_jobs
         for fut, ok, value in outcomes:
             _settle(fut, ok, value)
@@ -1719,6 +1720,12 @@ class SqlCipherStorage(Storage):
             self._check_open()
             return {}
         return await self._read(_log_read_many, log, wanted)
+
+
+def _settle_all(outcomes: list[_Outcome]) -> None:
+    """Settle futures of another event loop (on that loop's thread; nothing else to do)."""
+    for fut, ok, value in outcomes:
+        _settle(fut, ok, value)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
