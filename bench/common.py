@@ -40,6 +40,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread role of a server process: ``loop`` (the main thread, which
+    runs the event loop), ``writer`` (the SQLCipher writer thread) and ``other``."""
+    out = {"loop": 0.0, "writer": 0.0, "other": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat.split("(", 1)[1].rsplit(")", 1)[0]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        role = ("loop" if int(tid) == pid else
+                "writer" if name.startswith("qpc-db-writer") else "other")
+        out[role] += seconds
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(m.group(1)) * 1024 if m else 0

@@ -31,6 +31,7 @@ from bench.common import (
     pin,
     rss_bytes,
     run_json,
+    thread_cpu_seconds,
     wait_for_line,
     write_jsonl,
 )
@@ -83,6 +84,17 @@ class Server:
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)
 
+    def measured(self, mode: str, *args: str) -> dict[str, Any]:
+        """One load run with the server's CPU per thread role, as a fraction of the run's
+        wall time (``server_busy``: how much of its core the server used)."""
+        t0 = thread_cpu_seconds(self.proc.pid)
+        r = self.load(mode, *args)
+        t1 = thread_cpu_seconds(self.proc.pid)
+        r["server_cpu_s"] = round(sum(t1.values()) - sum(t0.values()), 3)
+        r["server_busy"] = {k: round((t1[k] - t0[k]) / max(r["seconds"], 1e-9), 3)
+                            for k in t1}
+        return r
+
     def load(self, mode: str, *args: str, token: bool = True) -> dict[str, Any]:
         print(f"  {self.kind}: {mode} {' '.join(args)}", file=sys.stderr, flush=True)
         cmd = [PY, LOADGEN, mode, "--port", str(self.port), "--ca", self.ca, *args]
@@ -125,25 +137,31 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
     echo = Server("echo", work)
     try:
         for n, count in counts.items():
-            c0 = echo.cpu()
-            r = echo.load("echo", "--clients", str(n), "--count", str(count), "--window", "2",
-                          "--seconds", secs)
-            r["server_cpu_s"] = round(echo.cpu() - c0, 3)
+            r = echo.measured("echo", "--clients", str(n), "--count", str(count), "--window",
+                              "2", "--seconds", secs)
             out.setdefault(n, {})["echo"] = r
             rows.append({"figure": "throughput", "system": "bare-echo", **r})
+        # Figure 1b: the same 2 clients with 16 requests in flight instead of 4 (both sides).
+        r = echo.measured("echo", "--clients", "2", "--count", str(4 * counts[2]), "--window",
+                          "8", "--seconds", secs)
+        out.setdefault("deep", {})["echo"] = r  # type: ignore[index]
+        rows.append({"figure": "throughput_16_in_flight", "system": "bare-echo", **r})
     finally:
         echo.stop()
     qpc = Server("qpc", work)
     try:
         for n, count in counts.items():
-            c0 = qpc.cpu()
-            r = qpc.load("deliver", "--clients", str(n), "--count", str(count), "--window", "4",
-                         "--seconds", secs)
-            r["server_cpu_s"] = round(qpc.cpu() - c0, 3)
+            r = qpc.measured("deliver", "--clients", str(n), "--count", str(count), "--window",
+                             "4", "--seconds", secs)
             r["server_cpu_ms_per_msg"] = round(1000 * r["server_cpu_s"] / max(1, r["delivered"]),
                                                4)
             out[n]["qpc"] = r
             rows.append({"figure": "throughput", "system": "qpc", **r})
+        r = qpc.measured("deliver", "--clients", "2", "--count", str(2 * counts[2]), "--window",
+                         "16", "--seconds", secs)
+        r["server_cpu_ms_per_msg"] = round(1000 * r["server_cpu_s"] / max(1, r["delivered"]), 4)
+        out["deep"]["qpc"] = r  # type: ignore[index]
+        rows.append({"figure": "throughput_16_in_flight", "system": "qpc", **r})
         # Figure 2: open-loop latency at 25/50/75% of capacity, for two readings of
         # "capacity": the closed-loop figure above at 50 clients (pipelined bursts, which
         # batch), and the highest evenly spaced open-loop rate the server keeps up with
@@ -395,17 +413,36 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
              f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}. Server pinned "
              "to core 0, load generator to core 1.", "",
              "## 1. Enqueue -> delivery vs bare aioquic echo (closed loop)", "",
+             "4 requests in flight per 2 clients (echo: 2 per connection; qpc: 4 Enqueues per "
+             "sender, each receiver one FetchWait); the last row keeps 16 in flight on both sides. "
+             "Core busy (2-client rows): the server's CPU time over the run's wall time; for "
+             "qpc, event-loop thread + SQLCipher writer thread. Below 1.0 the server waited "
+             "for its clients: the run was bound by round trips, not by the server's CPU.", "",
              "| clients | echo req/s | qpc msg/s | ratio | qpc p50 ms | qpc p99 ms | "
-             "qpc server CPU ms/msg | echo server CPU ms/req | acknowledged / delivered / "
-             "left in store |", "|---|---|---|---|---|---|---|---|---|"]
-    for n in sorted(k for k in tp if isinstance(k, int) and k > 0):
-        e, q = tp[n]["echo"], tp[n]["qpc"]
+             "qpc server CPU ms/msg | echo server CPU ms/req | echo core busy | "
+             "qpc core busy (loop + writer) | acknowledged / delivered / left in store |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def busy(label: str, b: dict[str, float]) -> str:
+        # Only where connection set-up is negligible: the run's wall time starts after the
+        # handshakes, its CPU time does not (50 clients' handshakes would count as busy).
+        if not b or not label.startswith("2"):
+            return "-"
+        parts = f" ({b['loop']:.2f} + {b['writer']:.2f})" if b.get("writer") else ""
+        return f"{sum(b.values()):.2f}{parts}"
+
+    table = [(str(n), tp[n]) for n in sorted(k for k in tp if isinstance(k, int) and k > 0)]
+    if "deep" in tp:
+        table.append(("2, 16 in flight", tp["deep"]))
+    for label, t in table:
+        e, q = t["echo"], t["qpc"]
         e_cpu = 1000 * e.get("server_cpu_s", 0) / max(1, e["requests"])
-        lines.append(f"| {n} | {e['req_per_sec']:.0f} | {q['msgs_per_sec']:.0f} | "
+        eb, qb = e.get("server_busy", {}), q.get("server_busy", {})
+        lines.append(f"| {label} | {e['req_per_sec']:.0f} | {q['msgs_per_sec']:.0f} | "
                      f"{q['msgs_per_sec'] / e['req_per_sec']:.2f} | {q['latency_ms']['p50']:.1f}"
                      f" | {q['latency_ms']['p99']:.1f} | {q['server_cpu_ms_per_msg']:.3f} | "
-                     f"{e_cpu:.3f} | {q['sent'] - q['errors']} / {q['delivered']} / "
-                     f"{q.get('leftover', 0)} |")
+                     f"{e_cpu:.3f} | {busy(label, eb)} | {busy(label, qb)} | "
+                     f"{q['sent'] - q['errors']} / "
+                     f"{q['delivered']} / {q.get('leftover', 0)} |")
     caps = tp.get(-3, {})
     lines += ["", "## 2. Delivery latency, open loop (fraction of measured capacity)", "",
               f"Capacity, two readings: closed loop at 50 clients (figure 1) "

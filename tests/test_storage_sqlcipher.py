@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -1216,3 +1217,16 @@ async def test_unlockable_database_is_a_clear_storage_error(
     (other.parent / "qpc.db.lock").mkdir(parents=True)  # the lock file's name is a directory
     with pytest.raises(StorageError, match="cannot create the lock file"):
         await open_store(other)
+
+
+# -- operations ------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OS thread names are read from /proc (Linux)")
+async def test_storage_threads_carry_os_names(store: SqlCipherStorage) -> None:
+    """`top -H` / `ps -L` tell the writer and the reader threads apart from the loop."""
+    names = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
+    assert names.count("qpc-db-writer") == 1
+    assert names.count("qpc-db-reader") == 2  # pool_size=2 in these tests
+    await store.close()
+    names = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
+    assert "qpc-db-writer" not in names

@@ -60,6 +60,7 @@ from qpc_core.storage.base import (
     WrongKey,
 )
 from qpc_core.storage.emptiness import EmptyInboxes
+from qpc_core.threads import name_os_thread
 
 if TYPE_CHECKING:
     # sqlcipher3 mirrors the stdlib DB-API module; borrow its type information.
@@ -1165,7 +1166,8 @@ class SqlCipherStorage(Storage):
         # Readers connect only now: keying an empty file before the writer wrote its header
         # would derive the key from a different salt.
         self._readers = ThreadPoolExecutor(
-            max_workers=self._pool_size, thread_name_prefix=f"qpc-db-reader:{self.path.name}"
+            max_workers=self._pool_size, thread_name_prefix=f"qpc-db-reader:{self.path.name}",
+            initializer=name_os_thread, initargs=("qpc-db-reader",),
         )
         results = await asyncio.gather(
             *(loop.run_in_executor(self._readers, self._connect_reader)
@@ -1342,6 +1344,7 @@ class SqlCipherStorage(Storage):
 
     # -- writer thread -----------------------------------------------------------------------
     def _writer_main(self, ready: asyncio.Future[None]) -> None:
+        name_os_thread("qpc-db-writer")
         loop = self._loop
         assert loop is not None and self._writer_stopped is not None
         try:
