@@ -7,6 +7,9 @@ enables them with ``pytest_plugins = ["qpc_core.testing"]`` in its own conftest.
   ephemeral port and a temporary data dir, and stops it after the test;
 * ``server`` is ``app_factory()`` with the defaults;
 * ``connect(app, identity=..., token=...)`` opens a :class:`~qpc_core.client.QpcClient`.
+
+For a real ``qpc run`` process: :class:`ServerProcess`, and :func:`sigkill_loses_nothing`,
+the crash-safety check every storage backend must pass.
 """
 
 from __future__ import annotations
@@ -204,3 +207,69 @@ class ServerProcess:
     @property
     def ca(self) -> Path:
         return self.data_dir / "server-cert.pem"
+
+
+async def process_client(
+    srv: ServerProcess, identity: Ed25519PrivateKey | None = None, token: str = TEST_TOKEN
+) -> QpcClient:
+    """An SDK client of a :class:`ServerProcess` (a new identity unless one is given)."""
+    return await QpcClient.connect(
+        "127.0.0.1", srv.port, token=token, identity=identity or Ed25519PrivateKey.generate(),
+        ca_cert=srv.ca,
+    )
+
+
+async def sigkill_loses_nothing(srv: ServerProcess, target: int = 1500, workers: int = 32) -> int:
+    """Crash safety, for any storage backend: enqueue from ``workers`` concurrent callers
+    until ``target`` messages are acknowledged, SIGKILL the server with enqueues in flight,
+    start it again (same data dir, config and environment) and fetch everything.  Every
+    acknowledged message must be there exactly once, under its seq, in seq order.  Returns
+    how many were acknowledged.  ``srv`` must be started; it is left running."""
+    from qpc_core.client.sdk import ConnectionLost
+    from qpc_core.errors import RpcError
+
+    sender = await process_client(srv)
+    receiver = await process_client(srv)
+    rkey, rid = receiver.identity_key, receiver.identity
+    await receiver.close()
+    assert rkey is not None and rid is not None
+    acked: dict[int, bytes] = {}
+    kill_at = asyncio.Event()
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while not kill_at.is_set():
+            payload = f"msg-{next(counter)}".encode()
+            try:
+                r = await asyncio.wait_for(sender.enqueue(rkey, payload, verify=False), 5)
+            except (RpcError, ConnectionLost, TimeoutError, ConnectionError):
+                return
+            acked[r.seq] = payload
+            if len(acked) >= target:
+                kill_at.set()
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+    await kill_at.wait()
+    await srv.kill()  # SIGKILL while enqueues are in flight
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await sender.close()
+    assert len(acked) >= target
+
+    await srv.start()
+    receiver = await process_client(srv, identity=rid)
+    got: list[tuple[int, bytes]] = []
+    while True:
+        batch = await receiver.fetch(limit=500)
+        if not batch:
+            break
+        got.extend((m.seq, m.data) for m in batch)
+    await receiver.close()
+    seqs = [s for s, _ in got]
+    assert seqs == sorted(set(seqs)), "seqs must be strictly increasing, each once"
+    stored = dict(got)
+    missing = [s for s in acked if s not in stored]
+    assert not missing, f"{len(missing)} acknowledged messages lost"
+    assert all(stored[s] == p for s, p in acked.items())
+    return len(acked)

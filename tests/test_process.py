@@ -12,80 +12,22 @@ from pathlib import Path
 import pytest
 from procs import BIN, ServerProcess
 
-from qpc_core.client import QpcClient
-from qpc_core.client.sdk import ConnectionLost
-from qpc_core.errors import RpcError
+from qpc_core.testing import process_client, sigkill_loses_nothing
 
 pytestmark = pytest.mark.timeout(240)
-
-
-async def _client(srv: ServerProcess, identity=None) -> QpcClient:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return await QpcClient.connect(
-        "127.0.0.1",
-        srv.port,
-        token="devtoken",
-        identity=identity or Ed25519PrivateKey.generate(),
-        ca_cert=srv.ca,
-    )
 
 
 async def test_sigkill_loses_no_acknowledged_message(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "data")
     await srv.start()
-    sender = await _client(srv)
-    receiver = await _client(srv)
-    rkey, rid = receiver.identity_key, receiver.identity
-    await receiver.close()
-    acked: dict[int, bytes] = {}
-    target = 1500
-    kill_at = asyncio.Event()
-    counter = iter(range(10**9))
-
-    async def worker() -> None:
-        while not kill_at.is_set():
-            n = next(counter)
-            payload = f"msg-{n}".encode()
-            try:
-                r = await asyncio.wait_for(sender.enqueue(rkey, payload, verify=False), 5)
-            except (RpcError, ConnectionLost, TimeoutError, ConnectionError):
-                return
-            acked[r.seq] = payload
-            if len(acked) >= target:
-                kill_at.set()
-
-    workers = [asyncio.ensure_future(worker()) for _ in range(32)]
-    await kill_at.wait()
-    await srv.kill()  # SIGKILL while 32 enqueues are in flight
-    for w in workers:
-        w.cancel()
-    await asyncio.gather(*workers, return_exceptions=True)
-    await sender.close()
-    assert len(acked) >= target
-
-    await srv.start()  # same data dir, same key
-    receiver = await _client(srv, identity=rid)
-    got: list[tuple[int, bytes]] = []
-    while True:
-        batch = await receiver.fetch(limit=500)
-        if not batch:
-            break
-        got.extend((m.seq, m.data) for m in batch)
-    await receiver.close()
-    seqs = [s for s, _ in got]
-    assert seqs == sorted(set(seqs)), "seqs must be strictly increasing, each once"
-    stored = dict(got)
-    missing = [s for s in acked if s not in stored]
-    assert not missing, f"{len(missing)} acknowledged messages lost"
-    assert all(stored[s] == p for s, p in acked.items())
+    assert await sigkill_loses_nothing(srv, target=1500) >= 1500
     assert await srv.terminate() == 0
 
 
 async def test_sigterm_is_graceful(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "data")
     await srv.start()
-    c = await _client(srv)
+    c = await process_client(srv)
     await c.enqueue(c.identity_key, b"kept")
     rc = await srv.terminate()
     assert rc == 0
@@ -100,7 +42,7 @@ def test_database_unreadable_without_key(tmp_path: Path) -> None:
     async def run() -> Path:
         srv = ServerProcess(tmp_path / "data")
         await srv.start()
-        c = await _client(srv)
+        c = await process_client(srv)
         await c.enqueue(c.identity_key, b"x")
         await c.close()
         await srv.terminate()
@@ -141,7 +83,7 @@ async def test_second_server_on_the_same_database_is_refused(tmp_path: Path) -> 
         with pytest.raises(RuntimeError, match="in use by another qpc process"):
             await second.start()
         assert second.proc is not None and await second.proc.wait() == 1
-        c = await _client(srv)  # the first one is untouched
+        c = await process_client(srv)  # the first one is untouched
         try:
             out = await c.enqueue(c.identity_key, b"still served")
             assert out.seq == 1
@@ -279,7 +221,7 @@ async def test_server_runs_on_uvloop(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "data", env={"QPC_EVENT_LOOP": "uvloop"})
     await srv.start()
     try:
-        c = await _client(srv)
+        c = await process_client(srv)
         r = await c.enqueue(c.identity_key, b"on uvloop")
         assert r.seq == 1 and [m.data for m in await c.fetch()] == [b"on uvloop"]
         await c.close()
@@ -295,11 +237,11 @@ async def test_server_runs_on_qh3(tmp_path: Path) -> None:
                                                 "QPC_MAX_CONCURRENT_BIDI_STREAMS": "77"})
     await srv.start()
     try:
-        c = await _client(srv)
+        c = await process_client(srv)
         r = await c.enqueue(c.identity_key, b"on qh3")
         assert r.seq == 1 and [m.data for m in await c.fetch()] == [b"on qh3"]
         waiting = asyncio.ensure_future(c.fetch_wait(10_000))
-        other = await _client(srv)
+        other = await process_client(srv)
         await other.enqueue(c.identity_key, b"woken")
         assert [m.data for m in await asyncio.wait_for(waiting, 15)] == [b"woken"]
         # What the server advertised in its transport parameters.

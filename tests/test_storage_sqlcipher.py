@@ -28,8 +28,9 @@ from qpc_core.storage.base import (
     Storage,
     StoredMessage,
     WrongKey,
+    prefix_end,
 )
-from qpc_core.storage.sqlcipher import SCHEMA_VERSION, SqlCipherStorage, _prefix_end
+from qpc_core.storage.sqlcipher import SCHEMA_VERSION, SqlCipherStorage
 
 pytestmark = pytest.mark.asyncio
 
@@ -458,11 +459,11 @@ async def test_kv_scan_prefixes(store: SqlCipherStorage) -> None:
 
 
 async def test_prefix_end() -> None:
-    assert _prefix_end(b"") is None
-    assert _prefix_end(b"\xff\xff") is None
-    assert _prefix_end(b"a") == b"b"
-    assert _prefix_end(b"a\xff") == b"b"
-    assert _prefix_end(b"\x00\xfe\xff") == b"\x00\xff"
+    assert prefix_end(b"") is None
+    assert prefix_end(b"\xff\xff") is None
+    assert prefix_end(b"a") == b"b"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\x00\xfe\xff") == b"\x00\xff"
 
 
 async def test_logs(store: SqlCipherStorage) -> None:

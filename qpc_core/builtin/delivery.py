@@ -146,10 +146,17 @@ class Delivery:
             return
         if len(channel) > MAX_CHANNEL_ID:
             raise BadRequest(f"channel_id longer than {MAX_CHANNEL_ID} bytes")
-        if channel not in self.channel_cache:
-            members = await self.app.storage.channel_members(channel)
-            self.channel_cache[channel] = frozenset(members) if members is not None else None
-        members_set = self.channel_cache[channel]
+        storage = self.app.storage
+        if storage.shared:  # another server may create the channel or delete a member
+            members = await storage.channel_members(channel)
+            members_set = frozenset(members) if members is not None else None
+        else:
+            if channel not in self.channel_cache:
+                members = await storage.channel_members(channel)
+                self.channel_cache[channel] = (
+                    frozenset(members) if members is not None else None
+                )
+            members_set = self.channel_cache[channel]
         if members_set is None:
             return  # not a created channel: an application-level (e.g. MLS group) id
         if sender not in members_set:
@@ -310,29 +317,43 @@ class Delivery:
                 out.taken and not joined[(msg.recipient_key, msg.channel_id)].restored
             ):
                 continue
-            key = (msg.recipient_key, msg.channel_id)
-            if msg.recipient_key in app.by_identity:
-                hints = self.stored_since_fetch
-                if len(hints) >= MAX_FETCH_HINTS:  # only a hint: bounded by clearing
-                    hints.clear()
-                hints.add(key)
-            if key in self.waiters:
-                self.wake(*key)  # a long poll is already waiting: it will deliver, no push
-                continue
-            if key in self.claims:
-                continue  # that FetchWait answers now; its client comes back for the rest
-            conns = app.by_identity.get(msg.recipient_key)
-            if not conns:
-                self.notified.pop(key, None)
-                continue
-            ids = frozenset(c.connection_id for c in conns)
-            if not ids <= self.notified.get(key, frozenset()):
-                self.notified[key] = ids
-                event = common_pb2.NewMessageEvent(
-                    recipient_key=msg.recipient_key, channel_id=msg.channel_id, seq=out.seq
-                ).SerializeToString()
-                app.push(msg.recipient_key, PushEvent.NEW_MESSAGE, event)
+            self.announce((msg.recipient_key, msg.channel_id), out.seq)
         return outcomes
+
+    def announce(self, key: tuple[bytes, bytes], seq: int) -> None:
+        """A message was stored for ``key`` (inbox) under ``seq``: wake its long poll, or
+        push NEW_MESSAGE to its owner's connections (once until their next fetch)."""
+        app = self.app
+        recipient = key[0]
+        if recipient in app.by_identity:
+            hints = self.stored_since_fetch
+            if len(hints) >= MAX_FETCH_HINTS:  # only a hint: bounded by clearing
+                hints.clear()
+            hints.add(key)
+        if key in self.waiters:
+            self.wake(*key)  # a long poll is already waiting: it will deliver, no push
+            return
+        if key in self.claims:
+            return  # that FetchWait answers now; its client comes back for the rest
+        conns = app.by_identity.get(recipient)
+        if not conns:
+            self.notified.pop(key, None)
+            return
+        ids = frozenset(c.connection_id for c in conns)
+        if not ids <= self.notified.get(key, frozenset()):
+            self.notified[key] = ids
+            event = common_pb2.NewMessageEvent(
+                recipient_key=recipient, channel_id=key[1], seq=seq
+            ).SerializeToString()
+            app.push(recipient, PushEvent.NEW_MESSAGE, event)
+
+    def arrived_elsewhere(self, key: tuple[bytes, bytes] | None, seq: int) -> None:
+        """Storage callback: another server stored messages for ``key`` (None: arrivals
+        may have been missed, so every long poll looks in the store again)."""
+        if key is None:
+            self.wake_all()
+        else:
+            self.announce(key, seq)
 
     def expires_at(self, ttl_secs: int) -> float | None:
         return time.time() + ttl_secs if ttl_secs else None
@@ -528,6 +549,7 @@ async def startup(app: App) -> None:
     key = await server_key(app, SIGNING_KEY_NAME)
     d = app.state["delivery"] = Delivery(app, key)
     app.add_drain_callback(d.wake_all)
+    app.storage.add_arrival_callback(d.arrived_elsewhere)
     app.spawn(d.collector(), "delivery-expiry-collector")
 
 

@@ -20,6 +20,15 @@ from qpc_core.errors import StorageError
 log = logging.getLogger("qpc.storage")
 
 
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key that starts with ``prefix`` (None: no such
+    key, the scan is unbounded above).  For backends implementing ``kv_scan`` as a range."""
+    stem = prefix.rstrip(b"\xff")
+    if not stem:
+        return None
+    return stem[:-1] + bytes((stem[-1] + 1,))
+
+
 class QueueFull(StorageError):
     """An enqueue would push ``recipient``'s queue past ``max_depth``; nothing was written."""
 
@@ -83,6 +92,10 @@ class Storage(ABC):
     """Async storage.  Implementations must not block the event loop."""
 
     name: str = "storage"
+    #: True when other servers write to the same store (a shared database): the core then
+    #: keeps no cache of stored state that another server could change (channel
+    #: memberships), and relies on :meth:`report_arrival` for messages stored elsewhere.
+    shared: bool = False
 
     # -- lifecycle --------------------------------------------------------------------------
     @abstractmethod
@@ -108,6 +121,26 @@ class Storage(ABC):
                 callback(error)
             except Exception:
                 log.exception("storage failure callback failed")
+
+    def add_arrival_callback(
+        self, callback: Callable[[tuple[bytes, bytes] | None, int], None]
+    ) -> None:
+        """Call ``callback((recipient, channel), seq)`` (on the event loop) when *another
+        server* stored messages for that inbox (up to ``seq``), so this server can wake its
+        long polls and push to its connections.  ``callback(None, 0)`` means arrivals may have
+        been missed (e.g. the backend's notification channel reconnected): re-check every
+        waiting inbox.  Only a :attr:`shared` backend reports arrivals; this server's own
+        enqueues are not reported (the core already knows them)."""
+        self.__dict__.setdefault("_arrival_callbacks", []).append(callback)
+
+    def report_arrival(self, inbox: tuple[bytes, bytes] | None, seq: int = 0) -> None:
+        """Report messages stored by another server to every arrival callback (on the
+        event loop)."""
+        for callback in list(self.__dict__.get("_arrival_callbacks", ())):
+            try:
+                callback(inbox, seq)
+            except Exception:
+                log.exception("storage arrival callback failed")
 
     # -- delivery ---------------------------------------------------------------------------
     @abstractmethod

@@ -58,6 +58,7 @@ from qpc_core.storage.base import (
     StoredMessage,
     UserRecord,
     WrongKey,
+    prefix_end,
 )
 from qpc_core.storage.emptiness import EmptyInboxes
 from qpc_core.threads import name_os_thread
@@ -840,17 +841,9 @@ def _kv_delete(conn: Conn, namespace: str, key: bytes) -> bool:
     )
 
 
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest key greater than every key starting with ``prefix`` (None: unbounded)."""
-    stem = prefix.rstrip(b"\xff")
-    if not stem:
-        return None
-    return stem[:-1] + bytes((stem[-1] + 1,))
-
-
 def _kv_scan(conn: Conn, namespace: str, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
     lim = limit if limit > 0 else -1
-    end = _prefix_end(prefix)
+    end = prefix_end(prefix)
     if end is None:
         cur = conn.execute(
             "SELECT key, value FROM kv WHERE namespace = ? AND key >= ? ORDER BY key LIMIT ?",
