@@ -1,0 +1,249 @@
+"""Numbered schema migrations (the applied version is recorded in ``schema_version``).
+
+Hot paths are PL/pgSQL functions so that one Enqueue, Fetch or Peek is one round trip:
+``enqueue_batch`` writes a whole call (all or nothing: it raises ``QP001`` "queue full"
+and the statement rolls back), ``take_messages`` reads (and for Fetch deletes) an inbox's
+oldest messages within a byte budget.
+
+``enqueue_batch`` announces stored messages with ``pg_notify('qpc_arrivals', ...)`` (sent
+at commit) so other servers wake their long polls and push to their connections.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+NOTIFY_CHANNEL = "qpc_arrivals"
+QUEUE_FULL_SQLSTATE = "QP001"
+
+_V1 = r"""
+CREATE TABLE inboxes (
+    recipient_key bytea NOT NULL,
+    channel_id    bytea NOT NULL,
+    next_seq      bigint NOT NULL,
+    depth         bigint NOT NULL,
+    PRIMARY KEY (recipient_key, channel_id)
+);
+
+CREATE TABLE messages (
+    recipient_key bytea NOT NULL,
+    channel_id    bytea NOT NULL,
+    seq           bigint NOT NULL,
+    expires_at    double precision,
+    created_at    double precision NOT NULL,
+    payload       bytea NOT NULL,
+    PRIMARY KEY (recipient_key, channel_id, seq)
+);
+CREATE INDEX messages_expiry ON messages (expires_at) WHERE expires_at IS NOT NULL;
+
+-- Stored messages per inbox (expired but not yet collected included), kept by this trigger
+-- for every delete (fetch, ack, expiry) and by enqueue_batch / restore for inserts.
+CREATE FUNCTION messages_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE inboxes AS i SET depth = i.depth - d.n
+    FROM (SELECT recipient_key, channel_id, count(*) AS n FROM gone
+          GROUP BY recipient_key, channel_id) AS d
+    WHERE i.recipient_key = d.recipient_key AND i.channel_id = d.channel_id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER messages_depth AFTER DELETE ON messages
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION messages_deleted();
+
+CREATE TABLE dedup (
+    recipient_key bytea NOT NULL,
+    channel_id    bytea NOT NULL,
+    message_id    bytea NOT NULL,
+    seq           bigint NOT NULL,
+    created_at    double precision NOT NULL,
+    PRIMARY KEY (recipient_key, channel_id, message_id)
+);
+CREATE INDEX dedup_created ON dedup (created_at);
+
+CREATE TABLE key_packages (
+    id           bigserial PRIMARY KEY,
+    identity_key bytea NOT NULL,
+    package      bytea NOT NULL,
+    fingerprint  bytea NOT NULL
+);
+CREATE INDEX key_packages_identity ON key_packages (identity_key, id);
+
+CREATE TABLE hybrid_keys (
+    identity_key bytea PRIMARY KEY,
+    public_key   bytea NOT NULL
+);
+
+CREATE TABLE users (
+    username     text PRIMARY KEY,
+    identity_key bytea NOT NULL UNIQUE,
+    created_at   double precision NOT NULL
+);
+
+CREATE TABLE channels (
+    channel_id bytea PRIMARY KEY,
+    created_by bytea NOT NULL,
+    created_at double precision NOT NULL
+);
+CREATE TABLE channel_members (
+    channel_id   bytea NOT NULL REFERENCES channels ON DELETE CASCADE,
+    identity_key bytea NOT NULL,
+    PRIMARY KEY (channel_id, identity_key)
+);
+CREATE INDEX channel_members_identity ON channel_members (identity_key);
+
+CREATE TABLE sessions (
+    token_hash   bytea PRIMARY KEY,
+    identity_key bytea NOT NULL,
+    username     text NOT NULL,
+    created_at   double precision NOT NULL,
+    expires_at   double precision NOT NULL
+);
+CREATE INDEX sessions_identity ON sessions (identity_key);
+CREATE INDEX sessions_expiry ON sessions (expires_at);
+
+CREATE TABLE kv (
+    namespace text NOT NULL,
+    key       bytea NOT NULL,
+    value     bytea NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+
+CREATE TABLE log_heads (
+    log  text PRIMARY KEY,
+    size bigint NOT NULL
+);
+CREATE TABLE logs (
+    log   text NOT NULL,
+    idx   bigint NOT NULL,
+    entry bytea NOT NULL,
+    PRIMARY KEY (log, idx)
+);
+
+-- One Enqueue / BatchEnqueue call.  Per message: reserve the inbox's next seq (the upsert
+-- locks the inbox row until commit, so seqs are unique and in commit order even across
+-- servers), claim the message id (a fresh record means a duplicate: the reservation is
+-- undone and the original seq returned), check the depth limit, store.  An inbox named in
+-- p_take_* that holds no message gets its messages handed over instead (taken = true).
+CREATE FUNCTION enqueue_batch(
+    p_recipients bytea[], p_channels bytea[], p_mids bytea[], p_payloads bytea[],
+    p_expires double precision[], p_now double precision, p_since double precision,
+    p_max_depth bigint, p_take_r bytea[], p_take_c bytea[], p_node text
+) RETURNS TABLE (o_seq bigint, o_duplicate boolean, o_taken boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i int;
+    r bytea;
+    c bytea;
+    mid bytea;
+    s bigint;
+    d bigint;
+    in_take boolean;
+    taken boolean;
+    n int;
+    live bigint;
+    stored_r bytea[] := '{}';
+    stored_c bytea[] := '{}';
+    stored_s bigint[] := '{}';
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_recipients, 1), 0) LOOP
+        r := p_recipients[i];
+        c := p_channels[i];
+        mid := p_mids[i];
+        in_take := EXISTS (SELECT 1 FROM unnest(p_take_r, p_take_c) AS t(tr, tc)
+                           WHERE t.tr = r AND t.tc = c);
+        INSERT INTO inboxes AS b (recipient_key, channel_id, next_seq, depth)
+            VALUES (r, c, 2, CASE WHEN in_take THEN 0 ELSE 1 END)
+            ON CONFLICT (recipient_key, channel_id) DO UPDATE
+            SET next_seq = b.next_seq + 1,
+                depth = b.depth + CASE WHEN in_take AND b.depth = 0 THEN 0 ELSE 1 END
+            RETURNING b.next_seq - 1, b.depth INTO s, d;
+        taken := in_take AND d = 0;
+        IF length(mid) > 0 THEN
+            INSERT INTO dedup AS x (recipient_key, channel_id, message_id, seq, created_at)
+                VALUES (r, c, mid, s, p_now)
+                ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE
+                SET seq = excluded.seq, created_at = excluded.created_at
+                WHERE x.created_at < p_since;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n = 0 THEN
+                UPDATE inboxes SET next_seq = next_seq - 1,
+                                   depth = depth - CASE WHEN taken THEN 0 ELSE 1 END
+                    WHERE recipient_key = r AND channel_id = c;
+                SELECT x.seq INTO s FROM dedup AS x
+                    WHERE x.recipient_key = r AND x.channel_id = c AND x.message_id = mid;
+                o_seq := s; o_duplicate := true; o_taken := false;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        IF NOT taken THEN
+            IF d > p_max_depth THEN
+                SELECT count(*) INTO live FROM messages AS m
+                    WHERE m.recipient_key = r AND m.channel_id = c
+                    AND (m.expires_at IS NULL OR m.expires_at > p_now);
+                IF live + 1 > p_max_depth THEN
+                    RAISE EXCEPTION USING ERRCODE = 'QP001', MESSAGE = live::text,
+                        DETAIL = encode(r, 'hex') || ' ' || encode(c, 'hex');
+                END IF;
+            END IF;
+            INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,
+                                  payload)
+                VALUES (r, c, s, p_expires[i], p_now, p_payloads[i]);
+            stored_r := stored_r || r;
+            stored_c := stored_c || c;
+            stored_s := stored_s || s;
+        END IF;
+        o_seq := s; o_duplicate := false; o_taken := taken;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM pg_notify('qpc_arrivals',
+                      p_node || ' ' || encode(q.r, 'hex') || ' ' || encode(q.c, 'hex') || ' '
+                      || q.s)
+        FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(stored_r, stored_c, stored_s)
+              AS a(r, c, s) GROUP BY a.r, a.c) AS q;
+END $$;
+
+-- Oldest unexpired messages of one inbox, at most p_limit (0 = all) and, after the first,
+-- within p_max_bytes of payload (0 = no cap); deleted when p_remove.  Rows another
+-- Fetch deleted meanwhile are left out (never returned twice).
+CREATE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    rec record;
+    total bigint := 0;
+    seqs bigint[] := '{}';
+BEGIN
+    FOR rec IN
+        SELECT m.seq, octet_length(m.payload) AS size FROM messages AS m
+        WHERE m.recipient_key = p_r AND m.channel_id = p_c
+          AND (m.expires_at IS NULL OR m.expires_at > p_now)
+        ORDER BY m.seq
+        LIMIT CASE WHEN p_limit > 0 THEN p_limit END
+    LOOP
+        IF p_max_bytes > 0 AND cardinality(seqs) > 0 AND total + rec.size > p_max_bytes THEN
+            EXIT;
+        END IF;
+        total := total + rec.size;
+        seqs := seqs || rec.seq;
+    END LOOP;
+    IF cardinality(seqs) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_remove THEN
+        -- Everything up to the last chosen seq goes: the chosen messages and expired ones
+        -- between them (as the SQLCipher store does).
+        RETURN QUERY WITH gone AS (
+            DELETE FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c
+              AND m.seq <= seqs[cardinality(seqs)]
+            RETURNING m.seq, m.payload)
+            SELECT gone.seq, gone.payload FROM gone WHERE gone.seq = ANY (seqs);
+    ELSE
+        RETURN QUERY SELECT m.seq, m.payload FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c AND m.seq = ANY (seqs);
+    END IF;
+END $$;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1)]

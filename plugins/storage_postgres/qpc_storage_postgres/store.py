@@ -1,0 +1,583 @@
+"""``PostgresStorage``: the :class:`~qpc_core.storage.base.Storage` interface on a shared
+PostgreSQL database (asyncpg), so several qpc servers can serve one user base.
+
+* Every call is one statement or one transaction on a pooled connection; an awaited write
+  has committed (PostgreSQL's own group commit batches concurrent commits' WAL flushes).
+* Seqs stay unique and in commit order per inbox across servers: ``enqueue_batch`` reserves
+  them with an upsert that holds the inbox row lock until commit.
+* Messages stored by one server are announced to the others with ``NOTIFY`` (sent at
+  commit); each server LISTENs on a dedicated connection and reports them to the core with
+  :meth:`Storage.report_arrival`, which wakes long polls and pushes NEW_MESSAGE.  If that
+  connection drops, it reconnects with back-off and reports ``None`` (re-check everything).
+* Transient database errors fail the call with :class:`StorageError` (the RPC answers an
+  internal error, nothing acknowledged is lost); the server keeps running and recovers when
+  the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from qpc_core.errors import StorageError
+from qpc_core.storage.base import (
+    AlreadyExists,
+    EnqueueOutcome,
+    NewMessage,
+    QueueFull,
+    SessionRecord,
+    Storage,
+    StoredMessage,
+    UserRecord,
+    prefix_end,
+)
+from qpc_storage_postgres.schema import (
+    MIGRATIONS,
+    NOTIFY_CHANNEL,
+    QUEUE_FULL_SQLSTATE,
+    SCHEMA_VERSION,
+)
+
+log = logging.getLogger("qpc.storage.postgres")
+
+PURGE_CHUNK = 5000
+_RECONNECT_MAX_SECS = 10.0
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as ``DELETE 3``."""
+    try:
+        return int(status.rsplit(" ", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+@asynccontextmanager
+async def _errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except _DB_ERRORS as e:
+        raise StorageError(f"database error ({what}): {e}") from e
+
+
+async def _connect_with_retry(dsn: str, timeout: float, **kw: Any) -> asyncpg.Connection:
+    """One connection, retrying refused/unavailable for up to ``timeout`` seconds (the
+    database may be starting with qpc); bad credentials or a bad DSN fail at once."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            return await asyncpg.connect(dsn, timeout=min(10.0, timeout), **kw)
+        except (OSError, asyncpg.CannotConnectNowError, TimeoutError) as e:
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"cannot connect to PostgreSQL: {e}") from e
+            await asyncio.sleep(delay)  # back-off between connection attempts
+            delay = min(delay * 2, 2.0)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+            raise StorageError(f"cannot connect to PostgreSQL: {e}") from e
+
+
+async def _migrate(conn: asyncpg.Connection, schema: str) -> int:
+    """Create the schema and apply pending migrations under an advisory lock (several
+    servers may start at once).  Returns the schema version now in place."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"qpc-migrate:{schema}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path = "{schema}"')
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int NOT NULL)")
+        version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"database schema {schema!r} is at version {version}, newer than this plugin "
+                f"supports ({SCHEMA_VERSION}); upgrade qpc-storage-postgres"
+            )
+        for target, script in MIGRATIONS:
+            if target > version:
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", target)
+                version = target
+    return int(version)
+
+
+class PostgresStorage(Storage):
+    name = "postgres"
+    shared = True
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str, connect_timeout: float) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self.schema = schema
+        self._connect_timeout = connect_timeout
+        # Tells this server's own notifications apart from other servers'.
+        self.node_id = secrets.token_hex(8)
+        self._listener: asyncpg.Connection | None = None
+        self._reconnect: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, schema: str = "qpc", pool_min: int = 2, pool_max: int = 16,
+        command_timeout: float = 30.0, connect_timeout: float = 30.0,
+    ) -> PostgresStorage:
+        conn = await _connect_with_retry(dsn, connect_timeout)
+        try:
+            async with _errors("migrating"):
+                await _migrate(conn, schema)
+        finally:
+            await conn.close()
+        settings = {"search_path": f'"{schema}"', "application_name": "qpc"}
+        async with _errors("opening the pool"):
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min(pool_min, pool_max), max_size=pool_max,
+                command_timeout=command_timeout, server_settings=settings,
+            )
+        store = cls(pool, dsn, schema, connect_timeout)
+        try:
+            await store._listen()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        if self._listener is not None:
+            try:
+                await self._listener.close(timeout=5)
+            except _DB_ERRORS:
+                self._listener.terminate()
+        try:
+            await asyncio.wait_for(self._pool.close(), 30)
+        except (TimeoutError, *_DB_ERRORS):
+            self._pool.terminate()
+
+    async def ping(self) -> None:
+        async with _errors("ping"):
+            await self._pool.fetchval("SELECT 1")
+
+    # -- arrivals from other servers --------------------------------------------------------
+    async def _listen(self) -> None:
+        conn = await _connect_with_retry(self._dsn, self._connect_timeout)
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except _DB_ERRORS as e:
+            await conn.close()
+            raise StorageError(f"cannot LISTEN on PostgreSQL: {e}") from e
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listener = conn
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            node, recipient, channel, seq = payload.split(" ")
+            if node == self.node_id:
+                return
+            inbox = (bytes.fromhex(recipient), bytes.fromhex(channel))
+            last = int(seq)
+        except ValueError:
+            log.warning("ignoring a malformed %s notification: %.100r", NOTIFY_CHANNEL, payload)
+            return
+        self.report_arrival(inbox, last)
+
+    def _on_listener_lost(self, _conn: Any) -> None:
+        self._listener = None
+        if not self._closed and (self._reconnect is None or self._reconnect.done()):
+            log.warning("PostgreSQL notification connection lost: reconnecting")
+            self._reconnect = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.2
+        while not self._closed:
+            try:
+                await self._listen()
+            except StorageError as e:
+                log.warning("PostgreSQL notifications still unavailable: %s", e)
+                await asyncio.sleep(delay)  # back-off between reconnection attempts
+                delay = min(delay * 2, _RECONNECT_MAX_SECS)
+                continue
+            log.info("PostgreSQL notification connection restored")
+            self.report_arrival(None)  # arrivals may have been missed meanwhile
+            return
+
+    # -- delivery ---------------------------------------------------------------------------
+    async def enqueue(
+        self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float,
+        take: Collection[tuple[bytes, bytes]] = (),
+    ) -> list[EnqueueOutcome]:
+        if not messages:
+            return []
+        take = list(take)
+        try:
+            rows = await self._pool.fetch(
+                "SELECT o_seq, o_duplicate, o_taken FROM enqueue_batch("
+                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                [m.recipient_key for m in messages], [m.channel_id for m in messages],
+                [m.message_id for m in messages], [m.payload for m in messages],
+                [m.expires_at for m in messages], time.time(), dedup_since, max_depth,
+                [k[0] for k in take], [k[1] for k in take], self.node_id,
+            )
+        except asyncpg.PostgresError as e:
+            if getattr(e, "sqlstate", None) == QUEUE_FULL_SQLSTATE:
+                recipient, channel = (bytes.fromhex(x) for x in (e.detail or " ").split(" "))
+                raise QueueFull(recipient, channel, int(e.message)) from None
+            raise StorageError(f"database error (enqueue): {e}") from e
+        except _DB_ERRORS as e:
+            raise StorageError(f"database error (enqueue): {e}") from e
+        return [EnqueueOutcome(int(r[0]), bool(r[1]), bool(r[2])) for r in rows]
+
+    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        if not messages:
+            return
+        now = time.time()
+        per_inbox: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+        for m, seq in messages:
+            n, top = per_inbox.get((m.recipient_key, m.channel_id), (0, 0))
+            per_inbox[(m.recipient_key, m.channel_id)] = (n + 1, max(top, seq))
+        async with _errors("restore"), self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,"
+                " payload) VALUES ($1, $2, $3, $4, $5, $6)",
+                [(m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+                 for m, seq in messages],
+            )
+            for (recipient, channel), (n, top) in per_inbox.items():
+                await conn.execute(
+                    "UPDATE inboxes SET depth = depth + $3"
+                    " WHERE recipient_key = $1 AND channel_id = $2", recipient, channel, n,
+                )
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                    f"{self.node_id} {recipient.hex()} {channel.hex()} {top}",
+                )
+
+    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+        rows = [(m.recipient_key, m.channel_id, m.message_id, seq)
+                for m, seq in messages if m.message_id]
+        if rows:
+            async with _errors("forget_taken"):
+                await self._pool.executemany(
+                    "DELETE FROM dedup WHERE recipient_key = $1 AND channel_id = $2"
+                    " AND message_id = $3 AND seq = $4", rows,
+                )
+
+    async def _take(self, recipient: bytes, channel: bytes, limit: int, now: float,
+                    max_bytes: int, remove: bool) -> list[StoredMessage]:
+        async with _errors("fetch" if remove else "peek"):
+            rows = await self._pool.fetch(
+                "SELECT o_seq, o_payload FROM take_messages($1, $2, $3, $4, $5, $6)",
+                recipient, channel, max(0, limit), now, max(0, max_bytes), remove,
+            )
+        return sorted((StoredMessage(int(r[0]), bytes(r[1])) for r in rows),
+                      key=lambda m: m.seq)
+
+    async def fetch(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0, likely_nonempty: bool = False,
+    ) -> list[StoredMessage]:
+        return await self._take(recipient_key, channel_id, limit, now, max_bytes, True)
+
+    async def peek(
+        self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
+        max_bytes: int = 0,
+    ) -> list[StoredMessage]:
+        return await self._take(recipient_key, channel_id, limit, now, max_bytes, False)
+
+    async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
+        async with _errors("ack"):
+            status = await self._pool.execute(
+                "DELETE FROM messages WHERE recipient_key = $1 AND channel_id = $2"
+                " AND seq <= $3", recipient_key, channel_id, seq_up_to,
+            )
+        return _count(status)
+
+    async def queue_depth(self, recipient_key: bytes, channel_id: bytes) -> int:
+        async with _errors("queue_depth"):
+            depth = await self._pool.fetchval(
+                "SELECT depth FROM inboxes WHERE recipient_key = $1 AND channel_id = $2",
+                recipient_key, channel_id,
+            )
+        return int(depth or 0)
+
+    async def total_queue_depth(self) -> int:
+        async with _errors("total_queue_depth"):
+            return int(await self._pool.fetchval("SELECT coalesce(sum(depth), 0) FROM inboxes"))
+
+    async def _purge(self, what: str, sql: str, bound: float) -> int:
+        """Delete in chunks (short transactions, no long lock on a busy table)."""
+        total = 0
+        async with _errors(what):
+            while True:
+                n = _count(await self._pool.execute(sql, bound, PURGE_CHUNK))
+                total += n
+                if n < PURGE_CHUNK:
+                    return total
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._purge(
+            "purge_expired",
+            "DELETE FROM messages WHERE (recipient_key, channel_id, seq) IN ("
+            "SELECT recipient_key, channel_id, seq FROM messages"
+            " WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)", now,
+        )
+
+    async def purge_dedup(self, older_than: float) -> int:
+        return await self._purge(
+            "purge_dedup",
+            "DELETE FROM dedup WHERE (recipient_key, channel_id, message_id) IN ("
+            "SELECT recipient_key, channel_id, message_id FROM dedup"
+            " WHERE created_at < $1 LIMIT $2)", older_than,
+        )
+
+    # -- key packages and hybrid keys ---------------------------------------------------------
+    async def add_key_package(
+        self, identity_key: bytes, package: bytes, fingerprint: bytes
+    ) -> None:
+        async with _errors("add_key_package"):
+            await self._pool.execute(
+                "INSERT INTO key_packages (identity_key, package, fingerprint)"
+                " VALUES ($1, $2, $3)", identity_key, package, fingerprint,
+            )
+
+    async def pop_key_package(self, identity_key: bytes) -> bytes | None:
+        # SKIP LOCKED: two concurrent pops (on any servers) never get the same package.
+        async with _errors("pop_key_package"):
+            package = await self._pool.fetchval(
+                "DELETE FROM key_packages WHERE id = ("
+                "SELECT id FROM key_packages WHERE identity_key = $1 ORDER BY id LIMIT 1"
+                " FOR UPDATE SKIP LOCKED) RETURNING package", identity_key,
+            )
+        return bytes(package) if package is not None else None
+
+    async def count_key_packages(self, identity_key: bytes) -> int:
+        async with _errors("count_key_packages"):
+            return int(await self._pool.fetchval(
+                "SELECT count(*) FROM key_packages WHERE identity_key = $1", identity_key))
+
+    async def set_hybrid_key(self, identity_key: bytes, public_key: bytes) -> None:
+        async with _errors("set_hybrid_key"):
+            await self._pool.execute(
+                "INSERT INTO hybrid_keys (identity_key, public_key) VALUES ($1, $2)"
+                " ON CONFLICT (identity_key) DO UPDATE SET public_key = excluded.public_key",
+                identity_key, public_key,
+            )
+
+    async def get_hybrid_keys(self, identity_keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        if not identity_keys:
+            return {}
+        async with _errors("get_hybrid_keys"):
+            rows = await self._pool.fetch(
+                "SELECT identity_key, public_key FROM hybrid_keys"
+                " WHERE identity_key = ANY ($1)", list(dict.fromkeys(identity_keys)),
+            )
+        return {bytes(r[0]): bytes(r[1]) for r in rows}
+
+    # -- users, channels, sessions ------------------------------------------------------------
+    async def create_user(self, username: str, identity_key: bytes, *, now: float) -> None:
+        try:
+            async with _errors("create_user"):
+                await self._pool.execute(
+                    "INSERT INTO users (username, identity_key, created_at) VALUES ($1, $2, $3)",
+                    username, identity_key, now,
+                )
+        except StorageError as e:
+            if isinstance(e.__cause__, asyncpg.UniqueViolationError):
+                raise AlreadyExists("username or identity key already registered") from None
+            raise
+
+    @staticmethod
+    def _user(row: Any) -> UserRecord | None:
+        if row is None:
+            return None
+        return UserRecord(str(row[0]), bytes(row[1]), float(row[2]))
+
+    async def get_user_by_name(self, username: str) -> UserRecord | None:
+        async with _errors("get_user"):
+            return self._user(await self._pool.fetchrow(
+                "SELECT username, identity_key, created_at FROM users WHERE username = $1",
+                username))
+
+    async def get_user_by_identity(self, identity_key: bytes) -> UserRecord | None:
+        async with _errors("get_user"):
+            return self._user(await self._pool.fetchrow(
+                "SELECT username, identity_key, created_at FROM users WHERE identity_key = $1",
+                identity_key))
+
+    async def create_channel(
+        self, channel_id: bytes, members: Sequence[bytes], created_by: bytes, *, now: float
+    ) -> bool:
+        async with _errors("create_channel"), self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                "INSERT INTO channels (channel_id, created_by, created_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (channel_id) DO NOTHING RETURNING true",
+                channel_id, created_by, now,
+            )
+            if not created:
+                return False
+            await conn.executemany(
+                "INSERT INTO channel_members (channel_id, identity_key) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                [(channel_id, m) for m in dict.fromkeys(members)],
+            )
+            return True
+
+    async def channel_members(self, channel_id: bytes) -> list[bytes] | None:
+        async with _errors("channel_members"):
+            rows = await self._pool.fetch(
+                "SELECT m.identity_key FROM channels AS c LEFT JOIN channel_members AS m"
+                " ON m.channel_id = c.channel_id WHERE c.channel_id = $1"
+                " ORDER BY m.identity_key", channel_id,
+            )
+        if not rows:
+            return None
+        return [bytes(r[0]) for r in rows if r[0] is not None]
+
+    async def put_session(self, record: SessionRecord) -> None:
+        async with _errors("put_session"):
+            await self._pool.execute(
+                "INSERT INTO sessions (token_hash, identity_key, username, created_at,"
+                " expires_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token_hash) DO UPDATE"
+                " SET identity_key = excluded.identity_key, username = excluded.username,"
+                " created_at = excluded.created_at, expires_at = excluded.expires_at",
+                record.token_hash, record.identity_key, record.username, record.created_at,
+                record.expires_at,
+            )
+
+    async def get_session(self, token_hash: bytes) -> SessionRecord | None:
+        async with _errors("get_session"):
+            row = await self._pool.fetchrow(
+                "SELECT token_hash, identity_key, username, created_at, expires_at"
+                " FROM sessions WHERE token_hash = $1", token_hash,
+            )
+        if row is None:
+            return None
+        return SessionRecord(bytes(row[0]), bytes(row[1]), str(row[2]), float(row[3]),
+                             float(row[4]))
+
+    async def delete_session(self, token_hash: bytes) -> bool:
+        async with _errors("delete_session"):
+            status = await self._pool.execute(
+                "DELETE FROM sessions WHERE token_hash = $1", token_hash)
+        return _count(status) > 0
+
+    async def purge_sessions(self, now: float) -> int:
+        async with _errors("purge_sessions"):
+            return _count(await self._pool.execute(
+                "DELETE FROM sessions WHERE expires_at <= $1", now))
+
+    async def delete_account(self, identity_key: bytes) -> str | None:
+        async with _errors("delete_account"), self._pool.acquire() as conn, conn.transaction():
+            # Inboxes first, so the depth trigger has nothing to update for their messages.
+            for sql in (
+                "DELETE FROM inboxes WHERE recipient_key = $1",
+                "DELETE FROM messages WHERE recipient_key = $1",
+                "DELETE FROM dedup WHERE recipient_key = $1",
+                "DELETE FROM key_packages WHERE identity_key = $1",
+                "DELETE FROM hybrid_keys WHERE identity_key = $1",
+                "DELETE FROM channel_members WHERE identity_key = $1",
+                "DELETE FROM sessions WHERE identity_key = $1",
+            ):
+                await conn.execute(sql, identity_key)
+            username = await conn.fetchval(
+                "DELETE FROM users WHERE identity_key = $1 RETURNING username", identity_key)
+        return str(username) if username is not None else None
+
+    # -- plugin key/value and append-only logs -------------------------------------------------
+    async def kv_get(self, namespace: str, key: bytes) -> bytes | None:
+        async with _errors("kv_get"):
+            value = await self._pool.fetchval(
+                "SELECT value FROM kv WHERE namespace = $1 AND key = $2", namespace, key)
+        return bytes(value) if value is not None else None
+
+    async def kv_put(self, namespace: str, key: bytes, value: bytes) -> None:
+        async with _errors("kv_put"):
+            await self._pool.execute(
+                "INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)"
+                " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
+                namespace, key, value,
+            )
+
+    async def kv_put_if_absent(self, namespace: str, key: bytes, value: bytes) -> bytes:
+        async with _errors("kv_put_if_absent"), self._pool.acquire() as conn, \
+                conn.transaction():
+            await conn.execute(
+                "INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)"
+                " ON CONFLICT (namespace, key) DO NOTHING", namespace, key, value,
+            )
+            stored = await conn.fetchval(
+                "SELECT value FROM kv WHERE namespace = $1 AND key = $2", namespace, key)
+        return bytes(stored)
+
+    async def kv_delete(self, namespace: str, key: bytes) -> bool:
+        async with _errors("kv_delete"):
+            status = await self._pool.execute(
+                "DELETE FROM kv WHERE namespace = $1 AND key = $2", namespace, key)
+        return _count(status) > 0
+
+    async def kv_scan(
+        self, namespace: str, prefix: bytes = b"", limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        end = prefix_end(prefix)
+        lim = limit if limit > 0 else None
+        async with _errors("kv_scan"):
+            if end is None:
+                rows = await self._pool.fetch(
+                    "SELECT key, value FROM kv WHERE namespace = $1 AND key >= $2"
+                    " ORDER BY key LIMIT $3", namespace, prefix, lim)
+            else:
+                rows = await self._pool.fetch(
+                    "SELECT key, value FROM kv WHERE namespace = $1 AND key >= $2 AND key < $3"
+                    " ORDER BY key LIMIT $4", namespace, prefix, end, lim)
+        return [(bytes(r[0]), bytes(r[1])) for r in rows]
+
+    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
+        async with _errors("log_append"), self._pool.acquire() as conn, conn.transaction():
+            # The head row serialises appends to one log (across servers too).
+            first = int(await conn.fetchval(
+                "INSERT INTO log_heads AS h (log, size) VALUES ($1, $2)"
+                " ON CONFLICT (log) DO UPDATE SET size = h.size + $2"
+                " RETURNING h.size - $2", log, len(entries),
+            ))
+            if entries:
+                await conn.executemany(
+                    "INSERT INTO logs (log, idx, entry) VALUES ($1, $2, $3)",
+                    [(log, first + i, e) for i, e in enumerate(entries)],
+                )
+        return first
+
+    async def log_read(self, log: str, start: int, end: int) -> list[bytes]:
+        start = max(start, 0)
+        if end <= start:
+            return []
+        async with _errors("log_read"):
+            rows = await self._pool.fetch(
+                "SELECT entry FROM logs WHERE log = $1 AND idx >= $2 AND idx < $3"
+                " ORDER BY idx", log, start, end)
+        return [bytes(r[0]) for r in rows]
+
+    async def log_size(self, log: str) -> int:
+        async with _errors("log_size"):
+            size = await self._pool.fetchval("SELECT size FROM log_heads WHERE log = $1", log)
+        return int(size or 0)
+
+    async def log_read_many(self, log: str, indices: Sequence[int]) -> dict[int, bytes]:
+        wanted = [i for i in dict.fromkeys(indices) if i >= 0]
+        if not wanted:
+            return {}
+        async with _errors("log_read_many"):
+            rows = await self._pool.fetch(
+                "SELECT idx, entry FROM logs WHERE log = $1 AND idx = ANY ($2)", log, wanted)
+        return {int(r[0]): bytes(r[1]) for r in rows}

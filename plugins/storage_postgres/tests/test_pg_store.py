@@ -1,0 +1,334 @@
+"""PostgresStorage against a real PostgreSQL server: the Storage contract, concurrency across
+two stores (two "servers") on one database, notifications, and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from qpc_storage_postgres.store import PostgresStorage
+
+from qpc_core.errors import StorageError
+from qpc_core.storage.base import (
+    AlreadyExists,
+    EnqueueOutcome,
+    NewMessage,
+    QueueFull,
+    SessionRecord,
+    StoredMessage,
+)
+
+BIG = 10**9
+R1, R2 = b"\x01" * 32, b"\x02" * 32
+
+
+@pytest.fixture
+async def store(pg_dsn: str) -> AsyncIterator[PostgresStorage]:
+    st = await PostgresStorage.open(pg_dsn, pool_min=1, pool_max=4)
+    yield st
+    await st.close()
+
+
+def msg(recipient: bytes = R1, payload: bytes = b"x", mid: bytes = b"", channel: bytes = b"",
+        expires_at: float | None = None) -> NewMessage:
+    return NewMessage(recipient, channel, payload, mid, expires_at)
+
+
+async def put(st: PostgresStorage, *ms: NewMessage, max_depth: int = BIG,
+              since: float = 0.0) -> list[EnqueueOutcome]:
+    return await st.enqueue(list(ms), max_depth=max_depth, dedup_since=since)
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+async def test_enqueue_peek_fetch_ack(store: PostgresStorage) -> None:
+    out = await put(store, msg(payload=b"a"), msg(payload=b"b"), msg(R2, b"c"))
+    assert [o.seq for o in out] == [1, 2, 1]  # per-inbox seqs
+    assert await store.queue_depth(R1, b"") == 2
+    now = time.time()
+    assert await store.peek(R1, b"", 0, now=now) == [StoredMessage(1, b"a"), StoredMessage(2, b"b")]
+    assert await store.fetch(R1, b"", 1, now=now) == [StoredMessage(1, b"a")]
+    assert await store.queue_depth(R1, b"") == 1
+    assert await store.ack(R1, b"", 2) == 1
+    assert await store.fetch(R1, b"", 0, now=now) == []
+    assert await store.total_queue_depth() == 1  # R2's message
+    (o,) = await put(store, msg(payload=b"d"))
+    assert o.seq == 3  # never reused after removal
+
+
+async def test_fetch_byte_cap_always_returns_the_first(store: PostgresStorage) -> None:
+    await put(store, msg(payload=b"1" * 100), msg(payload=b"2" * 100), msg(payload=b"3"))
+    got = await store.fetch(R1, b"", 0, now=time.time(), max_bytes=150)
+    assert [m.seq for m in got] == [1]  # 200 bytes would exceed 150
+    got = await store.fetch(R1, b"", 0, now=time.time(), max_bytes=10)
+    assert [m.seq for m in got] == [2]  # over the cap on its own, but first: returned
+    assert [m.seq for m in await store.fetch(R1, b"", 0, now=time.time())] == [3]
+
+
+async def test_dedup_window_and_within_one_call(store: PostgresStorage) -> None:
+    mid = os.urandom(16)
+    a, b = await put(store, msg(payload=b"a", mid=mid), msg(payload=b"b", mid=mid))
+    assert (a.seq, a.duplicate, b.seq, b.duplicate) == (1, False, 1, True)
+    (c,) = await put(store, msg(payload=b"c", mid=mid), since=time.time() - 60)
+    assert (c.seq, c.duplicate) == (1, True)
+    assert await store.queue_depth(R1, b"") == 1  # nothing stored for duplicates
+    (d,) = await put(store, msg(payload=b"d", mid=mid), since=time.time() + 1)
+    assert (d.seq, d.duplicate) == (2, False)  # the record is older than the window
+    assert await store.purge_dedup(time.time() + 10) == 1
+
+
+async def test_queue_full_is_all_or_nothing(store: PostgresStorage) -> None:
+    await put(store, msg(payload=b"a"), max_depth=2)
+    with pytest.raises(QueueFull) as e:
+        await put(store, msg(R2, b"other"), msg(payload=b"b"), msg(payload=b"c"), max_depth=2)
+    assert (e.value.recipient_key, e.value.depth) == (R1, 2)
+    assert await store.queue_depth(R1, b"") == 1 and await store.queue_depth(R2, b"") == 0
+    (o,) = await put(store, msg(payload=b"b"), max_depth=2)
+    assert o.seq == 2  # the failed call reserved nothing
+
+
+async def test_expired_messages_are_skipped_purged_and_not_counted(
+    store: PostgresStorage,
+) -> None:
+    past = time.time() - 1
+    await put(store, msg(payload=b"old", expires_at=past), msg(payload=b"new"), max_depth=1)
+    assert [m.payload for m in await store.peek(R1, b"", 0, now=time.time())] == [b"new"]
+    assert await store.purge_expired(time.time()) == 1
+    assert await store.queue_depth(R1, b"") == 1
+
+
+async def test_take_hands_over_from_an_empty_inbox_only(store: PostgresStorage) -> None:
+    out = await store.enqueue([msg(payload=b"a"), msg(payload=b"b")], max_depth=BIG,
+                              dedup_since=0, take=[(R1, b"")])
+    assert [(o.seq, o.taken) for o in out] == [(1, True), (2, True)]
+    assert await store.queue_depth(R1, b"") == 0
+    await put(store, msg(payload=b"stored"))
+    (o,) = await store.enqueue([msg(payload=b"c")], max_depth=BIG, dedup_since=0,
+                               take=[(R1, b"")])
+    assert (o.seq, o.taken) == (4, False)  # not empty: stored, FIFO kept
+    await store.restore([(msg(payload=b"a"), 1)])
+    assert [m.seq for m in await store.fetch(R1, b"", 0, now=time.time())] == [1, 3, 4]
+
+
+async def test_forget_taken_removes_only_matching_records(store: PostgresStorage) -> None:
+    mid = os.urandom(16)
+    (o,) = await store.enqueue([msg(mid=mid)], max_depth=BIG, dedup_since=0, take=[(R1, b"")])
+    assert o.taken
+    await store.forget_taken([(msg(mid=mid), o.seq + 1)])  # wrong seq: kept
+    (dup,) = await put(store, msg(mid=mid))
+    assert dup.duplicate
+    await store.forget_taken([(msg(mid=mid), o.seq)])
+    (again,) = await put(store, msg(mid=mid))
+    assert not again.duplicate
+
+
+async def test_two_servers_share_seqs_and_dedup(pg_dsn: str) -> None:
+    a = await PostgresStorage.open(pg_dsn, pool_max=8)
+    b = await PostgresStorage.open(pg_dsn, pool_max=8)
+    try:
+        mids = [os.urandom(16) for _ in range(40)]
+        calls = [(a if i % 2 else b).enqueue([msg(payload=bytes([i]), mid=mids[i])],
+                                             max_depth=BIG, dedup_since=0)
+                 for i in range(40)]
+        calls += [(b if i % 2 else a).enqueue([msg(payload=bytes([i]), mid=mids[i])],
+                                              max_depth=BIG, dedup_since=0)
+                  for i in range(40)]  # every id again, from the other server
+        results = [o for r in await asyncio.gather(*calls) for o in r]
+        fresh = sorted(o.seq for o in results if not o.duplicate)
+        assert fresh == list(range(1, 41))  # 40 stored, gap-free, unique across servers
+        assert sum(o.duplicate for o in results) == 40
+        stored = await a.fetch(R1, b"", 0, now=time.time())
+        assert [m.seq for m in stored] == list(range(1, 41))
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+async def test_arrivals_are_reported_to_other_servers_only(pg_dsn: str) -> None:
+    a = await PostgresStorage.open(pg_dsn)
+    b = await PostgresStorage.open(pg_dsn)
+    heard_a: asyncio.Queue[object] = asyncio.Queue()
+    heard_b: asyncio.Queue[object] = asyncio.Queue()
+    a.add_arrival_callback(lambda inbox, seq: heard_a.put_nowait((inbox, seq)))
+    b.add_arrival_callback(lambda inbox, seq: heard_b.put_nowait((inbox, seq)))
+    try:
+        await put(a, msg(payload=b"1"), msg(payload=b"2"), msg(R2, b"3", channel=b"ch"))
+        # Handed over to a waiting reader: nothing stored, so nothing to announce.
+        await a.enqueue([msg(R2, b"taken")], max_depth=BIG, dedup_since=0, take=[(R2, b"")])
+        first = {await asyncio.wait_for(heard_b.get(), 10) for _ in range(2)}
+        assert first == {((R1, b""), 2), ((R2, b"ch"), 1)}  # one per inbox, its last seq
+        # Notifications arrive in commit order, so once a hears b's marker it would have
+        # heard its own earlier ones; and b hears a's later one right after a's first two.
+        await put(b, msg(payload=b"marker"))
+        assert await asyncio.wait_for(heard_a.get(), 10) == ((R1, b""), 3)
+        await put(a, msg(R2, b"x", channel=b"x"))
+        assert await asyncio.wait_for(heard_b.get(), 10) == ((R2, b"x"), 1)
+        assert heard_a.empty()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_listener_reconnects_and_reports_a_resync(pg_server, pg_dsn: str) -> None:
+    a = await PostgresStorage.open(pg_dsn, connect_timeout=60)
+    b = await PostgresStorage.open(pg_dsn, connect_timeout=60)
+    events: asyncio.Queue[object] = asyncio.Queue()
+    b.add_arrival_callback(lambda inbox, seq: events.put_nowait(inbox))
+    try:
+        await asyncio.to_thread(pg_server.restart)
+        assert await asyncio.wait_for(events.get(), 30) is None  # "re-check everything"
+        for _ in range(50):  # the pool reconnects per call; bounded retries
+            try:
+                await put(a, msg(payload=b"after restart"))
+                break
+            except StorageError:
+                await asyncio.sleep(0.2)  # waiting for the restarted server, not a race
+        assert await asyncio.wait_for(events.get(), 10) == (R1, b"")
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- keys, users, channels, sessions -----------------------------------------------------------
+
+async def test_key_packages_fifo_single_use_under_concurrency(store: PostgresStorage) -> None:
+    for i in range(20):
+        await store.add_key_package(R1, bytes([i]), b"f" * 32)
+    assert await store.count_key_packages(R1) == 20
+    popped = await asyncio.gather(*(store.pop_key_package(R1) for _ in range(25)))
+    got = [p for p in popped if p is not None]
+    assert sorted(got) == [bytes([i]) for i in range(20)]  # each exactly once
+    assert popped.count(None) == 5
+
+
+async def test_hybrid_keys(store: PostgresStorage) -> None:
+    await store.set_hybrid_key(R1, b"k1")
+    await store.set_hybrid_key(R1, b"k2")
+    assert await store.get_hybrid_keys([R1, R2, R1]) == {R1: b"k2"}
+
+
+async def test_users_are_unique(store: PostgresStorage) -> None:
+    await store.create_user("alice", R1, now=1.0)
+    for name, key in (("alice", R2), ("bob", R1)):
+        with pytest.raises(AlreadyExists):
+            await store.create_user(name, key, now=2.0)
+    u = await store.get_user_by_identity(R1)
+    assert u is not None and (u.username, u.created_at) == ("alice", 1.0)
+    assert await store.get_user_by_name("bob") is None
+
+
+async def test_channels(store: PostgresStorage) -> None:
+    assert await store.channel_members(b"c") is None
+    assert await store.create_channel(b"c", [R2, R1, R1], R1, now=1.0)
+    assert not await store.create_channel(b"c", [R1], R1, now=2.0)
+    assert await store.channel_members(b"c") == [R1, R2]
+
+
+async def test_sessions(store: PostgresStorage) -> None:
+    rec = SessionRecord(b"t" * 32, R1, "alice", 1.0, time.time() + 60)
+    old = SessionRecord(b"o" * 32, R1, "alice", 1.0, time.time() - 1)
+    await store.put_session(rec)
+    await store.put_session(old)
+    assert await store.get_session(b"t" * 32) == rec
+    assert await store.purge_sessions(time.time()) == 1
+    assert await store.delete_session(b"t" * 32)
+    assert not await store.delete_session(b"t" * 32)
+
+
+async def test_delete_account_removes_everything_in_one_go(store: PostgresStorage) -> None:
+    await store.create_user("alice", R1, now=1.0)
+    await put(store, msg(payload=b"a", mid=os.urandom(16)), msg(payload=b"b", channel=b"ch"))
+    await store.add_key_package(R1, b"kp", b"f" * 32)
+    await store.set_hybrid_key(R1, b"hk")
+    await store.create_channel(b"ch", [R1, R2], R2, now=1.0)
+    await store.put_session(SessionRecord(b"t" * 32, R1, "alice", 1.0, time.time() + 60))
+    assert await store.delete_account(R1) == "alice"
+    assert await store.total_queue_depth() == 0
+    assert await store.count_key_packages(R1) == 0
+    assert await store.get_hybrid_keys([R1]) == {}
+    assert await store.channel_members(b"ch") == [R2]
+    assert await store.get_session(b"t" * 32) is None
+    assert await store.get_user_by_name("alice") is None
+    (o,) = await put(store, msg(payload=b"new"))
+    assert o.seq == 1  # the inbox is gone, its seqs restart
+
+
+# -- kv and logs ---------------------------------------------------------------------------------
+
+async def test_kv(store: PostgresStorage) -> None:
+    await store.kv_put("ns", b"a\xff", b"1")
+    await store.kv_put("ns", b"a\xff\x00", b"2")
+    await store.kv_put("ns", b"b", b"3")
+    await store.kv_put("other", b"a\xff", b"x")
+    assert await store.kv_scan("ns", b"a\xff") == [(b"a\xff", b"1"), (b"a\xff\x00", b"2")]
+    assert await store.kv_scan("ns", limit=1) == [(b"a\xff", b"1")]
+    assert await store.kv_put_if_absent("ns", b"b", b"new") == b"3"
+    assert await store.kv_put_if_absent("ns", b"c", b"new") == b"new"
+    assert await store.kv_delete("ns", b"b") and await store.kv_get("ns", b"b") is None
+
+
+async def test_logs_append_concurrently_without_gaps(pg_dsn: str) -> None:
+    a = await PostgresStorage.open(pg_dsn)
+    b = await PostgresStorage.open(pg_dsn)
+    try:
+        firsts = await asyncio.gather(*((a if i % 2 else b).log_append("kt", [bytes([i])] * 3)
+                                        for i in range(10)))
+        assert sorted(firsts) == list(range(0, 30, 3))
+        assert await a.log_size("kt") == 30
+        entries = await b.log_read("kt", 0, 100)
+        assert len(entries) == 30
+        for f in firsts:  # each append's entries are contiguous
+            assert len(set(entries[f:f + 3])) == 1
+        assert await a.log_read_many("kt", [29, 0, 31, -1]) == {29: entries[29], 0: entries[0]}
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- start-up and failures ---------------------------------------------------------------------
+
+async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
+    st = await PostgresStorage.open(pg_dsn)
+    await put(st, msg(payload=b"kept"))
+    await st.close()
+    await st.close()  # idempotent
+    st = await PostgresStorage.open(pg_dsn)
+    try:
+        assert [m.payload for m in await st.peek(R1, b"", 0, now=time.time())] == [b"kept"]
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await conn.fetchval("SELECT max(version) FROM qpc.schema_version") == 1
+        finally:
+            await conn.close()
+    finally:
+        await st.close()
+
+
+async def test_newer_schema_is_refused(pg_dsn: str) -> None:
+    await (await PostgresStorage.open(pg_dsn)).close()  # creates the schema
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("INSERT INTO qpc.schema_version VALUES (99)")
+    finally:
+        await conn.close()
+    with pytest.raises(StorageError, match="version 99, newer"):
+        await PostgresStorage.open(pg_dsn)
+
+
+async def test_wrong_password_is_a_clear_error(pg_server, pg_dsn: str) -> None:
+    bad = pg_dsn.replace(pg_server.password, "wrong")
+    with pytest.raises(StorageError, match=r"cannot connect to PostgreSQL.*password"):
+        await PostgresStorage.open(bad, connect_timeout=5)
+
+
+async def test_unreachable_database_fails_after_the_connect_timeout() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="cannot connect to PostgreSQL"):
+        await PostgresStorage.open("postgresql://qpc:x@127.0.0.1:1/none", connect_timeout=1)
+    assert time.monotonic() - t0 < 30
