@@ -394,6 +394,107 @@ def fast_loop(work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its direct children (a PostgreSQL postmaster and its
+    backends)."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                total += cpu_seconds(int(entry))
+    return total
+
+
+def postgres_store(work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figure 8: the same qpc on the shared PostgreSQL store vs the embedded SQLCipher one.
+
+    PostgreSQL keeps its durable defaults (fsync, synchronous_commit: a commit survives a
+    power cut), so SQLCipher runs both at its default synchronous=NORMAL and at FULL (the
+    same guarantee).  PostgreSQL runs on the load generator's core (qpc alone on core 0);
+    its CPU per message is reported apart.  Interleaved rounds, median-ratio reporting as in
+    figure 7."""
+    try:
+        from qpc_storage_postgres.testing import PgServer
+    except ImportError:
+        return {}
+    pg = PgServer(fsync=True)
+    pg.start()
+    res: dict[str, Any] = {}
+    servers: dict[str, Server] = {}
+    try:
+        pin(pg.pid, LOAD_CORE)  # backends fork from it and inherit the core
+        subprocess.run([str(BIN / "python"), "-c",
+                        "import asyncio, asyncpg, sys\n"
+                        "async def m():\n"
+                        "    c = await asyncpg.connect(sys.argv[1])\n"
+                        "    await c.execute('CREATE DATABASE bench')\n"
+                        "    await c.close()\n"
+                        "asyncio.run(m())", pg.dsn()], check=True, timeout=60)
+        servers["sqlcipher NORMAL"] = Server("qpc", work)
+        servers["sqlcipher FULL"] = Server("qpc", work, env={"QPC_DB_SYNCHRONOUS": "FULL"})
+        servers["postgres"] = Server(
+            "qpc", work, top='plugins = ["postgres"]\nstorage = "postgres"\n',
+            env={"QPC_POSTGRES_DSN": pg.dsn("bench")})
+        names = list(servers)
+        rounds = FAST_ROUNDS if not QUICK else 1
+        for n, count in ((2, 3000), (50, 4000)) if not QUICK else ((2, 300),):
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for i in range(rounds):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    srv = servers[name]
+                    p0 = process_tree_cpu(pg.pid)
+                    r = srv.measured("deliver", "--clients", str(n), "--count", str(count),
+                                     "--window", "4", "--seconds", "25" if not QUICK else "8")
+                    d = max(1, r["delivered"])
+                    r["server_cpu_ms_per_msg"] = round(1000 * r["server_cpu_s"] / d, 4)
+                    r["postgres_cpu_ms_per_msg"] = (
+                        round(1000 * (process_tree_cpu(pg.pid) - p0) / d, 4)
+                        if name == "postgres" else 0.0)
+                    runs[name].append(r)
+            base = runs["sqlcipher NORMAL"]
+            for name in names:
+                mine = runs[name]
+                ratios = [r["msgs_per_sec"] / b["msgs_per_sec"]
+                          for r, b in zip(mine, base, strict=True)]
+                r = dict(sorted(mine, key=lambda x: x["msgs_per_sec"])[len(mine) // 2])
+                r["rounds"] = len(mine)
+                r["ratio_rounds"] = [round(x, 3) for x in ratios]
+                r["ratio_median"] = round(sorted(ratios)[len(ratios) // 2], 3)
+                res.setdefault(n, {})[name] = r
+                rows.append({"figure": "postgres_store", "system": f"qpc-{name}", **r})
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        pg.stop()
+    return res
+
+
+def postgres_summary(pgres: dict[str, Any]) -> str:
+    if not pgres:
+        return ""
+    rounds = next(iter(next(iter(pgres.values())).values()))["rounds"]
+    text = ("\n## 8. Shared PostgreSQL store vs embedded SQLCipher (same qpc, same load)\n\n"
+            "PostgreSQL 15 with its durable defaults (fsync, synchronous_commit = on) on the "
+            "load generator's core, qpc alone on core 0. Interleaved, "
+            f"{rounds} rounds; msg/s and CPU from each store's median round, ratio = median of "
+            "the per-round ratios to SQLCipher NORMAL.\n\n"
+            "| clients | store | msg/s | ratio | ratio per round | p50 ms | p99 ms | "
+            "qpc CPU ms/msg | PostgreSQL CPU ms/msg |\n|---|---|---|---|---|---|---|---|---|\n")
+    for n, by_name in sorted(pgres.items()):
+        for name, r in by_name.items():
+            lat = r["latency_ms"]
+            pg_cpu = f"{r['postgres_cpu_ms_per_msg']:.3f}" if name == "postgres" else "-"
+            text += (f"| {n} | {name} | {r['msgs_per_sec']:.0f} | {r['ratio_median']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['ratio_rounds'])} | "
+                     f"{lat['p50']:.1f} | {lat['p99']:.1f} | {r['server_cpu_ms_per_msg']:.3f} | "
+                     f"{pg_cpu} |\n")
+    return text
+
+
 def plugin_benches(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """KT and blob figures, when those plugins' benchmark scripts exist."""
     res: dict[str, Any] = {}
@@ -558,6 +659,7 @@ def main() -> None:
         gc = group_commit(work, rows)
         lg = logins(work, rows, hs)
         fl = fast_loop(work, rows)
+        pgres = postgres_store(work, rows)
         plugin_benches(rows)
     for r in rows:
         r["machine"] = m
@@ -580,6 +682,7 @@ def main() -> None:
     if qh:
         text += (f"\nqh3 server errors logged during its {qh['handshakes']} handshakes: "
                  f"{qh['server_errors_logged']} (see bench/README.md)\n")
+    text += postgres_summary(pgres)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text + "\n")
     chart(tp, RESULTS / "chart.png")

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pgserver import PgServer
+from qpc_storage_postgres.testing import PgServer
 
 
 @pytest.fixture(scope="session")

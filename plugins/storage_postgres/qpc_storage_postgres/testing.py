@@ -1,4 +1,5 @@
-"""A real, throw-away PostgreSQL server for the tests (initdb + pg_ctl on a free port).
+"""A real, throw-away PostgreSQL server for tests and benchmarks (initdb + pg_ctl on a free
+port), for this plugin's suite and for anyone testing against it.
 
 PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
 ``postgres`` system user (created by Debian's packages).  Password authentication (SCRAM)
@@ -38,7 +39,11 @@ def _free_tcp_port() -> int:
 
 
 class PgServer:
-    def __init__(self) -> None:
+    """``fsync=False`` (tests) trades durability for speed; benchmarks keep PostgreSQL's
+    durable defaults."""
+
+    def __init__(self, *, fsync: bool = False) -> None:
+        self.fsync = fsync
         self.password = secrets.token_hex(12)
         self.port = _free_tcp_port()
         self.dir = Path(tempfile.mkdtemp(prefix="qpc-pg-"))
@@ -67,14 +72,22 @@ class PgServer:
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"initdb failed: {e.stderr}") from e
         pwfile.unlink()
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} "
-                "-c fsync=off -c max_connections=200")
         try:
-            self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                      "-w", "-t", "60", "start")
+            self._pg_start()
         except subprocess.CalledProcessError as e:
             log = self.log.read_text() if self.log.exists() else ""
             raise RuntimeError(f"pg_ctl start failed: {e.stderr}\n{log[-2000:]}") from e
+
+    def _pg_start(self) -> None:
+        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} "
+                f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200")
+        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
+                  "-w", "-t", "60", "start")
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the connection backends)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
@@ -89,7 +102,4 @@ class PgServer:
     def restart(self) -> None:
         """Stop (fast: open connections are cut) and start again on the same port."""
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} "
-                "-c fsync=off -c max_connections=200")
-        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                  "-w", "-t", "60", "start")
+        self._pg_start()
