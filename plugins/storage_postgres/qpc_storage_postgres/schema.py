@@ -13,7 +13,6 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 1
 NOTIFY_CHANNEL = "qpc_arrivals"
-QUEUE_FULL_SQLSTATE = "QP001"
 
 _V1 = r"""
 CREATE TABLE inboxes (
@@ -39,6 +38,10 @@ CREATE INDEX messages_expiry ON messages (expires_at) WHERE expires_at IS NOT NU
 -- for every delete (fetch, ack, expiry) and by enqueue_batch / restore for inserts.
 CREATE FUNCTION messages_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Lock the inboxes in key order first (as enqueue_calls does): no deadlock cycle.
+    PERFORM 1 FROM inboxes AS i
+        WHERE (i.recipient_key, i.channel_id) IN (SELECT recipient_key, channel_id FROM gone)
+        ORDER BY i.recipient_key, i.channel_id FOR UPDATE;
     UPDATE inboxes AS i SET depth = i.depth - d.n
     FROM (SELECT recipient_key, channel_id, count(*) AS n FROM gone
           GROUP BY recipient_key, channel_id) AS d
@@ -199,6 +202,70 @@ BEGIN
                       || q.s)
         FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(stored_r, stored_c, stored_s)
               AS a(r, c, s) GROUP BY a.r, a.c) AS q;
+END $$;
+
+-- Several Enqueue/BatchEnqueue calls in one statement and one commit (the calls of one
+-- event-loop turn, "group commit"), each still all or nothing: a call whose inbox is full
+-- is rolled back to its own savepoint and reported (o_full = the live depth, o_full_inbox
+-- = "recipient channel" in hex) while the others commit.  p_bounds[k] is the index of call
+-- k's first message in the flat arrays; p_take_call names the call of each take inbox.
+CREATE FUNCTION enqueue_calls(
+    p_bounds int[], p_recipients bytea[], p_channels bytea[], p_mids bytea[],
+    p_payloads bytea[], p_expires double precision[], p_now double precision,
+    p_since double precision[], p_max_depth bigint[], p_take_call int[], p_take_r bytea[],
+    p_take_c bytea[], p_node text
+) RETURNS TABLE (o_call int, o_seq bigint, o_duplicate boolean, o_taken boolean,
+                 o_full bigint, o_full_inbox text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    k int;
+    n_calls int := coalesce(array_length(p_bounds, 1), 0);
+    lo int;
+    hi int;
+    i int;
+    seqs bigint[];
+    dups boolean[];
+    takens boolean[];
+    detail text;
+BEGIN
+    -- Lock (or create) every inbox of the statement first, in key order: concurrent
+    -- statements then never wait on each other in a cycle (no deadlock between two
+    -- servers' or two loop turns' batches).  A created inbox (next_seq 1, depth 0) is the
+    -- same as none, also if its call then fails.
+    INSERT INTO inboxes AS b (recipient_key, channel_id, next_seq, depth)
+        SELECT DISTINCT x.r, x.c, 1, 0 FROM unnest(p_recipients, p_channels) AS x(r, c)
+        ORDER BY x.r, x.c
+        ON CONFLICT (recipient_key, channel_id) DO UPDATE SET next_seq = b.next_seq;
+    FOR k IN 1 .. n_calls LOOP
+        lo := p_bounds[k];
+        hi := CASE WHEN k < n_calls THEN p_bounds[k + 1] - 1
+                   ELSE array_length(p_recipients, 1) END;
+        o_call := k;
+        BEGIN
+            SELECT array_agg(e.s ORDER BY e.ord), array_agg(e.d ORDER BY e.ord),
+                   array_agg(e.t ORDER BY e.ord)
+              INTO seqs, dups, takens
+              FROM enqueue_batch(
+                    p_recipients[lo:hi], p_channels[lo:hi], p_mids[lo:hi],
+                    p_payloads[lo:hi], p_expires[lo:hi], p_now, p_since[k], p_max_depth[k],
+                    ARRAY(SELECT t.r FROM unnest(p_take_call, p_take_r) AS t(c, r)
+                          WHERE t.c = k),
+                    ARRAY(SELECT t.ch FROM unnest(p_take_call, p_take_c) AS t(c, ch)
+                          WHERE t.c = k),
+                    p_node) WITH ORDINALITY AS e(s, d, t, ord);
+        EXCEPTION WHEN SQLSTATE 'QP001' THEN
+            GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+            o_seq := 0; o_duplicate := false; o_taken := false;
+            o_full := SQLERRM::bigint; o_full_inbox := detail;
+            RETURN NEXT;
+            CONTINUE;
+        END;
+        FOR i IN 1 .. coalesce(array_length(seqs, 1), 0) LOOP
+            o_seq := seqs[i]; o_duplicate := dups[i]; o_taken := takens[i];
+            o_full := NULL; o_full_inbox := NULL;
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
 END $$;
 
 -- Oldest unexpired messages of one inbox, at most p_limit (0 = all) and, after the first,

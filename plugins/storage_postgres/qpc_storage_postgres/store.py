@@ -2,7 +2,8 @@
 PostgreSQL database (asyncpg), so several qpc servers can serve one user base.
 
 * Every call is one statement or one transaction on a pooled connection; an awaited write
-  has committed (PostgreSQL's own group commit batches concurrent commits' WAL flushes).
+  has committed.  Enqueue calls of one event-loop turn share one statement and one commit
+  (group commit), each still all or nothing.
 * Seqs stay unique and in commit order per inbox across servers: ``enqueue_batch`` reserves
   them with an upsert that holds the inbox row lock until commit.
 * Messages stored by one server are announced to the others with ``NOTIFY`` (sent at
@@ -22,6 +23,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -41,13 +43,13 @@ from qpc_core.storage.base import (
 from qpc_storage_postgres.schema import (
     MIGRATIONS,
     NOTIFY_CHANNEL,
-    QUEUE_FULL_SQLSTATE,
     SCHEMA_VERSION,
 )
 
 log = logging.getLogger("qpc.storage.postgres")
 
 PURGE_CHUNK = 5000
+_RETRIES = 3  # a statement PostgreSQL aborted for a deadlock or serialization conflict
 _RECONNECT_MAX_SECS = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -109,6 +111,17 @@ async def _migrate(conn: asyncpg.Connection, schema: str) -> int:
     return int(version)
 
 
+@dataclass(slots=True)
+class _Call:
+    """One enqueue call waiting for its loop turn's statement."""
+
+    messages: list[NewMessage]
+    max_depth: int
+    dedup_since: float
+    take: list[tuple[bytes, bytes]]
+    fut: asyncio.Future[list[EnqueueOutcome]]
+
+
 class PostgresStorage(Storage):
     name = "postgres"
     shared = True
@@ -123,6 +136,9 @@ class PostgresStorage(Storage):
         self._listener: asyncpg.Connection | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._closed = False
+        self._pending: list[_Call] = []
+        self._flush_scheduled = False
+        self._writes: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -154,6 +170,9 @@ class PostgresStorage(Storage):
         if self._closed:
             return
         self._closed = True
+        self._flush()  # calls queued this turn still go out
+        if self._writes:  # finish every pending write before the pool closes
+            await asyncio.gather(*self._writes, return_exceptions=True)
         if self._reconnect is not None:
             self._reconnect.cancel()
         if self._listener is not None:
@@ -218,26 +237,89 @@ class PostgresStorage(Storage):
         self, messages: Sequence[NewMessage], *, max_depth: int, dedup_since: float,
         take: Collection[tuple[bytes, bytes]] = (),
     ) -> list[EnqueueOutcome]:
+        """Queued for this event-loop turn: the turn's calls are written with one statement
+        and one commit (group commit; each call stays all or nothing)."""
+        if self._closed:
+            raise StorageError("storage is closed")
         if not messages:
             return []
-        take = list(take)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[EnqueueOutcome]] = loop.create_future()
+        self._pending.append(_Call(list(messages), max_depth, dedup_since, list(take), fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        calls, self._pending = self._pending, []
+        if calls:
+            task = asyncio.get_running_loop().create_task(self._write_calls(calls))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write_calls(self, calls: list[_Call]) -> None:
+        """One ``enqueue_calls`` statement for ``calls``; every future gets its outcome (a
+        cancelled caller's write still happens: its future is just left alone)."""
+        bounds: list[int] = []
+        flat: list[NewMessage] = []
+        take_call: list[int] = []
+        take_r: list[bytes] = []
+        take_c: list[bytes] = []
+        for k, call in enumerate(calls, 1):
+            bounds.append(len(flat) + 1)
+            flat.extend(call.messages)
+            for recipient, channel in call.take:
+                take_call.append(k)
+                take_r.append(recipient)
+                take_c.append(channel)
+        args = (bounds, [m.recipient_key for m in flat], [m.channel_id for m in flat],
+                [m.message_id for m in flat], [m.payload for m in flat],
+                [m.expires_at for m in flat], time.time(), [c.dedup_since for c in calls],
+                [c.max_depth for c in calls], take_call, take_r, take_c, self.node_id)
         try:
-            rows = await self._pool.fetch(
-                "SELECT o_seq, o_duplicate, o_taken FROM enqueue_batch("
-                "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                [m.recipient_key for m in messages], [m.channel_id for m in messages],
-                [m.message_id for m in messages], [m.payload for m in messages],
-                [m.expires_at for m in messages], time.time(), dedup_since, max_depth,
-                [k[0] for k in take], [k[1] for k in take], self.node_id,
-            )
-        except asyncpg.PostgresError as e:
-            if getattr(e, "sqlstate", None) == QUEUE_FULL_SQLSTATE:
-                recipient, channel = (bytes.fromhex(x) for x in (e.detail or " ").split(" "))
-                raise QueueFull(recipient, channel, int(e.message)) from None
-            raise StorageError(f"database error (enqueue): {e}") from e
+            for attempt in range(_RETRIES):
+                try:
+                    rows = await self._pool.fetch(
+                        "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox FROM"
+                        " enqueue_calls($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                        *args,
+                    )
+                    break
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    # The statement was rolled back as a whole: running it again is safe.
+                    if attempt == _RETRIES - 1:
+                        raise
         except _DB_ERRORS as e:
-            raise StorageError(f"database error (enqueue): {e}") from e
-        return [EnqueueOutcome(int(r[0]), bool(r[1]), bool(r[2])) for r in rows]
+            err = StorageError(f"database error (enqueue): {e}")
+            err.__cause__ = e
+            for call in calls:
+                if not call.fut.done():
+                    call.fut.set_exception(err)
+            return
+        except BaseException as e:  # cancelled (closing): nobody may hang
+            for call in calls:
+                if not call.fut.done():
+                    call.fut.set_exception(StorageError(f"enqueue interrupted: {e!r}"))
+            raise
+        results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
+        for r in rows:
+            k = int(r[0]) - 1
+            if r[4] is not None:
+                recipient, channel = (bytes.fromhex(x) for x in (r[5] or " ").split(" "))
+                results[k] = QueueFull(recipient, channel, int(r[4]))
+            else:
+                out = results[k]
+                assert isinstance(out, list)
+                out.append(EnqueueOutcome(int(r[1]), bool(r[2]), bool(r[3])))
+        for call, result in zip(calls, results, strict=True):
+            if call.fut.done():
+                continue
+            if isinstance(result, BaseException):
+                call.fut.set_exception(result)
+            else:
+                call.fut.set_result(result)
 
     async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if not messages:
@@ -254,7 +336,7 @@ class PostgresStorage(Storage):
                 [(m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
                  for m, seq in messages],
             )
-            for (recipient, channel), (n, top) in per_inbox.items():
+            for (recipient, channel), (n, top) in sorted(per_inbox.items()):  # lock order
                 await conn.execute(
                     "UPDATE inboxes SET depth = depth + $3"
                     " WHERE recipient_key = $1 AND channel_id = $2", recipient, channel, n,

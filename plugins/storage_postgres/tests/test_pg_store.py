@@ -91,6 +91,38 @@ async def test_queue_full_is_all_or_nothing(store: PostgresStorage) -> None:
     assert o.seq == 2  # the failed call reserved nothing
 
 
+async def test_calls_of_one_turn_share_a_statement_yet_stay_all_or_nothing(
+    store: PostgresStorage,
+) -> None:
+    statements: list[int] = []
+    write = store._write_calls
+
+    async def counting(calls):  # type: ignore[no-untyped-def]
+        statements.append(len(calls))
+        await write(calls)
+
+    store._write_calls = counting  # type: ignore[method-assign]
+    await put(store, msg(R2, b"r2-first"), msg(R2, b"r2-second"))
+    mid = os.urandom(16)
+    results = await asyncio.gather(
+        put(store, msg(payload=b"a", mid=mid), max_depth=5),
+        put(store, msg(R2, b"x"), max_depth=2),  # R2 would hold 3 > 2
+        put(store, msg(payload=b"b", mid=mid), max_depth=5),  # same id as the first call
+        put(store, msg(payload=b"c"), max_depth=5),
+        return_exceptions=True,
+    )
+    assert statements == [1, 4]  # the four calls of one turn: one statement
+    a, full, dup, c = results
+    assert isinstance(full, QueueFull) and (full.recipient_key, full.depth) == (R2, 2)
+    assert [(o.seq, o.duplicate) for o in a] == [(1, False)]
+    assert [(o.seq, o.duplicate) for o in dup] == [(1, True)]
+    assert [(o.seq, o.duplicate) for o in c] == [(2, False)]
+    assert await store.queue_depth(R2, b"") == 2  # the full call wrote nothing
+    assert [m.payload for m in await store.peek(R1, b"", 0, now=time.time())] == [b"a", b"c"]
+    (o,) = await put(store, msg(R2, b"z"))
+    assert o.seq == 3  # and reserved no seq
+
+
 async def test_expired_messages_are_skipped_purged_and_not_counted(
     store: PostgresStorage,
 ) -> None:
@@ -143,6 +175,30 @@ async def test_two_servers_share_seqs_and_dedup(pg_dsn: str) -> None:
         assert sum(o.duplicate for o in results) == 40
         stored = await a.fetch(R1, b"", 0, now=time.time())
         assert [m.seq for m in stored] == list(range(1, 41))
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_crossing_multi_inbox_writes_do_not_deadlock(pg_dsn: str) -> None:
+    """Calls naming the same inboxes in opposite orders, from two servers at once (the
+    shape that deadlocked before inboxes were locked in key order)."""
+    a = await PostgresStorage.open(pg_dsn, pool_max=8)
+    b = await PostgresStorage.open(pg_dsn, pool_max=8)
+    keys = [bytes([i]) * 32 for i in range(1, 7)]
+    try:
+        for _ in range(15):
+            calls = []
+            for i in range(24):
+                st = a if i % 2 else b
+                order = keys if i % 3 else list(reversed(keys))
+                calls.append(st.enqueue([msg(k, b"m") for k in order], max_depth=BIG,
+                                        dedup_since=0))
+            outs = await asyncio.gather(*calls, return_exceptions=True)
+            assert not [o for o in outs if isinstance(o, BaseException)]
+        for k in keys:
+            assert [m.seq for m in await a.fetch(k, b"", 0, now=time.time())] == \
+                list(range(1, 15 * 24 + 1))
     finally:
         await a.close()
         await b.close()
