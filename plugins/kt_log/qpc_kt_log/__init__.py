@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qpc_core.errors import ConfigError
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import ConfigSection, RpcMethod
@@ -31,7 +32,14 @@ def register_config_sections(app: App) -> list[ConfigSection]:
 
 @hookimpl
 async def startup(app: App) -> None:
-    svc = KtLogService(app, app.plugin_config(NAME), await server_key(app, NAME))
+    config = app.plugin_config(NAME)
+    if app.storage.shared and not config.sole_writer:
+        raise ConfigError(
+            "config: kt_log: the store is shared by several servers and the log's Merkle "
+            "position is kept in memory, so only one server may run kt_log: set [kt_log] "
+            "sole_writer = true on that server and leave kt_log out on the others"
+        )
+    svc = KtLogService(app, config, await server_key(app, NAME))
     await svc.start()
     app.state[NAME] = svc
 

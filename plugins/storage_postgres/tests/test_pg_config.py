@@ -48,3 +48,17 @@ async def test_unreachable_database_fails_start_up(tmp_path, monkeypatch) -> Non
         await start(tmp_path, monkeypatch, plugins=["postgres"], storage="postgres",
                     postgres={"dsn": "postgresql://qpc:x@127.0.0.1:1/qpc",
                               "connect_timeout_secs": 0.5})
+
+
+async def test_kt_log_needs_a_sole_writer_on_a_shared_store(tmp_path, monkeypatch,
+                                                             pg_dsn) -> None:
+    with pytest.raises(PluginError, match="kt_log.*sole_writer = true"):
+        await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"], storage="postgres",
+                    postgres={"dsn": pg_dsn})
+    app = await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"],
+                      storage="postgres", postgres={"dsn": pg_dsn},
+                      kt_log={"sole_writer": True})
+    try:
+        assert "kt_log" in app.state
+    finally:
+        await app.stop()
