@@ -52,7 +52,7 @@ async def test_unreachable_database_fails_start_up(tmp_path, monkeypatch) -> Non
 
 async def test_kt_log_needs_a_sole_writer_on_a_shared_store(tmp_path, monkeypatch,
                                                              pg_dsn) -> None:
-    with pytest.raises(PluginError, match="kt_log.*sole_writer = true"):
+    with pytest.raises(PluginError, match=r"kt_log.*sole_writer = true"):
         await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"], storage="postgres",
                     postgres={"dsn": pg_dsn})
     app = await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"],
