@@ -147,15 +147,14 @@ class Delivery:
         if len(channel) > MAX_CHANNEL_ID:
             raise BadRequest(f"channel_id longer than {MAX_CHANNEL_ID} bytes")
         storage = self.app.storage
-        if storage.shared:  # another server may create the channel or delete a member
+        # A shared store is read every time: another server may create the channel or
+        # delete a member, so nothing of it is cached here.
+        if storage.shared or channel not in self.channel_cache:
             members = await storage.channel_members(channel)
             members_set = frozenset(members) if members is not None else None
+            if not storage.shared:
+                self.channel_cache[channel] = members_set
         else:
-            if channel not in self.channel_cache:
-                members = await storage.channel_members(channel)
-                self.channel_cache[channel] = (
-                    frozenset(members) if members is not None else None
-                )
             members_set = self.channel_cache[channel]
         if members_set is None:
             return  # not a created channel: an application-level (e.g. MLS group) id

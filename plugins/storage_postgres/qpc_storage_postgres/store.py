@@ -480,23 +480,18 @@ class PostgresStorage(Storage):
                 raise AlreadyExists("username or identity key already registered") from None
             raise
 
-    @staticmethod
-    def _user(row: Any) -> UserRecord | None:
-        if row is None:
-            return None
-        return UserRecord(str(row[0]), bytes(row[1]), float(row[2]))
+    async def _get_user(self, column: str, value: object) -> UserRecord | None:
+        async with _errors("get_user"):
+            row = await self._pool.fetchrow(
+                f"SELECT username, identity_key, created_at FROM users WHERE {column} = $1",
+                value)
+        return None if row is None else UserRecord(str(row[0]), bytes(row[1]), float(row[2]))
 
     async def get_user_by_name(self, username: str) -> UserRecord | None:
-        async with _errors("get_user"):
-            return self._user(await self._pool.fetchrow(
-                "SELECT username, identity_key, created_at FROM users WHERE username = $1",
-                username))
+        return await self._get_user("username", username)
 
     async def get_user_by_identity(self, identity_key: bytes) -> UserRecord | None:
-        async with _errors("get_user"):
-            return self._user(await self._pool.fetchrow(
-                "SELECT username, identity_key, created_at FROM users WHERE identity_key = $1",
-                identity_key))
+        return await self._get_user("identity_key", identity_key)
 
     async def create_channel(
         self, channel_id: bytes, members: Sequence[bytes], created_by: bytes, *, now: float

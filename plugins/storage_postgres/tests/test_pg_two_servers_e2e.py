@@ -41,7 +41,13 @@ async def test_long_poll_on_one_server_is_woken_by_enqueue_on_the_other(nodes, c
     alice, bob = await connect(one), await connect(two)
     # The poll may wait two minutes; only a cross-server wake-up answers it within 10 s.
     poll = asyncio.ensure_future(bob.fetch_wait(120_000))
-    await asyncio.sleep(0)
+    inbox = (bob.identity_key, b"")
+    waiters = two.state["delivery"].waiters
+    for _ in range(500):  # until the poll is parked on server two (bounded: <= 10 s)
+        if any(w.parked for w in waiters.get(inbox, ())):
+            break
+        await asyncio.sleep(0.02)
+    assert any(w.parked for w in waiters.get(inbox, ())), "FetchWait never parked"
     r = await alice.enqueue(bob.identity_key, b"hello from one")  # proof verified
     got = await asyncio.wait_for(poll, 10)
     assert [(m.seq, m.data) for m in got] == [(r.seq, b"hello from one")]
