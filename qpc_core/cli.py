@@ -13,6 +13,7 @@ from typing import Any
 from qpc_core import __version__
 from qpc_core.errors import ConfigError, PluginError, QpcError
 from qpc_core.plan import add_arguments as add_plan_arguments
+from qpc_core.storecli import add_arguments as add_store_arguments
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version")
     plan = sub.add_parser("plan", help="capacity planning worksheet (scaling guide)")
     add_plan_arguments(plan)
+    store = sub.add_parser(
+        "store", help="copy the whole store to another backend (e.g. to PostgreSQL), or count it"
+    )
+    add_store_arguments(store, _add_server_options)
     return parser
 
 
@@ -132,12 +137,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from qpc_core.storecli import run
+
+    return run(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "plugins": cmd_plugins,
     "gen-cert": cmd_gen_cert,
     "plan": cmd_plan,
+    "store": cmd_store,
 }
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qpc_core.errors import StorageError
+
+if TYPE_CHECKING:
+    from qpc_core.storage.records import Record
 
 log = logging.getLogger("qpc.storage")
 
@@ -322,3 +326,20 @@ class Storage(ABC):
                 if got:
                     out[i] = got[0]
         return out
+
+    # -- copying between backends (``qpc store copy``; optional) ------------------------------
+    def dump(self) -> AsyncIterator[Sequence[Record]]:
+        """Every record of the store, in batches, in the order fixed by
+        :mod:`qpc_core.storage.records` (a consistent snapshot).  Optional: a backend
+        without it cannot be copied from."""
+        raise StorageError(f"the {self.name} store cannot be copied from (no dump support)")
+
+    async def load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
+        """Write every record of ``batches`` into this store, which must be empty, and
+        rebuild derived state (inbox depths, log sizes).  All or nothing where the backend
+        can: a failed load leaves the store empty.  Optional."""
+        raise StorageError(f"the {self.name} store cannot be copied into (no load support)")
+
+    async def is_empty(self) -> bool:
+        """True when the store holds no record at all (see ``load``).  Optional."""
+        raise StorageError(f"the {self.name} store cannot be copied into (no load support)")

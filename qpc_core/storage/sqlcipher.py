@@ -40,7 +40,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar, TypeVarTuple
@@ -61,6 +61,19 @@ from qpc_core.storage.base import (
     prefix_end,
 )
 from qpc_core.storage.emptiness import EmptyInboxes
+from qpc_core.storage.records import (
+    DUMP_BATCH,
+    ChannelMemberRecord,
+    ChannelRecord,
+    DedupRecord,
+    HybridKeyRecord,
+    InboxRecord,
+    KeyPackageRecord,
+    KvRecord,
+    LogRecord,
+    MessageRecord,
+    Record,
+)
 from qpc_core.threads import name_os_thread
 
 if TYPE_CHECKING:
@@ -901,6 +914,107 @@ def _log_read_many(conn: Conn, log_name: str, indices: list[int]) -> dict[int, b
     return out
 
 
+# -- copying (qpc store copy) -------------------------------------------------------------------
+# (table, key columns in dump order, other columns, record from a row of keys + others)
+_DUMP_SPECS: Final[list[tuple[str, tuple[str, ...], tuple[str, ...], Callable[[Any], Record]]]] = [
+    ("users", ("username",), ("identity_key", "created_at"),
+     lambda r: UserRecord(r[0], r[1], r[2])),
+    ("sessions", ("token_hash",), ("identity_key", "username", "created_at", "expires_at"),
+     lambda r: SessionRecord(r[0], r[1], r[2], r[3], r[4])),
+    ("hybrid_keys", ("identity_key",), ("public_key",), lambda r: HybridKeyRecord(r[0], r[1])),
+    ("key_packages", ("identity_key", "id"), ("package", "fingerprint"),
+     lambda r: KeyPackageRecord(r[0], r[2], r[3])),
+    ("channels", ("channel_id",), ("created_by", "created_at"),
+     lambda r: ChannelRecord(r[0], r[1], r[2])),
+    ("channel_members", ("channel_id", "identity_key"), (),
+     lambda r: ChannelMemberRecord(r[0], r[1])),
+    ("inboxes", ("recipient_key", "channel_id"), ("next_seq",),
+     lambda r: InboxRecord(r[0], r[1], r[2])),
+    ("messages", ("recipient_key", "channel_id", "seq"), ("payload", "created_at", "expires_at"),
+     lambda r: MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5])),
+    ("dedup", ("recipient_key", "channel_id", "message_id"), ("seq", "created_at"),
+     lambda r: DedupRecord(r[0], r[1], r[2], r[3], r[4])),
+    ("kv", ("namespace", "key"), ("value",), lambda r: KvRecord(r[0], r[1], r[2])),
+    ("logs", ("log", "idx"), ("entry",), lambda r: LogRecord(r[0], r[1], r[2])),
+]
+
+# Record type -> (INSERT statement, row from record); ``now`` fills columns only SQLCipher has.
+_LOAD_SQL: Final[dict[type, tuple[str, Callable[[Any, float], tuple[Any, ...]]]]] = {
+    UserRecord: ("INSERT INTO users (username, identity_key, created_at) VALUES (?, ?, ?)",
+                 lambda r, _now: (r.username, r.identity_key, r.created_at)),
+    SessionRecord: ("INSERT INTO sessions (token_hash, identity_key, username, created_at,"
+                    " expires_at) VALUES (?, ?, ?, ?, ?)",
+                    lambda r, _now: (r.token_hash, r.identity_key, r.username, r.created_at,
+                                     r.expires_at)),
+    HybridKeyRecord: ("INSERT INTO hybrid_keys (identity_key, public_key, updated_at)"
+                      " VALUES (?, ?, ?)", lambda r, now: (r.identity_key, r.public_key, now)),
+    KeyPackageRecord: ("INSERT INTO key_packages (identity_key, package, fingerprint,"
+                       " created_at) VALUES (?, ?, ?, ?)",
+                       lambda r, now: (r.identity_key, r.package, r.fingerprint, now)),
+    ChannelRecord: ("INSERT INTO channels (channel_id, created_by, created_at) VALUES (?, ?, ?)",
+                    lambda r, _now: (r.channel_id, r.created_by, r.created_at)),
+    ChannelMemberRecord: ("INSERT INTO channel_members (channel_id, identity_key) VALUES (?, ?)",
+                          lambda r, _now: (r.channel_id, r.identity_key)),
+    InboxRecord: ("INSERT INTO inboxes (recipient_key, channel_id, next_seq, depth)"
+                  " VALUES (?, ?, ?, 0)", lambda r, _now: (r.recipient_key, r.channel_id,
+                                                          r.next_seq)),
+    MessageRecord: ("INSERT INTO messages (recipient_key, channel_id, seq, expires_at,"
+                    " created_at, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                    lambda r, _now: (r.recipient_key, r.channel_id, r.seq, r.expires_at,
+                                     r.created_at, r.payload)),
+    DedupRecord: ("INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
+                  " VALUES (?, ?, ?, ?, ?)", lambda r, _now: (r.recipient_key, r.channel_id,
+                                                             r.message_id, r.seq, r.created_at)),
+    KvRecord: ("INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)",
+               lambda r, _now: (r.namespace, r.key, r.value)),
+    LogRecord: ("INSERT INTO logs (log, idx, entry) VALUES (?, ?, ?)",
+                lambda r, _now: (r.log, r.idx, r.entry)),
+}
+
+
+def _dump_page(
+    conn: Conn, table: str, keys: tuple[str, ...], others: tuple[str, ...],
+    after: tuple[Any, ...] | None, limit: int,
+) -> list[tuple[Any, ...]]:
+    """One page of ``table`` in key order, after the key ``after`` (keyset pagination)."""
+    cols = ", ".join(keys + others)
+    order = ", ".join(keys)
+    if after is None:
+        sql = f"SELECT {cols} FROM {table} ORDER BY {order} LIMIT ?"
+        return conn.execute(sql, (limit,)).fetchall()
+    marks = ", ".join("?" * len(keys))
+    sql = f"SELECT {cols} FROM {table} WHERE ({order}) > ({marks}) ORDER BY {order} LIMIT ?"
+    return conn.execute(sql, (*after, limit)).fetchall()
+
+
+def _is_empty(conn: Conn) -> bool:
+    return not any(
+        conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]
+        for table, _k, _o, _m in _DUMP_SPECS
+    )
+
+
+def _load_batch(conn: Conn, batch: Sequence[Record], now: float) -> None:
+    """Insert one batch (records of one type are contiguous, in dump order)."""
+    i = 0
+    while i < len(batch):
+        t = type(batch[i])
+        j = i
+        while j < len(batch) and type(batch[j]) is t:
+            j += 1
+        sql, row = _LOAD_SQL[t]
+        conn.executemany(sql, [row(r, now) for r in batch[i:j]])
+        i = j
+
+
+def _load_finish(conn: Conn) -> None:
+    conn.execute(
+        "UPDATE inboxes SET depth = (SELECT count(*) FROM messages AS m"
+        " WHERE m.recipient_key = inboxes.recipient_key AND m.channel_id = inboxes.channel_id)"
+    )
+    conn.execute("COMMIT")
+
+
 def _ping(conn: Conn) -> None:
     conn.execute("PRAGMA user_version").fetchall()
 
@@ -1716,6 +1830,50 @@ class SqlCipherStorage(Storage):
             self._check_open()
             return {}
         return await self._read(_log_read_many, log, wanted)
+
+    # -- copying (qpc store copy) -------------------------------------------------------------
+    async def dump(self) -> AsyncIterator[Sequence[Record]]:
+        """Every record in dump order.  A consistent snapshot as long as nothing writes
+        meanwhile; ``qpc store copy`` opens the file itself, and the file lock keeps a
+        running server out."""
+        for table, keys, others, make in _DUMP_SPECS:
+            after: tuple[Any, ...] | None = None
+            while True:
+                rows = await self._read(_dump_page, table, keys, others, after, DUMP_BATCH)
+                if rows:
+                    yield [make(r) for r in rows]
+                if len(rows) < DUMP_BATCH:
+                    break
+                after = tuple(rows[-1][: len(keys)])
+
+    async def is_empty(self) -> bool:
+        return await self._read(_is_empty)
+
+    async def load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
+        """Insert everything in one transaction on a connection of its own (the writer
+        thread's jobs each commit); rolled back on any failure, so the store stays empty."""
+        self._check_open()
+        conn = await asyncio.to_thread(
+            _connect, self.path, self._key, synchronous=self._synchronous,
+            wal_autocheckpoint=self._wal_autocheckpoint, reader=False,
+        )
+        try:
+            await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
+            if not await asyncio.to_thread(_is_empty, conn):
+                raise StorageError(f"{self.path} is not empty: load only into a new store")
+            now = time.time()
+            async for batch in batches:
+                await asyncio.to_thread(_load_batch, conn, batch, now)
+            await asyncio.to_thread(_load_finish, conn)
+        except sqlcipher3.Error as e:
+            await asyncio.to_thread(_rollback, conn)
+            raise StorageError(f"loading {self.path} failed (nothing written): {e}") from e
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(_rollback, conn))
+            raise
+        finally:
+            await asyncio.shield(asyncio.to_thread(conn.close))
+        self._empties = EmptyInboxes()  # what it remembered as empty may hold messages now
 
 
 def _settle_all(outcomes: list[_Outcome]) -> None:

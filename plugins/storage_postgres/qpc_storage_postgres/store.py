@@ -21,9 +21,10 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -39,6 +40,19 @@ from qpc_core.storage.base import (
     StoredMessage,
     UserRecord,
     prefix_end,
+)
+from qpc_core.storage.records import (
+    DUMP_BATCH,
+    ChannelMemberRecord,
+    ChannelRecord,
+    DedupRecord,
+    HybridKeyRecord,
+    InboxRecord,
+    KeyPackageRecord,
+    KvRecord,
+    LogRecord,
+    MessageRecord,
+    Record,
 )
 from qpc_storage_postgres.schema import (
     MIGRATIONS,
@@ -109,6 +123,92 @@ async def _migrate(conn: asyncpg.Connection, schema: str) -> int:
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", target)
                 version = target
     return int(version)
+
+
+# -- copying (qpc store copy) -------------------------------------------------------------------
+# Dump queries in the order fixed by qpc_core.storage.records (text keys in byte order, as
+# SQLite compares them), with the record each row becomes.
+_DUMP: list[tuple[str, Callable[[Any], Record]]] = [
+    ('SELECT username, identity_key, created_at FROM users ORDER BY username COLLATE "C"',
+     lambda r: UserRecord(r[0], r[1], r[2])),
+    ("SELECT token_hash, identity_key, username, created_at, expires_at FROM sessions"
+     " ORDER BY token_hash", lambda r: SessionRecord(r[0], r[1], r[2], r[3], r[4])),
+    ("SELECT identity_key, public_key FROM hybrid_keys ORDER BY identity_key",
+     lambda r: HybridKeyRecord(r[0], r[1])),
+    ("SELECT identity_key, package, fingerprint FROM key_packages ORDER BY identity_key, id",
+     lambda r: KeyPackageRecord(r[0], r[1], r[2])),
+    ("SELECT channel_id, created_by, created_at FROM channels ORDER BY channel_id",
+     lambda r: ChannelRecord(r[0], r[1], r[2])),
+    ("SELECT channel_id, identity_key FROM channel_members ORDER BY channel_id, identity_key",
+     lambda r: ChannelMemberRecord(r[0], r[1])),
+    ("SELECT recipient_key, channel_id, next_seq FROM inboxes ORDER BY recipient_key, channel_id",
+     lambda r: InboxRecord(r[0], r[1], r[2])),
+    ("SELECT recipient_key, channel_id, seq, payload, created_at, expires_at FROM messages"
+     " ORDER BY recipient_key, channel_id, seq",
+     lambda r: MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5])),
+    ("SELECT recipient_key, channel_id, message_id, seq, created_at FROM dedup"
+     " ORDER BY recipient_key, channel_id, message_id",
+     lambda r: DedupRecord(r[0], r[1], r[2], r[3], r[4])),
+    ('SELECT namespace, key, value FROM kv ORDER BY namespace COLLATE "C", key',
+     lambda r: KvRecord(r[0], r[1], r[2])),
+    ('SELECT log, idx, entry FROM logs ORDER BY log COLLATE "C", idx',
+     lambda r: LogRecord(r[0], r[1], r[2])),
+]
+
+# Record type -> (table, COPY columns, row from record).
+_LOAD: dict[type, tuple[str, tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {
+    UserRecord: ("users", ("username", "identity_key", "created_at"),
+                 lambda r: (r.username, r.identity_key, r.created_at)),
+    SessionRecord: ("sessions",
+                    ("token_hash", "identity_key", "username", "created_at", "expires_at"),
+                    lambda r: (r.token_hash, r.identity_key, r.username, r.created_at,
+                               r.expires_at)),
+    HybridKeyRecord: ("hybrid_keys", ("identity_key", "public_key"),
+                      lambda r: (r.identity_key, r.public_key)),
+    KeyPackageRecord: ("key_packages", ("identity_key", "package", "fingerprint"),
+                       lambda r: (r.identity_key, r.package, r.fingerprint)),
+    ChannelRecord: ("channels", ("channel_id", "created_by", "created_at"),
+                    lambda r: (r.channel_id, r.created_by, r.created_at)),
+    ChannelMemberRecord: ("channel_members", ("channel_id", "identity_key"),
+                          lambda r: (r.channel_id, r.identity_key)),
+    InboxRecord: ("inboxes", ("recipient_key", "channel_id", "next_seq", "depth"),
+                  lambda r: (r.recipient_key, r.channel_id, r.next_seq, 0)),
+    MessageRecord: ("messages",
+                    ("recipient_key", "channel_id", "seq", "payload", "created_at", "expires_at"),
+                    lambda r: (r.recipient_key, r.channel_id, r.seq, r.payload, r.created_at,
+                               r.expires_at)),
+    DedupRecord: ("dedup", ("recipient_key", "channel_id", "message_id", "seq", "created_at"),
+                  lambda r: (r.recipient_key, r.channel_id, r.message_id, r.seq,
+                             r.created_at)),
+    KvRecord: ("kv", ("namespace", "key", "value"), lambda r: (r.namespace, r.key, r.value)),
+    LogRecord: ("logs", ("log", "idx", "entry"), lambda r: (r.log, r.idx, r.entry)),
+}
+
+_TABLES = ("users", "sessions", "hybrid_keys", "key_packages", "channels", "channel_members",
+           "inboxes", "messages", "dedup", "kv", "logs", "log_heads")
+
+
+class _SourceFailed(Exception):
+    """An error of the records' source during ``load`` (not a database error here)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _from_source(
+    batches: AsyncIterable[Sequence[Record]],
+) -> AsyncIterator[Sequence[Record]]:
+    try:
+        async for batch in batches:
+            yield batch
+    except Exception as e:
+        raise _SourceFailed(e) from e
+
+
+async def _is_empty(conn: asyncpg.Connection) -> bool:
+    sql = " OR ".join(f"EXISTS (SELECT 1 FROM {t})" for t in _TABLES)
+    return not await conn.fetchval(f"SELECT {sql}")
 
 
 @dataclass(slots=True)
@@ -658,3 +758,55 @@ class PostgresStorage(Storage):
             rows = await self._pool.fetch(
                 "SELECT idx, entry FROM logs WHERE log = $1 AND idx = ANY ($2)", log, wanted)
         return {int(r[0]): bytes(r[1]) for r in rows}
+
+    # -- copying (qpc store copy) -----------------------------------------------------------
+    async def dump(self) -> AsyncIterator[Sequence[Record]]:
+        """Every record in dump order, from one REPEATABLE READ snapshot (servers may keep
+        writing meanwhile; the dump is the state at its start)."""
+        async with _errors("dump"), self._pool.acquire() as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            for sql, make in _DUMP:
+                batch: list[Record] = []
+                async for row in conn.cursor(sql, prefetch=DUMP_BATCH):
+                    batch.append(make(row))
+                    if len(batch) >= DUMP_BATCH:
+                        yield batch
+                        batch = []
+                if batch:
+                    yield batch
+
+    async def is_empty(self) -> bool:
+        async with _errors("is_empty"), self._pool.acquire() as conn:
+            return await _is_empty(conn)
+
+    async def load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
+        """COPY everything in one transaction (nothing is left behind if anything fails),
+        then rebuild inbox depths and log sizes."""
+        try:
+            await self._load(batches)
+        except _SourceFailed as e:  # the source's own error, unchanged; nothing was written
+            raise e.error from None
+
+    async def _load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
+        async with _errors("load"), self._pool.acquire() as conn, conn.transaction():
+            # Nothing else may load or write meanwhile: take every table's write lock.
+            await conn.execute(f"LOCK TABLE {', '.join(_TABLES)} IN EXCLUSIVE MODE")
+            if not await _is_empty(conn):
+                raise StorageError(f"schema {self.schema!r} is not empty: load only into a new"
+                                   " store")
+            async for batch in _from_source(batches):
+                for t, group in groupby(batch, key=type):
+                    table, columns, row = _LOAD[t]
+                    await conn.copy_records_to_table(
+                        table, records=[row(r) for r in group], columns=columns,
+                        schema_name=self.schema,
+                    )
+            await conn.execute(
+                "UPDATE inboxes AS i SET depth = m.n FROM (SELECT recipient_key, channel_id,"
+                " count(*) AS n FROM messages GROUP BY recipient_key, channel_id) AS m"
+                " WHERE i.recipient_key = m.recipient_key AND i.channel_id = m.channel_id"
+            )
+            await conn.execute(
+                "INSERT INTO log_heads (log, size) SELECT log, max(idx) + 1 FROM logs GROUP BY log"
+            )
