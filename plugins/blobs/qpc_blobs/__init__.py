@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qpc_blobs.config import BlobsConfig
+from qpc_core.errors import ConfigError
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import blobs_pb2 as pb
 from qpc_core.rpc import ConfigSection, RpcContext, RpcMethod
@@ -56,7 +57,15 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
 async def startup(app: App) -> None:
     from qpc_blobs.service import BlobService
 
-    svc = BlobService(app, app.plugin_config(NAME))
+    config: BlobsConfig = app.plugin_config(NAME)
+    if app.storage.shared and not config.sole_node:
+        raise ConfigError(
+            "config: blobs: the store is shared by several servers, but blob contents live in "
+            "this server's data_dir and blob locks in its memory, so only one server may run "
+            "blobs: set [blobs] sole_node = true on that server and leave blobs out on the "
+            "others"
+        )
+    svc = BlobService(app, config)
     await svc.start()
     app.state[NAME] = svc
 

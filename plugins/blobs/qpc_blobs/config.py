@@ -47,3 +47,10 @@ class BlobsConfig(BaseModel):
 
     reorder_window_bytes: int = Field(default=16 * MIB, ge=0)
     """Chunks further ahead of ``received`` than this fail BAD_REQUEST at once."""
+
+    sole_node: bool = False
+    """On a store shared by several servers (``storage = "postgres"``) only one server may
+    run blobs: the content lives in that server's ``data_dir/blobs`` and the locks that
+    keep a blob from being deleted while another upload of the same content claims it are
+    in its memory.  Set this on exactly that server and leave blobs out on the others;
+    without it blobs refuses to start on a shared store."""

@@ -62,3 +62,16 @@ async def test_kt_log_needs_a_sole_writer_on_a_shared_store(tmp_path, monkeypatc
         assert "kt_log" in app.state
     finally:
         await app.stop()
+
+
+async def test_blobs_need_a_sole_node_on_a_shared_store(tmp_path, monkeypatch, pg_dsn) -> None:
+    with pytest.raises(PluginError, match=r"blobs.*sole_node = true"):
+        await start(tmp_path, monkeypatch, plugins=["postgres", "blobs"], storage="postgres",
+                    postgres={"dsn": pg_dsn})
+    app = await start(tmp_path, monkeypatch, plugins=["postgres", "blobs"],
+                      storage="postgres", postgres={"dsn": pg_dsn},
+                      blobs={"sole_node": True})
+    try:
+        assert "blobs" in app.state
+    finally:
+        await app.stop()
