@@ -520,9 +520,9 @@ def postgres_summary(pgres: dict[str, Any]) -> str:
 
 
 def plugin_benches(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """KT and blob figures, when those plugins' benchmark scripts exist."""
+    """KT, blob and store-copy figures, when those benchmark scripts exist."""
     res: dict[str, Any] = {}
-    for name in ("bench_kt.py", "bench_blobs.py"):
+    for name in ("bench_kt.py", "bench_blobs.py", "bench_copy.py"):
         script = ROOT / "bench" / name
         if not script.exists() or QUICK:
             continue
@@ -691,7 +691,7 @@ def main() -> None:
         lg = logins(work, rows, hs)
         fl = fast_loop(work, rows)
         pgres = postgres_store(work, rows)
-        plugin_benches(rows)
+        others = plugin_benches(rows)
     for r in rows:
         r["machine"] = m
     write_jsonl("core", rows)
@@ -714,6 +714,9 @@ def main() -> None:
         text += (f"\nqh3 server errors logged during its {qh['handshakes']} handshakes: "
                  f"{qh['server_errors_logged']} (see bench/README.md)\n")
     text += postgres_summary(pgres)
+    copy = others.get("bench_copy.py")
+    if copy and copy["returncode"] == 0:
+        text += "\n## 9. Moving a store: `qpc store copy` (bench_copy.py)\n\n" + copy["tail"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text + "\n")
     chart(tp, RESULTS / "chart.png")
