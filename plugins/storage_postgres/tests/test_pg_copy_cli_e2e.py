@@ -1,7 +1,7 @@
 """The scaling guide's move from SQLCipher to PostgreSQL, end to end: a real `qpc run` on
 SQLCipher accepts messages, `qpc store copy --to postgres` moves the store, and a real
 `qpc run` on PostgreSQL delivers them under the same seqs, signs with the same delivery-proof
-key (clients pinned it) and continues the seqs."""
+key (clients pinned it), continues the seqs and logs in the users registered before."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from qpc_auth_opaque import client as oc
+from qpc_auth_opaque import opaque
 
+from qpc_core.client.sdk import QpcClient
 from qpc_core.testing import BIN, ServerProcess, process_client
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,8 +35,14 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
                                                                    pg_dsn: str) -> None:
     data = tmp_path / "data"
     env = {"QPC_POSTGRES_DSN": pg_dsn}
-    srv = ServerProcess(data)
+    srv = ServerProcess(data, args=["--plugins", "auth_opaque"])
     await srv.start()
+    # A registered user: the OPAQUE records and the server's OPAQUE keys must move too.
+    dora = Ed25519PrivateKey.generate()
+    c = await QpcClient.connect("127.0.0.1", srv.port, token=None, identity=dora,
+                                ca_cert=srv.ca)
+    export_key = await oc.register(c, "dora", "correct horse", ksf=opaque.IdentityKSF())
+    await c.close()
     sender = await process_client(srv)
     receiver = await process_client(srv)
     rid, rkey = receiver.identity, receiver.identity_key
@@ -70,7 +80,7 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
     assert rc == 1 and "not empty" in err
 
     # The server on PostgreSQL (fresh data dir: nothing can come from the SQLCipher file).
-    srv2 = ServerProcess(tmp_path / "data-pg", args=["--plugins", "postgres"],
+    srv2 = ServerProcess(tmp_path / "data-pg", args=["--plugins", "postgres,auth_opaque"],
                          env={"QPC_STORAGE": "postgres", **env})
     await srv2.start()
     try:
@@ -84,5 +94,10 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
         assert await receiver.signing_key() == pinned
         await sender.close()
         await receiver.close()
+        c = await QpcClient.connect("127.0.0.1", srv2.port, token=None, identity=dora,
+                                    ca_cert=srv2.ca)
+        login = await oc.login(c, "dora", "correct horse", ksf=opaque.IdentityKSF())
+        assert login.export_key == export_key  # same OPAQUE record, same server keys
+        await c.close()
     finally:
         assert await srv2.terminate() == 0
