@@ -1,4 +1,5 @@
-"""``qpc store``: copy a whole store to another backend, or count what a store holds.
+"""``qpc store``: copy a whole store to another backend, back up the embedded database while
+the server runs, or count what a store holds.
 
 ``qpc store copy --to postgres`` is the scaling guide's "migrate from SQLCipher to a shared
 PostgreSQL instance": it opens the configured store (the source) and the target store the
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser, server_options: Any) -> None:
                     "environment and command-line options apply to both)")
     cp.add_argument("--no-verify", action="store_true",
                     help="skip reading the target back to compare it with the source")
+    bk = sub.add_parser("backup", help="online backup of the SQLCipher database into a new file")
+    server_options(bk)
+    bk.add_argument("out", type=Path, help="the backup file to create (must not exist)")
     st = sub.add_parser("stats", help="count every record of a store and print its digest")
     server_options(st)
     st.add_argument("--storage", metavar="STORAGE",
@@ -148,10 +152,35 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from qpc_core.builtin.sqlcipher import settings_db_key
+    from qpc_core.storage.sqlcipher import online_backup
+
+    settings = _settings(args, args.config, None)
+    if settings.storage != "sqlcipher":
+        raise ConfigError(
+            f'config: storage: "qpc store backup" backs up the embedded SQLCipher database; '
+            f"back up {settings.storage} with its own tools (for PostgreSQL: pg_dump or "
+            "pg_basebackup)"
+        )
+    db = settings.resolved_db_path
+    if not db.is_file():  # before the key: never generate a development key for nothing
+        raise StorageError(f"no database at {db}")
+    report = online_backup(db, settings_db_key(settings), args.out)
+    print(f"backed up {db} -> {report.path} ({report.size_bytes:,} bytes, schema "
+          f"{report.schema_version}, {report.queued_messages:,} queued messages) in "
+          f"{report.seconds:.1f} s; integrity check ok")
+    print("the backup is encrypted with the same database key (QPC_DB_KEY or data/db.key): "
+          "keep the key safe, and stored apart from the backups")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.store_command == "copy":
             return asyncio.run(_copy(args))
+        if args.store_command == "backup":
+            return _backup(args)
         return asyncio.run(_stats(args))
     except StorageError as e:
         print(f"qpc store: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from qpc_core.storage.base import Storage
 
 if TYPE_CHECKING:
     from qpc_core.app import App
+    from qpc_core.config import Settings
 
 log = logging.getLogger("qpc.storage")
 
@@ -48,7 +49,11 @@ def dev_db_key(data_dir: Path) -> str:
 
 
 def resolve_db_key(app: App) -> str:
-    s = app.settings
+    return settings_db_key(app.settings)
+
+
+def settings_db_key(s: Settings) -> str:
+    """The database key these settings give (generating the development key if needed)."""
     if s.db_key is not None and s.db_key.get_secret_value():
         return s.db_key.get_secret_value()
     if s.production:
