@@ -1,7 +1,8 @@
 """The scaling guide's move from SQLCipher to PostgreSQL, end to end: a real `qpc run` on
 SQLCipher accepts messages, `qpc store copy --to postgres` moves the store, and a real
 `qpc run` on PostgreSQL delivers them under the same seqs, signs with the same delivery-proof
-key (clients pinned it), continues the seqs and logs in the users registered before."""
+key (clients pinned it), continues the seqs, logs in the users registered before and extends
+the same key-transparency log."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_auth_opaque import client as oc
 from qpc_auth_opaque import opaque
+from qpc_kt_log import client as kt
 
 from qpc_core.client.sdk import QpcClient
 from qpc_core.testing import BIN, ServerProcess, process_client
@@ -35,7 +37,7 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
                                                                    pg_dsn: str) -> None:
     data = tmp_path / "data"
     env = {"QPC_POSTGRES_DSN": pg_dsn}
-    srv = ServerProcess(data, args=["--plugins", "auth_opaque"])
+    srv = ServerProcess(data, args=["--plugins", "auth_opaque,kt_log"])
     await srv.start()
     # A registered user: the OPAQUE records and the server's OPAQUE keys must move too.
     dora = Ed25519PrivateKey.generate()
@@ -52,6 +54,9 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
     seqs = [(await sender.enqueue(rkey, p)).seq for p in sent]  # proofs verified
     assert seqs == list(range(1, 21))
     pinned = await sender.signing_key()
+    kt_state = kt.KtState()  # a client that verified @dora in the key-transparency log
+    await kt.resolve_verified(sender, "dora", kt_state)
+    assert kt_state.tree_size >= 1
     await sender.close()
 
     # The SQLCipher file is locked by the running server: the copy refuses to start.
@@ -80,7 +85,10 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
     assert rc == 1 and "not empty" in err
 
     # The server on PostgreSQL (fresh data dir: nothing can come from the SQLCipher file).
-    srv2 = ServerProcess(tmp_path / "data-pg", args=["--plugins", "postgres,auth_opaque"],
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text("[kt_log]\nsole_writer = true\n")
+    srv2 = ServerProcess(tmp_path / "data-pg",
+                         args=["--plugins", "postgres,auth_opaque,kt_log", "--config", str(cfg)],
                          env={"QPC_STORAGE": "postgres", **env})
     await srv2.start()
     try:
@@ -92,12 +100,22 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
         r = await sender.enqueue(rkey, b"after the move")  # verifies against the pinned key
         assert r.seq == 21
         assert await receiver.signing_key() == pinned
-        await sender.close()
         await receiver.close()
         c = await QpcClient.connect("127.0.0.1", srv2.port, token=None, identity=dora,
                                     ca_cert=srv2.ca)
         login = await oc.login(c, "dora", "correct horse", ksf=opaque.IdentityKSF())
         assert login.export_key == export_key  # same OPAQUE record, same server keys
         await c.close()
+        # The key-transparency log continues: a new binding's proof verifies against the
+        # pinned log key, and its head is a consistent extension of the one seen before.
+        c = await QpcClient.connect("127.0.0.1", srv2.port, token=None,
+                                    identity=Ed25519PrivateKey.generate(), ca_cert=srv2.ca)
+        await oc.register(c, "erin", "pw", ksf=opaque.IdentityKSF())
+        await c.close()
+        old_size = kt_state.tree_size
+        await kt.resolve_verified(sender, "erin", kt_state)
+        await kt.resolve_verified(sender, "dora", kt_state)
+        assert kt_state.tree_size > old_size
+        await sender.close()
     finally:
         assert await srv2.terminate() == 0
