@@ -32,7 +32,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy qpc_core $(filter-out %.egg-info,$(wildcard $(addsuffix qpc_*,$(PLUGIN_DIRS))))
+	$(BIN)/mypy qpc_core $(filter-out %.egg-info,$(wildcard $(addsuffix qpc_*,$(PLUGIN_DIRS)))) bench
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

@@ -68,7 +68,7 @@ def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 60
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     rx = re.compile(pattern)
-    seen = []
+    seen: list[str] = []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:

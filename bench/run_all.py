@@ -130,7 +130,7 @@ window_secs = 1
 """
 
 
-def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[Any, Any]:
     """Figure 1: enqueue -> delivery msgs/s vs bare echo req/s at 2, 50, 500 clients.
 
     The echo and qpc servers run side by side and their loads alternate, TP_ROUNDS rounds
@@ -141,7 +141,7 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
     counts = {2: 3000, 50: 6000, 500: 6000} if not QUICK else {2: 300, 50: 600}
     secs = "25" if not QUICK else "8"
     rounds = TP_ROUNDS if not QUICK else 1
-    out: dict[Any, dict[str, Any]] = {}
+    out: dict[Any, Any] = {}
     echo = Server("echo", work)
     qpc = Server("qpc", work)
     # (key, clients, messages, echo window per connection, qpc window per sender): the last
@@ -202,7 +202,7 @@ def throughput(work: Path, rows: list[dict[str, Any]]) -> dict[int, dict[str, An
                          "--rate", str(rate), "--seconds", "30")
             r["step_of_closed_loop_capacity"] = step
             rows.append({"figure": "open_loop_capacity_search", "system": "qpc", **r})
-            out.setdefault(-4, []).append(r)  # type: ignore[index, attr-defined]
+            out.setdefault(-4, []).append(r)
             r["kept_up"] = (r["msgs_per_sec"] >= 0.97 * rate and r["delivered"] >= r["sent"]
                             and r["latency_ms"]["p50"] <= KEEP_UP_P50_MS)
             if not r["kept_up"]:
@@ -433,7 +433,7 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
-def postgres_store(work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def postgres_store(work: Path, rows: list[dict[str, Any]]) -> dict[Any, Any]:
     """Figure 8: the same qpc on the shared PostgreSQL store vs the embedded SQLCipher one.
 
     PostgreSQL keeps its durable defaults (fsync, synchronous_commit: a commit survives a
@@ -447,7 +447,7 @@ def postgres_store(work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     pg = PgServer(fsync=True)
     pg.start()
-    res: dict[str, Any] = {}
+    res: dict[Any, Any] = {}
     servers: dict[str, Server] = {}
     try:
         pin(pg.pid, LOAD_CORE)  # backends fork from it and inherit the core
@@ -497,7 +497,7 @@ def postgres_store(work: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
-def postgres_summary(pgres: dict[str, Any]) -> str:
+def postgres_summary(pgres: dict[Any, Any]) -> str:
     if not pgres:
         return ""
     rounds = next(iter(next(iter(pgres.values())).values()))["rounds"]
