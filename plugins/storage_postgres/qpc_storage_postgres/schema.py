@@ -5,13 +5,15 @@ Hot paths are PL/pgSQL functions so that one Enqueue, Fetch or Peek is one round
 and the statement rolls back), ``take_messages`` reads (and for Fetch deletes) an inbox's
 oldest messages within a byte budget.
 
+``take_calls`` does the reads of one event-loop turn in one statement.
+
 ``enqueue_batch`` announces stored messages with ``pg_notify('qpc_arrivals', ...)`` (sent
 at commit) so other servers wake their long polls and push to their connections.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NOTIFY_CHANNEL = "qpc_arrivals"
 
 _V1 = r"""
@@ -313,4 +315,24 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1)]
+# Every Fetch/FetchWait/Peek of one event-loop turn in one statement (and, for removals, one
+# commit).  Calls run in inbox key order, so the inbox locks that removals take (through the
+# depth trigger) come in the order every other writer takes them: no deadlock cycle.
+_V2 = r"""
+CREATE FUNCTION take_calls(
+    p_r bytea[], p_c bytea[], p_limit int[], p_now double precision, p_max_bytes bigint[],
+    p_remove boolean[]
+) RETURNS TABLE (o_call int, o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i int;
+BEGIN
+    FOR i IN SELECT k FROM generate_subscripts(p_r, 1) AS k ORDER BY p_r[k], p_c[k], k LOOP
+        RETURN QUERY SELECT i, t.o_seq, t.o_payload
+            FROM take_messages(p_r[i], p_c[i], p_limit[i], p_now, p_max_bytes[i],
+                               p_remove[i]) AS t;
+    END LOOP;
+END $$;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2)]

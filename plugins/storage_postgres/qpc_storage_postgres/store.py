@@ -222,6 +222,18 @@ class _Call:
     fut: asyncio.Future[list[EnqueueOutcome]]
 
 
+@dataclass(slots=True)
+class _Take:
+    """One Fetch/FetchWait/Peek read waiting for its loop turn's statement."""
+
+    recipient: bytes
+    channel: bytes
+    limit: int
+    max_bytes: int
+    remove: bool
+    fut: asyncio.Future[list[StoredMessage]]
+
+
 class PostgresStorage(Storage):
     name = "postgres"
     shared = True
@@ -239,6 +251,9 @@ class PostgresStorage(Storage):
         self._pending: list[_Call] = []
         self._flush_scheduled = False
         self._writes: set[asyncio.Task[None]] = set()
+        self._pending_takes: list[_Take] = []
+        self._takes_scheduled = False
+        self._take_now = 0.0
 
     @classmethod
     async def open(
@@ -271,6 +286,7 @@ class PostgresStorage(Storage):
             return
         self._closed = True
         self._flush()  # calls queued this turn still go out
+        self._flush_takes()
         if self._writes:  # finish every pending write before the pool closes
             await asyncio.gather(*self._writes, return_exceptions=True)
         if self._reconnect is not None:
@@ -458,13 +474,64 @@ class PostgresStorage(Storage):
 
     async def _take(self, recipient: bytes, channel: bytes, limit: int, now: float,
                     max_bytes: int, remove: bool) -> list[StoredMessage]:
-        async with _errors("fetch" if remove else "peek"):
-            rows = await self._pool.fetch(
-                "SELECT o_seq, o_payload FROM take_messages($1, $2, $3, $4, $5, $6)",
-                recipient, channel, max(0, limit), now, max(0, max_bytes), remove,
-            )
-        return sorted((StoredMessage(int(r[0]), bytes(r[1])) for r in rows),
-                      key=lambda m: m.seq)
+        """Queued for this event-loop turn: the turn's reads go out as one ``take_calls``
+        statement (one round trip, and one commit for all their removals)."""
+        if self._closed:
+            raise StorageError("storage is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[StoredMessage]] = loop.create_future()
+        self._pending_takes.append(
+            _Take(recipient, channel, max(0, limit), max(0, max_bytes), remove, fut))
+        self._take_now = max(self._take_now, now)
+        if not self._takes_scheduled:
+            self._takes_scheduled = True
+            loop.call_soon(self._flush_takes)
+        return await fut
+
+    def _flush_takes(self) -> None:
+        self._takes_scheduled = False
+        takes, self._pending_takes = self._pending_takes, []
+        now, self._take_now = self._take_now, 0.0
+        if takes:
+            task = asyncio.get_running_loop().create_task(self._take_calls(takes, now))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _take_calls(self, takes: list[_Take], now: float) -> None:
+        args = ([t.recipient for t in takes], [t.channel for t in takes],
+                [t.limit for t in takes], now, [t.max_bytes for t in takes],
+                [t.remove for t in takes])
+        what = "fetch" if any(t.remove for t in takes) else "peek"
+        try:
+            for attempt in range(_RETRIES):
+                try:
+                    rows = await self._pool.fetch(
+                        "SELECT o_call, o_seq, o_payload FROM take_calls($1, $2, $3, $4, $5, $6)",
+                        *args,
+                    )
+                    break
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    if attempt == _RETRIES - 1:  # rolled back as a whole: safe to run again
+                        raise
+        except _DB_ERRORS as e:
+            err = StorageError(f"database error ({what}): {e}")
+            err.__cause__ = e
+            for t in takes:
+                if not t.fut.done():
+                    t.fut.set_exception(err)
+            return
+        except BaseException as e:  # cancelled (closing): nobody may hang
+            for t in takes:
+                if not t.fut.done():
+                    t.fut.set_exception(StorageError(f"{what} interrupted: {e!r}"))
+            raise
+        results: list[list[StoredMessage]] = [[] for _ in takes]
+        for r in rows:
+            results[int(r[0]) - 1].append(StoredMessage(int(r[1]), bytes(r[2])))
+        for t, got in zip(takes, results, strict=True):
+            if not t.fut.done():
+                got.sort(key=lambda m: m.seq)
+                t.fut.set_result(got)
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,

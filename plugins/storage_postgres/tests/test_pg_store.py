@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from qpc_storage_postgres.schema import SCHEMA_VERSION
 from qpc_storage_postgres.store import PostgresStorage
 
 from qpc_core.errors import StorageError
@@ -121,6 +122,67 @@ async def test_calls_of_one_turn_share_a_statement_yet_stay_all_or_nothing(
     assert [m.payload for m in await store.peek(R1, b"", 0, now=time.time())] == [b"a", b"c"]
     (o,) = await put(store, msg(R2, b"z"))
     assert o.seq == 3  # and reserved no seq
+
+
+async def test_reads_of_one_turn_share_a_statement_and_keep_call_order(
+    store: PostgresStorage,
+) -> None:
+    statements: list[int] = []
+    take = store._take_calls
+
+    async def counting(takes, now):  # type: ignore[no-untyped-def]
+        statements.append(len(takes))
+        await take(takes, now)
+
+    store._take_calls = counting  # type: ignore[method-assign]
+    await put(store, msg(payload=b"a"), msg(payload=b"b"), msg(R2, b"c"), msg(R2, b"d"))
+    now = time.time()
+    r1_first, r2_peek, r2_fetch, r1_again, r3, r2_after = await asyncio.gather(
+        store.fetch(R1, b"", 1, now=now),
+        store.peek(R2, b"", 0, now=now),
+        store.fetch(R2, b"", 0, now=now),
+        store.fetch(R1, b"", 0, now=now),
+        store.fetch(b"\x03" * 32, b"", 0, now=now),
+        store.peek(R2, b"", 0, now=now),
+    )
+    assert statements == [6]  # one statement for the turn
+    # Calls on one inbox run in the order they were made.
+    assert r1_first == [StoredMessage(1, b"a")]
+    assert r1_again == [StoredMessage(2, b"b")]
+    assert [m.seq for m in r2_peek] == [m.seq for m in r2_fetch] == [1, 2]
+    assert r3 == [] and r2_after == []
+    assert await store.total_queue_depth() == 0
+
+
+async def test_crossing_reads_and_writes_of_two_servers_do_not_deadlock(pg_dsn: str) -> None:
+    """Fetches naming many inboxes in one statement, in different orders, from two servers
+    while both enqueue to those inboxes: every message is fetched exactly once."""
+    a = await PostgresStorage.open(pg_dsn, pool_max=8)
+    b = await PostgresStorage.open(pg_dsn, pool_max=8)
+    keys = [bytes([i]) * 32 for i in range(1, 7)]
+    got: dict[bytes, list[int]] = {k: [] for k in keys}
+    try:
+        for _ in range(15):
+            calls = []
+            for i in range(12):
+                st = a if i % 2 else b
+                order = keys if i % 3 else list(reversed(keys))
+                calls.append(st.enqueue([msg(k, b"m") for k in order], max_depth=BIG,
+                                        dedup_since=0))
+                calls.extend(st.fetch(k, b"", 0, now=time.time()) for k in order)
+            outs = await asyncio.gather(*calls, return_exceptions=True)
+            assert not [o for o in outs if isinstance(o, BaseException)]
+            results = iter(outs)
+            for i in range(12):  # walk the results in call order: an enqueue, then fetches
+                next(results)
+                for key in keys if i % 3 else list(reversed(keys)):
+                    got[key].extend(m.seq for m in next(results))
+        for key in keys:
+            got[key].extend(m.seq for m in await a.fetch(key, b"", 0, now=time.time()))
+            assert sorted(got[key]) == list(range(1, 15 * 12 + 1))  # each exactly once
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_expired_messages_are_skipped_purged_and_not_counted(
@@ -359,7 +421,8 @@ async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
         assert [m.payload for m in await st.peek(R1, b"", 0, now=time.time())] == [b"kept"]
         conn = await asyncpg.connect(pg_dsn)
         try:
-            assert await conn.fetchval("SELECT max(version) FROM qpc.schema_version") == 1
+            version = await conn.fetchval("SELECT max(version) FROM qpc.schema_version")
+            assert version == SCHEMA_VERSION == 2
         finally:
             await conn.close()
     finally:
