@@ -71,9 +71,28 @@ def _settings(args: argparse.Namespace, config: Path | None, storage: str | None
     return load_config(config, {**overrides, "storage": name, "plugins": plugins})
 
 
-async def _open(settings: Settings) -> tuple[App, Storage]:
+def _check_existing_sqlcipher(settings: Settings) -> None:
+    """A SQLCipher store read by these commands must exist and have a key: never create an
+    empty database (a mistyped --data-dir would copy nothing and call it verified) or a
+    fresh development key beside an existing one."""
+    from qpc_core.builtin.sqlcipher import DEV_KEY_FILE
+
+    db = settings.resolved_db_path
+    if not db.is_file():
+        raise StorageError(f"no database at {db} (check --config / --data-dir)")
+    has_key = settings.db_key is not None and settings.db_key.get_secret_value()
+    if not has_key and not (settings.data_dir / DEV_KEY_FILE).is_file():
+        raise StorageError(
+            f"no database key for {db}: set QPC_DB_KEY (there is no development key file "
+            f"{settings.data_dir / DEV_KEY_FILE} either)")
+
+
+async def _open(settings: Settings, *, existing: bool = False) -> tuple[App, Storage]:
+    """Open the store ``settings`` select; ``existing``: it is read, so it must exist."""
     from qpc_core.app import App
 
+    if existing and settings.storage == "sqlcipher":
+        _check_existing_sqlcipher(settings)
     app = App(settings)
     app.data_dir.mkdir(parents=True, exist_ok=True)
     store = await app.hooks.open_storage(app)
@@ -109,7 +128,7 @@ async def _copy(args: argparse.Namespace) -> int:
             f"config: source and target are the same {src_settings.storage} store; give the "
             "target its own settings with --to-config"
         )
-    _app, source = await _open(src_settings)
+    _app, source = await _open(src_settings, existing=True)
     try:
         _app2, target = await _open(dst_settings)
         try:
@@ -140,7 +159,7 @@ async def _stats(args: argparse.Namespace) -> int:
     from qpc_core.storage.records import RECORD_TYPES, kind_name, tally
 
     settings = _settings(args, args.config, args.storage)
-    _app, store = await _open(settings)
+    _app, store = await _open(settings, existing=True)
     try:
         t = await tally(store)
     finally:
@@ -163,9 +182,8 @@ def _backup(args: argparse.Namespace) -> int:
             f"back up {settings.storage} with its own tools (for PostgreSQL: pg_dump or "
             "pg_basebackup)"
         )
+    _check_existing_sqlcipher(settings)  # before the key: never generate one for nothing
     db = settings.resolved_db_path
-    if not db.is_file():  # before the key: never generate a development key for nothing
-        raise StorageError(f"no database at {db}")
     report = online_backup(db, settings_db_key(settings), args.out)
     print(f"backed up {db} -> {report.path} ({report.size_bytes:,} bytes, schema "
           f"{report.schema_version}, {report.queued_messages:,} queued messages) in "

@@ -100,3 +100,24 @@ def test_copy_refusals_are_clear_and_write_nothing(
     assert "sqlcipher: 6 records" in capsys.readouterr().out
     assert main(["store", "stats", *data]) == 0
     assert f"sha256 {digest}" in capsys.readouterr().out
+
+
+def test_a_missing_source_is_refused_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typo = tmp_path / "dtaa"
+    source = tmp_path / "typo.toml"
+    source.write_text(f'data_dir = "{typo}"\n')
+    target = tmp_path / "target.toml"
+    target.write_text(f'data_dir = "{tmp_path / "t"}"\n')
+    for cmd in (["store", "stats"], ["store", "copy", "--to", "sqlcipher", "--to-config",
+                                     str(target)]):
+        assert main([*cmd, "--config", str(source)]) == 1
+        assert "no database at" in capsys.readouterr().err
+    assert not typo.exists() or not any(typo.iterdir())  # no empty database, no key
+    # An existing database without its key: refused, and no development key is made up.
+    populate(tmp_path / "data", 1)
+    monkeypatch.delenv("QPC_DB_KEY")
+    assert main(["store", "stats", "--data-dir", str(tmp_path / "data")]) == 1
+    assert "no database key" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "db.key").exists()

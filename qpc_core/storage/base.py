@@ -330,7 +330,8 @@ class Storage(ABC):
     # -- copying between backends (``qpc store copy``; optional) ------------------------------
     def dump(self) -> AsyncIterator[Sequence[Record]]:
         """Every record of the store, in batches, in the order fixed by
-        :mod:`qpc_core.storage.records` (a consistent snapshot).  Optional: a backend
+        :mod:`qpc_core.storage.records`, consistent at least while nothing else writes
+        (``qpc store copy`` makes sure of that for a file store).  Optional: a backend
         without it cannot be copied from."""
         raise StorageError(f"the {self.name} store cannot be copied from (no dump support)")
 

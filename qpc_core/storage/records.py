@@ -237,29 +237,42 @@ async def copy_store(
 
     The target must be empty (:class:`StorageError` otherwise, nothing written).  With
     ``verify`` the target is read back afterwards and its digest compared with the
-    source's: a mismatch is a :class:`StorageError`.  ``progress`` is called after each
-    batch with the running tally."""
+    source's: a mismatch is a :class:`StorageError` (the loaded records stay in the
+    target).  ``progress`` is called after each batch with the running tally."""
     if not await target.is_empty():
         raise StorageError(
             f"the target {target.name} store is not empty: copy only into a new, empty store"
         )
     t0 = time.monotonic()
     src = Tally()
+    dump = source.dump()
+    ordered = check_order(dump)
 
-    async def counted() -> AsyncIterator[Sequence[Record]]:
-        async for batch in check_order(source.dump()):
+    async def counting() -> AsyncIterator[Sequence[Record]]:
+        async for batch in ordered:
             src.add(batch)
             if progress is not None:
                 progress(src)
             yield batch
 
-    await target.load(counted())
+    counted = counting()
+    try:
+        await target.load(counted)
+    finally:
+        # A load that stopped early leaves the generators suspended; close them now, so the
+        # source's snapshot (a pooled connection, a transaction) is released before the
+        # caller closes the source, not whenever they are garbage-collected.
+        for gen in (counted, ordered, dump):
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
     if verify:
         dst = await tally(target)
         if dst.digest != src.digest or dst.counts != src.counts:
             raise StorageError(
                 "the copy differs from the source (source "
                 f"{dict(sorted(src.counts.items()))}, target {dict(sorted(dst.counts.items()))})"
+                f"; the target holds the copy: empty it (or use a new one) before copying again"
             )
     return CopyReport(
         counts=dict(src.counts), digest=src.digest, seconds=time.monotonic() - t0,

@@ -38,6 +38,7 @@ import fcntl
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
@@ -1852,30 +1853,32 @@ class SqlCipherStorage(Storage):
 
     async def load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
         """Insert everything in one transaction on a connection of its own (the writer
-        thread's jobs each commit); rolled back on any failure, so the store stays empty."""
+        thread's jobs each commit); rolled back on any failure or cancellation, so the
+        store stays empty.  Every step on that connection runs to its end before the next
+        (a cancelled caller still waits for the step in progress), so a rollback never
+        lands between the rows of a batch."""
         self._check_open()
-        conn = await asyncio.to_thread(
+        conn = await _settled(
             _connect, self.path, self._key, synchronous=self._synchronous,
             wal_autocheckpoint=self._wal_autocheckpoint, reader=False,
         )
         try:
-            await asyncio.to_thread(conn.execute, "BEGIN IMMEDIATE")
-            if not await asyncio.to_thread(_is_empty, conn):
+            await _settled(conn.execute, "BEGIN IMMEDIATE")
+            if not await _settled(_is_empty, conn):
                 raise StorageError(f"{self.path} is not empty: load only into a new store")
             now = time.time()
             async for batch in batches:
-                await asyncio.to_thread(_load_batch, conn, batch, now)
-            await asyncio.to_thread(_load_finish, conn)
+                await _settled(_load_batch, conn, batch, now)
+            await _settled(_load_finish, conn)
         except sqlcipher3.Error as e:
-            await asyncio.to_thread(_rollback, conn)
+            await _settled(_rollback, conn)
             raise StorageError(f"loading {self.path} failed (nothing written): {e}") from e
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(_rollback, conn))
+            await _settled(_rollback, conn)
             raise
         finally:
-            await asyncio.shield(asyncio.to_thread(conn.close))
+            await _settled(conn.close)
         self._empties = EmptyInboxes()  # what it remembered as empty may hold messages now
-
 
 @dataclass(frozen=True, slots=True)
 class BackupReport:
@@ -1892,27 +1895,69 @@ def online_backup(db_path: Path, key: str, out: Path) -> BackupReport:
 
     SQLite's backup API copies every page inside one read transaction, so the copy is a
     consistent snapshot: every transaction committed before it started, none after.  In WAL
-    mode that read transaction does not block the server's writer.  The copy is written to
-    ``<out>.tmp``, checked (``PRAGMA quick_check``), fsynced and renamed into place, so
+    mode that read transaction does not block the server's writer (the WAL cannot be
+    checkpointed past the snapshot meanwhile, so it grows by what is written during the
+    backup).  The copy is written to a temporary file beside ``out``, checked
+    (``PRAGMA quick_check``), fsynced and linked into place without replacing anything, so
     ``out`` only ever appears complete.  The file lock of a running server is not taken:
     backing up is what other SQLCipher clients may do."""
     if not db_path.is_file():
         raise StorageError(f"no database at {db_path}")
     if out.exists():
         raise StorageError(f"{out} exists: back up into a new file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a previous backup interrupted before its rename
     t0 = time.monotonic()
-    src = _connect(db_path, key, synchronous="NORMAL", wal_autocheckpoint=0, reader=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)  # mode 0600 from mkstemp; SQLite fills the empty file
+    except OSError as e:
+        raise StorageError(f"cannot create a file beside {out}: {e}") from e
+    tmp = Path(tmp_name)
+    try:
+        version, queued = _backup_into(db_path, key, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, out)  # unlike a rename, never replaces a file that appeared meanwhile
+        except FileExistsError:
+            raise StorageError(f"{out} exists: back up into a new file") from None
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise StorageError(f"backup to {out} failed: {e}") from e
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+    return BackupReport(out, out.stat().st_size, time.monotonic() - t0, version, queued)
+
+
+def _backup_into(db_path: Path, key: str, tmp: Path) -> tuple[int, int]:
+    """The page copy and its check; returns (schema version, queued messages)."""
+    try:
+        # A plain keyed connection: no journal-mode or checkpoint settings of its own, so
+        # backing up a non-WAL file (an earlier backup) leaves it as it is.
+        src: Conn = sqlcipher3.connect(str(db_path), isolation_level=None,
+                                       check_same_thread=False)
+    except sqlcipher3.Error as e:
+        raise StorageError(f"cannot open {db_path}: {e}") from e
+    try:
+        src.execute(f"PRAGMA key = {_quote(key)}")
+        try:
+            src.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlcipher3.DatabaseError as e:
+            raise WrongKey(f"cannot open {db_path}: wrong database key or not a qpc database"
+                           ) from e
+        src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}").fetchall()
+        src.execute("PRAGMA query_only = ON")
         version = int(src.execute("PRAGMA user_version").fetchone()[0])
+        dst: Conn = sqlcipher3.connect(str(tmp), isolation_level=None)
         try:
-            dst: Conn = sqlcipher3.connect(str(tmp), isolation_level=None)
-        except sqlcipher3.Error as e:
-            raise StorageError(f"cannot create {tmp}: {e}") from e
-        try:
-            os.chmod(tmp, 0o600)
             dst.execute(f"PRAGMA key = {_quote(key)}")
             src.backup(dst)  # all pages in one step: one read transaction, one snapshot
             # One self-contained file (a server opening it switches it back to WAL).
@@ -1921,27 +1966,31 @@ def online_backup(db_path: Path, key: str, out: Path) -> BackupReport:
             if check != "ok":
                 raise StorageError(f"the backup failed its integrity check: {check}")
             queued = int(dst.execute("SELECT count(*) FROM messages").fetchone()[0])
-        except sqlcipher3.Error as e:
-            raise StorageError(f"backup of {db_path} failed: {e}") from e
         finally:
             dst.close()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except sqlcipher3.Error as e:
+        raise StorageError(f"backup of {db_path} failed: {e}") from e
     finally:
         src.close()
-    fd = os.open(tmp, os.O_RDONLY)
+    return version, queued
+
+
+async def _settled(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``asyncio.to_thread``, except that a cancelled caller still waits for the call to
+    finish (the thread cannot be stopped, and the connection it uses must not be touched
+    meanwhile); the cancellation is raised afterwards."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return BackupReport(out, out.stat().st_size, time.monotonic() - t0, version, queued)
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        raise
 
 
 def _settle_all(outcomes: list[_Outcome]) -> None:

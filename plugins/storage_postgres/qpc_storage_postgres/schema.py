@@ -316,11 +316,58 @@ END $$;
 """
 
 # Every Fetch/FetchWait/Peek of one event-loop turn in one statement (and, for removals, one
-# commit).  Calls run in inbox key order, so the inbox locks that removals take (through the
-# depth trigger) come in the order every other writer takes them: no deadlock cycle.
+# commit), and one lock order for everything that removes messages: a transaction that
+# removes messages locks their inbox rows first, in key order, then deletes (enqueue_calls
+# already locks inboxes in key order before writing).  With several inboxes per transaction
+# (take_calls, purge_expired_chunk) deleting first and locking after (the depth trigger)
+# could form a cycle with another transaction doing the same in another order.
 _V2 = r"""
+CREATE OR REPLACE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    rec record;
+    total bigint := 0;
+    seqs bigint[] := '{}';
+BEGIN
+    IF p_remove THEN
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+    END IF;
+    FOR rec IN
+        SELECT m.seq, octet_length(m.payload) AS size FROM messages AS m
+        WHERE m.recipient_key = p_r AND m.channel_id = p_c
+          AND (m.expires_at IS NULL OR m.expires_at > p_now)
+        ORDER BY m.seq
+        LIMIT CASE WHEN p_limit > 0 THEN p_limit END
+    LOOP
+        IF p_max_bytes > 0 AND cardinality(seqs) > 0 AND total + rec.size > p_max_bytes THEN
+            EXIT;
+        END IF;
+        total := total + rec.size;
+        seqs := seqs || rec.seq;
+    END LOOP;
+    IF cardinality(seqs) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_remove THEN
+        -- Everything up to the last chosen seq goes: the chosen messages and expired ones
+        -- between them (as the SQLCipher store does).
+        RETURN QUERY WITH gone AS (
+            DELETE FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c
+              AND m.seq <= seqs[cardinality(seqs)]
+            RETURNING m.seq, m.payload)
+            SELECT gone.seq, gone.payload FROM gone WHERE gone.seq = ANY (seqs);
+    ELSE
+        RETURN QUERY SELECT m.seq, m.payload FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c AND m.seq = ANY (seqs);
+    END IF;
+END $$;
+
 CREATE FUNCTION take_calls(
-    p_r bytea[], p_c bytea[], p_limit int[], p_now double precision, p_max_bytes bigint[],
+    p_r bytea[], p_c bytea[], p_limit int[], p_now double precision[], p_max_bytes bigint[],
     p_remove boolean[]
 ) RETURNS TABLE (o_call int, o_seq bigint, o_payload bytea)
 LANGUAGE plpgsql AS $$
@@ -329,9 +376,45 @@ DECLARE
 BEGIN
     FOR i IN SELECT k FROM generate_subscripts(p_r, 1) AS k ORDER BY p_r[k], p_c[k], k LOOP
         RETURN QUERY SELECT i, t.o_seq, t.o_payload
-            FROM take_messages(p_r[i], p_c[i], p_limit[i], p_now, p_max_bytes[i],
+            FROM take_messages(p_r[i], p_c[i], p_limit[i], p_now[i], p_max_bytes[i],
                                p_remove[i]) AS t;
     END LOOP;
+END $$;
+
+CREATE FUNCTION ack_messages(p_r bytea, p_c bytea, p_up_to bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+    DELETE FROM messages WHERE recipient_key = p_r AND channel_id = p_c AND seq <= p_up_to;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Up to p_limit expired messages; returns how many were chosen (the caller repeats while a
+-- whole chunk was chosen).
+CREATE FUNCTION purge_expired_chunk(p_now double precision, p_limit int) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_r bytea[];
+    v_c bytea[];
+    v_s bigint[];
+BEGIN
+    SELECT array_agg(x.recipient_key), array_agg(x.channel_id), array_agg(x.seq)
+        INTO v_r, v_c, v_s
+        FROM (SELECT m.recipient_key, m.channel_id, m.seq FROM messages AS m
+              WHERE m.expires_at IS NOT NULL AND m.expires_at <= p_now LIMIT p_limit) AS x;
+    IF v_s IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM inboxes AS i
+        WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(v_r, v_c))
+        ORDER BY i.recipient_key, i.channel_id FOR UPDATE;
+    DELETE FROM messages AS m USING unnest(v_r, v_c, v_s) AS v (r, c, s)
+        WHERE m.recipient_key = v.r AND m.channel_id = v.c AND m.seq = v.s
+          AND m.expires_at <= p_now;
+    RETURN cardinality(v_s);
 END $$;
 """
 

@@ -64,6 +64,8 @@ log = logging.getLogger("qpc.storage.postgres")
 
 PURGE_CHUNK = 5000
 _RETRIES = 3  # a statement PostgreSQL aborted for a deadlock or serialization conflict
+_INT4_MAX = 2**31 - 1
+_LOAD_STATEMENT_TIMEOUT = 3600.0  # seconds per statement of a `qpc store copy` load
 _RECONNECT_MAX_SECS = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -229,6 +231,7 @@ class _Take:
     recipient: bytes
     channel: bytes
     limit: int
+    now: float
     max_bytes: int
     remove: bool
     fut: asyncio.Future[list[StoredMessage]]
@@ -253,7 +256,6 @@ class PostgresStorage(Storage):
         self._writes: set[asyncio.Task[None]] = set()
         self._pending_takes: list[_Take] = []
         self._takes_scheduled = False
-        self._take_now = 0.0
 
     @classmethod
     async def open(
@@ -481,8 +483,8 @@ class PostgresStorage(Storage):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[StoredMessage]] = loop.create_future()
         self._pending_takes.append(
-            _Take(recipient, channel, max(0, limit), max(0, max_bytes), remove, fut))
-        self._take_now = max(self._take_now, now)
+            _Take(recipient, channel, min(max(0, limit), _INT4_MAX), now, max(0, max_bytes),
+                  remove, fut))
         if not self._takes_scheduled:
             self._takes_scheduled = True
             loop.call_soon(self._flush_takes)
@@ -491,15 +493,14 @@ class PostgresStorage(Storage):
     def _flush_takes(self) -> None:
         self._takes_scheduled = False
         takes, self._pending_takes = self._pending_takes, []
-        now, self._take_now = self._take_now, 0.0
         if takes:
-            task = asyncio.get_running_loop().create_task(self._take_calls(takes, now))
+            task = asyncio.get_running_loop().create_task(self._take_calls(takes))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
-    async def _take_calls(self, takes: list[_Take], now: float) -> None:
+    async def _take_calls(self, takes: list[_Take]) -> None:
         args = ([t.recipient for t in takes], [t.channel for t in takes],
-                [t.limit for t in takes], now, [t.max_bytes for t in takes],
+                [t.limit for t in takes], [t.now for t in takes], [t.max_bytes for t in takes],
                 [t.remove for t in takes])
         what = "fetch" if any(t.remove for t in takes) else "peek"
         try:
@@ -547,11 +548,9 @@ class PostgresStorage(Storage):
 
     async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
         async with _errors("ack"):
-            status = await self._pool.execute(
-                "DELETE FROM messages WHERE recipient_key = $1 AND channel_id = $2"
-                " AND seq <= $3", recipient_key, channel_id, seq_up_to,
-            )
-        return _count(status)
+            n = await self._pool.fetchval("SELECT ack_messages($1, $2, $3)",
+                                          recipient_key, channel_id, seq_up_to)
+        return int(n)
 
     async def queue_depth(self, recipient_key: bytes, channel_id: bytes) -> int:
         async with _errors("queue_depth"):
@@ -566,22 +565,38 @@ class PostgresStorage(Storage):
             return int(await self._pool.fetchval("SELECT coalesce(sum(depth), 0) FROM inboxes"))
 
     async def _purge(self, what: str, sql: str, bound: float) -> int:
-        """Delete in chunks (short transactions, no long lock on a busy table)."""
+        """Delete in chunks (short transactions, no long lock on a busy table); a chunk that
+        PostgreSQL aborted for a deadlock was rolled back whole and is tried again."""
         total = 0
         async with _errors(what):
             while True:
-                n = _count(await self._pool.execute(sql, bound, PURGE_CHUNK))
+                for attempt in range(_RETRIES):
+                    try:
+                        status = await self._pool.execute(sql, bound, PURGE_CHUNK)
+                        break
+                    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                        if attempt == _RETRIES - 1:
+                            raise
+                n = _count(status)
                 total += n
                 if n < PURGE_CHUNK:
                     return total
 
     async def purge_expired(self, now: float) -> int:
-        return await self._purge(
-            "purge_expired",
-            "DELETE FROM messages WHERE (recipient_key, channel_id, seq) IN ("
-            "SELECT recipient_key, channel_id, seq FROM messages"
-            " WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)", now,
-        )
+        total = 0
+        async with _errors("purge_expired"):
+            while True:
+                for attempt in range(_RETRIES):
+                    try:
+                        chosen = int(await self._pool.fetchval(
+                            "SELECT purge_expired_chunk($1, $2)", now, PURGE_CHUNK))
+                        break
+                    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                        if attempt == _RETRIES - 1:
+                            raise
+                total += chosen
+                if chosen < PURGE_CHUNK:
+                    return total
 
     async def purge_dedup(self, older_than: float) -> int:
         return await self._purge(
@@ -856,24 +871,30 @@ class PostgresStorage(Storage):
             raise e.error from None
 
     async def _load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
+        # A whole store in one transaction: its statements may take longer than the pool's
+        # command timeout (meant for a server's calls), so each gets a bound of its own.
+        t = _LOAD_STATEMENT_TIMEOUT
         async with _errors("load"), self._pool.acquire() as conn, conn.transaction():
             # Nothing else may load or write meanwhile: take every table's write lock.
-            await conn.execute(f"LOCK TABLE {', '.join(_TABLES)} IN EXCLUSIVE MODE")
-            if not await _is_empty(conn):
+            await conn.execute(f"LOCK TABLE {', '.join(_TABLES)} IN EXCLUSIVE MODE", timeout=t)
+            sql = " OR ".join(f"EXISTS (SELECT 1 FROM {table})" for table in _TABLES)
+            if await conn.fetchval(f"SELECT {sql}", timeout=t):
                 raise StorageError(f"schema {self.schema!r} is not empty: load only into a new"
                                    " store")
             async for batch in _from_source(batches):
-                for t, group in groupby(batch, key=type):
-                    table, columns, row = _LOAD[t]
+                for rt, group in groupby(batch, key=type):
+                    table, columns, row = _LOAD[rt]
                     await conn.copy_records_to_table(
                         table, records=[row(r) for r in group], columns=columns,
-                        schema_name=self.schema,
+                        schema_name=self.schema, timeout=t,
                     )
             await conn.execute(
                 "UPDATE inboxes AS i SET depth = m.n FROM (SELECT recipient_key, channel_id,"
                 " count(*) AS n FROM messages GROUP BY recipient_key, channel_id) AS m"
-                " WHERE i.recipient_key = m.recipient_key AND i.channel_id = m.channel_id"
+                " WHERE i.recipient_key = m.recipient_key AND i.channel_id = m.channel_id",
+                timeout=t,
             )
             await conn.execute(
-                "INSERT INTO log_heads (log, size) SELECT log, max(idx) + 1 FROM logs GROUP BY log"
+                "INSERT INTO log_heads (log, size) SELECT log, max(idx) + 1 FROM logs GROUP BY log",
+                timeout=t,
             )

@@ -5,6 +5,7 @@ nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -191,9 +192,66 @@ async def test_a_failed_copy_leaves_the_target_empty(
             await target.close()
 
 
+class FailingTarget:
+    """A target that takes one batch and then fails (a full disk)."""
+
+    name = "failing-target"
+
+    async def is_empty(self) -> bool:
+        return True
+
+    async def load(self, batches: AsyncIterator[Sequence[Record]]) -> None:
+        async for _batch in batches:
+            raise OSError("target disk full")
+
+
+async def test_a_failed_load_releases_the_source_snapshot(pg_dsn: str) -> None:
+    """The PostgreSQL dump holds a pooled connection in a REPEATABLE READ transaction; a
+    copy that fails in the target must end it at once, so closing the source while the
+    error is being handled (as `qpc store copy` does) does not wait for that connection."""
+    source = await PostgresStorage.open(pg_dsn)
+    await populate(source)
+    try:
+        await copy_store(source, cast(Storage, FailingTarget()))
+    except OSError as e:
+        assert "target disk full" in str(e)
+        await asyncio.wait_for(source.close(), 10)  # the pool waits 30 s for a held one
+    else:
+        raise AssertionError("the copy must fail")
+
+
 async def test_records_out_of_order_are_rejected(pg: PostgresStorage) -> None:
     source = failing([[ChannelRecord(CH, A, NOW), UserRecord("a", A, NOW)]],
                      OSError("unreachable"))
     with pytest.raises(StorageError, match="after later types"):
         await copy_store(source, pg)
     assert await pg.is_empty()
+
+
+async def test_a_cancelled_load_into_sqlcipher_leaves_it_empty(tmp_path: Path) -> None:
+    """Ctrl-C during `qpc store copy --to sqlcipher`: the batch being written still finishes
+    on its thread, then everything is rolled back (not committed row by row after a rollback
+    that landed mid-batch)."""
+    from qpc_core.storage.records import InboxRecord, MessageRecord
+
+    second_batch = asyncio.Event()
+
+    class Source:
+        name = "slow"
+
+        async def dump(self) -> AsyncIterator[Sequence[Record]]:
+            yield [InboxRecord(A, b"", 50_001)]
+            second_batch.set()
+            yield [MessageRecord(A, b"", i, b"p" * 200, NOW, None) for i in range(1, 50_001)]
+
+    target = await SqlCipherStorage.open(tmp_path / "t.db", "k")
+    try:
+        copy = asyncio.ensure_future(copy_store(cast(Storage, Source()), target))
+        await second_batch.wait()
+        copy.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await copy
+        assert await target.is_empty()
+        assert (await tally(target)).total == 0
+    finally:
+        await target.close()

@@ -130,9 +130,9 @@ async def test_reads_of_one_turn_share_a_statement_and_keep_call_order(
     statements: list[int] = []
     take = store._take_calls
 
-    async def counting(takes, now):  # type: ignore[no-untyped-def]
+    async def counting(takes):  # type: ignore[no-untyped-def]
         statements.append(len(takes))
-        await take(takes, now)
+        await take(takes)
 
     store._take_calls = counting  # type: ignore[method-assign]
     await put(store, msg(payload=b"a"), msg(payload=b"b"), msg(R2, b"c"), msg(R2, b"d"))
@@ -183,6 +183,82 @@ async def test_crossing_reads_and_writes_of_two_servers_do_not_deadlock(pg_dsn: 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_removals_from_two_servers_never_deadlock(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched fetches (several inboxes per transaction, in opposite orders), acks and
+    expiry purges (expired messages spread over the same inboxes) from two servers at once.
+    Retries are off: a single deadlock fails the test instead of costing a second."""
+    import qpc_storage_postgres.store as pg_store
+
+    monkeypatch.setattr(pg_store, "_RETRIES", 1)
+    a = await PostgresStorage.open(pg_dsn, pool_max=8)
+    b = await PostgresStorage.open(pg_dsn, pool_max=8)
+    keys = [bytes([i]) * 32 for i in range(1, 9)]
+    try:
+        for _ in range(20):
+            past = time.time() - 1
+            await put(a, *[msg(k, b"old", expires_at=past) for k in keys for _ in range(3)])
+            await put(b, *[msg(k, b"live") for k in keys])
+            await put(a, *[msg(k, b"old", expires_at=past) for k in reversed(keys)])
+            now = time.time()
+            calls = [a.purge_expired(now), b.purge_expired(now)]
+            for i, st in enumerate((a, b, a, b)):
+                order = keys if i % 2 else list(reversed(keys))
+                calls.extend(st.fetch(k, b"", 1, now=now) for k in order)
+                calls.append(st.ack(order[0], b"", 0))
+            outs = await asyncio.gather(*calls, return_exceptions=True)
+            assert not [o for o in outs if isinstance(o, BaseException)], outs
+            fetched = [m for o in outs if isinstance(o, list) for m in o]
+            assert fetched and all(m.payload == b"live" for m in fetched)  # never an expired one
+            for k in keys:
+                rest = await a.fetch(k, b"", 0, now=time.time())
+                assert all(m.payload == b"live" for m in rest)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("operation", ["fetch", "ack", "purge_expired"])
+async def test_removals_lock_the_inbox_before_its_messages(
+    store: PostgresStorage, pg_dsn: str, operation: str
+) -> None:
+    """The lock order that keeps multi-inbox removals deadlock-free: inbox row first, then
+    message rows.  With another transaction holding the inbox, the removal must wait there,
+    holding no message row yet."""
+    past = time.time() - 1
+    await put(store, msg(payload=b"a", expires_at=past if operation == "purge_expired" else None))
+    holder = await asyncpg.connect(pg_dsn, server_settings={"search_path": "qpc"})
+    probe = await asyncpg.connect(pg_dsn, server_settings={"search_path": "qpc"})
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1 FOR UPDATE", R1)
+        now = time.time()
+        removal = asyncio.ensure_future(
+            store.fetch(R1, b"", 0, now=now) if operation == "fetch"
+            else store.ack(R1, b"", 10) if operation == "ack"
+            else store.purge_expired(now))
+        for _ in range(500):  # bounded: until the removal waits for a lock
+            waiting = await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)  # polling a condition, bounded above
+        assert waiting, "the removal never waited for the inbox lock"
+        # It holds no message row: another transaction can lock them all without waiting.
+        rows = await probe.fetch(
+            "SELECT seq FROM messages WHERE recipient_key = $1 FOR UPDATE NOWAIT", R1)
+        assert [r[0] for r in rows] == [1]
+        await tx.rollback()
+        await removal
+    finally:
+        await holder.close()
+        await probe.close()
+    assert await store.total_queue_depth() == 0
 
 
 async def test_expired_messages_are_skipped_purged_and_not_counted(
