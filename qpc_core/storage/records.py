@@ -15,6 +15,7 @@ on the class), so two stores holding the same data produce the same sequence, an
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import struct
 import time
@@ -28,6 +29,8 @@ from qpc_core.storage.base import SessionRecord, UserRecord
 
 if TYPE_CHECKING:
     from qpc_core.storage.base import Storage
+
+log = logging.getLogger("qpc.storage")
 
 #: Records per batch a backend's ``dump`` should yield (a hint, not a limit).
 DUMP_BATCH = 1000
@@ -265,7 +268,11 @@ async def copy_store(
         for gen in (counted, ordered, dump):
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
-                await aclose()
+                try:
+                    await aclose()
+                except Exception:  # never hide the load's own outcome behind a cleanup error
+                    log.warning("closing the %s store's dump failed", source.name,
+                                exc_info=True)
     if verify:
         dst = await tally(target)
         if dst.digest != src.digest or dst.counts != src.counts:

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import fcntl
+import functools
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Iterator, Sequence
@@ -1854,30 +1855,43 @@ class SqlCipherStorage(Storage):
     async def load(self, batches: AsyncIterable[Sequence[Record]]) -> None:
         """Insert everything in one transaction on a connection of its own (the writer
         thread's jobs each commit); rolled back on any failure or cancellation, so the
-        store stays empty.  Every step on that connection runs to its end before the next
-        (a cancelled caller still waits for the step in progress), so a rollback never
-        lands between the rows of a batch."""
+        store stays empty (unless the cancellation arrives during the final commit).
+
+        Every step on that connection runs on one worker thread, in order: a rollback
+        queued after a cancelled step runs after that step has finished, never between the
+        rows of a batch."""
         self._check_open()
-        conn = await _settled(
-            _connect, self.path, self._key, synchronous=self._synchronous,
-            wal_autocheckpoint=self._wal_autocheckpoint, reader=False,
-        )
+        loop = asyncio.get_running_loop()
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpc-db-load")
+
+        def step(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+            return loop.run_in_executor(worker, functools.partial(fn, *args))
+
         try:
-            await _settled(conn.execute, "BEGIN IMMEDIATE")
-            if not await _settled(_is_empty, conn):
-                raise StorageError(f"{self.path} is not empty: load only into a new store")
-            now = time.time()
-            async for batch in batches:
-                await _settled(_load_batch, conn, batch, now)
-            await _settled(_load_finish, conn)
-        except sqlcipher3.Error as e:
-            await _settled(_rollback, conn)
-            raise StorageError(f"loading {self.path} failed (nothing written): {e}") from e
-        except BaseException:
-            await _settled(_rollback, conn)
-            raise
+            conn = await asyncio.shield(step(functools.partial(
+                _connect, self.path, self._key, synchronous=self._synchronous,
+                wal_autocheckpoint=self._wal_autocheckpoint, reader=False,
+            )))
+            try:
+                await step(conn.execute, "BEGIN IMMEDIATE")
+                if not await step(_is_empty, conn):
+                    raise StorageError(
+                        f"{self.path} is not empty: load only into a new store")
+                now = time.time()
+                async for batch in batches:
+                    await step(_load_batch, conn, batch, now)
+                await step(_load_finish, conn)
+            except sqlcipher3.Error as e:
+                await asyncio.shield(step(_rollback, conn))
+                raise StorageError(
+                    f"loading {self.path} failed (nothing written): {e}") from e
+            except BaseException:
+                await asyncio.shield(step(_rollback, conn))
+                raise
+            finally:
+                await asyncio.shield(step(conn.close))
         finally:
-            await _settled(conn.close)
+            worker.shutdown(wait=False)  # its queue ends with the close above
         self._empties = EmptyInboxes()  # what it remembered as empty may hold messages now
 
 @dataclass(frozen=True, slots=True)
@@ -1897,22 +1911,26 @@ def online_backup(db_path: Path, key: str, out: Path) -> BackupReport:
     consistent snapshot: every transaction committed before it started, none after.  In WAL
     mode that read transaction does not block the server's writer (the WAL cannot be
     checkpointed past the snapshot meanwhile, so it grows by what is written during the
-    backup).  The copy is written to a temporary file beside ``out``, checked
-    (``PRAGMA quick_check``), fsynced and linked into place without replacing anything, so
-    ``out`` only ever appears complete.  The file lock of a running server is not taken:
-    backing up is what other SQLCipher clients may do."""
+    backup).  The copy is written to a hidden temporary file beside ``out`` (mode 0600),
+    checked (``PRAGMA quick_check``), fsynced and linked into place without replacing
+    anything, so ``out`` only ever appears complete.  The file lock of a running server is
+    not taken: backing up is what other SQLCipher clients may do."""
     if not db_path.is_file():
         raise StorageError(f"no database at {db_path}")
     if out.exists():
         raise StorageError(f"{out} exists: back up into a new file")
     t0 = time.monotonic()
+    # A fixed hidden name beside the target: what a killed backup left is replaced (and
+    # so cleaned up) by the next one to the same file.
+    tmp = out.with_name(f".{out.name}.qpc-backup.tmp")
+    leftovers = [tmp.with_name(tmp.name + sfx) for sfx in ("", "-journal", "-wal", "-shm")]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)  # mode 0600 from mkstemp; SQLite fills the empty file
+        for f in leftovers:
+            f.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
-        raise StorageError(f"cannot create a file beside {out}: {e}") from e
-    tmp = Path(tmp_name)
+        raise StorageError(f"cannot create {tmp}: {e}") from e
     try:
         version, queued = _backup_into(db_path, key, tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -1920,10 +1938,7 @@ def online_backup(db_path: Path, key: str, out: Path) -> BackupReport:
             os.fsync(fd)
         finally:
             os.close(fd)
-        try:
-            os.link(tmp, out)  # unlike a rename, never replaces a file that appeared meanwhile
-        except FileExistsError:
-            raise StorageError(f"{out} exists: back up into a new file") from None
+        _place_without_replacing(tmp, out)
         dfd = os.open(out.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -1932,9 +1947,25 @@ def online_backup(db_path: Path, key: str, out: Path) -> BackupReport:
     except OSError as e:
         raise StorageError(f"backup to {out} failed: {e}") from e
     finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
-            leftover.unlink(missing_ok=True)
+        for f in leftovers:
+            f.unlink(missing_ok=True)
     return BackupReport(out, out.stat().st_size, time.monotonic() - t0, version, queued)
+
+
+def _place_without_replacing(tmp: Path, out: Path) -> None:
+    """Give ``tmp`` the name ``out`` unless ``out`` exists.  A hard link cannot replace a
+    file that appeared meanwhile (a rename could); on file systems without hard links
+    (FAT, some network mounts) fall back to checking, then renaming."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise StorageError(f"{out} exists: back up into a new file") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+            raise
+        if out.exists():
+            raise StorageError(f"{out} exists: back up into a new file") from None
+        os.rename(tmp, out)
 
 
 def _backup_into(db_path: Path, key: str, tmp: Path) -> tuple[int, int]:
@@ -1974,23 +2005,6 @@ def _backup_into(db_path: Path, key: str, tmp: Path) -> tuple[int, int]:
         src.close()
     return version, queued
 
-
-async def _settled(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``asyncio.to_thread``, except that a cancelled caller still waits for the call to
-    finish (the thread cannot be stopped, and the connection it uses must not be touched
-    meanwhile); the cancellation is raised afterwards."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                continue
-            except Exception:
-                break
-        raise
 
 
 def _settle_all(outcomes: list[_Outcome]) -> None:

@@ -300,8 +300,11 @@ BEGIN
         RETURN;
     END IF;
     IF p_remove THEN
-        -- Everything up to the last chosen seq goes: the chosen messages and expired ones
-        -- between them (as the SQLCipher store does).
+        -- The inbox first (the choice above took no lock; an empty inbox takes none at
+        -- all), then its messages.  Everything up to the last chosen seq goes: the chosen
+        -- messages and expired ones between them (as the SQLCipher store does); a chosen one
+        -- another server removed meanwhile is simply not returned.
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
         RETURN QUERY WITH gone AS (
             DELETE FROM messages AS m
             WHERE m.recipient_key = p_r AND m.channel_id = p_c
@@ -332,9 +335,6 @@ DECLARE
     total bigint := 0;
     seqs bigint[] := '{}';
 BEGIN
-    IF p_remove THEN
-        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
-    END IF;
     FOR rec IN
         SELECT m.seq, octet_length(m.payload) AS size FROM messages AS m
         WHERE m.recipient_key = p_r AND m.channel_id = p_c
@@ -352,8 +352,11 @@ BEGIN
         RETURN;
     END IF;
     IF p_remove THEN
-        -- Everything up to the last chosen seq goes: the chosen messages and expired ones
-        -- between them (as the SQLCipher store does).
+        -- The inbox first (the choice above took no lock; an empty inbox takes none at
+        -- all), then its messages.  Everything up to the last chosen seq goes: the chosen
+        -- messages and expired ones between them (as the SQLCipher store does); a chosen one
+        -- another server removed meanwhile is simply not returned.
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
         RETURN QUERY WITH gone AS (
             DELETE FROM messages AS m
             WHERE m.recipient_key = p_r AND m.channel_id = p_c
@@ -392,21 +395,24 @@ BEGIN
     RETURN n;
 END $$;
 
--- Up to p_limit expired messages; returns how many were chosen (the caller repeats while a
--- whole chunk was chosen).
-CREATE FUNCTION purge_expired_chunk(p_now double precision, p_limit int) RETURNS bigint
+-- Up to p_limit expired messages: how many were chosen (the caller repeats while a whole
+-- chunk was chosen) and how many this call deleted (another server may have been first).
+CREATE FUNCTION purge_expired_chunk(p_now double precision, p_limit int)
+RETURNS TABLE (o_chosen bigint, o_deleted bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_r bytea[];
     v_c bytea[];
     v_s bigint[];
+    n bigint;
 BEGIN
     SELECT array_agg(x.recipient_key), array_agg(x.channel_id), array_agg(x.seq)
         INTO v_r, v_c, v_s
         FROM (SELECT m.recipient_key, m.channel_id, m.seq FROM messages AS m
               WHERE m.expires_at IS NOT NULL AND m.expires_at <= p_now LIMIT p_limit) AS x;
     IF v_s IS NULL THEN
-        RETURN 0;
+        RETURN QUERY SELECT 0::bigint, 0::bigint;
+        RETURN;
     END IF;
     PERFORM 1 FROM inboxes AS i
         WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(v_r, v_c))
@@ -414,7 +420,8 @@ BEGIN
     DELETE FROM messages AS m USING unnest(v_r, v_c, v_s) AS v (r, c, s)
         WHERE m.recipient_key = v.r AND m.channel_id = v.c AND m.seq = v.s
           AND m.expires_at <= p_now;
-    RETURN cardinality(v_s);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN QUERY SELECT cardinality(v_s)::bigint, n;
 END $$;
 """
 

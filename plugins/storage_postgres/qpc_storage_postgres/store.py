@@ -588,14 +588,15 @@ class PostgresStorage(Storage):
             while True:
                 for attempt in range(_RETRIES):
                     try:
-                        chosen = int(await self._pool.fetchval(
-                            "SELECT purge_expired_chunk($1, $2)", now, PURGE_CHUNK))
+                        row = await self._pool.fetchrow(
+                            "SELECT o_chosen, o_deleted FROM purge_expired_chunk($1, $2)",
+                            now, PURGE_CHUNK)
                         break
                     except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                         if attempt == _RETRIES - 1:
                             raise
-                total += chosen
-                if chosen < PURGE_CHUNK:
+                total += int(row[1])
+                if int(row[0]) < PURGE_CHUNK:
                     return total
 
     async def purge_dedup(self, older_than: float) -> int:
@@ -738,8 +739,21 @@ class PostgresStorage(Storage):
                 "DELETE FROM sessions WHERE expires_at <= $1", now))
 
     async def delete_account(self, identity_key: bytes) -> str | None:
-        async with _errors("delete_account"), self._pool.acquire() as conn, conn.transaction():
-            # Inboxes first, so the depth trigger has nothing to update for their messages.
+        async with _errors("delete_account"):
+            for attempt in range(_RETRIES):
+                try:
+                    return await self._delete_account(identity_key)
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    if attempt == _RETRIES - 1:  # rolled back whole: safe to run again
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _delete_account(self, identity_key: bytes) -> str | None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The inbox rows first, in key order like every other remover, then delete them
+            # (before the messages, so the depth trigger has nothing to update).
+            await conn.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1"
+                               " ORDER BY channel_id FOR UPDATE", identity_key)
             for sql in (
                 "DELETE FROM inboxes WHERE recipient_key = $1",
                 "DELETE FROM messages WHERE recipient_key = $1",
@@ -875,8 +889,11 @@ class PostgresStorage(Storage):
         # command timeout (meant for a server's calls), so each gets a bound of its own.
         t = _LOAD_STATEMENT_TIMEOUT
         async with _errors("load"), self._pool.acquire() as conn, conn.transaction():
-            # Nothing else may load or write meanwhile: take every table's write lock.
+            # Nothing else may load or write meanwhile: take every table's write lock, or
+            # fail soon if a running server keeps the tables busy.
+            await conn.execute("SET LOCAL lock_timeout = '30s'")
             await conn.execute(f"LOCK TABLE {', '.join(_TABLES)} IN EXCLUSIVE MODE", timeout=t)
+            await conn.execute("SET LOCAL lock_timeout = 0")
             sql = " OR ".join(f"EXISTS (SELECT 1 FROM {table})" for table in _TABLES)
             if await conn.fetchval(f"SELECT {sql}", timeout=t):
                 raise StorageError(f"schema {self.schema!r} is not empty: load only into a new"

@@ -208,7 +208,7 @@ async def test_removals_from_two_servers_never_deadlock(
             for i, st in enumerate((a, b, a, b)):
                 order = keys if i % 2 else list(reversed(keys))
                 calls.extend(st.fetch(k, b"", 1, now=now) for k in order)
-                calls.append(st.ack(order[0], b"", 0))
+                calls.append(st.ack(order[i], b"", 10**9))  # removes what it finds
             outs = await asyncio.gather(*calls, return_exceptions=True)
             assert not [o for o in outs if isinstance(o, BaseException)], outs
             fetched = [m for o in outs if isinstance(o, list) for m in o]
@@ -259,6 +259,23 @@ async def test_removals_lock_the_inbox_before_its_messages(
         await holder.close()
         await probe.close()
     assert await store.total_queue_depth() == 0
+
+
+async def test_a_fetch_of_an_empty_inbox_takes_no_lock(
+    store: PostgresStorage, pg_dsn: str
+) -> None:
+    """Idle long polls look at empty inboxes all the time: that must stay a read (no row
+    lock, no write), so it neither waits for nor blocks the inbox's writers."""
+    await put(store, msg(payload=b"a"))
+    assert len(await store.fetch(R1, b"", 0, now=time.time())) == 1  # the inbox row stays
+    holder = await asyncpg.connect(pg_dsn, server_settings={"search_path": "qpc"})
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1 FOR UPDATE",
+                                 R1)
+            assert await asyncio.wait_for(store.fetch(R1, b"", 0, now=time.time()), 10) == []
+    finally:
+        await holder.close()
 
 
 async def test_expired_messages_are_skipped_purged_and_not_counted(
