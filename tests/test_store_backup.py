@@ -122,3 +122,31 @@ async def test_backup_refusals(tmp_path: Path) -> None:
                             str(tmp_path / "data"), key="not-the-key")
     assert rc == 1 and "wrong database key" in err
     assert not list(tmp_path.glob("b.db*"))
+
+
+async def test_backing_up_a_backup_leaves_the_source_as_it_is(tmp_path: Path) -> None:
+    """A backup is a single rollback-journal file; backing it up again (e.g. to move it)
+    must not switch it to WAL or leave -wal/-shm files beside it."""
+    db = await SqlCipherStorage.open(tmp_path / "data" / "qpc.db", KEY)
+    await db.close()
+    first, second = tmp_path / "b1.db", tmp_path / "b2.db"
+    assert (await qpc("store", "backup", str(first), "--data-dir", str(tmp_path / "data")))[0] == 0
+    backup_dir = tmp_path / "restore"
+    backup_dir.mkdir()
+    first.rename(backup_dir / "qpc.db")
+    rc, _o, err = await qpc("store", "backup", str(second), "--data-dir", str(backup_dir))
+    assert rc == 0, err
+    assert sorted(p.name for p in backup_dir.iterdir()) == ["qpc.db"]
+
+    def journal_mode(path: Path) -> str:
+        import sqlcipher3
+
+        conn = sqlcipher3.connect(str(path))
+        try:
+            conn.execute(f"PRAGMA key = '{KEY}'")
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+        finally:
+            conn.close()
+
+    assert await asyncio.to_thread(journal_mode, backup_dir / "qpc.db") == "delete"
+    assert await asyncio.to_thread(journal_mode, second) == "delete"

@@ -154,6 +154,20 @@ async def test_reads_of_one_turn_share_a_statement_and_keep_call_order(
     assert await store.total_queue_depth() == 0
 
 
+async def test_each_read_of_a_turn_keeps_its_own_now_and_limit(store: PostgresStorage) -> None:
+    """Reads batched into one statement still use their own clock and limits: a later `now`
+    of one caller must not expire another's message, and a huge limit (beyond int4) from a
+    plugin must not fail the whole turn."""
+    t = time.time() + 100
+    await put(store, msg(R1, b"expires at t", expires_at=t), msg(R2, b"r2"))
+    early, late = await asyncio.gather(
+        store.fetch(R1, b"", 0, now=t - 1),  # still live at its caller's now
+        store.fetch(R2, b"", 2**40, now=t + 1),
+    )
+    assert early == [StoredMessage(1, b"expires at t")]
+    assert late == [StoredMessage(1, b"r2")]
+
+
 async def test_crossing_reads_and_writes_of_two_servers_do_not_deadlock(pg_dsn: str) -> None:
     """Fetches naming many inboxes in one statement, in different orders, from two servers
     while both enqueue to those inboxes: every message is fetched exactly once."""
