@@ -20,16 +20,15 @@ import sqlcipher3  # type: ignore[import-untyped]
 from qpc_core.errors import StorageError
 from qpc_core.storage import sqlcipher as sqlcipher_mod
 from qpc_core.storage.base import (
-    AlreadyExists,
     EnqueueOutcome,
     NewMessage,
     QueueFull,
     SessionRecord,
-    Storage,
     StoredMessage,
     WrongKey,
     prefix_end,
 )
+from qpc_core.storage.contract import StorageContract
 from qpc_core.storage.sqlcipher import SCHEMA_VERSION, SqlCipherStorage
 
 pytestmark = pytest.mark.asyncio
@@ -308,80 +307,7 @@ async def test_expiry(store: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch) 
     assert await store.purge_expired(now + 7200) == 0
 
 
-# -- key packages and hybrid keys ---------------------------------------------------------------
-
-
-async def test_key_packages_fifo_single_use(store: SqlCipherStorage) -> None:
-    assert await store.pop_key_package(ALICE) is None
-    for i in range(3):
-        await store.add_key_package(ALICE, b"kp%d" % i, b"fp%d" % i)
-    await store.add_key_package(BOB, b"bob-kp", b"bob-fp")
-    assert await store.count_key_packages(ALICE) == 3
-    popped = await asyncio.gather(*(store.pop_key_package(ALICE) for _ in range(4)))
-    assert popped == [b"kp0", b"kp1", b"kp2", None]
-    assert await store.count_key_packages(ALICE) == 0
-    assert await store.count_key_packages(BOB) == 1
-    await store.add_key_package(ALICE, b"kp3", b"fp3")
-    assert await store.pop_key_package(ALICE) == b"kp3"
-
-
-async def test_hybrid_keys(store: SqlCipherStorage) -> None:
-    assert await store.get_hybrid_keys([]) == {}
-    await store.set_hybrid_key(ALICE, b"pk-a1")
-    await store.set_hybrid_key(BOB, b"pk-b")
-    await store.set_hybrid_key(ALICE, b"pk-a2")
-    assert await store.get_hybrid_keys([ALICE, BOB, CAROL, ALICE]) == {ALICE: b"pk-a2",
-                                                                       BOB: b"pk-b"}
-    many = [i.to_bytes(32, "big") for i in range(1200)]  # more than one IN (...) chunk
-    for k in many[::100]:
-        await store.set_hybrid_key(k, b"pk" + k[-2:])
-    got = await store.get_hybrid_keys(many)
-    assert got == {k: b"pk" + k[-2:] for k in many[::100]}
-
-
-# -- users, channels, sessions ------------------------------------------------------------------
-
-
-async def test_users_are_unique(store: SqlCipherStorage) -> None:
-    await store.create_user("alice", ALICE, now=100.0)
-    with pytest.raises(AlreadyExists):
-        await store.create_user("alice", BOB, now=101.0)
-    with pytest.raises(AlreadyExists):
-        await store.create_user("alice2", ALICE, now=101.0)
-    await store.create_user("bob", BOB, now=102.0)
-    alice = await store.get_user_by_name("alice")
-    assert alice is not None
-    assert (alice.username, alice.identity_key, alice.created_at) == ("alice", ALICE, 100.0)
-    assert await store.get_user_by_identity(BOB) == await store.get_user_by_name("bob")
-    assert await store.get_user_by_name("alice2") is None
-    assert await store.get_user_by_identity(CAROL) is None
-
-
-async def test_channels(store: SqlCipherStorage) -> None:
-    assert await store.channel_members(CHAN) is None
-    assert await store.create_channel(CHAN, [ALICE, BOB, ALICE], ALICE, now=1.0) is True
-    assert await store.create_channel(CHAN, [CAROL], CAROL, now=2.0) is False
-    assert sorted(await store.channel_members(CHAN) or []) == [ALICE, BOB]
-    assert await store.create_channel(b"empty", [], ALICE, now=1.0) is True
-    assert await store.channel_members(b"empty") == []
-
-
-async def test_sessions(store: SqlCipherStorage) -> None:
-    rec = SessionRecord(b"t1", ALICE, "alice", 10.0, 100.0)
-    await store.put_session(rec)
-    await store.put_session(SessionRecord(b"t2", ALICE, "alice", 10.0, 50.0))
-    await store.put_session(SessionRecord(b"t3", BOB, "bob", 10.0, 200.0))
-    assert await store.get_session(b"t1") == rec
-    assert await store.get_session(b"nope") is None
-    renewed = SessionRecord(b"t1", ALICE, "alice", 10.0, 150.0)
-    await store.put_session(renewed)
-    assert await store.get_session(b"t1") == renewed
-    assert await store.delete_session(b"t1") is True
-    assert await store.delete_session(b"t1") is False
-    assert await store.purge_sessions(50.0) == 1  # t2 expired at exactly 50
-    assert await store.get_session(b"t2") is None
-    assert await store.get_session(b"t3") is not None
-    assert await store.purge_sessions(50.0) == 0
+# -- accounts (the rest of keys, users, channels, sessions, kv and logs: the contract) ------
 
 
 async def test_delete_account(store: SqlCipherStorage) -> None:
@@ -420,83 +346,12 @@ async def test_delete_account(store: SqlCipherStorage) -> None:
     assert await store.delete_account(CAROL) is None
 
 
-# -- kv and logs -----------------------------------------------------------------------------------
-
-
-async def test_kv(store: SqlCipherStorage) -> None:
-    assert await store.kv_get("ns", b"k") is None
-    await store.kv_put("ns", b"k", b"v1")
-    await store.kv_put("ns", b"k", b"v2")
-    await store.kv_put("other", b"k", b"o")
-    assert await store.kv_get("ns", b"k") == b"v2"
-    assert await store.kv_put_if_absent("ns", b"k", b"v3") == b"v2"
-    assert await store.kv_put_if_absent("ns", b"new", b"n") == b"n"
-    assert await store.kv_get("ns", b"new") == b"n"
-    assert await store.kv_delete("ns", b"new") is True
-    assert await store.kv_delete("ns", b"new") is False
-    assert await store.kv_get("other", b"k") == b"o"
-
-
-async def test_kv_scan_prefixes(store: SqlCipherStorage) -> None:
-    keys = [b"", b"a", b"a\x00", b"a\xff", b"a\xff\xff", b"a\xff\xffz", b"ab", b"b",
-            b"\xff", b"\xff\x00", b"\xff\xff"]
-    for k in reversed(keys):
-        await store.kv_put("ns", k, b"v" + k)
-    await store.kv_put("zz", b"a1", b"elsewhere")
-
-    async def scan(prefix: bytes, limit: int = 0) -> list[bytes]:
-        return [k for k, _ in await store.kv_scan("ns", prefix, limit)]
-
-    assert await scan(b"") == sorted(keys)
-    assert await scan(b"a") == [b"a", b"a\x00", b"ab", b"a\xff", b"a\xff\xff", b"a\xff\xffz"]
-    assert await scan(b"a\xff") == [b"a\xff", b"a\xff\xff", b"a\xff\xffz"]
-    assert await scan(b"a\xff\xff") == [b"a\xff\xff", b"a\xff\xffz"]
-    assert await scan(b"\xff") == [b"\xff", b"\xff\x00", b"\xff\xff"]
-    assert await scan(b"\xff\xff") == [b"\xff\xff"]
-    assert await scan(b"c") == []
-    assert await scan(b"a", limit=2) == [b"a", b"a\x00"]
-    assert await store.kv_scan("ns", b"ab") == [(b"ab", b"vab")]
-
-
 async def test_prefix_end() -> None:
     assert prefix_end(b"") is None
     assert prefix_end(b"\xff\xff") is None
     assert prefix_end(b"a") == b"b"
     assert prefix_end(b"a\xff") == b"b"
     assert prefix_end(b"\x00\xfe\xff") == b"\x00\xff"
-
-
-async def test_logs(store: SqlCipherStorage) -> None:
-    assert await store.log_size("kt") == 0
-    assert await store.log_read("kt", 0, 10) == []
-    assert await store.log_append("kt", [b"e0", b"e1", b"e2"]) == 0
-    assert await store.log_append("kt", [b"e3"]) == 3
-    assert await store.log_append("kt", []) == 4
-    assert await store.log_append("other", [b"x"]) == 0
-    assert await store.log_size("kt") == 4
-    assert await store.log_read("kt", 1, 3) == [b"e1", b"e2"]
-    assert await store.log_read("kt", 2, 100) == [b"e2", b"e3"]
-    assert await store.log_read("kt", -5, 1) == [b"e0"]
-    assert await store.log_read("kt", 3, 1) == []
-    starts = await asyncio.gather(*(store.log_append("kt", [b"c", b"c"]) for _ in range(5)))
-    assert sorted(starts) == [4, 6, 8, 10, 12]
-    assert await store.log_size("kt") == 14
-
-
-async def test_log_read_many(store: SqlCipherStorage) -> None:
-    entries = [b"e%d" % i for i in range(1200)]  # more than one IN (...) chunk
-    assert await store.log_append("kt", entries) == 0
-    await store.log_append("other", [b"x0", b"x1"])
-    assert await store.log_read_many("kt", []) == {}
-    got = await store.log_read_many("kt", [5, 0, 5, 1199, 1200, -1, 700])
-    assert got == {0: b"e0", 5: b"e5", 700: b"e700", 1199: b"e1199"}
-    wide = list(range(0, 1200, 2))
-    assert await store.log_read_many("kt", wide) == {i: entries[i] for i in wide}
-    assert await store.log_read_many("other", [1, 2]) == {1: b"x1"}
-    assert await store.log_read_many("missing", [0]) == {}
-    # the base-class fallback (one log_read per index) gives the same answers
-    fallback = await Storage.log_read_many(store, "kt", [5, 0, 5, 1199, 1200, -1, 700])
-    assert fallback == got
 
 
 # -- lifecycle, durability, encryption --------------------------------------------------------
@@ -1231,3 +1086,13 @@ async def test_storage_threads_carry_os_names(store: SqlCipherStorage) -> None:
     await store.close()
     names = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
     assert "qpc-db-writer" not in names
+
+
+class TestSqlCipherContract(StorageContract):
+    """The behaviour every backend shares (qpc_core.storage.contract)."""
+
+    @pytest_asyncio.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[SqlCipherStorage]:
+        st = await open_store(tmp_path / "contract.db")
+        yield st
+        await st.close()

@@ -15,13 +15,13 @@ from qpc_storage_postgres.store import PostgresStorage
 
 from qpc_core.errors import StorageError
 from qpc_core.storage.base import (
-    AlreadyExists,
     EnqueueOutcome,
     NewMessage,
     QueueFull,
     SessionRecord,
     StoredMessage,
 )
+from qpc_core.storage.contract import StorageContract
 
 BIG = 10**9
 R1, R2 = b"\x01" * 32, b"\x02" * 32
@@ -422,49 +422,6 @@ async def test_listener_reconnects_and_reports_a_resync(pg_server, pg_dsn: str) 
 
 # -- keys, users, channels, sessions -----------------------------------------------------------
 
-async def test_key_packages_fifo_single_use_under_concurrency(store: PostgresStorage) -> None:
-    for i in range(20):
-        await store.add_key_package(R1, bytes([i]), b"f" * 32)
-    assert await store.count_key_packages(R1) == 20
-    popped = await asyncio.gather(*(store.pop_key_package(R1) for _ in range(25)))
-    got = [p for p in popped if p is not None]
-    assert sorted(got) == [bytes([i]) for i in range(20)]  # each exactly once
-    assert popped.count(None) == 5
-
-
-async def test_hybrid_keys(store: PostgresStorage) -> None:
-    await store.set_hybrid_key(R1, b"k1")
-    await store.set_hybrid_key(R1, b"k2")
-    assert await store.get_hybrid_keys([R1, R2, R1]) == {R1: b"k2"}
-
-
-async def test_users_are_unique(store: PostgresStorage) -> None:
-    await store.create_user("alice", R1, now=1.0)
-    for name, key in (("alice", R2), ("bob", R1)):
-        with pytest.raises(AlreadyExists):
-            await store.create_user(name, key, now=2.0)
-    u = await store.get_user_by_identity(R1)
-    assert u is not None and (u.username, u.created_at) == ("alice", 1.0)
-    assert await store.get_user_by_name("bob") is None
-
-
-async def test_channels(store: PostgresStorage) -> None:
-    assert await store.channel_members(b"c") is None
-    assert await store.create_channel(b"c", [R2, R1, R1], R1, now=1.0)
-    assert not await store.create_channel(b"c", [R1], R1, now=2.0)
-    assert await store.channel_members(b"c") == [R1, R2]
-
-
-async def test_sessions(store: PostgresStorage) -> None:
-    rec = SessionRecord(b"t" * 32, R1, "alice", 1.0, time.time() + 60)
-    old = SessionRecord(b"o" * 32, R1, "alice", 1.0, time.time() - 1)
-    await store.put_session(rec)
-    await store.put_session(old)
-    assert await store.get_session(b"t" * 32) == rec
-    assert await store.purge_sessions(time.time()) == 1
-    assert await store.delete_session(b"t" * 32)
-    assert not await store.delete_session(b"t" * 32)
-
 
 async def test_delete_account_removes_everything_in_one_go(store: PostgresStorage) -> None:
     await store.create_user("alice", R1, now=1.0)
@@ -485,17 +442,6 @@ async def test_delete_account_removes_everything_in_one_go(store: PostgresStorag
 
 
 # -- kv and logs ---------------------------------------------------------------------------------
-
-async def test_kv(store: PostgresStorage) -> None:
-    await store.kv_put("ns", b"a\xff", b"1")
-    await store.kv_put("ns", b"a\xff\x00", b"2")
-    await store.kv_put("ns", b"b", b"3")
-    await store.kv_put("other", b"a\xff", b"x")
-    assert await store.kv_scan("ns", b"a\xff") == [(b"a\xff", b"1"), (b"a\xff\x00", b"2")]
-    assert await store.kv_scan("ns", limit=1) == [(b"a\xff", b"1")]
-    assert await store.kv_put_if_absent("ns", b"b", b"new") == b"3"
-    assert await store.kv_put_if_absent("ns", b"c", b"new") == b"new"
-    assert await store.kv_delete("ns", b"b") and await store.kv_get("ns", b"b") is None
 
 
 async def test_logs_append_concurrently_without_gaps(pg_dsn: str) -> None:
@@ -558,3 +504,13 @@ async def test_unreachable_database_fails_after_the_connect_timeout() -> None:
     with pytest.raises(StorageError, match="cannot connect to PostgreSQL"):
         await PostgresStorage.open("postgresql://qpc:x@127.0.0.1:1/none", connect_timeout=1)
     assert time.monotonic() - t0 < 30
+
+
+class TestPostgresContract(StorageContract):
+    """The behaviour every backend shares (qpc_core.storage.contract)."""
+
+    @pytest.fixture
+    async def store(self, pg_dsn: str) -> AsyncIterator[PostgresStorage]:
+        st = await PostgresStorage.open(pg_dsn, pool_min=1, pool_max=4)
+        yield st
+        await st.close()

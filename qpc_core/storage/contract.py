@@ -1,0 +1,326 @@
+"""The behaviour every :class:`~qpc_core.storage.base.Storage` backend must have, as a test
+suite a backend's own tests inherit (pytest, pytest-asyncio in auto mode).
+
+The core and the copy between backends (``qpc store copy``) rely on these semantics being the
+same everywhere; the built-in SQLCipher store and the PostgreSQL plugin both run this suite.
+A third-party backend subclasses :class:`StorageContract` and provides a ``store`` fixture
+that yields a new, empty, open store (and closes it afterwards)::
+
+    from qpc_core.storage.contract import StorageContract
+
+    class TestMyStoreContract(StorageContract):
+        @pytest.fixture
+        async def store(self, tmp_path):
+            st = await MyStore.open(tmp_path / "db")
+            yield st
+            await st.close()
+
+Only the public Storage API is used.  Backend-specific behaviour (durability across a
+crash, concurrency between servers, file formats) stays in the backend's own tests; the
+crash check is :func:`qpc_core.testing.sigkill_loses_nothing`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from qpc_core.storage.base import (
+    AlreadyExists,
+    NewMessage,
+    QueueFull,
+    SessionRecord,
+    Storage,
+    StoredMessage,
+    UserRecord,
+)
+
+BIG = 10**9
+R1, R2, R3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+DAY = 86_400.0
+
+
+def msg(recipient: bytes = R1, payload: bytes = b"x", mid: bytes = b"", channel: bytes = b"",
+        expires_at: float | None = None) -> NewMessage:
+    return NewMessage(recipient, channel, payload, mid, expires_at)
+
+
+async def put(st: Storage, *ms: NewMessage, max_depth: int = BIG, since: float = 0.0,
+              take: tuple[tuple[bytes, bytes], ...] = ()) -> list[tuple[int, bool, bool]]:
+    """Enqueue one call; (seq, duplicate, taken) per message."""
+    outs = await st.enqueue(list(ms), max_depth=max_depth, dedup_since=since, take=take)
+    return [(o.seq, o.duplicate, o.taken) for o in outs]
+
+
+def seqs(messages: list[StoredMessage]) -> list[int]:
+    return [m.seq for m in messages]
+
+
+class StorageContract:
+    """Inherit and provide a ``store`` fixture (a new, empty, open store)."""
+
+    # -- delivery ----------------------------------------------------------------------------
+    async def test_contract_queues_are_fifo_per_inbox_with_their_own_seqs(
+        self, store: Storage
+    ) -> None:
+        assert await put(store, msg(payload=b"a"), msg(payload=b"b"), msg(R2, b"c"),
+                         msg(payload=b"d", channel=b"ch")) == [
+            (1, False, False), (2, False, False), (1, False, False), (1, False, False)]
+        now = time.time()
+        assert await store.peek(R1, b"", 0, now=now) == [StoredMessage(1, b"a"),
+                                                          StoredMessage(2, b"b")]
+        assert await store.queue_depth(R1, b"") == 2  # a peek removes nothing
+        assert await store.fetch(R1, b"", 1, now=now) == [StoredMessage(1, b"a")]
+        assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(2, b"b")]
+        assert await store.fetch(R1, b"", 0, now=now) == []
+        assert await store.total_queue_depth() == 2  # R2's and R1/ch's
+        assert await put(store, msg(payload=b"e")) == [(3, False, False)]  # never reused
+
+    async def test_contract_ack_removes_up_to_a_seq(self, store: Storage) -> None:
+        await put(store, *(msg(payload=bytes([i])) for i in range(5)))
+        assert await store.ack(R1, b"", 3) == 3
+        assert await store.ack(R1, b"", 3) == 0
+        assert seqs(await store.peek(R1, b"", 0, now=time.time())) == [4, 5]
+        assert await store.ack(R2, b"", 10) == 0  # an inbox that never existed
+
+    async def test_contract_a_byte_cap_still_returns_the_first_message(
+        self, store: Storage
+    ) -> None:
+        await put(store, msg(payload=b"x" * 100), msg(payload=b"y" * 100),
+                  msg(payload=b"z" * 100))
+        now = time.time()
+        assert seqs(await store.peek(R1, b"", 0, now=now, max_bytes=250)) == [1, 2]
+        assert seqs(await store.fetch(R1, b"", 0, now=now, max_bytes=10)) == [1]  # never stuck
+        assert seqs(await store.fetch(R1, b"", 0, now=now, max_bytes=250)) == [2, 3]
+
+    async def test_contract_dedup_within_the_window_only(self, store: Storage) -> None:
+        mid = b"m" * 16
+        now = time.time()
+        assert await put(store, msg(payload=b"a", mid=mid), since=now - DAY) == [
+            (1, False, False)]
+        assert await put(store, msg(payload=b"again", mid=mid), since=now - DAY) == [
+            (1, True, False)]
+        # Within one call too, and per inbox: the same id to another inbox is new.
+        assert await put(store, msg(payload=b"b", mid=b"n" * 16),
+                         msg(payload=b"b2", mid=b"n" * 16), msg(R2, b"c", mid=mid),
+                         since=now - DAY) == [(2, False, False), (2, True, False),
+                                              (1, False, False)]
+        # Outside the window (the original is older than `since`) it is a new message.
+        assert await put(store, msg(payload=b"late", mid=mid), since=time.time() + 1) == [
+            (3, False, False)]
+        assert [m.payload for m in await store.peek(R1, b"", 0, now=time.time())] == [
+            b"a", b"b", b"late"]
+        assert await store.purge_dedup(time.time() + 1) >= 3
+
+    async def test_contract_a_full_queue_fails_the_whole_call(self, store: Storage) -> None:
+        await put(store, msg(R2, b"r2"), msg(payload=b"r1"))
+        with pytest.raises(QueueFull) as e:
+            await put(store, msg(payload=b"ok"), msg(R2, b"a"), msg(R2, b"b"), max_depth=2)
+        # Which inbox; `depth` is informative (counting the call's own earlier messages or
+        # not is up to the backend).
+        assert (e.value.recipient_key, e.value.channel_id) == (R2, b"")
+        assert await store.queue_depth(R1, b"") == 1  # nothing of the call was written
+        assert await put(store, msg(R2, b"next")) == [(2, False, False)]  # no seq reserved
+
+    async def test_contract_expired_messages_are_skipped_then_purged(
+        self, store: Storage
+    ) -> None:
+        past, future = time.time() - 1, time.time() + DAY
+        await put(store, msg(payload=b"old", expires_at=past), msg(payload=b"live"),
+                  msg(payload=b"later", expires_at=future), msg(R2, b"old2", expires_at=past))
+        now = time.time()
+        assert [m.payload for m in await store.peek(R1, b"", 0, now=now)] == [b"live",
+                                                                            b"later"]
+        assert await store.purge_expired(now) == 2
+        assert await store.total_queue_depth() == 2
+        assert [m.payload for m in await store.fetch(R1, b"", 0, now=future + 1)] == [b"live"]
+
+    async def test_contract_take_hands_over_only_from_an_empty_inbox(
+        self, store: Storage
+    ) -> None:
+        await put(store, msg(R2, b"waiting"))
+        out = await put(store, msg(payload=b"handed"), msg(R2, b"stored"),
+                        take=((R1, b""), (R2, b"")))
+        assert out == [(1, False, True), (2, False, False)]
+        now = time.time()
+        assert await store.peek(R1, b"", 0, now=now) == []  # handed over, not stored
+        # A hand-over whose reader left is put back under its seq, before later messages.
+        await store.restore([(msg(payload=b"handed"), 1)])
+        await put(store, msg(payload=b"next"))
+        assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"handed"),
+                                                           StoredMessage(2, b"next")]
+
+    async def test_contract_forget_taken_drops_only_that_seqs_dedup_record(
+        self, store: Storage
+    ) -> None:
+        mid = b"t" * 16
+        now = time.time()
+        assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY,
+                         take=((R1, b""),)) == [(1, False, True)]
+        await store.forget_taken([(msg(payload=b"x", mid=mid), 99)])  # another seq: kept
+        assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY) == [
+            (1, True, False)]
+        await store.forget_taken([(msg(payload=b"x", mid=mid), 1)])
+        assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY) == [
+            (2, False, False)]
+
+    # -- keys, users, channels, sessions, accounts --------------------------------------------
+    async def test_contract_key_packages_are_fifo_and_single_use(
+        self, store: Storage
+    ) -> None:
+        assert await store.pop_key_package(R1) is None
+        for i in range(3):
+            await store.add_key_package(R1, b"kp%d" % i, b"fp%d" % i)
+        await store.add_key_package(R2, b"r2-kp", b"r2-fp")
+        assert await store.count_key_packages(R1) == 3
+        assert await store.pop_key_package(R1) == b"kp0"  # oldest first
+        for i in range(3, 6):
+            await store.add_key_package(R1, b"kp%d" % i, b"fp%d" % i)
+        # Concurrent pops: each package goes to exactly one caller.
+        popped = await asyncio.gather(*(store.pop_key_package(R1) for _ in range(7)))
+        assert sorted(p for p in popped if p) == [b"kp1", b"kp2", b"kp3", b"kp4", b"kp5"]
+        assert popped.count(None) == 2
+        assert await store.count_key_packages(R1) == 0
+        assert await store.count_key_packages(R2) == 1
+
+    async def test_contract_hybrid_keys_are_replaced_and_fetched_in_bulk(
+        self, store: Storage
+    ) -> None:
+        assert await store.get_hybrid_keys([]) == {}
+        await store.set_hybrid_key(R1, b"pk-1a")
+        await store.set_hybrid_key(R2, b"pk-2")
+        await store.set_hybrid_key(R1, b"pk-1b")
+        assert await store.get_hybrid_keys([R1, R2, R3, R1]) == {R1: b"pk-1b", R2: b"pk-2"}
+        many = [i.to_bytes(32, "big") for i in range(1200)]  # large lookups (chunked IN)
+        for k in many[::100]:
+            await store.set_hybrid_key(k, b"pk" + k[-2:])
+        assert await store.get_hybrid_keys(many) == {k: b"pk" + k[-2:] for k in many[::100]}
+
+    async def test_contract_usernames_and_identities_are_unique(self, store: Storage) -> None:
+        await store.create_user("alice", R1, now=100.0)
+        for name, ident in (("alice", R2), ("alice2", R1)):
+            with pytest.raises(AlreadyExists):
+                await store.create_user(name, ident, now=101.0)
+        await store.create_user("bob", R2, now=102.0)
+        assert await store.get_user_by_name("alice") == UserRecord("alice", R1, 100.0)
+        assert await store.get_user_by_identity(R2) == await store.get_user_by_name("bob")
+        assert await store.get_user_by_name("alice2") is None
+        assert await store.get_user_by_identity(R3) is None
+
+    async def test_contract_channels(self, store: Storage) -> None:
+        assert await store.channel_members(b"ch") is None
+        assert await store.create_channel(b"ch", [R1, R2, R1], R1, now=1.0) is True
+        assert await store.create_channel(b"ch", [R3], R3, now=2.0) is False
+        assert sorted(await store.channel_members(b"ch") or []) == [R1, R2]
+        assert await store.create_channel(b"empty", [], R1, now=1.0) is True
+        assert await store.channel_members(b"empty") == []
+
+    async def test_contract_sessions(self, store: Storage) -> None:
+        rec = SessionRecord(b"t1", R1, "alice", 10.0, 100.0)
+        await store.put_session(rec)
+        await store.put_session(SessionRecord(b"t2", R1, "alice", 10.0, 50.0))
+        await store.put_session(SessionRecord(b"t3", R2, "bob", 10.0, 200.0))
+        assert await store.get_session(b"t1") == rec
+        assert await store.get_session(b"nope") is None
+        renewed = SessionRecord(b"t1", R1, "alice", 10.0, 150.0)
+        await store.put_session(renewed)
+        assert await store.get_session(b"t1") == renewed
+        assert await store.delete_session(b"t1") is True
+        assert await store.delete_session(b"t1") is False
+        assert await store.purge_sessions(50.0) == 1  # t2 expired at exactly 50
+        assert await store.get_session(b"t2") is None
+        assert await store.get_session(b"t3") is not None
+        assert await store.purge_sessions(50.0) == 0
+
+    async def test_contract_delete_account_removes_everything_of_the_identity(
+        self, store: Storage
+    ) -> None:
+        await store.create_user("alice", R1, now=1.0)
+        await put(store, msg(payload=b"a"), msg(payload=b"b", channel=b"ch"), msg(R2, b"keep"))
+        await store.add_key_package(R1, b"kp", b"f" * 32)
+        await store.set_hybrid_key(R1, b"h")
+        await store.create_channel(b"ch", [R1, R2], R2, now=1.0)
+        await store.put_session(SessionRecord(b"s" * 32, R1, "alice", 1.0, time.time() + DAY))
+        assert await store.delete_account(R1) == "alice"
+        now = time.time()
+        assert await store.peek(R1, b"", 0, now=now) == []
+        assert await store.peek(R1, b"ch", 0, now=now) == []
+        assert await store.pop_key_package(R1) is None
+        assert await store.get_hybrid_keys([R1]) == {}
+        assert await store.channel_members(b"ch") == [R2]
+        assert await store.get_session(b"s" * 32) is None
+        assert await store.get_user_by_identity(R1) is None
+        assert await store.total_queue_depth() == 1  # R2's message stays
+        assert await store.delete_account(R1) is None
+
+    # -- plugin data ---------------------------------------------------------------------------
+    async def test_contract_kv(self, store: Storage) -> None:
+        assert await store.kv_get("ns", b"k") is None
+        await store.kv_put("ns", b"k", b"v1")
+        await store.kv_put("ns", b"k", b"v2")
+        await store.kv_put("other", b"k", b"o")
+        assert await store.kv_get("ns", b"k") == b"v2"
+        assert await store.kv_put_if_absent("ns", b"k", b"v3") == b"v2"
+        assert await store.kv_put_if_absent("ns", b"new", b"n") == b"n"
+        assert await store.kv_get("ns", b"new") == b"n"
+        assert await store.kv_delete("ns", b"new") is True
+        assert await store.kv_delete("ns", b"new") is False
+        assert await store.kv_get("other", b"k") == b"o"  # namespaces are apart
+
+    async def test_contract_kv_scan_is_a_byte_ordered_prefix_range(
+        self, store: Storage
+    ) -> None:
+        keys = [b"", b"a", b"a\x00", b"a\xff", b"a\xff\xff", b"a\xff\xffz", b"ab", b"b",
+                b"\xff", b"\xff\x00", b"\xff\xff"]
+        for k in reversed(keys):
+            await store.kv_put("ns", k, b"v" + k)
+        await store.kv_put("zz", b"a1", b"elsewhere")
+
+        async def scan(prefix: bytes, limit: int = 0) -> list[bytes]:
+            return [k for k, _ in await store.kv_scan("ns", prefix, limit)]
+
+        assert await scan(b"") == sorted(keys)
+        assert await scan(b"a") == [b"a", b"a\x00", b"ab", b"a\xff", b"a\xff\xff",
+                                    b"a\xff\xffz"]
+        assert await scan(b"a\xff") == [b"a\xff", b"a\xff\xff", b"a\xff\xffz"]
+        assert await scan(b"a\xff\xff") == [b"a\xff\xff", b"a\xff\xffz"]
+        assert await scan(b"\xff") == [b"\xff", b"\xff\x00", b"\xff\xff"]
+        assert await scan(b"\xff\xff") == [b"\xff\xff"]
+        assert await scan(b"c") == []
+        assert await scan(b"a", limit=2) == [b"a", b"a\x00"]
+        assert await store.kv_scan("ns", b"ab") == [(b"ab", b"vab")]
+
+    async def test_contract_logs_are_append_only_and_dense(self, store: Storage) -> None:
+        assert await store.log_size("kt") == 0
+        assert await store.log_read("kt", 0, 10) == []
+        assert await store.log_append("kt", [b"e0", b"e1", b"e2"]) == 0
+        assert await store.log_append("kt", [b"e3"]) == 3
+        assert await store.log_append("kt", []) == 4
+        assert await store.log_append("other", [b"x"]) == 0
+        assert await store.log_size("kt") == 4
+        assert await store.log_read("kt", 1, 3) == [b"e1", b"e2"]
+        assert await store.log_read("kt", 2, 100) == [b"e2", b"e3"]
+        assert await store.log_read("kt", -5, 1) == [b"e0"]
+        assert await store.log_read("kt", 3, 1) == []
+        starts = await asyncio.gather(*(store.log_append("kt", [b"c", b"c"]) for _ in range(5)))
+        assert sorted(starts) == [4, 6, 8, 10, 12]
+        assert await store.log_size("kt") == 14
+
+    async def test_contract_log_read_many(self, store: Storage) -> None:
+        entries = [b"e%d" % i for i in range(1200)]  # large lookups (chunked IN)
+        assert await store.log_append("kt", entries) == 0
+        await store.log_append("other", [b"x0", b"x1"])
+        assert await store.log_read_many("kt", []) == {}
+        got = await store.log_read_many("kt", [5, 0, 5, 1199, 1200, -1, 700])
+        assert got == {0: b"e0", 5: b"e5", 700: b"e700", 1199: b"e1199"}
+        wide = list(range(0, 1200, 2))
+        assert await store.log_read_many("kt", wide) == {i: entries[i] for i in wide}
+        assert await store.log_read_many("other", [1, 2]) == {1: b"x1"}
+        assert await store.log_read_many("missing", [0]) == {}
+        # The base class's fallback (one log_read per index) gives the same answers.
+        assert await Storage.log_read_many(store, "kt", [5, 0, 5, 1199, 1200, -1, 700]) == got
+
+
+__all__ = ["StorageContract"]
