@@ -53,11 +53,14 @@ async def mode_echo(a: argparse.Namespace) -> dict[str, Any]:
             done += 1
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await asyncio.gather(*(worker(c) for c in conns for _ in range(a.window)))
     el = time.perf_counter() - t0
+    client_cpu = time.process_time() - c0
     await asyncio.gather(*(c.close() for c in conns))
     lat.sort()
     return {"mode": "echo", "clients": a.clients, "requests": done, "seconds": round(el, 3),
+            "client_cpu_s": round(client_cpu, 3),
             "req_per_sec": round(done / el, 1),
             "latency_ms": {"p50": round(percentile(lat, 50), 3),
                            "p99": round(percentile(lat, 99), 3)}}

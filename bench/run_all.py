@@ -543,23 +543,26 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
              "sender, each receiver one FetchWait); the last row keeps 16 in flight on both "
              f"sides. The two servers run side by side and their loads alternate, {rounds} "
              "rounds per row: ratio = median of the per-round ratios, the other columns from "
-             "each side's median round. Core busy (2-client rows): the server's CPU time over "
-             "the run's wall time; for qpc, event-loop thread + SQLCipher writer thread. Below "
-             "1.0 the server waited for its clients: that run was bound by round trips, not by "
-             "the server's CPU.", "",
+             "each side's median round. Busy (2-client rows): CPU time over the run's wall "
+             "time, for the server (qpc: event-loop thread + SQLCipher writer thread) and for "
+             "the load generator (its own process time during the run). When neither is near "
+             "1.0 the run was bound by round trips, not by either side's CPU.", "",
              "| clients | echo req/s | qpc msg/s | ratio | ratio per round | qpc p50 ms | "
-             "qpc p99 ms | qpc server CPU ms/msg | echo server CPU ms/req | echo core busy | "
-             "qpc core busy (loop + writer) | acknowledged / delivered / left in store (all "
-             "rounds) |",
+             "qpc p99 ms | qpc server CPU ms/msg | echo server CPU ms/req | echo busy: server "
+             "/ load gen | qpc busy: server (loop + writer) / load gen | acknowledged / "
+             "delivered / left in store (all rounds) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def busy(label: str, b: dict[str, float]) -> str:
+    def busy(label: str, r: dict[str, Any]) -> str:
         # Only where connection set-up is negligible: the run's wall time starts after the
-        # handshakes, its CPU time does not (50 clients' handshakes would count as busy).
+        # handshakes, the server's CPU time does not (50 clients' handshakes would count).
+        b: dict[str, float] = r.get("server_busy", {})
         if not b or not label.startswith("2"):
             return "-"
         parts = f" ({b['loop']:.2f} + {b['writer']:.2f})" if b.get("writer") else ""
-        return f"{sum(b.values()):.2f}{parts}"
+        gen = r.get("client_cpu_s")
+        gen_busy = f" / {gen / max(r['seconds'], 1e-9):.2f}" if gen is not None else ""
+        return f"{sum(b.values()):.2f}{parts}{gen_busy}"
 
     table = [(str(n), tp[n]) for n in sorted(k for k in tp if isinstance(k, int) and k > 0)]
     if "deep" in tp:
@@ -567,13 +570,12 @@ def summary(m: dict[str, Any], tp: dict[Any, Any], hs: dict[str, Any], idle: dic
     for label, t in table:
         e, q = t["echo"], t["qpc"]
         e_cpu = 1000 * e.get("server_cpu_s", 0) / max(1, e["requests"])
-        eb, qb = e.get("server_busy", {}), q.get("server_busy", {})
         lines.append(f"| {label} | {e['req_per_sec']:.0f} | {q['msgs_per_sec']:.0f} | "
                      f"{t['ratio_median']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in t['ratio_rounds'])} | "
                      f"{q['latency_ms']['p50']:.1f} | {q['latency_ms']['p99']:.1f} | "
-                     f"{q['server_cpu_ms_per_msg']:.3f} | {e_cpu:.3f} | {busy(label, eb)} | "
-                     f"{busy(label, qb)} | {t['acknowledged']} / {t['delivered']} / "
+                     f"{q['server_cpu_ms_per_msg']:.3f} | {e_cpu:.3f} | {busy(label, e)} | "
+                     f"{busy(label, q)} | {t['acknowledged']} / {t['delivered']} / "
                      f"{t['leftover']} |")
     caps = tp.get(-3, {})
     lines += ["", "## 2. Delivery latency, open loop (fraction of measured capacity)", "",

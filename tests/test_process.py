@@ -210,6 +210,8 @@ async def test_qpc_client_loadtest(tmp_path: Path) -> None:
         assert r["delivered"] == 200 and r["errors"] == 0 and r["msgs_per_sec"] > 0
         assert r["leftover"] == 0  # nothing acknowledged was left undelivered
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+        # Its own CPU during the run (did the generator limit the run?), within the run.
+        assert 0 < r["client_cpu_s"] <= r["seconds"] * 1.5
         rc, out, err = await _cli(srv, "loadtest", "--clients", "3", state=tmp_path / "s.json")
         assert rc == 2 and "even number" in err
     finally:

@@ -45,6 +45,9 @@ class LoadResult:
     # Acknowledged messages still in the store when the run ended (fetched afterwards):
     # non-zero means a FetchWait was not woken for them within the run.
     leftover: int = 0
+    # CPU seconds this load generator itself used during the run: near ``seconds`` means
+    # the generator, not the server, was the limit.
+    client_cpu_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +142,7 @@ async def run_loadtest(
         return len(tasks)
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     t_start = time.time() + 0.05
     receivers = [asyncio.ensure_future(receive(rx, per_sender)) for _tx, rx in pairs]
     if rate:
@@ -152,6 +156,7 @@ async def run_loadtest(
     except TimeoutError:
         pass
     elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - c0
     done.set()
     await asyncio.gather(*receivers, return_exceptions=True)
     leftover = 0
@@ -172,7 +177,7 @@ async def run_loadtest(
         latency_ms={"p50": round(percentile(lat, 50), 3), "p99": round(percentile(lat, 99), 3),
                     "p99.9": round(percentile(lat, 99.9), 3),
                     "max": round(lat[-1], 3) if lat else float("nan")},
-        rate=rate, leftover=leftover,
+        rate=rate, leftover=leftover, client_cpu_s=round(client_cpu, 3),
     )
 
 
