@@ -303,24 +303,33 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _connect(
-    path: Path, key: str, *, synchronous: str, wal_autocheckpoint: int, reader: bool
-) -> Conn:
-    """Open, key and configure one connection (blocking: never call on the event loop)."""
+def _open_keyed(path: Path, key: str, **connect_kw: Any) -> Conn:
+    """A connection to ``path`` keyed with ``key`` and checked (:class:`WrongKey` when the
+    key does not decrypt it), with no other settings (blocking)."""
     try:
         conn: Conn = sqlcipher3.connect(
-            str(path), isolation_level=None, check_same_thread=False, cached_statements=256
+            str(path), isolation_level=None, check_same_thread=False, **connect_kw
         )
     except sqlcipher3.Error as e:
         raise StorageError(f"cannot open {path}: {e}") from e
     try:
         conn.execute(f"PRAGMA key = {_quote(key)}")
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
-        except sqlcipher3.DatabaseError as e:
-            raise WrongKey(
-                f"cannot open {path}: wrong database key or not a qpc database"
-            ) from e
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except sqlcipher3.DatabaseError as e:
+        conn.close()
+        raise WrongKey(f"cannot open {path}: wrong database key or not a qpc database") from e
+    except sqlcipher3.Error as e:
+        conn.close()
+        raise StorageError(f"cannot open {path}: {e}") from e
+    return conn
+
+
+def _connect(
+    path: Path, key: str, *, synchronous: str, wal_autocheckpoint: int, reader: bool
+) -> Conn:
+    """Open, key and configure one connection (blocking: never call on the event loop)."""
+    conn = _open_keyed(path, key, cached_statements=256)
+    try:
         conn.execute("PRAGMA journal_mode = WAL").fetchall()
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -1970,20 +1979,10 @@ def _place_without_replacing(tmp: Path, out: Path) -> None:
 
 def _backup_into(db_path: Path, key: str, tmp: Path) -> tuple[int, int]:
     """The page copy and its check; returns (schema version, queued messages)."""
+    # A plain keyed connection: no journal-mode or checkpoint settings of its own, so
+    # backing up a non-WAL file (an earlier backup) leaves it as it is.
+    src = _open_keyed(db_path, key)
     try:
-        # A plain keyed connection: no journal-mode or checkpoint settings of its own, so
-        # backing up a non-WAL file (an earlier backup) leaves it as it is.
-        src: Conn = sqlcipher3.connect(str(db_path), isolation_level=None,
-                                       check_same_thread=False)
-    except sqlcipher3.Error as e:
-        raise StorageError(f"cannot open {db_path}: {e}") from e
-    try:
-        src.execute(f"PRAGMA key = {_quote(key)}")
-        try:
-            src.execute("SELECT count(*) FROM sqlite_master").fetchall()
-        except sqlcipher3.DatabaseError as e:
-            raise WrongKey(f"cannot open {db_path}: wrong database key or not a qpc database"
-                           ) from e
         src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}").fetchall()
         src.execute("PRAGMA query_only = ON")
         version = int(src.execute("PRAGMA user_version").fetchone()[0])

@@ -21,11 +21,18 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
@@ -65,6 +72,7 @@ log = logging.getLogger("qpc.storage.postgres")
 PURGE_CHUNK = 5000
 _RETRIES = 3  # a statement PostgreSQL aborted for a deadlock or serialization conflict
 _INT4_MAX = 2**31 - 1
+T = TypeVar("T")
 _LOAD_STATEMENT_TIMEOUT = 3600.0  # seconds per statement of a `qpc store copy` load
 _RECONNECT_MAX_SECS = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -86,6 +94,18 @@ async def _errors(what: str) -> AsyncIterator[None]:
         raise
     except _DB_ERRORS as e:
         raise StorageError(f"database error ({what}): {e}") from e
+
+
+async def _rerun_if_rolled_back(call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call``; when PostgreSQL aborted it for a deadlock or a serialization conflict
+    (its transaction was rolled back whole, so running it again is safe), try again, up
+    to ``_RETRIES`` times in all."""
+    for attempt in range(_RETRIES - 1):
+        try:
+            return await call()
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            log.debug("rolled back by PostgreSQL (attempt %d), running again", attempt + 1)
+    return await call()
 
 
 async def _connect_with_retry(dsn: str, timeout: float, **kw: Any) -> asyncpg.Connection:
@@ -397,18 +417,11 @@ class PostgresStorage(Storage):
                 [m.expires_at for m in flat], time.time(), [c.dedup_since for c in calls],
                 [c.max_depth for c in calls], take_call, take_r, take_c, self.node_id)
         try:
-            for attempt in range(_RETRIES):
-                try:
-                    rows = await self._pool.fetch(
-                        "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox FROM"
-                        " enqueue_calls($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                        *args,
-                    )
-                    break
-                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                    # The statement was rolled back as a whole: running it again is safe.
-                    if attempt == _RETRIES - 1:
-                        raise
+            rows = await _rerun_if_rolled_back(lambda: self._pool.fetch(
+                "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox FROM"
+                " enqueue_calls($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                *args,
+            ))
         except _DB_ERRORS as e:
             err = StorageError(f"database error (enqueue): {e}")
             err.__cause__ = e
@@ -504,16 +517,9 @@ class PostgresStorage(Storage):
                 [t.remove for t in takes])
         what = "fetch" if any(t.remove for t in takes) else "peek"
         try:
-            for attempt in range(_RETRIES):
-                try:
-                    rows = await self._pool.fetch(
-                        "SELECT o_call, o_seq, o_payload FROM take_calls($1, $2, $3, $4, $5, $6)",
-                        *args,
-                    )
-                    break
-                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                    if attempt == _RETRIES - 1:  # rolled back as a whole: safe to run again
-                        raise
+            rows = await _rerun_if_rolled_back(lambda: self._pool.fetch(
+                "SELECT o_call, o_seq, o_payload FROM take_calls($1, $2, $3, $4, $5, $6)", *args,
+            ))
         except _DB_ERRORS as e:
             err = StorageError(f"database error ({what}): {e}")
             err.__cause__ = e
@@ -570,13 +576,8 @@ class PostgresStorage(Storage):
         total = 0
         async with _errors(what):
             while True:
-                for attempt in range(_RETRIES):
-                    try:
-                        status = await self._pool.execute(sql, bound, PURGE_CHUNK)
-                        break
-                    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                        if attempt == _RETRIES - 1:
-                            raise
+                status = await _rerun_if_rolled_back(
+                    lambda: self._pool.execute(sql, bound, PURGE_CHUNK))
                 n = _count(status)
                 total += n
                 if n < PURGE_CHUNK:
@@ -586,15 +587,9 @@ class PostgresStorage(Storage):
         total = 0
         async with _errors("purge_expired"):
             while True:
-                for attempt in range(_RETRIES):
-                    try:
-                        row = await self._pool.fetchrow(
-                            "SELECT o_chosen, o_deleted FROM purge_expired_chunk($1, $2)",
-                            now, PURGE_CHUNK)
-                        break
-                    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                        if attempt == _RETRIES - 1:
-                            raise
+                row = await _rerun_if_rolled_back(lambda: self._pool.fetchrow(
+                    "SELECT o_chosen, o_deleted FROM purge_expired_chunk($1, $2)",
+                    now, PURGE_CHUNK))
                 total += int(row[1])
                 if int(row[0]) < PURGE_CHUNK:
                     return total
@@ -740,13 +735,7 @@ class PostgresStorage(Storage):
 
     async def delete_account(self, identity_key: bytes) -> str | None:
         async with _errors("delete_account"):
-            for attempt in range(_RETRIES):
-                try:
-                    return await self._delete_account(identity_key)
-                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                    if attempt == _RETRIES - 1:  # rolled back whole: safe to run again
-                        raise
-        raise AssertionError("unreachable")
+            return await _rerun_if_rolled_back(lambda: self._delete_account(identity_key))
 
     async def _delete_account(self, identity_key: bytes) -> str | None:
         async with self._pool.acquire() as conn, conn.transaction():

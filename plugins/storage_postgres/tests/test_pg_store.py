@@ -255,13 +255,12 @@ async def test_removals_lock_the_inbox_before_its_messages(
             store.fetch(R1, b"", 0, now=now) if operation == "fetch"
             else store.ack(R1, b"", 10) if operation == "ack"
             else store.purge_expired(now))
-        for _ in range(500):  # bounded: until the removal waits for a lock
+        for _ in range(20_000):  # bounded: ask PostgreSQL until the removal waits for a lock
             waiting = await probe.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                 " AND datname = current_database()")
-            if waiting:
+            if waiting or removal.done():
                 break
-            await asyncio.sleep(0.01)  # polling a condition, bounded above
         assert waiting, "the removal never waited for the inbox lock"
         # It holds no message row: another transaction can lock them all without waiting.
         rows = await probe.fetch(
