@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qpc_core.client.loadtest import percentile, run_loadtest
-from qpc_core.client.sdk import QpcClient, client_configuration
+from qpc_core.client.sdk import CLIENT_BACKEND_ENV, QpcClient, client_configuration
 from qpc_core.framing import encode_request
 
 
@@ -174,8 +175,17 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--quic-backend", choices=("aioquic", "qh3"), default="aioquic",
+                   help="the clients' QUIC library")
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the clients' event loop")
     a = p.parse_args()
     _ = client_configuration  # imported for side-effect-free availability checks
+    os.environ[CLIENT_BACKEND_ENV] = a.quic_backend  # every QpcClient.connect of this run
+    if a.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
     print(json.dumps(asyncio.run(MODES[a.mode](a))), flush=True)
 
 

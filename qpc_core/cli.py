@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     cc = sub.add_parser("check-config", help="validate configuration and plugins, then exit")
     _add_server_options(cc)
-    gc = sub.add_parser("gen-cert", help="write a self-signed development certificate")
+    gc = sub.add_parser("gen-cert", help="write a development certificate and its CA")
     gc.add_argument("--out", type=Path, default=Path("data"))
     gc.add_argument("--hostname", action="append", default=None)
     gc.add_argument("--days", type=int, default=365)
@@ -127,7 +127,8 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
 
     hosts = tuple(args.hostname or ["localhost"])
     cert, key = generate_self_signed(args.out, hostnames=hosts, days=args.days)
-    print(f"wrote {cert} and {key} (+ .pem copies)")
+    print(f"wrote {cert} and {key} (+ .pem copies), issued by the development CA in "
+          f"{args.out / 'ca-cert.pem'} (what clients trust)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """``qpc-client``: the command-line client.
 
-    qpc-client --server 127.0.0.1:7000 --auth-token devtoken [--ca-cert data/server-cert.pem]
+    qpc-client --server 127.0.0.1:7000 --auth-token devtoken [--ca-cert data/ca-cert.pem]
                [--state FILE] [COMMAND ...]
 
 With no command it connects, authenticates, prints health and the round-trip time and exits
@@ -25,7 +25,13 @@ from qpc_core.config import parse_hostport
 from qpc_core.errors import RpcError
 
 DEFAULT_STATE = "qpc-client-state.json"
-DEV_CA = Path("data/server-cert.pem")
+#: Trusted when no --ca-cert is given: the dev server's CA, else (data directories from
+#: before the CA-issued dev certificate) its self-signed certificate.
+DEV_CAS = (Path("data/ca-cert.pem"), Path("data/server-cert.pem"))
+
+
+def dev_ca() -> Path | None:
+    return next((p for p in DEV_CAS if p.is_file()), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-cert",
         type=Path,
         default=None,
-        help="CA/server certificate (PEM or DER); default data/server-cert.pem "
-        "when present (the dev server's own certificate)",
+        help="CA certificate to trust (PEM or DER); default data/ca-cert.pem, else "
+        "data/server-cert.pem, when present (the dev server's)",
     )
     p.add_argument(
         "--insecure", action="store_true", help="skip certificate verification (development only)"
     )
     p.add_argument("--server-name", default="localhost", help="TLS server name (SNI)")
+    p.add_argument(
+        "--quic-backend",
+        choices=("aioquic", "qh3"),
+        default=None,
+        help="QUIC library (env QPC_CLIENT_QUIC_BACKEND; default aioquic; qh3 needs "
+        "qpc-core[fast])",
+    )
     p.add_argument(
         "--state", type=Path, default=Path(os.environ.get("QPC_CLIENT_STATE", DEFAULT_STATE))
     )
@@ -131,8 +144,8 @@ def _token(args: argparse.Namespace, state: ClientState) -> str | None:
 async def open_client(args: argparse.Namespace, state: ClientState) -> QpcClient:
     host, port = parse_hostport(args.server, default_host="127.0.0.1")
     ca = args.ca_cert
-    if ca is None and not args.insecure and DEV_CA.is_file():
-        ca = DEV_CA
+    if ca is None and not args.insecure:
+        ca = dev_ca()
     client = await QpcClient.connect(
         host,
         port,
@@ -142,6 +155,7 @@ async def open_client(args: argparse.Namespace, state: ClientState) -> QpcClient
         insecure=args.insecure,
         server_name=args.server_name,
         pinned_signing_key=state.server_key(args.server),
+        quic_backend=args.quic_backend,
     )
 
     def pin(key: bytes) -> None:
@@ -281,13 +295,13 @@ async def run_load(args: argparse.Namespace) -> int:
 
     host, port = parse_hostport(args.server, default_host="127.0.0.1")
     ca = args.ca_cert
-    if ca is None and not args.insecure and DEV_CA.is_file():
-        ca = DEV_CA
+    if ca is None and not args.insecure:
+        ca = dev_ca()
     try:
         result = await run_loadtest(
             host, port, token=args.auth_token, ca_cert=ca, insecure=args.insecure,
             clients=args.clients, messages=args.messages, size=args.size, rate=args.rate,
-            window=args.window, max_seconds=args.max_seconds,
+            window=args.window, max_seconds=args.max_seconds, quic_backend=args.quic_backend,
         )
     except ValueError as e:
         print(f"qpc-client: error: {e}", file=sys.stderr)

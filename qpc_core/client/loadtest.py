@@ -57,6 +57,7 @@ async def run_loadtest(
     host: str, port: int, *, token: str | None, ca_cert: str | Path | None = None,
     insecure: bool = False, clients: int = 2, messages: int = 1000, size: int = 256,
     rate: float | None = None, window: int = 4, max_seconds: float = 60.0,
+    quic_backend: str | None = None,
 ) -> LoadResult:
     """Run ``clients`` (even) clients in pairs until ``messages`` are delivered or time is up."""
     if clients < 2 or clients % 2:
@@ -65,7 +66,7 @@ async def run_loadtest(
         raise ValueError(f"--size must be at least {_TS.size} bytes")
     conns = await asyncio.gather(*(
         QpcClient.connect(host, port, token=token, identity=Ed25519PrivateKey.generate(),
-                          ca_cert=ca_cert, insecure=insecure)
+                          ca_cert=ca_cert, insecure=insecure, quic_backend=quic_backend)
         for _ in range(clients)))
     pairs = [(conns[i], conns[i + 1]) for i in range(0, clients, 2)]
     per_sender = max(1, messages // len(pairs))

@@ -1,6 +1,6 @@
 """The async Python client SDK.
 
-    async with await QpcClient.connect("127.0.0.1", 7000, ca_cert="data/server-cert.pem",
+    async with await QpcClient.connect("127.0.0.1", 7000, ca_cert="data/ca-cert.pem",
                                        token="devtoken", identity=key) as c:
         print(await c.health())
         await c.enqueue(peer_key, b"ciphertext")
@@ -20,12 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError, Message
 
@@ -42,7 +39,7 @@ from qpc_core.framing import (
 )
 from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
-from qpc_core.transport.backend import DatagramDrain, TurnBatching
+from qpc_core.transport.backend import Backend, DatagramDrain, TurnBatching, load_backend
 
 M = TypeVar("M", bound=Message)
 
@@ -59,7 +56,17 @@ class ProofError(Exception):
     """A delivery proof did not verify against the pinned server key."""
 
 
-class _ClientProtocol(TurnBatching, QuicConnectionProtocol):
+if TYPE_CHECKING:
+    _ProtocolBase = QuicConnectionProtocol
+else:
+    _ProtocolBase = object
+
+
+class _ClientLogic(TurnBatching, _ProtocolBase):
+    """The client side of one connection, written against the asyncio protocol API that
+    aioquic and qh3 1.x share (events are told apart by class name, since each library has
+    its own event classes); :func:`client_protocol_class` binds it to a library."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiters: dict[int, tuple[ResponseDecoder | bytearray, asyncio.Future[Any]]] = {}
@@ -96,8 +103,9 @@ class _ClientProtocol(TurnBatching, QuicConnectionProtocol):
                 return False
         return not any(d.buffered > 0 for d in self.push_decoders.values())
 
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
+    def quic_event_received(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "StreamDataReceived":
             sid = event.stream_id
             if sid & 0x2:  # server-opened uni stream: a push
                 dec = self.push_decoders.get(sid)
@@ -133,11 +141,11 @@ class _ClientProtocol(TurnBatching, QuicConnectionProtocol):
                 self.waiters.pop(sid, None)
                 if not fut.done():
                     fut.set_exception(Internal(f"malformed response: {e}"))
-        elif isinstance(event, StreamReset):
+        elif kind == "StreamReset":
             entry = self.waiters.pop(event.stream_id, None)
             if entry is not None and not entry[1].done():
                 entry[1].set_exception(ConnectionLost(f"stream reset ({event.error_code})"))
-        elif isinstance(event, ConnectionTerminated):
+        elif kind == "ConnectionTerminated":
             self.closed_reason = event.reason_phrase or f"error {event.error_code}"
             for _sid, (_d, fut) in list(self.waiters.items()):
                 if not fut.done():
@@ -155,14 +163,43 @@ class _ClientProtocol(TurnBatching, QuicConnectionProtocol):
         return await fut
 
 
+class _ClientProtocol(_ClientLogic, QuicConnectionProtocol):
+    """The client connection on aioquic (the default)."""
+
+
+_protocol_classes: dict[str, type[_ClientLogic]] = {"aioquic": _ClientProtocol}
+
+#: QUIC library of the SDK when ``connect`` is not told: ``QPC_CLIENT_QUIC_BACKEND`` or aioquic.
+CLIENT_BACKEND_ENV = "QPC_CLIENT_QUIC_BACKEND"
+
+
+def client_protocol_class(backend: Backend) -> type[_ClientLogic]:
+    cls = _protocol_classes.get(backend.name)
+    if cls is None:
+        cls = type(f"{backend.name.capitalize()}ClientProtocol",
+                   (_ClientLogic, backend.protocol_base), {})
+        _protocol_classes[backend.name] = cls
+    return cls
+
+
+def client_backend(name: str | None = None) -> Backend:
+    """The QUIC library for client connections: ``name``, else ``QPC_CLIENT_QUIC_BACKEND``,
+    else aioquic.  ``qh3`` (1.x, ``pip install 'qpc-core[fast]'``) runs the same client logic
+    on compiled cryptography and buffers."""
+    return load_backend(name or os.environ.get(CLIENT_BACKEND_ENV) or "aioquic")
+
+
 def client_configuration(
     *,
     ca_cert: str | Path | None = None,
     insecure: bool = False,
     server_name: str = "localhost",
     idle_timeout: float = 300.0,
-) -> QuicConfiguration:
-    cfg = QuicConfiguration(
+    backend: Backend | None = None,
+) -> Any:
+    """A client QuicConfiguration (of the backend's library; aioquic when not given)."""
+    conf_class = (backend or client_backend("aioquic")).configuration_class
+    cfg = conf_class(
         is_client=True,
         alpn_protocols=[ALPN],
         server_name=server_name,
@@ -188,7 +225,7 @@ class QpcClient:
 
     def __init__(
         self,
-        proto: _ClientProtocol,
+        proto: _ClientLogic,
         stack: contextlib.AsyncExitStack,
         identity: Ed25519PrivateKey | None,
     ) -> None:
@@ -215,19 +252,27 @@ class QpcClient:
         prove: bool = True,
         timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        quic_backend: str | None = None,
     ) -> QpcClient:
+        """``quic_backend``: "aioquic" or "qh3" (default: ``QPC_CLIENT_QUIC_BACKEND``, else
+        aioquic)."""
+        backend = client_backend(quic_backend)
         cfg = client_configuration(
-            ca_cert=ca_cert, insecure=insecure, server_name=server_name, idle_timeout=idle_timeout
+            ca_cert=ca_cert,
+            insecure=insecure,
+            server_name=server_name,
+            idle_timeout=idle_timeout,
+            backend=backend,
         )
         stack = contextlib.AsyncExitStack()
         try:
             proto = await asyncio.wait_for(
                 stack.enter_async_context(
-                    connect(
+                    backend.connect(
                         host,
                         port,
                         configuration=cfg,
-                        create_protocol=_ClientProtocol,
+                        create_protocol=client_protocol_class(backend),
                         wait_connected=True,
                     )
                 ),
@@ -268,7 +313,7 @@ class QpcClient:
         return self._proto.pushes
 
     @property
-    def protocol(self) -> _ClientProtocol:
+    def protocol(self) -> _ClientLogic:
         return self._proto
 
     # -- raw calls --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class Backend:
     protocol_base: type[Any]  # the library's QuicConnectionProtocol
     serve: Any
     configuration_class: type[Any]
+    connect: Any  # the library's client ``connect`` (an async context manager)
 
     def configuration(self, tls: TlsMaterial, **kwargs: Any) -> Any:
         """A server QuicConfiguration with qpc's TLS material."""
@@ -45,7 +46,9 @@ class Backend:
         if self.name == "qh3":
             from cryptography.hazmat.primitives import serialization
 
-            cert_pem = tls.certificate.public_bytes(serialization.Encoding.PEM)
+            cert_pem = b"".join(
+                c.public_bytes(serialization.Encoding.PEM) for c in (tls.certificate, *tls.chain)
+            )
             key_pem = tls.private_key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
@@ -54,6 +57,7 @@ class Backend:
             cfg.load_cert_chain(cert_pem, key_pem)
         else:
             cfg.certificate = tls.certificate
+            cfg.certificate_chain = list(tls.chain)
             cfg.private_key = tls.private_key
         return cfg
 
@@ -79,6 +83,7 @@ def load_backend(name: str) -> Backend:
         proto = importlib.import_module(f"{name}.asyncio.protocol")
         server = importlib.import_module(f"{name}.asyncio.server")
         conf = importlib.import_module(f"{name}.quic.configuration")
+        client = importlib.import_module(f"{name}.asyncio.client")
     except ImportError as e:
         hint = " (pip install 'qpc-core[fast]')" if name == "qh3" else ""
         raise ImportError(f"QUIC backend {name!r} is not installed{hint}: {e}") from e
@@ -87,6 +92,7 @@ def load_backend(name: str) -> Backend:
         protocol_base=proto.QuicConnectionProtocol,
         serve=server.serve,
         configuration_class=conf.QuicConfiguration,
+        connect=client.connect,
     )
 
 

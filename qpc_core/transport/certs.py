@@ -1,8 +1,17 @@
-"""TLS material: the development self-signed certificate and loading operator certificates.
+"""TLS material: the development certificate and loading operator certificates.
 
 Files (REFERENCE §1): ``data/server-cert.der`` and ``data/server-key.der``; PEM copies
 (``server-cert.pem``, ``server-key.pem``) are written next to them for clients and tools.
-Operator files may be DER or PEM.
+Operator files may be DER or PEM; a PEM certificate file may hold the whole chain (leaf
+first, then intermediates, as ACME clients write ``fullchain.pem``), and the server sends
+all of it.
+
+The development certificate is a leaf signed by a throwaway development CA (``ca-cert.pem``)
+whose private key is never written: clients that verify like WebPKI / rustls (the reference
+system's clients, qh3) refuse a self-signed certificate that is its own CA as the server's
+certificate, and ignore a non-CA certificate as a trust anchor, so a single self-signed
+certificate cannot serve every client.  ``server-cert.pem`` holds the leaf followed by the
+CA, so trusting either PEM file works.
 """
 
 from __future__ import annotations
@@ -11,14 +20,14 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qpc_core.errors import ConfigError
 
@@ -28,6 +37,8 @@ DEV_CERT_DER = "server-cert.der"
 DEV_KEY_DER = "server-key.der"
 DEV_CERT_PEM = "server-cert.pem"
 DEV_KEY_PEM = "server-key.pem"
+DEV_CA_PEM = "ca-cert.pem"
+DEV_CA_DER = "ca-cert.der"
 EXPIRY_WARNING = dt.timedelta(days=30)
 
 
@@ -36,6 +47,22 @@ class TlsMaterial:
     certificate: x509.Certificate
     private_key: CertificateIssuerPrivateKeyTypes
     cert_path: Path
+    #: Intermediate certificates sent after the leaf (from a PEM chain file), in order.
+    chain: tuple[x509.Certificate, ...] = field(default=())
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def generate_self_signed(
@@ -45,29 +72,64 @@ def generate_self_signed(
     ips: tuple[str, ...] = ("127.0.0.1", "::1"),
     days: int = 365,
 ) -> tuple[Path, Path]:
-    """Write a self-signed ECDSA P-256 certificate (DER + PEM); return (cert_der, key_der)."""
+    """Write a development certificate: an ECDSA P-256 server certificate (DER + PEM) issued
+    by a new development CA (``ca-cert.pem`` / ``.der``; its key is discarded, so nothing can
+    issue further certificates under it).  Return (cert_der, key_der)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpc development CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpc development server")])
-    now = dt.datetime.now(dt.UTC)
     san: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
     )
+    del ca_key
+    pem = serialization.Encoding.PEM
+    der = serialization.Encoding.DER
     cert_der = out_dir / DEV_CERT_DER
     key_der = out_dir / DEV_KEY_DER
-    _write(cert_der, cert.public_bytes(serialization.Encoding.DER), 0o644)
-    _write(out_dir / DEV_CERT_PEM, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(out_dir / DEV_CA_DER, ca.public_bytes(der), 0o644)
+    _write(out_dir / DEV_CA_PEM, ca.public_bytes(pem), 0o644)
+    _write(cert_der, cert.public_bytes(der), 0o644)
+    _write(out_dir / DEV_CERT_PEM, cert.public_bytes(pem) + ca.public_bytes(pem), 0o644)
     key_bytes_der = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
@@ -94,15 +156,23 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def load_certificate(path: Path) -> x509.Certificate:
+    """The first (leaf) certificate of a DER or PEM file."""
+    return load_certificate_chain(path)[0]
+
+
+def load_certificate_chain(path: Path) -> list[x509.Certificate]:
+    """Every certificate of the file, leaf first (DER holds exactly one)."""
     data = path.read_bytes()
     try:
         if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
     except ValueError as e:
         raise ConfigError(
             f"config: tls_cert: {path} is not a DER or PEM certificate: {e}"
         ) from None
+    return certs
 
 
 def load_private_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
@@ -140,8 +210,13 @@ def resolve_tls(
     for label, p in (("tls_cert", cert), ("tls_key", key)):
         if not p.is_file():
             raise ConfigError(f"config: {label}: file not found: {p}")
-    certificate = load_certificate(cert)
+    certs = load_certificate_chain(cert)
+    certificate = certs[0]
     private_key = load_private_key(key)
+    _check_key_matches(certificate, private_key, cert, key)
+    # A self-signed root at the end of a chain file is the client's business, not ours to
+    # send (it is what the client trusts); send only the leaf's issuers below it.
+    chain = tuple(c for c in certs[1:] if c.issuer != c.subject)
     remaining = certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
     if remaining < dt.timedelta(0):
         log.error("TLS certificate %s EXPIRED on %s", cert, certificate.not_valid_after_utc)
@@ -152,4 +227,20 @@ def resolve_tls(
             remaining.days,
             certificate.not_valid_after_utc,
         )
-    return TlsMaterial(certificate, private_key, cert)
+    return TlsMaterial(certificate, private_key, cert, chain)
+
+
+def _check_key_matches(
+    certificate: x509.Certificate,
+    private_key: CertificateIssuerPrivateKeyTypes,
+    cert: Path,
+    key: Path,
+) -> None:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if certificate.public_key().public_bytes(der, spki) != private_key.public_key().public_bytes(
+        der, spki
+    ):
+        raise ConfigError(
+            f"config: tls_key: {key} is not the private key of the certificate in {cert}"
+        )
