@@ -114,12 +114,15 @@ async def connect() -> AsyncIterator[Callable[..., Any]]:
     ) -> QpcClient:
         if identity is None and new_identity:
             identity = Ed25519PrivateKey.generate()
+        # aioquic unless a test asks otherwise (QPC_CLIENT_QUIC_BACKEND is not inherited,
+        # as the server settings ignore the environment).
+        kw.setdefault("quic_backend", "aioquic")
         c = await QpcClient.connect(
             "127.0.0.1",
             quic_port(app),
             token=token,
             identity=identity,
-            ca_cert=app.settings.data_dir / "server-cert.pem",
+            ca_cert=app.settings.data_dir / "ca-cert.pem",
             **kw,
         )
         clients.append(c)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qpc_core.client.sdk import QpcClient
-from qpc_core.errors import ConfigError, RpcError
+from qpc_core.errors import ConfigError
 from qpc_core.framing.status import PushEvent
 from qpc_core.testing import TEST_TOKEN, quic_port
 from qpc_core.transport.certs import generate_self_signed, resolve_tls
@@ -46,25 +46,30 @@ def test_dev_certificate_is_a_leaf_issued_by_a_dev_ca(tmp_path: Path) -> None:
     # server-cert.pem is the chain (leaf, then the CA): trusting it trusts the CA too.
     chain = x509.load_pem_x509_certificates((tmp_path / "server-cert.pem").read_bytes())
     assert chain == [leaf, ca]
-    # The CA's key is not kept: the only private key written is the server's.
+    # The CA's key is not kept: these six files and nothing else.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ca-cert.der", "ca-cert.pem", "server-cert.der", "server-cert.pem", "server-key.der",
+        "server-key.pem"]
     keys = [p.name for p in tmp_path.iterdir() if b"PRIVATE KEY" in p.read_bytes()]
     assert keys == ["server-key.pem"]
-    assert (tmp_path / "server-key.der").is_file()
     # The server loads the leaf; a self-signed root is never part of the chain it sends.
     tls = resolve_tls(tmp_path, None, None, production=False)
     assert tls.certificate == leaf and tls.chain == ()
 
 
+@pytest.mark.parametrize("server_backend", BACKENDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trust", ["ca-cert.pem", "server-cert.pem", "ca-cert.der"])
 async def test_clients_of_both_verification_models_accept_the_dev_certificate(
-    server: Any, backend: str, trust: str
+    app_factory: Any, server_backend: str, backend: str, trust: str
 ) -> None:
     """qh3 verifies like rustls (the reference system's clients): it needs a CA trust anchor
-    distinct from the server certificate; the old self-signed CA:TRUE certificate failed it."""
+    distinct from the server certificate; the old self-signed CA:TRUE certificate failed it.
+    Both server libraries serve the same files."""
+    app = await app_factory(quic_backend=server_backend)
     async with await QpcClient.connect(
-        "127.0.0.1", quic_port(server), token=TEST_TOKEN,
-        ca_cert=server.settings.data_dir / trust, quic_backend=backend, timeout=10,
+        "127.0.0.1", quic_port(app), token=TEST_TOKEN,
+        ca_cert=app.settings.data_dir / trust, quic_backend=backend, timeout=10,
     ) as c:
         assert (await c.health()).status == "ok"
 
@@ -75,19 +80,26 @@ async def test_a_certificate_from_another_ca_is_refused(
 ) -> None:
     other = tmp_path / "other"
     generate_self_signed(other)
-    with pytest.raises((ConnectionError, RpcError, TimeoutError)):
+    with pytest.raises(ConnectionError):  # the handshake fails: verification is on
         await QpcClient.connect("127.0.0.1", quic_port(server), token=TEST_TOKEN,
                                 ca_cert=other / "ca-cert.pem", quic_backend=backend, timeout=5)
+    # Control: the same client with the server's own CA gets in.
+    async with await QpcClient.connect(
+        "127.0.0.1", quic_port(server), token=TEST_TOKEN,
+        ca_cert=server.settings.data_dir / "ca-cert.pem", quic_backend=backend, timeout=5,
+    ) as c:
+        assert (await c.health()).status == "ok"
 
 
 def _ca(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, Any] | None,
-        now: dt.datetime) -> x509.Certificate:
+        now: dt.datetime, days: int = 30) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_name, issuer_key = issuer if issuer else (subject, key)
     return (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
                        critical=True)
@@ -130,14 +142,15 @@ def test_operator_chain_file_keeps_its_intermediates(tmp_path: Path) -> None:
     assert [c.subject.rfc4514_string() for c in tls.chain] == ["CN=test intermediate"]
 
 
+@pytest.mark.parametrize("server_backend", BACKENDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_server_sends_the_intermediates_of_an_operator_chain(
-    app_factory: Any, tmp_path: Path, backend: str
+    app_factory: Any, tmp_path: Path, backend: str, server_backend: str
 ) -> None:
     """A client trusting only the root reaches a server whose certificate an intermediate
     issued (the ACME fullchain.pem layout); with the leaf alone it could not build a path."""
     cert, key, root = _operator_chain(tmp_path / "pki")
-    app = await app_factory(tls_cert=cert, tls_key=key)
+    app = await app_factory(tls_cert=cert, tls_key=key, quic_backend=server_backend)
     async with await QpcClient.connect("127.0.0.1", quic_port(app), token=TEST_TOKEN,
                                        ca_cert=root, quic_backend=backend, timeout=10) as c:
         assert (await c.health()).status == "ok"
@@ -149,6 +162,37 @@ def test_a_key_of_another_certificate_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not the private key of the certificate"):
         resolve_tls(tmp_path, tmp_path / "a" / "server-cert.der",
                     tmp_path / "b" / "server-key.der", production=True)
+    # The right key but the chain file in the wrong order: said as such.
+    cert, key, _root = _operator_chain(tmp_path / "pki")
+    leaf, inter, root = x509.load_pem_x509_certificates(cert.read_bytes())
+    cert.write_bytes(_pem(inter) + _pem(leaf) + _pem(root))
+    with pytest.raises(ConfigError, match="must start with the server's own certificate"):
+        resolve_tls(tmp_path, cert, key, production=True)
+
+
+def test_an_expiring_intermediate_is_reported(tmp_path: Path, caplog: Any) -> None:
+    import logging
+
+    now = dt.datetime.now(dt.UTC)
+    root_key, inter_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _ca("test root", root_key, None, now)
+    inter = _ca("short intermediate", inter_key, (root.subject, root_key), now, days=5)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(inter.subject).public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=90))
+        .sign(inter_key, hashes.SHA256())
+    )
+    (tmp_path / "chain.pem").write_bytes(_pem(leaf) + _pem(inter))
+    (tmp_path / "key.pem").write_bytes(leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    caplog.set_level(logging.WARNING, logger="qpc.tls")
+    resolve_tls(tmp_path, tmp_path / "chain.pem", tmp_path / "key.pem", production=True)
+    assert "intermediate 1 (CN=short intermediate)" in caplog.text and "renew" in caplog.text
+    assert f"TLS certificate {tmp_path / 'chain.pem'} expires" not in caplog.text
 
 
 async def test_sdk_on_qh3_delivers_and_verifies_proofs(server: Any, connect: Any) -> None:

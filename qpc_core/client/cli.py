@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qpc_core.client.sdk import QpcClient
+from qpc_core.client.sdk import QpcClient, client_backend
 from qpc_core.client.sealed import open_text, seal_text
 from qpc_core.client.state import ClientState
 from qpc_core.config import parse_hostport
@@ -312,6 +312,11 @@ async def run_load(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # a mistyped QPC_CLIENT_QUIC_BACKEND or a missing qh3 is a usage error, not a crash
+        args.quic_backend = client_backend(args.quic_backend).name
+    except (ValueError, ImportError) as e:
+        print(f"qpc-client: error: {e}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run(args))
     except RpcError as e:

@@ -38,7 +38,7 @@ class Backend:
     protocol_base: type[Any]  # the library's QuicConnectionProtocol
     serve: Any
     configuration_class: type[Any]
-    connect: Any  # the library's client ``connect`` (an async context manager)
+    connect: Any = None  # the library's client ``connect`` (an async context manager)
 
     def configuration(self, tls: TlsMaterial, **kwargs: Any) -> Any:
         """A server QuicConfiguration with qpc's TLS material."""

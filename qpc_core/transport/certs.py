@@ -7,11 +7,11 @@ first, then intermediates, as ACME clients write ``fullchain.pem``), and the ser
 all of it.
 
 The development certificate is a leaf signed by a throwaway development CA (``ca-cert.pem``)
-whose private key is never written: clients that verify like WebPKI / rustls (the reference
-system's clients, qh3) refuse a self-signed certificate that is its own CA as the server's
-certificate, and ignore a non-CA certificate as a trust anchor, so a single self-signed
-certificate cannot serve every client.  ``server-cert.pem`` holds the leaf followed by the
-CA, so trusting either PEM file works.
+whose private key is never written: WebPKI-style verifiers (rustls, which the reference
+system's clients use; qh3) refuse a CA certificate as the server's own (``CaUsedAsEndEntity``),
+and qh3 does not take a self-issued certificate that carries ``serverAuth`` as a trust
+anchor, so a single self-signed certificate cannot serve every client.  ``server-cert.pem``
+holds the leaf followed by the CA, so trusting either PEM file works.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def generate_self_signed(
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpc development CA")])
+    # A distinct name per CA, so several trusted development CAs are told apart.
+    ca_cn = f"qpc development CA {secrets.token_hex(4)}"
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_cn)])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca = (
         x509.CertificateBuilder()
@@ -202,10 +205,10 @@ def resolve_tls(
         if not cert.is_file() or not key.is_file():
             generate_self_signed(data_dir)
             log.warning(
-                "generated a self-signed development certificate at %s (clients need "
-                "--ca-cert %s); never use it in production",
+                "generated a development certificate at %s, issued by a one-off development "
+                "CA (clients need --ca-cert %s); never use it in production",
                 cert,
-                data_dir / DEV_CERT_PEM,
+                data_dir / DEV_CA_PEM,
             )
     for label, p in (("tls_cert", cert), ("tls_key", key)):
         if not p.is_file():
@@ -213,34 +216,43 @@ def resolve_tls(
     certs = load_certificate_chain(cert)
     certificate = certs[0]
     private_key = load_private_key(key)
-    _check_key_matches(certificate, private_key, cert, key)
-    # A self-signed root at the end of a chain file is the client's business, not ours to
-    # send (it is what the client trusts); send only the leaf's issuers below it.
+    _check_key_matches(certs, private_key, cert, key)
+    # Self-signed certificates (roots) are the client's business, not ours to send (they are
+    # what the client trusts); send only the leaf's issuers below them.
     chain = tuple(c for c in certs[1:] if c.issuer != c.subject)
-    remaining = certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
-    if remaining < dt.timedelta(0):
-        log.error("TLS certificate %s EXPIRED on %s", cert, certificate.not_valid_after_utc)
-    elif remaining < EXPIRY_WARNING:
-        log.warning(
-            "TLS certificate %s expires in %d days (%s): renew it",
-            cert,
-            remaining.days,
-            certificate.not_valid_after_utc,
+    now = dt.datetime.now(dt.UTC)
+    for i, c in enumerate((certificate, *chain)):
+        what = (
+            f"TLS certificate {cert}"
+            if i == 0
+            else f"intermediate {i} ({c.subject.rfc4514_string()}) in {cert}"
         )
+        remaining = c.not_valid_after_utc - now
+        if remaining < dt.timedelta(0):
+            log.error("%s EXPIRED on %s", what, c.not_valid_after_utc)
+        elif remaining < EXPIRY_WARNING:
+            log.warning(
+                "%s expires in %d days (%s): renew it", what, remaining.days, c.not_valid_after_utc
+            )
     return TlsMaterial(certificate, private_key, cert, chain)
 
 
 def _check_key_matches(
-    certificate: x509.Certificate,
+    certs: list[x509.Certificate],
     private_key: CertificateIssuerPrivateKeyTypes,
     cert: Path,
     key: Path,
 ) -> None:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    if certificate.public_key().public_bytes(der, spki) != private_key.public_key().public_bytes(
-        der, spki
-    ):
+    mine = private_key.public_key().public_bytes(der, spki)
+    found = [i for i, c in enumerate(certs) if c.public_key().public_bytes(der, spki) == mine]
+    if found and found[0] > 0:
+        raise ConfigError(
+            f"config: tls_cert: {cert} must start with the server's own certificate (the one "
+            f"{key} belongs to is number {found[0] + 1} in the file)"
+        )
+    if not found:
         raise ConfigError(
             f"config: tls_key: {key} is not the private key of the certificate in {cert}"
         )
