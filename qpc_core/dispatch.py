@@ -99,14 +99,15 @@ class Dispatcher:
         payload = frame.payload
         if _AUTH_TAG in payload:
             auth = await self._request_auth(conn, payload) or auth
-        if method.auth != "none":
-            if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
+        if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
+            if method.auth != "none":
                 raise Unauthenticated("session expired: log in again")
-            if auth is None:
-                raise Unauthenticated(
-                    f"{method.name} requires authentication: send the connection auth "
-                    "handshake or an Auth field with a valid token"
-                )
+            auth = None  # open methods run, but as unauthenticated (WhoAmI says so)
+        if method.auth != "none" and auth is None:
+            raise Unauthenticated(
+                f"{method.name} requires authentication: send the connection auth "
+                "handshake or an Auth field with a valid token"
+            )
         if method.rate_limited:
             self._rate_limit(conn, method, auth)
         try:
@@ -143,14 +144,15 @@ class Dispatcher:
         checks: list[tuple[str, object]] = [("ip", conn.peer.host)]
         if ident is not None:
             checks.insert(0, ("identity", ident))
-        for kind, key in checks:
-            res = limiter.check(method.group, kind, key)
-            if not res.allowed:
-                self.app.hooks.on_rate_limited(
-                    self.app, kind, method.group, method.method_id, res.retry_after_secs
-                )
-                raise RateLimited(
-                    f"rate limit for '{method.group}' calls exceeded; retry in "
-                    f"{res.retry_after_secs:.1f}s",
-                    retry_after=res.retry_after_secs,
-                )
+        # Charged to every key only when all allow the call: a call the IP limit refuses
+        # does not use up the identity's budget (and the other way round).
+        res = limiter.check_all(method.group, checks)
+        if not res.allowed:
+            self.app.hooks.on_rate_limited(
+                self.app, res.kind, method.group, method.method_id, res.retry_after_secs
+            )
+            raise RateLimited(
+                f"rate limit for '{method.group}' calls exceeded; retry in "
+                f"{res.retry_after_secs:.1f}s",
+                retry_after=res.retry_after_secs,
+            )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,8 @@ class RateResult:
     allowed: bool
     remaining: int
     retry_after_secs: float
+    #: Which key kind refused the call ("identity", "ip"); empty when allowed.
+    kind: str = ""
 
 
 class _Window:
@@ -63,12 +65,34 @@ class RateLimiter:
         """Count one call for ``key`` in ``group`` and say whether it is allowed.
 
         A refused call is not counted, so a client that backs off recovers."""
+        return self.check_all(group, [(kind, key)], cost)
+
+    def check_all(
+        self, group: str, keys: Sequence[tuple[str, object]], cost: int = 1
+    ) -> RateResult:
+        """One call counted against every ``(kind, key)`` (e.g. identity and IP) only if all
+        of them allow it; otherwise none is charged and the first refusal is returned."""
         spec = self.limit_for(group)
         if spec is None:
             return RateResult(True, 1 << 31, 0.0)
         now = self._clock()
         if now - self._last_gc >= self._gc_interval:
             self._gc(now)
+        windows: list[_Window] = []
+        remaining = 1 << 31
+        for kind, key in keys:
+            w, res = self._assess(spec, group, kind, key, cost, now)
+            if not res.allowed:
+                return res
+            windows.append(w)
+            remaining = min(remaining, res.remaining)
+        for w in windows:
+            w.cur += cost
+        return RateResult(True, remaining, 0.0)
+
+    def _assess(
+        self, spec: LimitSpec, group: str, kind: str, key: object, cost: int, now: float
+    ) -> tuple[_Window, RateResult]:
         window = spec.window_secs
         allowed = spec.requests * self.ip_factor if kind == "ip" else spec.requests
         ent_key = (group, kind, key)
@@ -94,10 +118,8 @@ class RateLimiter:
                 # cur * (1 - t / window) + cost <= requests.
                 frac = 1.0 - (allowed - cost) / w.cur if w.cur else 0.0
                 retry = (window - elapsed) + window * max(frac, 0.0)
-            return RateResult(False, 0, max(retry, 0.001))
-        w.cur += cost
-        remaining = max(0, math.floor(allowed - estimate - cost))
-        return RateResult(True, remaining, 0.0)
+            return w, RateResult(False, 0, max(retry, 0.001), kind)
+        return w, RateResult(True, max(0, math.floor(allowed - estimate - cost)), 0.0)
 
     def _gc(self, now: float) -> None:
         self._last_gc = now

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from google.protobuf.message import Message
 
-from qpc_core.errors import Forbidden, Unauthenticated
+from qpc_core.errors import Forbidden, RateLimited, TooLarge, Unauthenticated
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -126,6 +126,38 @@ class RpcContext:
         if ident != identity_key:
             raise Forbidden(f"you may only access your own {what}")
         return ident
+
+    def charge(self, extra: int, what: str = "units") -> None:
+        """Count this call as ``1 + extra`` calls of its rate-limit group, against the
+        caller's identity and IP (the dispatcher already counted the 1): for calls whose
+        work grows with the request, e.g. BatchEnqueue per recipient.  ``RATE_LIMITED`` with
+        retry-after when the budget is used up; ``TOO_LARGE`` when the call alone exceeds
+        the limit, since waiting would not help."""
+        if extra <= 0:
+            return
+        limiter = self.app.rate_limiter
+        spec = limiter.limit_for(self.method.group)
+        if spec is None:
+            return
+        if extra + 1 > spec.requests:
+            raise TooLarge(
+                f"this call counts as {extra + 1} {what} and the '{self.method.group}' rate "
+                f"limit allows {spec.requests} per {spec.window_secs:g}s"
+            )
+        keys: list[tuple[str, object]] = [("ip", self.conn.peer.host)]
+        if self.identity_key is not None:
+            keys.insert(0, ("identity", self.identity_key))
+        res = limiter.check_all(self.method.group, keys, extra)
+        if not res.allowed:
+            self.app.hooks.on_rate_limited(
+                self.app, res.kind, self.method.group, self.method.method_id,
+                res.retry_after_secs,
+            )
+            raise RateLimited(
+                f"rate limit for '{self.method.group}' calls exceeded ({extra + 1} {what}); "
+                f"retry in {res.retry_after_secs:.1f}s",
+                retry_after=res.retry_after_secs,
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,57 @@ async def test_dedup_returns_original_seq(server, connect) -> None:
     assert [m.data for m in await bob.fetch()] == [b"once", b"other"]
 
 
+async def test_a_duplicate_proof_vouches_for_the_id_not_the_retried_payload(
+    server, connect
+) -> None:
+    """A repeat of a message id with another payload is answered as the duplicate it is, and
+    its proof says "this id was accepted under this seq"; it never claims that the new
+    payload was accepted (the server kept the first one)."""
+    alice, bob = await pair(server, connect)
+    mid = b"\x02" * 16
+    first = await alice.enqueue(bob.identity_key, b"original", message_id=mid)
+    again = await alice.enqueue(bob.identity_key, b"EVIL", message_id=mid)  # verified (SDK)
+    assert again.duplicate and again.seq == first.seq
+    digest = delivery_mod.proof_digest(bob.identity_key, b"", again.seq, b"EVIL")
+    assert again.delivery_proof[:32] != digest
+    assert again.delivery_proof[:32] == delivery_mod.duplicate_proof_digest(
+        bob.identity_key, b"", again.seq, mid)
+    with pytest.raises(ProofError, match="digest"):  # another id: not what was vouched for
+        await alice.verify_proof(again, bob.identity_key, b"", b"EVIL", b"\x03" * 16)
+    with pytest.raises(ProofError, match="without a message id"):
+        await alice.verify_proof(again, bob.identity_key, b"", b"EVIL")
+    # BatchEnqueue: one fresh and one duplicate result, each with its own kind of proof.
+    batch = await alice.batch_enqueue([bob.identity_key, alice.identity_key], b"b", message_id=mid)
+    assert [r.duplicate for r in batch] == [True, False]
+    assert [m.data for m in await bob.fetch()] == [b"original"]
+
+
+async def test_ack_beyond_any_seq_removes_everything(server, connect) -> None:
+    """seq_up_to is a u64; values past the store's signed 64-bit range mean "all" (they
+    used to end in an internal error)."""
+    alice, bob = await pair(server, connect)
+    for i in range(3):
+        await alice.enqueue(bob.identity_key, b"m%d" % i)
+    assert await bob.ack(2**64 - 1) == 3
+    await alice.enqueue(bob.identity_key, b"later")
+    assert await bob.ack(2**63) == 1
+    assert await bob.peek() == []
+
+
+async def test_fetch_all_carries_as_many_bytes_as_an_explicit_limit(app_factory, connect) -> None:
+    """limit 0 ("all") reserves envelope room for a bounded number of messages, so big
+    messages are not answered fewer at a time than with an explicit limit."""
+    app = await app_factory(max_payload_bytes=64 * 1024, max_message_bytes=16 * 1024)
+    alice, bob = await pair(app, connect)
+    for i in range(5):
+        await alice.enqueue(bob.identity_key, bytes([i]) * 15_000)
+    peeked = await bob.peek(limit=5)
+    got = await bob.fetch(limit=0)
+    assert len(got) == len(peeked) == 4  # 4 x 15 000 bytes fit in 64 KiB, 5 do not
+    assert [m.seq for m in got] == [1, 2, 3, 4]
+    assert [m.seq for m in await bob.fetch(limit=0)] == [5]
+
+
 async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
     alice, bob = await pair(server, connect)
     await alice.enqueue(bob.identity_key, b"short", ttl_secs=5)
@@ -171,6 +222,40 @@ async def test_limits(app_factory, connect) -> None:
     assert len(await bob.fetch()) == 3  # nothing lost, nothing extra
 
 
+def test_a_call_refused_by_one_key_is_charged_to_none() -> None:
+    from qpc_core.config import RateLimit
+    from qpc_core.ratelimit import RateLimiter
+
+    now = [0.0]
+    lim = RateLimiter({"g": RateLimit(requests=3, window_secs=60)}, clock=lambda: now[0],
+                      ip_factor=1.0)
+    for _ in range(3):  # B uses up the shared IP's budget
+        assert lim.check_all("g", [("identity", "B"), ("ip", "10.0.0.1")]).allowed
+    refused = lim.check_all("g", [("identity", "A"), ("ip", "10.0.0.1")])
+    assert not refused.allowed and refused.kind == "ip" and refused.retry_after_secs > 0
+    # A's own budget is untouched: from another address it still has all 3 calls.
+    for _ in range(3):
+        assert lim.check_all("g", [("identity", "A"), ("ip", "10.0.0.2")]).allowed
+    assert lim.check_all("g", [("identity", "A"), ("ip", "10.0.0.3")]).kind == "identity"
+
+
+async def test_batch_enqueue_counts_one_enqueue_per_recipient(app_factory, connect) -> None:
+    app = await app_factory(rate_limits={"delivery": {"requests": 10, "window_secs": 60}})
+    alice = await connect(app)
+    others = [await connect(app) for _ in range(4)]
+    keys = [o.identity_key for o in others]
+    await alice.batch_enqueue(keys, b"to four")  # 4 of the 10
+    await alice.batch_enqueue(keys, b"again")  # 8 of the 10
+    with pytest.raises(RateLimited, match=r"\(4 enqueues\)") as ei:
+        await alice.batch_enqueue(keys, b"too many")  # would be 12
+    assert ei.value.retry_after is not None and ei.value.retry_after > 0
+    await alice.enqueue(keys[0], b"one more fits")  # 9: the refused batch was not counted
+    assert [len(await o.peek()) for o in others] == [3, 2, 2, 2]
+    many = [bytes([i]) * 32 for i in range(11)]
+    with pytest.raises(TooLarge, match="counts as 11 enqueues"):  # waiting would not help
+        await others[0].batch_enqueue(many, b"never fits")
+
+
 async def test_sender_rate_limit(app_factory, connect) -> None:
     app = await app_factory(rate_limits={"delivery": {"requests": 5, "window_secs": 60}})
     hits: list[tuple[str, str]] = []
@@ -250,6 +335,32 @@ async def test_created_channel_requires_membership(server, connect) -> None:
     with pytest.raises(Forbidden, match="recipient is not a member"):
         await alice.enqueue(mallory.identity_key, b"x", channel=cid)
     assert [m.data for m in await bob.fetch(channel=cid)] == [b"member"]
+
+
+async def test_recreating_a_channel_restores_a_member_who_deleted_the_account(
+    server, connect
+) -> None:
+    """DeleteAccount drops the member from its channels; the same member set created again is
+    the same channel (was_new false) with the member back (it used to stay forbidden)."""
+    alice, bob = await pair(server, connect)
+    cid, _ = await alice.create_channel([bob.identity_key])
+    await bob.delete_account()
+    bob2 = await connect(server, identity=bob.identity)  # the same key comes back
+    with pytest.raises(Forbidden, match="recipient is not a member"):
+        await alice.enqueue(bob2.identity_key, b"lost?", channel=cid)
+    cid2, was_new = await alice.create_channel([bob2.identity_key])
+    assert cid2 == cid and not was_new
+    await alice.enqueue(bob2.identity_key, b"welcome back", channel=cid)
+    assert [m.data for m in await bob2.fetch(channel=cid)] == [b"welcome back"]
+
+
+async def test_channel_member_cap_counts_the_caller(server, connect) -> None:
+    alice = await connect(server)
+    others = [bytes([i >> 8, i & 0xFF]) * 16 for i in range(1000)]
+    with pytest.raises(TooLarge, match="at most 1000 members, the caller included"):
+        await alice.create_channel(others)  # 1000 others + alice = 1001
+    cid, was_new = await alice.create_channel(others[:999])  # 1000 with alice
+    assert was_new and len(await server.storage.channel_members(cid)) == 1000
 
 
 async def test_key_packages_single_use_fifo(server, connect) -> None:

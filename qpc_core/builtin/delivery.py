@@ -46,6 +46,13 @@ MAX_CHANNEL_ID = 64
 MESSAGE_ID_LEN = 16
 MAX_BATCH_RECIPIENTS = 1000
 PROOF_CONTEXT = b"qpc-v1 delivery-proof\x00"
+DUPLICATE_PROOF_CONTEXT = b"qpc-v1 duplicate-proof\x00"
+#: Largest seq a store holds (signed 64-bit in SQLite and PostgreSQL); Ack clamps to it.
+MAX_SEQ = 2**63 - 1
+#: With ``limit = 0`` a response reserves envelope overhead for at most max_payload_bytes /
+#: (ENVELOPE_OVERHEAD * this) messages, i.e. ~1.6 % of the budget, so "all" is not
+#: answered with fewer bytes than an explicit limit would be.
+LIMIT0_MIN_AVG_PAYLOAD = 64
 SIGNING_KEY_NAME = "delivery"
 # Worst-case protobuf bytes around one payload in a FetchResponse: the repeated-field tag and
 # length (1 + 5), the Envelope's seq (1 + 10) and data tag and length (1 + 5) = 23; round up.
@@ -62,6 +69,22 @@ def proof_digest(recipient_key: bytes, channel_id: bytes, seq: int, payload: byt
         + channel_id
         + struct.pack(">Q", seq)
         + hashlib.sha256(payload).digest()
+    ).digest()
+
+
+def duplicate_proof_digest(
+    recipient_key: bytes, channel_id: bytes, seq: int, message_id: bytes
+) -> bytes:
+    """SHA-256 over the preimage of a duplicate's proof: the server vouches that this
+    ``message_id`` was accepted under ``seq``, not for the retried payload, which it did not
+    store (docs/protocol.md, "Delivery proof")."""
+    return hashlib.sha256(
+        DUPLICATE_PROOF_CONTEXT
+        + recipient_key
+        + struct.pack(">H", len(channel_id))
+        + channel_id
+        + struct.pack(">Q", seq)
+        + message_id
     ).digest()
 
 
@@ -135,8 +158,13 @@ class Delivery:
         self.notified: dict[tuple[bytes, bytes], frozenset[int]] = {}
 
     # -- helpers ----------------------------------------------------------------------------------
-    def proof(self, recipient: bytes, channel: bytes, seq: int, payload: bytes) -> bytes:
-        digest = proof_digest(recipient, channel, seq, payload)
+    def proof(
+        self, recipient: bytes, channel: bytes, out: EnqueueOutcome, payload: bytes, mid: bytes
+    ) -> bytes:
+        if out.duplicate:
+            digest = duplicate_proof_digest(recipient, channel, out.seq, mid)
+        else:
+            digest = proof_digest(recipient, channel, out.seq, payload)
         return digest + nacl.bindings.crypto_sign(digest, self._sodium_sk)[:64]
 
     async def check_channel(
@@ -362,7 +390,8 @@ class Delivery:
         in one frame: sum(payload) + n * ENVELOPE_OVERHEAD <= max_payload_bytes."""
         max_payload = self.app.settings.max_payload_bytes
         cap_n = max(1, (max_payload // 2) // ENVELOPE_OVERHEAD)
-        n = min(limit, cap_n) if limit else cap_n
+        all_n = max(1, max_payload // (ENVELOPE_OVERHEAD * LIMIT0_MIN_AVG_PAYLOAD))
+        n = min(limit, cap_n) if limit else all_n
         return n, max_payload - RESPONSE_SLACK - n * ENVELOPE_OVERHEAD
 
     def max_message(self) -> int:
@@ -391,7 +420,7 @@ class Delivery:
         return pb.EnqueueResponse(
             seq=out.seq,
             duplicate=out.duplicate,
-            delivery_proof=self.proof(recipient, req.channel_id, out.seq, req.payload),
+            delivery_proof=self.proof(recipient, req.channel_id, out, req.payload, req.message_id),
         )
 
     async def batch_enqueue(
@@ -409,6 +438,8 @@ class Delivery:
             raise BadRequest("recipient_keys contains duplicates")
         self.validate_common(req.payload, req.message_id)
         await self.check_channel(req.channel_id, sender, recipients)
+        # The per-sender enqueue rate counts messages: one per recipient.
+        ctx.charge(len(recipients) - 1, "enqueues")
         exp = self.expires_at(req.ttl_secs)
         msgs = [
             NewMessage(r, req.channel_id, req.payload, req.message_id, exp, sender)
@@ -420,7 +451,7 @@ class Delivery:
                 pb.EnqueueResponse(
                     seq=o.seq,
                     duplicate=o.duplicate,
-                    delivery_proof=self.proof(r, req.channel_id, o.seq, req.payload),
+                    delivery_proof=self.proof(r, req.channel_id, o, req.payload, req.message_id),
                 )
                 for r, o in zip(recipients, outs, strict=True)
             ]
@@ -512,7 +543,8 @@ class Delivery:
 
     async def ack(self, ctx: RpcContext, req: pb.AckRequest) -> pb.AckResponse:
         recipient, channel = self._inbox(ctx, req)
-        removed = await self.app.storage.ack(recipient, channel, req.seq_up_to)
+        # seq_up_to is a u64; seqs never pass MAX_SEQ, so anything above it means "all".
+        removed = await self.app.storage.ack(recipient, channel, min(req.seq_up_to, MAX_SEQ))
         return pb.AckResponse(removed=removed)
 
     # -- background -------------------------------------------------------------------------------

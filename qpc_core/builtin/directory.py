@@ -72,9 +72,9 @@ async def create_channel(
     members = [check_identity_key(k, "member_keys[]") for k in req.member_keys]
     if not set(members) - {me}:
         raise BadRequest("member_keys must name at least one other member")
-    if len(members) > MAX_CHANNEL_MEMBERS:
-        raise TooLarge(f"at most {MAX_CHANNEL_MEMBERS} members")
     all_members = sorted(set(members) | {me})
+    if len(members) > MAX_CHANNEL_MEMBERS or len(all_members) > MAX_CHANNEL_MEMBERS:
+        raise TooLarge(f"at most {MAX_CHANNEL_MEMBERS} members, the caller included")
     cid = channel_id_for(all_members)
     was_new = await ctx.app.storage.create_channel(cid, all_members, me, now=time.time())
     delivery = ctx.app.state.get("delivery")

@@ -371,14 +371,26 @@ class QpcClient:
 
     # -- delivery ---------------------------------------------------------------------------------
     async def verify_proof(
-        self, resp: delivery_pb2.EnqueueResponse, recipient: bytes, channel: bytes, payload: bytes
+        self,
+        resp: delivery_pb2.EnqueueResponse,
+        recipient: bytes,
+        channel: bytes,
+        payload: bytes,
+        message_id: bytes = b"",
     ) -> None:
-        from qpc_core.builtin.delivery import proof_digest
+        """A fresh message's proof covers its payload; a duplicate's covers the message id
+        (the server kept the first payload sent under it, not this one)."""
+        from qpc_core.builtin.delivery import duplicate_proof_digest, proof_digest
 
         proof = resp.delivery_proof
         if len(proof) != 96:
             raise ProofError(f"delivery proof must be 96 bytes, got {len(proof)}")
-        digest = proof_digest(recipient, channel, resp.seq, payload)
+        if resp.duplicate:
+            if not message_id:
+                raise ProofError("a duplicate without a message id cannot be verified")
+            digest = duplicate_proof_digest(recipient, channel, resp.seq, message_id)
+        else:
+            digest = proof_digest(recipient, channel, resp.seq, payload)
         if proof[:32] != digest:
             raise ProofError("delivery proof digest does not match the message")
         if not verify_signature(await self.signing_key(), proof[32:], digest):
@@ -407,7 +419,7 @@ class QpcClient:
             delivery_pb2.EnqueueResponse,
         )
         if verify:
-            await self.verify_proof(resp, recipient, channel, payload)
+            await self.verify_proof(resp, recipient, channel, payload, mid)
         return resp
 
     async def batch_enqueue(
@@ -435,7 +447,7 @@ class QpcClient:
         out = list(resp.results)
         if verify:
             for r, res in zip(recipients, out, strict=True):
-                await self.verify_proof(res, r, channel, payload)
+                await self.verify_proof(res, r, channel, payload, mid)
         return out
 
     def _me(self, recipient: bytes | None) -> bytes:

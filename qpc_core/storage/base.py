@@ -257,7 +257,9 @@ class Storage(ABC):
     async def create_channel(
         self, channel_id: bytes, members: Sequence[bytes], created_by: bytes, *, now: float
     ) -> bool:
-        """Create a channel with these members; ``False`` (and no change) if it exists."""
+        """Create a channel with these members; ``False`` if it existed, in which case only
+        members it lacks are added (a member removed by DeleteAccount comes back when the
+        same member set is created again; nothing is ever removed here)."""
 
     @abstractmethod
     async def channel_members(self, channel_id: bytes) -> list[bytes] | None:

@@ -212,8 +212,11 @@ class StorageContract:
     async def test_contract_channels(self, store: Storage) -> None:
         assert await store.channel_members(b"ch") is None
         assert await store.create_channel(b"ch", [R1, R2, R1], R1, now=1.0) is True
-        assert await store.create_channel(b"ch", [R3], R3, now=2.0) is False
         assert sorted(await store.channel_members(b"ch") or []) == [R1, R2]
+        await store.delete_account(R2)  # drops R2's membership
+        assert await store.channel_members(b"ch") == [R1]
+        assert await store.create_channel(b"ch", [R1, R2], R1, now=2.0) is False
+        assert sorted(await store.channel_members(b"ch") or []) == [R1, R2]  # back again
         assert await store.create_channel(b"empty", [], R1, now=1.0) is True
         assert await store.channel_members(b"empty") == []
 

@@ -776,13 +776,13 @@ def _create_channel(
         " ON CONFLICT (channel_id) DO NOTHING",
         (channel, created_by, now),
     )
-    if cur.rowcount == 0:
-        return False
+    # Members missing from an existing channel (removed by their DeleteAccount) are added
+    # back: the same member set re-created is the same channel again.
     conn.executemany(
         "INSERT OR IGNORE INTO channel_members (channel_id, identity_key) VALUES (?, ?)",
         [(channel, m) for m in members],
     )
-    return True
+    return bool(cur.rowcount)
 
 
 def _channel_members(conn: Conn, channel: bytes) -> list[bytes] | None:

@@ -214,6 +214,7 @@ async def test_expired_session(app_factory, connect, monkeypatch) -> None:
     )
     c = await register(connect, app)
     res = await opaque_client.login(c, "alice", "correct horse", ksf=FAST)
+    assert (await c.whoami()).auth_kind == "session"
     import time
 
     real = time.time
@@ -222,6 +223,8 @@ async def test_expired_session(app_factory, connect, monkeypatch) -> None:
         await connect(app, token=res.session_token.decode(), new_identity=False)
     with pytest.raises(Unauthenticated, match="expired"):
         await c.fetch()  # the already-bound connection expires too
+    who = await c.whoami()  # open methods still answer, as unauthenticated
+    assert not who.authenticated and who.auth_kind == "" and who.username == ""
     svc = app.state["auth_opaque"]
     with pytest.raises(Unauthenticated, match="session expired"):
         await svc.authenticate(res.session_token)

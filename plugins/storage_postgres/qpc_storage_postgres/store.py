@@ -680,14 +680,14 @@ class PostgresStorage(Storage):
                 " ON CONFLICT (channel_id) DO NOTHING RETURNING true",
                 channel_id, created_by, now,
             )
-            if not created:
-                return False
+            # Members missing from an existing channel (removed by their DeleteAccount) are
+            # added back: the same member set re-created is the same channel again.
             await conn.executemany(
                 "INSERT INTO channel_members (channel_id, identity_key) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING",
                 [(channel_id, m) for m in dict.fromkeys(members)],
             )
-            return True
+            return bool(created)
 
     async def channel_members(self, channel_id: bytes) -> list[bytes] | None:
         async with _errors("channel_members"):
