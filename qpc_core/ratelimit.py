@@ -90,6 +90,14 @@ class RateLimiter:
             w.cur += cost
         return RateResult(True, remaining, 0.0)
 
+    def refund(self, group: str, keys: Sequence[tuple[str, object]], cost: int = 1) -> None:
+        """Give back ``cost`` counted earlier for each key (never below zero): a call that
+        was admitted and then refused for its size should not count at all."""
+        for kind, key in keys:
+            w = self._entries.get((group, kind, key))
+            if w is not None:
+                w.cur = max(0, w.cur - cost)
+
     def _assess(
         self, spec: LimitSpec, group: str, kind: str, key: object, cost: int, now: float
     ) -> tuple[_Window, RateResult]:

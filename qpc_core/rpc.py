@@ -133,22 +133,26 @@ class RpcContext:
         work grows with the request, e.g. BatchEnqueue per recipient.  ``RATE_LIMITED`` with
         retry-after when the budget is used up; ``TOO_LARGE`` when the call alone exceeds
         the limit, since waiting would not help."""
-        if extra <= 0:
+        if extra <= 0 or not self.method.rate_limited:
             return
         limiter = self.app.rate_limiter
         spec = limiter.limit_for(self.method.group)
         if spec is None:
             return
+        keys: list[tuple[str, object]] = [("ip", self.conn.peer.host)]
+        if self.identity_key is not None:
+            keys.insert(0, ("identity", self.identity_key))
         if extra + 1 > spec.requests:
+            limiter.refund(self.method.group, keys)  # the dispatcher's 1: nothing was done
             raise TooLarge(
                 f"this call counts as {extra + 1} {what} and the '{self.method.group}' rate "
                 f"limit allows {spec.requests} per {spec.window_secs:g}s"
             )
-        keys: list[tuple[str, object]] = [("ip", self.conn.peer.host)]
-        if self.identity_key is not None:
-            keys.insert(0, ("identity", self.identity_key))
         res = limiter.check_all(self.method.group, keys, extra)
         if not res.allowed:
+            # The dispatcher counted 1 for this call; a refused call counts nothing, or a
+            # batch that fills the whole limit could never get through by retrying.
+            limiter.refund(self.method.group, keys)
             self.app.hooks.on_rate_limited(
                 self.app, res.kind, self.method.group, self.method.method_id,
                 res.retry_after_secs,

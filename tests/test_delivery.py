@@ -103,20 +103,6 @@ async def test_ack_beyond_any_seq_removes_everything(server, connect) -> None:
     assert await bob.peek() == []
 
 
-async def test_fetch_all_carries_as_many_bytes_as_an_explicit_limit(app_factory, connect) -> None:
-    """limit 0 ("all") reserves envelope room for a bounded number of messages, so big
-    messages are not answered fewer at a time than with an explicit limit."""
-    app = await app_factory(max_payload_bytes=64 * 1024, max_message_bytes=16 * 1024)
-    alice, bob = await pair(app, connect)
-    for i in range(5):
-        await alice.enqueue(bob.identity_key, bytes([i]) * 15_000)
-    peeked = await bob.peek(limit=5)
-    got = await bob.fetch(limit=0)
-    assert len(got) == len(peeked) == 4  # 4 x 15 000 bytes fit in 64 KiB, 5 do not
-    assert [m.seq for m in got] == [1, 2, 3, 4]
-    assert [m.seq for m in await bob.fetch(limit=0)] == [5]
-
-
 async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
     alice, bob = await pair(server, connect)
     await alice.enqueue(bob.identity_key, b"short", ttl_secs=5)
@@ -249,8 +235,9 @@ async def test_batch_enqueue_counts_one_enqueue_per_recipient(app_factory, conne
     with pytest.raises(RateLimited, match=r"\(4 enqueues\)") as ei:
         await alice.batch_enqueue(keys, b"too many")  # would be 12
     assert ei.value.retry_after is not None and ei.value.retry_after > 0
-    await alice.enqueue(keys[0], b"one more fits")  # 9: the refused batch was not counted
-    assert [len(await o.peek()) for o in others] == [3, 2, 2, 2]
+    await alice.enqueue(keys[0], b"9 of 10: the refused batch counted nothing")
+    await alice.enqueue(keys[0], b"10 of 10")
+    assert [len(await o.peek()) for o in others] == [4, 2, 2, 2]
     many = [bytes([i]) * 32 for i in range(11)]
     with pytest.raises(TooLarge, match="counts as 11 enqueues"):  # waiting would not help
         await others[0].batch_enqueue(many, b"never fits")
@@ -352,6 +339,36 @@ async def test_recreating_a_channel_restores_a_member_who_deleted_the_account(
     assert cid2 == cid and not was_new
     await alice.enqueue(bob2.identity_key, b"welcome back", channel=cid)
     assert [m.data for m in await bob2.fetch(channel=cid)] == [b"welcome back"]
+
+
+async def test_a_lookup_racing_a_recreate_does_not_cache_the_old_members(
+    server, connect, monkeypatch
+) -> None:
+    alice, bob = await pair(server, connect)
+    cid, _ = await alice.create_channel([bob.identity_key])
+    await bob.delete_account()
+    bob2 = await connect(server, identity=bob.identity)
+    d = server.state["delivery"]
+    d.forget_channels()
+    real = server.storage.channel_members
+    looked, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(channel: bytes):
+        members = await real(channel)  # read before the re-create commits: [alice]
+        looked.set()
+        await release.wait()
+        return members
+
+    monkeypatch.setattr(server.storage, "channel_members", slow)
+    stale = asyncio.ensure_future(alice.enqueue(bob2.identity_key, b"x", channel=cid))
+    await asyncio.wait_for(looked.wait(), 10)
+    monkeypatch.setattr(server.storage, "channel_members", real)
+    await alice.create_channel([bob2.identity_key])  # bob is back; the cache is dropped
+    release.set()
+    with pytest.raises(Forbidden):
+        await stale  # answered from its own (old) read
+    assert cid not in d.channel_cache  # ... but that read was not cached
+    await alice.enqueue(bob2.identity_key, b"welcome back", channel=cid)
 
 
 async def test_channel_member_cap_counts_the_caller(server, connect) -> None:

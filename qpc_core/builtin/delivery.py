@@ -49,10 +49,6 @@ PROOF_CONTEXT = b"qpc-v1 delivery-proof\x00"
 DUPLICATE_PROOF_CONTEXT = b"qpc-v1 duplicate-proof\x00"
 #: Largest seq a store holds (signed 64-bit in SQLite and PostgreSQL); Ack clamps to it.
 MAX_SEQ = 2**63 - 1
-#: With ``limit = 0`` a response reserves envelope overhead for at most max_payload_bytes /
-#: (ENVELOPE_OVERHEAD * this) messages, i.e. ~1.6 % of the budget, so "all" is not
-#: answered with fewer bytes than an explicit limit would be.
-LIMIT0_MIN_AVG_PAYLOAD = 64
 SIGNING_KEY_NAME = "delivery"
 # Worst-case protobuf bytes around one payload in a FetchResponse: the repeated-field tag and
 # length (1 + 5), the Envelope's seq (1 + 10) and data tag and length (1 + 5) = 23; round up.
@@ -152,6 +148,9 @@ class Delivery:
         # their next fetch goes straight to the writer (no emptiness check on a reader).
         self.stored_since_fetch: set[tuple[bytes, bytes]] = set()
         self.channel_cache: dict[bytes, frozenset[bytes] | None] = {}
+        # Bumped by every invalidation, so a lookup that was in flight meanwhile does not put
+        # a member list back that the change it raced with made stale.
+        self.channel_cache_gen = 0
         # Inboxes whose owner's connections (by id) were already told "new messages" and have
         # not fetched since: one NEW_MESSAGE push per inbox and connection until the next
         # Fetch/FetchWait/Peek.  A connection that appears later is told again.
@@ -167,6 +166,14 @@ class Delivery:
             digest = proof_digest(recipient, channel, out.seq, payload)
         return digest + nacl.bindings.crypto_sign(digest, self._sodium_sk)[:64]
 
+    def forget_channels(self, channel: bytes | None = None) -> None:
+        """Drop cached member lists (one channel, or all) after memberships changed."""
+        self.channel_cache_gen += 1
+        if channel is None:
+            self.channel_cache.clear()
+        else:
+            self.channel_cache.pop(channel, None)
+
     async def check_channel(
         self, channel: bytes, sender: bytes, recipients: Sequence[bytes]
     ) -> None:
@@ -178,9 +185,10 @@ class Delivery:
         # A shared store is read every time: another server may create the channel or
         # delete a member, so nothing of it is cached here.
         if storage.shared or channel not in self.channel_cache:
+            gen = self.channel_cache_gen
             members = await storage.channel_members(channel)
             members_set = frozenset(members) if members is not None else None
-            if not storage.shared:
+            if not storage.shared and gen == self.channel_cache_gen:
                 self.channel_cache[channel] = members_set
         else:
             members_set = self.channel_cache[channel]
@@ -390,8 +398,7 @@ class Delivery:
         in one frame: sum(payload) + n * ENVELOPE_OVERHEAD <= max_payload_bytes."""
         max_payload = self.app.settings.max_payload_bytes
         cap_n = max(1, (max_payload // 2) // ENVELOPE_OVERHEAD)
-        all_n = max(1, max_payload // (ENVELOPE_OVERHEAD * LIMIT0_MIN_AVG_PAYLOAD))
-        n = min(limit, cap_n) if limit else all_n
+        n = min(limit, cap_n) if limit else cap_n
         return n, max_payload - RESPONSE_SLACK - n * ENVELOPE_OVERHEAD
 
     def max_message(self) -> int:
@@ -586,7 +593,7 @@ async def startup(app: App) -> None:
 
 @hookimpl
 async def on_account_deleted(app: App, identity_key: bytes, username: str | None) -> None:
-    app.state["delivery"].channel_cache.clear()
+    app.state["delivery"].forget_channels()
 
 
 def _bind(app: App, name: str):  # type: ignore[no-untyped-def]

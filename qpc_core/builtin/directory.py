@@ -79,7 +79,7 @@ async def create_channel(
     was_new = await ctx.app.storage.create_channel(cid, all_members, me, now=time.time())
     delivery = ctx.app.state.get("delivery")
     if delivery is not None:
-        delivery.channel_cache.pop(cid, None)
+        delivery.forget_channels(cid)
     return pb.CreateChannelResponse(channel_id=cid, was_new=was_new)
 
 
