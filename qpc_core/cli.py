@@ -102,7 +102,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     app = _make_app(args)
+    s = app.settings
+    tls_line = "tls: development certificate (generated in the data dir on first start)"
+    if s.tls_cert is not None and s.tls_key is not None:
+        from qpc_core.transport.certs import resolve_tls
+
+        # The same checks `qpc run` makes (format, key pair, chain order, expiry), so a
+        # renewed certificate can be checked before the restart.
+        tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        tls_line = (
+            f"tls: {tls.certificate.subject.rfc4514_string()} valid until "
+            f"{tls.certificate.not_valid_after_utc:%Y-%m-%d}, key matches, "
+            f"{len(tls.chain)} intermediate(s) sent"
+        )
     print(f"config OK: {len(app.plugins)} plugins, {len(app.methods)} RPC methods")
+    print(tls_line)
     for p in app.plugins:
         print(f"  {p.order:2d} {p.name:<12} {p.distribution} {p.version}")
     return 0

@@ -225,6 +225,31 @@ def test_a_call_refused_by_one_key_is_charged_to_none() -> None:
     assert lim.check_all("g", [("identity", "A"), ("ip", "10.0.0.3")]).kind == "identity"
 
 
+async def test_a_call_the_ip_limit_refuses_leaves_the_identity_budget_alone(
+    app_factory, connect
+) -> None:
+    app = await app_factory(rate_limits={"delivery": {"requests": 3, "window_secs": 60}},
+                            rate_limit_ip_factor=1.0)
+    kinds: list[str] = []
+    from qpc_core.hookspecs import hookimpl
+
+    class Spy:
+        @hookimpl
+        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
+            kinds.append(key_kind)
+
+    app.pm.register(Spy(), name="spy")
+    alice, carol, bob = await connect(app), await connect(app), await connect(app)
+    await alice.enqueue(bob.identity_key, b"alice 1")  # alice 1/3, IP 1/3
+    for _ in range(2):
+        await carol.enqueue(bob.identity_key, b"carol")  # IP 3/3 (all on 127.0.0.1)
+    with pytest.raises(RateLimited):
+        await alice.enqueue(bob.identity_key, b"refused by the IP limit")
+    assert kinds == ["ip"]
+    used = app.rate_limiter._entries[("delivery", "identity", alice.identity_key)].cur
+    assert used == 1  # the refused call was not charged to alice
+
+
 async def test_batch_enqueue_counts_one_enqueue_per_recipient(app_factory, connect) -> None:
     app = await app_factory(rate_limits={"delivery": {"requests": 10, "window_secs": 60}})
     alice = await connect(app)

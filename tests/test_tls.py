@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +231,24 @@ def test_gen_cert_command_and_client_default_trust(tmp_path: Path, monkeypatch: 
     assert dev_ca() == Path("data/ca-cert.pem")
     (tmp_path / "data/ca-cert.pem").unlink()  # a data dir from before: its own certificate
     assert dev_ca() == Path("data/server-cert.pem")
+
+
+def test_check_config_validates_the_certificate_pair(tmp_path: Path, monkeypatch: Any,
+                                                     capsys: Any) -> None:
+    """`qpc check-config` makes the same TLS checks as `qpc run`, so a renewal can be
+    checked before the restart: a good chain passes, a key of another certificate fails."""
+    from qpc_core.cli import main as qpc_main
+
+    for k in [k for k in os.environ if k.startswith("QPC_")]:
+        monkeypatch.delenv(k)
+    cert, key, _root = _operator_chain(tmp_path / "pki")
+    monkeypatch.setenv("QPC_TLS_CERT", str(cert))
+    monkeypatch.setenv("QPC_TLS_KEY", str(key))
+    args = ["check-config", "--data-dir", str(tmp_path / "data")]
+    assert qpc_main(args) == 0
+    out = capsys.readouterr().out
+    assert "tls: CN=localhost valid until" in out and "1 intermediate(s) sent" in out
+    generate_self_signed(tmp_path / "other")
+    monkeypatch.setenv("QPC_TLS_KEY", str(tmp_path / "other" / "server-key.pem"))
+    assert qpc_main(args) == 1
+    assert "is not the private key of the certificate" in capsys.readouterr().err
