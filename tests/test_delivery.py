@@ -103,6 +103,24 @@ async def test_ack_beyond_any_seq_removes_everything(server, connect) -> None:
     assert await bob.peek() == []
 
 
+async def test_fetch_all_is_not_answered_with_fewer_bytes_than_a_limit(
+    app_factory, connect
+) -> None:
+    """The answer's envelope bytes are counted per message returned, so "all" (limit 0) and
+    an explicit limit carry the same payload bytes, and many small messages still come in
+    one answer."""
+    app = await app_factory(max_payload_bytes=64 * 1024, max_message_bytes=16 * 1024)
+    alice, bob = await pair(app, connect)
+    for i in range(5):
+        await alice.enqueue(bob.identity_key, bytes([i]) * 15_000)
+    assert len(await bob.peek(limit=5)) == 4  # 4 x 15 000 fit in 64 KiB, 5 do not
+    assert [m.seq for m in await bob.fetch(limit=0)] == [1, 2, 3, 4]
+    assert [m.seq for m in await bob.fetch(limit=0)] == [5]
+    for _ in range(500):
+        await alice.enqueue(bob.identity_key, b"tiny", ttl_secs=0)
+    assert len(await bob.fetch(limit=0)) == 500  # small messages: all of them at once
+
+
 async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
     alice, bob = await pair(server, connect)
     await alice.enqueue(bob.identity_key, b"short", ttl_secs=5)

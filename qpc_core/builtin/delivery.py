@@ -224,6 +224,7 @@ class Delivery:
             if not waiting:
                 del self.waiters[key]
             c = self.claims[key] = Claim(w)
+        size += ENVELOPE_OVERHEAD  # as the stores count it (fetch_caps)
         if not c.open or c.count >= c.waiter.max_count or c.size + size > c.waiter.max_bytes:
             c.open = False  # FIFO: nothing after a stored message may be handed over
             return None
@@ -394,12 +395,13 @@ class Delivery:
         return time.time() + ttl_secs if ttl_secs else None
 
     def fetch_caps(self, limit: int) -> tuple[int, int]:
-        """(message limit, payload byte cap) so that the encoded FetchResponse always fits
-        in one frame: sum(payload) + n * ENVELOPE_OVERHEAD <= max_payload_bytes."""
+        """(message limit, byte budget) so that the encoded FetchResponse always fits in one
+        frame: the payloads plus ENVELOPE_OVERHEAD per message stay within the budget (the
+        stores and the hand-off count it per message actually returned)."""
         max_payload = self.app.settings.max_payload_bytes
         cap_n = max(1, (max_payload // 2) // ENVELOPE_OVERHEAD)
         n = min(limit, cap_n) if limit else cap_n
-        return n, max_payload - RESPONSE_SLACK - n * ENVELOPE_OVERHEAD
+        return n, max_payload - RESPONSE_SLACK
 
     def max_message(self) -> int:
         """Largest payload that can still be delivered in one FetchResponse."""
@@ -484,8 +486,9 @@ class Delivery:
             stored = key in self.stored_since_fetch
             self.stored_since_fetch.discard(key)
             return await st.fetch(recipient, channel, n, now=now, max_bytes=cap,
-                                  likely_nonempty=stored)
-        return await st.peek(recipient, channel, n, now=now, max_bytes=cap)
+                                  likely_nonempty=stored, per_message=ENVELOPE_OVERHEAD)
+        return await st.peek(recipient, channel, n, now=now, max_bytes=cap,
+                             per_message=ENVELOPE_OVERHEAD)
 
     def _fetched(
         self, recipient: bytes, channel: bytes, msgs: list[StoredMessage], how: str

@@ -184,19 +184,20 @@ class Storage(ABC):
     @abstractmethod
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0, likely_nonempty: bool = False,
+        max_bytes: int = 0, likely_nonempty: bool = False, per_message: int = 0,
     ) -> list[StoredMessage]:
         """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
 
-        ``max_bytes`` (0 = no cap) stops before the payloads would exceed it, but the first
-        message is always returned so an inbox can never get stuck.  ``likely_nonempty`` is a
+        ``max_bytes`` (0 = no cap) stops before the payloads, plus ``per_message`` bytes for
+        each message (its envelope in the answer), would exceed it, but the first message is
+        always returned so an inbox can never get stuck.  ``likely_nonempty`` is a
         hint (messages were stored since the last fetch): a backend that checks for an empty
         inbox before starting a write may skip that check.  Results are the same either way."""
 
     @abstractmethod
     async def peek(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0,
+        max_bytes: int = 0, per_message: int = 0,
     ) -> list[StoredMessage]:
         """Like :meth:`fetch` without removing anything."""
 

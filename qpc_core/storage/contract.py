@@ -95,6 +95,19 @@ class StorageContract:
         assert seqs(await store.fetch(R1, b"", 0, now=now, max_bytes=10)) == [1]  # never stuck
         assert seqs(await store.fetch(R1, b"", 0, now=now, max_bytes=250)) == [2, 3]
 
+    async def test_contract_per_message_bytes_count_against_the_cap(
+        self, store: Storage
+    ) -> None:
+        await put(store, *(msg(payload=b"p" * 100) for _ in range(4)))
+        now = time.time()
+        # 3 x 100 fit in 320 alone, but not with 24 more per message (3 x 124 = 372).
+        assert seqs(await store.peek(R1, b"", 0, now=now, max_bytes=320)) == [1, 2, 3]
+        assert seqs(await store.peek(R1, b"", 0, now=now, max_bytes=320, per_message=24)) == [
+            1, 2]
+        assert seqs(await store.fetch(R1, b"", 0, now=now, max_bytes=10, per_message=24)) == [1]
+        assert seqs(await store.fetch(R1, b"", 5, now=now, max_bytes=248, per_message=24)) == [
+            2, 3]
+
     async def test_contract_dedup_within_the_window_only(self, store: Storage) -> None:
         mid = b"m" * 16
         now = time.time()

@@ -623,7 +623,8 @@ def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> Non
 
 
 def _select_live(
-    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
+    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int,
+    per_message: int = 0,
 ) -> list[StoredMessage]:
     cur = conn.execute(_SELECT_LIVE, (recipient, channel, now))
     if limit <= 0 and max_bytes <= 0:
@@ -631,7 +632,7 @@ def _select_live(
     out: list[StoredMessage] = []
     total = 0
     for s, p in cur:
-        total += len(p)
+        total += len(p) + per_message
         if max_bytes > 0 and total > max_bytes and out:
             break
         out.append(StoredMessage(s, p))
@@ -642,7 +643,8 @@ def _select_live(
 
 
 def _fetch_tx(
-    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int
+    conn: Conn, recipient: bytes, channel: bytes, limit: int, now: float, max_bytes: int,
+    per_message: int = 0,
 ) -> tuple[list[StoredMessage], bool]:
     """Remove and return the oldest live messages; the flag says whether that drained every
     live message of the inbox (what is left, if anything, has expired)."""
@@ -651,7 +653,7 @@ def _fetch_tx(
     total = 0
     drained = True
     for s, p in cur:
-        total += len(p)
+        total += len(p) + per_message
         if (max_bytes > 0 and total > max_bytes and out) or (limit > 0 and len(out) == limit):
             drained = False  # one more live message than this fetch takes
             break
@@ -1695,12 +1697,13 @@ class SqlCipherStorage(Storage):
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0, likely_nonempty: bool = False,
+        max_bytes: int = 0, likely_nonempty: bool = False, per_message: int = 0,
     ) -> list[StoredMessage]:
         """Remove and return up to ``limit`` (0 = all) unexpired messages, oldest first.
 
-        ``max_bytes`` (0 = no limit) caps the summed payload size; the first message is
-        returned even when it alone is larger, so an inbox can never get stuck."""
+        ``max_bytes`` (0 = no limit) caps the summed payload size plus ``per_message`` bytes
+        per message; the first message is returned even when it alone is larger, so an
+        inbox can never get stuck."""
         inbox = (recipient_key, channel_id)
         empties = self._empties
         on_loop = asyncio.get_running_loop() is self._loop
@@ -1718,7 +1721,7 @@ class SqlCipherStorage(Storage):
         # snapshot might not yet.
         since = self._empties.stamp()
         out, drained = await self._write(
-            _fetch_tx, recipient_key, channel_id, limit, now, max_bytes
+            _fetch_tx, recipient_key, channel_id, limit, now, max_bytes, per_message
         )
         if drained and on_loop:
             empties.observed_empty(inbox, since)
@@ -1726,10 +1729,12 @@ class SqlCipherStorage(Storage):
 
     async def peek(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0,
+        max_bytes: int = 0, per_message: int = 0,
     ) -> list[StoredMessage]:
         """Like :meth:`fetch` without removing anything."""
-        return await self._read(_select_live, recipient_key, channel_id, limit, now, max_bytes)
+        return await self._read(
+            _select_live, recipient_key, channel_id, limit, now, max_bytes, per_message
+        )
 
     async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
         return await self._write(_ack_tx, recipient_key, channel_id, seq_up_to)

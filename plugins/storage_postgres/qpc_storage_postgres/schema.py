@@ -13,7 +13,7 @@ at commit) so other servers wake their long polls and push to their connections.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NOTIFY_CHANNEL = "qpc_arrivals"
 
 _V1 = r"""
@@ -425,4 +425,67 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2)]
+# Reads count a per-message overhead against their byte cap (the envelope each message costs
+# in the answer), so "all" (limit 0) carries as many payload bytes as its frame allows
+# instead of reserving envelope room for the largest possible count.  New overloads with a
+# p_per_message argument; the schema-2 functions stay for nodes still running schema 2
+# (upgrade all nodes together, README).
+_V3 = r"""
+CREATE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean, p_per_message int
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    rec record;
+    total bigint := 0;
+    seqs bigint[] := '{}';
+BEGIN
+    FOR rec IN
+        SELECT m.seq, octet_length(m.payload) + p_per_message AS size FROM messages AS m
+        WHERE m.recipient_key = p_r AND m.channel_id = p_c
+          AND (m.expires_at IS NULL OR m.expires_at > p_now)
+        ORDER BY m.seq
+        LIMIT CASE WHEN p_limit > 0 THEN p_limit END
+    LOOP
+        IF p_max_bytes > 0 AND cardinality(seqs) > 0 AND total + rec.size > p_max_bytes THEN
+            EXIT;
+        END IF;
+        total := total + rec.size;
+        seqs := seqs || rec.seq;
+    END LOOP;
+    IF cardinality(seqs) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_remove THEN
+        -- As in schema 2: the inbox row first, then everything up to the last chosen seq.
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+        RETURN QUERY WITH gone AS (
+            DELETE FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c
+              AND m.seq <= seqs[cardinality(seqs)]
+            RETURNING m.seq, m.payload)
+            SELECT gone.seq, gone.payload FROM gone WHERE gone.seq = ANY (seqs);
+    ELSE
+        RETURN QUERY SELECT m.seq, m.payload FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c AND m.seq = ANY (seqs);
+    END IF;
+END $$;
+
+CREATE FUNCTION take_calls(
+    p_r bytea[], p_c bytea[], p_limit int[], p_now double precision[], p_max_bytes bigint[],
+    p_remove boolean[], p_per_message int[]
+) RETURNS TABLE (o_call int, o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i int;
+BEGIN
+    FOR i IN SELECT k FROM generate_subscripts(p_r, 1) AS k ORDER BY p_r[k], p_c[k], k LOOP
+        RETURN QUERY SELECT i, t.o_seq, t.o_payload
+            FROM take_messages(p_r[i], p_c[i], p_limit[i], p_now[i], p_max_bytes[i],
+                               p_remove[i], p_per_message[i]) AS t;
+    END LOOP;
+END $$;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3)]

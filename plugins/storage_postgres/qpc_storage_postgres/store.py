@@ -255,6 +255,7 @@ class _Take:
     max_bytes: int
     remove: bool
     fut: asyncio.Future[list[StoredMessage]]
+    per_message: int = 0
 
 
 class PostgresStorage(Storage):
@@ -488,7 +489,7 @@ class PostgresStorage(Storage):
                 )
 
     async def _take(self, recipient: bytes, channel: bytes, limit: int, now: float,
-                    max_bytes: int, remove: bool) -> list[StoredMessage]:
+                    max_bytes: int, remove: bool, per_message: int = 0) -> list[StoredMessage]:
         """Queued for this event-loop turn: the turn's reads go out as one ``take_calls``
         statement (one round trip, and one commit for all their removals)."""
         if self._closed:
@@ -497,7 +498,7 @@ class PostgresStorage(Storage):
         fut: asyncio.Future[list[StoredMessage]] = loop.create_future()
         self._pending_takes.append(
             _Take(recipient, channel, min(max(0, limit), _INT4_MAX), now, max(0, max_bytes),
-                  remove, fut))
+                  remove, fut, min(max(0, per_message), _INT4_MAX)))
         if not self._takes_scheduled:
             self._takes_scheduled = True
             loop.call_soon(self._flush_takes)
@@ -514,11 +515,12 @@ class PostgresStorage(Storage):
     async def _take_calls(self, takes: list[_Take]) -> None:
         args = ([t.recipient for t in takes], [t.channel for t in takes],
                 [t.limit for t in takes], [t.now for t in takes], [t.max_bytes for t in takes],
-                [t.remove for t in takes])
+                [t.remove for t in takes], [t.per_message for t in takes])
         what = "fetch" if any(t.remove for t in takes) else "peek"
         try:
             rows = await _rerun_if_rolled_back(lambda: self._pool.fetch(
-                "SELECT o_call, o_seq, o_payload FROM take_calls($1, $2, $3, $4, $5, $6)", *args,
+                "SELECT o_call, o_seq, o_payload FROM take_calls($1, $2, $3, $4, $5, $6, $7)",
+                *args,
             ))
         except _DB_ERRORS as e:
             err = StorageError(f"database error ({what}): {e}")
@@ -542,15 +544,17 @@ class PostgresStorage(Storage):
 
     async def fetch(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0, likely_nonempty: bool = False,
+        max_bytes: int = 0, likely_nonempty: bool = False, per_message: int = 0,
     ) -> list[StoredMessage]:
-        return await self._take(recipient_key, channel_id, limit, now, max_bytes, True)
+        return await self._take(recipient_key, channel_id, limit, now, max_bytes, True,
+                                per_message)
 
     async def peek(
         self, recipient_key: bytes, channel_id: bytes, limit: int, *, now: float,
-        max_bytes: int = 0,
+        max_bytes: int = 0, per_message: int = 0,
     ) -> list[StoredMessage]:
-        return await self._take(recipient_key, channel_id, limit, now, max_bytes, False)
+        return await self._take(recipient_key, channel_id, limit, now, max_bytes, False,
+                                per_message)
 
     async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
         async with _errors("ack"):
