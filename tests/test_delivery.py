@@ -121,6 +121,81 @@ async def test_fetch_all_is_not_answered_with_fewer_bytes_than_a_limit(
     assert len(await bob.fetch(limit=0)) == 500  # small messages: all of them at once
 
 
+async def test_many_small_messages_fetch_within_one_frame(app_factory, connect) -> None:
+    """Each message's envelope counts against the answer's frame (the service passes it to
+    the store): 90 x 47 bytes do not fit one 4 KiB answer with their envelopes."""
+    app = await app_factory(max_payload_bytes=4096)
+    alice, bob = await pair(app, connect)
+    for i in range(90):
+        await alice.enqueue(bob.identity_key, bytes([i]) * 47)
+    sizes = []
+    while batch := await bob.fetch():  # an oversize answer would be INTERNAL here
+        sizes.append(len(batch))
+    assert sum(sizes) == 90 and len(sizes) >= 2
+
+
+async def test_a_burst_handed_to_a_parked_fetch_wait_fits_one_frame(
+    app_factory, connect, monkeypatch
+) -> None:
+    """Enqueues sharing one claim on a parked FetchWait count envelopes like the stores do,
+    so what is handed over always fits one answer; the rest is stored, none lost."""
+    app = await app_factory(max_payload_bytes=1024)
+    alice, bob = await pair(app, connect)
+    d = app.state["delivery"]
+    parked, joined_all, gate = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_park, real_join, real_enqueue = delivery_mod.Waiter.park, d.join_claim, app.storage.enqueue
+    joins = 0
+
+    def park(self):
+        real_park(self)
+        parked.set()
+
+    def join(key, size):
+        nonlocal joins
+        joins += 1
+        if joins == 12:
+            joined_all.set()
+        return real_join(key, size)
+
+    async def held_enqueue(messages, **kw):
+        await gate.wait()  # the first commit waits until the whole burst has joined
+        return await real_enqueue(messages, **kw)
+
+    monkeypatch.setattr(delivery_mod.Waiter, "park", park)
+    monkeypatch.setattr(d, "join_claim", join)
+    monkeypatch.setattr(app.storage, "enqueue", held_enqueue)
+    waiting = asyncio.ensure_future(bob.fetch_wait(20_000))
+    await asyncio.wait_for(parked.wait(), 10)
+    sends = [asyncio.ensure_future(alice.enqueue(bob.identity_key, bytes([i]) * 80))
+             for i in range(12)]
+    await asyncio.wait_for(joined_all.wait(), 10)
+    gate.set()
+    await asyncio.gather(*sends)
+    handed = await asyncio.wait_for(waiting, 10)  # an oversize answer would be INTERNAL
+    assert 0 < len(handed) < 12  # 12 x (80 + 24) > 1024 - 64
+    rest = await bob.fetch()
+    assert sorted(m.seq for m in handed + rest) == list(range(1, 13))
+
+
+async def test_a_message_stored_under_a_larger_limit_is_still_delivered(
+    app_factory, connect, tmp_path
+) -> None:
+    """Lowering max_payload_bytes must not lose messages accepted under the old limit: the
+    one that no longer fits is answered alone, above the new limit (within the protocol's)."""
+    data = tmp_path / "lowered"
+    app = await app_factory(data_dir=data)
+    alice, bob = await pair(app, connect)
+    await alice.enqueue(bob.identity_key, b"B" * 100_000)
+    await alice.enqueue(bob.identity_key, b"small")
+    await app.stop()
+    app2 = await app_factory(data_dir=data, max_payload_bytes=16 * 1024,
+                             max_message_bytes=8 * 1024)
+    bob2 = await connect(app2, identity=bob.identity)
+    first = await bob2.fetch()
+    assert [(m.seq, len(m.data)) for m in first] == [(1, 100_000)]
+    assert [m.data for m in await bob2.fetch()] == [b"small"]
+
+
 async def test_ttl_expiry_and_collector(server, connect, monkeypatch) -> None:
     alice, bob = await pair(server, connect)
     await alice.enqueue(bob.identity_key, b"short", ttl_secs=5)

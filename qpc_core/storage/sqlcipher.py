@@ -629,6 +629,7 @@ def _select_live(
     cur = conn.execute(_SELECT_LIVE, (recipient, channel, now))
     if limit <= 0 and max_bytes <= 0:
         return [StoredMessage(s, p) for s, p in cur]
+    per_message = max(0, per_message)
     out: list[StoredMessage] = []
     total = 0
     for s, p in cur:
@@ -648,6 +649,7 @@ def _fetch_tx(
 ) -> tuple[list[StoredMessage], bool]:
     """Remove and return the oldest live messages; the flag says whether that drained every
     live message of the inbox (what is left, if anything, has expired)."""
+    per_message = max(0, per_message)
     cur = conn.execute(_SELECT_LIVE, (recipient, channel, now))
     out: list[StoredMessage] = []
     total = 0

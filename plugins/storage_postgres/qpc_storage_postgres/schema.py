@@ -442,7 +442,8 @@ DECLARE
     seqs bigint[] := '{}';
 BEGIN
     FOR rec IN
-        SELECT m.seq, octet_length(m.payload) + p_per_message AS size FROM messages AS m
+        SELECT m.seq, octet_length(m.payload)::bigint + GREATEST(p_per_message, 0) AS size
+            FROM messages AS m
         WHERE m.recipient_key = p_r AND m.channel_id = p_c
           AND (m.expires_at IS NULL OR m.expires_at > p_now)
         ORDER BY m.seq

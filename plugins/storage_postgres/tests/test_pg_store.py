@@ -481,6 +481,39 @@ async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
         await st.close()
 
 
+async def test_upgrade_from_schema_2_keeps_messages_and_old_reads(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema-2 database with queued messages migrates to 3: the messages are read with
+    per-message envelope bytes counted, and a schema-2 node's 6-argument take_calls still
+    answers until it is stopped."""
+    import qpc_storage_postgres.store as store_mod
+    from qpc_storage_postgres import schema
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", schema.MIGRATIONS[:2])
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    st = await PostgresStorage.open(pg_dsn)
+    await put(st, *(msg(payload=b"p" * 100) for _ in range(3)))
+    await st.close()
+    monkeypatch.undo()
+    st = await PostgresStorage.open(pg_dsn)
+    try:
+        now = time.time()
+        assert [m.seq for m in await st.peek(R1, b"", 0, now=now, max_bytes=240,
+                                             per_message=24)] == [1]  # 2 x 124 > 240
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("SET search_path TO qpc")
+            assert await conn.fetchval("SELECT max(version) FROM schema_version") == 3
+            old = await conn.fetch("SELECT o_seq FROM take_calls($1, $2, $3, $4, $5, $6)",
+                                   [R1], [b""], [0], [now], [240], [False])
+            assert [r["o_seq"] for r in old] == [1, 2]  # schema-2 reads: payload bytes only
+        finally:
+            await conn.close()
+    finally:
+        await st.close()
+
+
 async def test_newer_schema_is_refused(pg_dsn: str) -> None:
     await (await PostgresStorage.open(pg_dsn)).close()  # creates the schema
     conn = await asyncpg.connect(pg_dsn)
