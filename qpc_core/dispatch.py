@@ -124,7 +124,8 @@ class Dispatcher:
             request = method.request_type.FromString(payload)
         except DecodeError as e:
             raise BadRequest(f"malformed {method.request_type.__name__}: {e}") from None
-        ctx = RpcContext(app, conn, method, frame.request_id, auth)
+        ctx = RpcContext(app, conn, method, frame.request_id, auth,
+                         charged=1 if method.rate_limited else 0)
         if method.auth == "identity":
             ctx.require_identity()
         response = await method.handler(ctx, request)

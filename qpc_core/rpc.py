@@ -103,6 +103,9 @@ class RpcContext:
     method: RpcMethod
     request_id: int
     auth: AuthResult | None
+    #: Units this call has counted in its own rate-limit group (the dispatcher's 1, plus
+    #: :meth:`charge`).
+    charged: int = 1
 
     @property
     def identity_key(self) -> bytes | None:
@@ -127,41 +130,59 @@ class RpcContext:
             raise Forbidden(f"you may only access your own {what}")
         return ident
 
-    def charge(self, extra: int, what: str = "units") -> None:
-        """Count this call as ``1 + extra`` calls of its rate-limit group, against the
-        caller's identity and IP (the dispatcher already counted the 1): for calls whose
-        work grows with the request, e.g. BatchEnqueue per recipient.  ``RATE_LIMITED`` with
-        retry-after when the budget is used up; ``TOO_LARGE`` when the call alone exceeds
-        the limit, since waiting would not help."""
-        if extra <= 0 or not self.method.rate_limited:
+    def charge(self, extra: int, what: str = "units", *, group: str | None = None) -> None:
+        """Count ``extra`` more units of rate limit for this call, against the caller's
+        identity and IP.
+
+        Without ``group``: this method's own group, where the dispatcher already counted 1
+        (for calls whose work grows with the request, e.g. BatchEnqueue per recipient).
+        With ``group``: another group, and only if the operator configured it explicitly
+        (e.g. ``[rate_limits.enqueue]``; an unconfigured one does not fall back to
+        ``default``).  ``RATE_LIMITED`` with retry-after when a budget is used up,
+        ``TOO_LARGE`` when the call alone exceeds a limit (waiting would not help); either
+        way the call then counts nothing in its own group either."""
+        if extra <= 0:
             return
         limiter = self.app.rate_limiter
-        spec = limiter.limit_for(self.method.group)
+        own = group is None or group == self.method.group
+        name = self.method.group if own else str(group)
+        if own and not self.method.rate_limited:
+            return
+        spec = limiter.limit_for(name) if own else limiter.limits.get(name)
         if spec is None:
             return
         keys: list[tuple[str, object]] = [("ip", self.conn.peer.host)]
+        allowed = spec.requests * limiter.ip_factor
         if self.identity_key is not None:
             keys.insert(0, ("identity", self.identity_key))
-        if extra + 1 > spec.requests:
-            limiter.refund(self.method.group, keys)  # the dispatcher's 1: nothing was done
+            allowed = spec.requests
+        total = (self.charged if own else 0) + extra
+        if total > allowed:
+            self._give_back(keys)
             raise TooLarge(
-                f"this call counts as {extra + 1} {what} and the '{self.method.group}' rate "
-                f"limit allows {spec.requests} per {spec.window_secs:g}s"
+                f"this call counts as {total} {what} and the '{name}' rate limit allows "
+                f"{spec.requests} per {spec.window_secs:g}s"
             )
-        res = limiter.check_all(self.method.group, keys, extra)
+        res = limiter.check_all(name, keys, extra)
         if not res.allowed:
-            # The dispatcher counted 1 for this call; a refused call counts nothing, or a
-            # batch that fills the whole limit could never get through by retrying.
-            limiter.refund(self.method.group, keys)
+            # A refused call counts nothing, or a batch that fills a whole limit could never
+            # get through by retrying.
+            self._give_back(keys)
             self.app.hooks.on_rate_limited(
-                self.app, res.kind, self.method.group, self.method.method_id,
-                res.retry_after_secs,
+                self.app, res.kind, name, self.method.method_id, res.retry_after_secs
             )
             raise RateLimited(
-                f"rate limit for '{self.method.group}' calls exceeded ({extra + 1} {what}); "
+                f"rate limit for '{name}' calls exceeded ({total} {what}); "
                 f"retry in {res.retry_after_secs:.1f}s",
                 retry_after=res.retry_after_secs,
             )
+        if own:
+            self.charged += extra
+
+    def _give_back(self, keys: list[tuple[str, object]]) -> None:
+        if self.method.rate_limited and self.charged:
+            self.app.rate_limiter.refund(self.method.group, keys, self.charged)
+            self.charged = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,6 +361,38 @@ async def test_batch_enqueue_counts_one_enqueue_per_recipient(app_factory, conne
         await others[0].batch_enqueue(many, b"never fits")
 
 
+async def test_an_enqueue_only_rate_limit_leaves_reads_alone(app_factory, connect) -> None:
+    """[rate_limits.enqueue] (optional) counts Enqueue/BatchEnqueue messages only: a sender
+    at its enqueue limit can still fetch, and a refused batch counts nowhere."""
+    app = await app_factory(rate_limits={"enqueue": {"requests": 4, "window_secs": 60},
+                                         "delivery": {"requests": 20, "window_secs": 60}})
+    hits: list[str] = []
+    from qpc_core.hookspecs import hookimpl
+
+    class Spy:
+        @hookimpl
+        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
+            hits.append(group)
+
+    app.pm.register(Spy(), name="spy")
+    alice, bob, carol = await connect(app), await connect(app), await connect(app)
+    await alice.enqueue(bob.identity_key, b"1")
+    await alice.batch_enqueue([bob.identity_key, carol.identity_key], b"2 and 3")
+    with pytest.raises(RateLimited, match=r"'enqueue' calls exceeded \(2 enqueues\)"):
+        await alice.batch_enqueue([bob.identity_key, carol.identity_key], b"4 and 5")
+    await alice.enqueue(bob.identity_key, b"4")  # the refused batch counted nothing
+    with pytest.raises(RateLimited, match="'enqueue'"):
+        await alice.enqueue(bob.identity_key, b"5")
+    for _ in range(5):  # reads are limited by the delivery group only
+        await alice.fetch()
+    assert hits == ["enqueue", "enqueue"]
+    # delivery group: 1 + 2 (batch) + 1 + the refused ones given back + 5 fetches = 9 of 20
+    used = app.rate_limiter._entries[("delivery", "identity", alice.identity_key)].cur
+    assert used == 9
+    with pytest.raises(TooLarge, match="'enqueue' rate limit allows 4"):
+        await carol.batch_enqueue([bytes([i]) * 32 for i in range(5)], b"never fits")
+
+
 async def test_sender_rate_limit(app_factory, connect) -> None:
     app = await app_factory(rate_limits={"delivery": {"requests": 5, "window_secs": 60}})
     hits: list[tuple[str, str]] = []

@@ -45,6 +45,9 @@ ENQUEUE, FETCH, FETCH_WAIT, PEEK, ACK, BATCH_ENQUEUE = 200, 201, 202, 203, 204, 
 MAX_CHANNEL_ID = 64
 MESSAGE_ID_LEN = 16
 MAX_BATCH_RECIPIENTS = 1000
+#: Optional rate-limit group counting only Enqueue/BatchEnqueue messages (per recipient);
+#: applies when configured as ``[rate_limits.enqueue]``.
+ENQUEUE_RATE_GROUP = "enqueue"
 PROOF_CONTEXT = b"qpc-v1 delivery-proof\x00"
 DUPLICATE_PROOF_CONTEXT = b"qpc-v1 duplicate-proof\x00"
 #: Largest seq a store holds (signed 64-bit in SQLite and PostgreSQL); Ack clamps to it.
@@ -417,6 +420,7 @@ class Delivery:
         recipient = check_identity_key(req.recipient_key, "recipient_key")
         self.validate_common(req.payload, req.message_id)
         await self.check_channel(req.channel_id, sender, (recipient,))
+        ctx.charge(1, "enqueues", group=ENQUEUE_RATE_GROUP)
         msg = NewMessage(
             recipient,
             req.channel_id,
@@ -447,8 +451,10 @@ class Delivery:
             raise BadRequest("recipient_keys contains duplicates")
         self.validate_common(req.payload, req.message_id)
         await self.check_channel(req.channel_id, sender, recipients)
-        # The per-sender enqueue rate counts messages: one per recipient.
+        # Rate limits count messages: one per recipient (delivery group, and the optional
+        # enqueue-only group).
         ctx.charge(len(recipients) - 1, "enqueues")
+        ctx.charge(len(recipients), "enqueues", group=ENQUEUE_RATE_GROUP)
         exp = self.expires_at(req.ttl_secs)
         msgs = [
             NewMessage(r, req.channel_id, req.payload, req.message_id, exp, sender)
