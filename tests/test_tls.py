@@ -252,3 +252,37 @@ def test_check_config_validates_the_certificate_pair(tmp_path: Path, monkeypatch
     monkeypatch.setenv("QPC_TLS_KEY", str(tmp_path / "other" / "server-key.pem"))
     assert qpc_main(args) == 1
     assert "is not the private key of the certificate" in capsys.readouterr().err
+
+
+def test_an_old_self_signed_ca_dev_certificate_is_kept_with_a_warning(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """Data dirs from before the CA-issued dev certificate keep working (aioquic clients
+    accept it) and the log says how to get one rustls/qh3 clients accept."""
+    import logging
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpc development server")])
+    now = dt.datetime.now(dt.UTC)
+    old = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=300))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "server-cert.der").write_bytes(old.public_bytes(serialization.Encoding.DER))
+    (tmp_path / "server-key.der").write_bytes(key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    caplog.set_level(logging.WARNING, logger="qpc.tls")
+    tls = resolve_tls(tmp_path, None, None, production=False)
+    assert tls.certificate == old  # kept: clients pinned it
+    assert "self-signed as its own CA" in caplog.text and "server-*" in caplog.text
+    caplog.clear()
+    fresh = tmp_path / "fresh"
+    resolve_tls(fresh, None, None, production=False)
+    caplog.clear()
+    resolve_tls(fresh, None, None, production=False)  # a current one: no such warning
+    assert "own CA" not in caplog.text

@@ -210,6 +210,15 @@ def resolve_tls(
                 cert,
                 data_dir / DEV_CA_PEM,
             )
+        elif _is_own_ca(load_certificate(cert)):
+            log.warning(
+                "the development certificate %s is self-signed as its own CA (made by an older "
+                "qpc): rustls- and qh3-based clients refuse it; delete %s/server-* to get a "
+                "CA-issued one (clients then trust %s)",
+                cert,
+                data_dir,
+                data_dir / DEV_CA_PEM,
+            )
     for label, p in (("tls_cert", cert), ("tls_key", key)):
         if not p.is_file():
             raise ConfigError(f"config: {label}: file not found: {p}")
@@ -235,6 +244,14 @@ def resolve_tls(
                 "%s expires in %d days (%s): renew it", what, remaining.days, c.not_valid_after_utc
             )
     return TlsMaterial(certificate, private_key, cert, chain)
+
+
+def _is_own_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca) and cert.issuer == cert.subject
 
 
 def _check_key_matches(
