@@ -26,6 +26,11 @@ log = logging.getLogger("qpc.app")
 SHUTDOWN_REASON = "server shutting down"
 
 
+#: Rate-limit groups that only the core charges (through ``RpcContext.charge(group=...)``),
+#: never a method's own group.
+RESERVED_RATE_GROUPS = frozenset({"enqueue"})
+
+
 class App:
     """A qpc server instance.
 
@@ -111,6 +116,12 @@ class App:
                 raise PluginError(
                     f"method {method.method_id} is claimed by both plugin '{existing[0]}' "
                     f"({existing[1].name}) and plugin '{plugin}' ({method.name})"
+                )
+            if method.group in RESERVED_RATE_GROUPS:
+                raise PluginError(
+                    f"method {method.method_id} ({method.name}) of plugin '{plugin}' uses the "
+                    f"rate-limit group '{method.group}', which is reserved (it counts "
+                    "messages sent with Enqueue/BatchEnqueue); choose another group"
                 )
             self.methods[method.method_id] = (plugin, method)
 

@@ -104,8 +104,10 @@ class RpcContext:
     request_id: int
     auth: AuthResult | None
     #: Units this call has counted in its own rate-limit group (the dispatcher's 1, plus
-    #: :meth:`charge`).
-    charged: int = 1
+    #: :meth:`charge`); the dispatcher sets the 1.
+    charged: int = 0
+    #: Units counted in other groups by :meth:`charge` (created on first use).
+    charged_other: dict[str, int] | None = None
 
     @property
     def identity_key(self) -> bytes | None:
@@ -140,7 +142,7 @@ class RpcContext:
         (e.g. ``[rate_limits.enqueue]``; an unconfigured one does not fall back to
         ``default``).  ``RATE_LIMITED`` with retry-after when a budget is used up,
         ``TOO_LARGE`` when the call alone exceeds a limit (waiting would not help); either
-        way the call then counts nothing in its own group either."""
+        way the call then counts nothing, in any group."""
         if extra <= 0:
             return
         limiter = self.app.rate_limiter
@@ -178,11 +180,21 @@ class RpcContext:
             )
         if own:
             self.charged += extra
+        else:
+            other = self.charged_other if self.charged_other is not None else {}
+            other[name] = other.get(name, 0) + extra
+            self.charged_other = other
 
     def _give_back(self, keys: list[tuple[str, object]]) -> None:
+        """A refused call counts nothing anywhere: return what it counted so far."""
+        limiter = self.app.rate_limiter
         if self.method.rate_limited and self.charged:
-            self.app.rate_limiter.refund(self.method.group, keys, self.charged)
+            limiter.refund(self.method.group, keys, self.charged)
             self.charged = 0
+        if self.charged_other:
+            for name, units in self.charged_other.items():
+                limiter.refund(name, keys, units)
+            self.charged_other = None
 
 
 @dataclass(frozen=True, slots=True)

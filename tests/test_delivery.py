@@ -391,6 +391,33 @@ async def test_an_enqueue_only_rate_limit_leaves_reads_alone(app_factory, connec
     assert used == 9
     with pytest.raises(TooLarge, match="'enqueue' rate limit allows 4"):
         await carol.batch_enqueue([bytes([i]) * 32 for i in range(5)], b"never fits")
+    # ... and that refusal gave back what the batch had counted in the delivery group.
+    assert app.rate_limiter._entries[("delivery", "identity", carol.identity_key)].cur == 0
+
+
+async def test_the_enqueue_group_applies_only_when_configured(app_factory, connect) -> None:
+    """No [rate_limits.enqueue]: sends are limited by delivery alone, never by `default`."""
+    app = await app_factory(rate_limits={"default": {"requests": 2, "window_secs": 60},
+                                         "delivery": {"requests": 100, "window_secs": 60}})
+    alice, bob = await pair(app, connect)
+    for i in range(5):
+        await alice.enqueue(bob.identity_key, b"%d" % i)
+    await alice.batch_enqueue([bob.identity_key, alice.identity_key], b"b")
+    assert not any(k[0] == "enqueue" for k in app.rate_limiter._entries)
+
+
+async def test_a_batch_the_delivery_limit_refuses_counts_nothing_in_enqueue(
+    app_factory, connect
+) -> None:
+    app = await app_factory(rate_limits={"enqueue": {"requests": 100, "window_secs": 60},
+                                         "delivery": {"requests": 3, "window_secs": 60}})
+    alice, bob, carol = await connect(app), await connect(app), await connect(app)
+    await alice.enqueue(bob.identity_key, b"1")  # delivery 1, enqueue 1
+    with pytest.raises(RateLimited, match="'delivery'"):
+        await alice.batch_enqueue([bob.identity_key, carol.identity_key, b"\x07" * 32], b"x")
+    entries = app.rate_limiter._entries
+    assert entries[("enqueue", "identity", alice.identity_key)].cur == 1
+    assert entries[("delivery", "identity", alice.identity_key)].cur == 1
 
 
 async def test_sender_rate_limit(app_factory, connect) -> None:

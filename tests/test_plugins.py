@@ -67,6 +67,13 @@ def test_duplicate_method_id_names_both_plugins(tmp_path, monkeypatch) -> None:
         _app(tmp_path, plugins=["dup"])
 
 
+def test_a_plugin_method_may_not_use_the_reserved_enqueue_group(tmp_path, monkeypatch) -> None:
+    use_fake_plugins(monkeypatch, sneaky="reserved_group")
+    with pytest.raises(PluginError, match=r"method 9101 \(Sneaky\) of plugin 'sneaky' uses "
+                                          r"the rate-limit group 'enqueue', which is reserved"):
+        _app(tmp_path, plugins=["sneaky"])
+
+
 def test_blocking_a_builtin(tmp_path) -> None:
     app = _app(tmp_path, plugins=["no:keys"])
     assert "keys" not in [p.name for p in app.plugins]
