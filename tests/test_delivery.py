@@ -24,6 +24,21 @@ from qpc_core.framing import PushEvent
 from qpc_core.pb import common_pb2
 
 
+def rate_limit_hits(app) -> list[tuple[str, str]]:
+    """(key kind, group) of every on_rate_limited the app fires from now on."""
+    from qpc_core.hookspecs import hookimpl
+
+    hits: list[tuple[str, str]] = []
+
+    class Spy:
+        @hookimpl
+        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
+            hits.append((key_kind, group))
+
+    app.pm.register(Spy(), name="rate-limit-spy")
+    return hits
+
+
 async def pair(server, connect):
     return await connect(server), await connect(server)
 
@@ -323,22 +338,14 @@ async def test_a_call_the_ip_limit_refuses_leaves_the_identity_budget_alone(
 ) -> None:
     app = await app_factory(rate_limits={"delivery": {"requests": 3, "window_secs": 60}},
                             rate_limit_ip_factor=1.0)
-    kinds: list[str] = []
-    from qpc_core.hookspecs import hookimpl
-
-    class Spy:
-        @hookimpl
-        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
-            kinds.append(key_kind)
-
-    app.pm.register(Spy(), name="spy")
+    hits = rate_limit_hits(app)
     alice, carol, bob = await connect(app), await connect(app), await connect(app)
     await alice.enqueue(bob.identity_key, b"alice 1")  # alice 1/3, IP 1/3
     for _ in range(2):
         await carol.enqueue(bob.identity_key, b"carol")  # IP 3/3 (all on 127.0.0.1)
     with pytest.raises(RateLimited):
         await alice.enqueue(bob.identity_key, b"refused by the IP limit")
-    assert kinds == ["ip"]
+    assert hits == [("ip", "delivery")]
     used = app.rate_limiter._entries[("delivery", "identity", alice.identity_key)].cur
     assert used == 1  # the refused call was not charged to alice
 
@@ -366,15 +373,7 @@ async def test_an_enqueue_only_rate_limit_leaves_reads_alone(app_factory, connec
     at its enqueue limit can still fetch, and a refused batch counts nowhere."""
     app = await app_factory(rate_limits={"enqueue": {"requests": 4, "window_secs": 60},
                                          "delivery": {"requests": 20, "window_secs": 60}})
-    hits: list[str] = []
-    from qpc_core.hookspecs import hookimpl
-
-    class Spy:
-        @hookimpl
-        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
-            hits.append(group)
-
-    app.pm.register(Spy(), name="spy")
+    hits = rate_limit_hits(app)
     alice, bob, carol = await connect(app), await connect(app), await connect(app)
     await alice.enqueue(bob.identity_key, b"1")
     await alice.batch_enqueue([bob.identity_key, carol.identity_key], b"2 and 3")
@@ -385,7 +384,7 @@ async def test_an_enqueue_only_rate_limit_leaves_reads_alone(app_factory, connec
         await alice.enqueue(bob.identity_key, b"5")
     for _ in range(5):  # reads are limited by the delivery group only
         await alice.fetch()
-    assert hits == ["enqueue", "enqueue"]
+    assert hits == [("identity", "enqueue"), ("identity", "enqueue")]
     # delivery group: 1 + 2 (batch) + 1 + the refused ones given back + 5 fetches = 9 of 20
     used = app.rate_limiter._entries[("delivery", "identity", alice.identity_key)].cur
     assert used == 9
@@ -422,15 +421,7 @@ async def test_a_batch_the_delivery_limit_refuses_counts_nothing_in_enqueue(
 
 async def test_sender_rate_limit(app_factory, connect) -> None:
     app = await app_factory(rate_limits={"delivery": {"requests": 5, "window_secs": 60}})
-    hits: list[tuple[str, str]] = []
-    from qpc_core.hookspecs import hookimpl
-
-    class Spy:
-        @hookimpl
-        def on_rate_limited(self, app, key_kind, group, method_id, retry_after):
-            hits.append((key_kind, group))
-
-    app.pm.register(Spy(), name="spy")
+    hits = rate_limit_hits(app)
     alice, bob = await connect(app), await connect(app)
     for _ in range(5):
         await alice.enqueue(bob.identity_key, b"x")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -167,19 +167,14 @@ class _ClientProtocol(_ClientLogic, QuicConnectionProtocol):
     """The client connection on aioquic (the default)."""
 
 
-_protocol_classes: dict[str, type[_ClientLogic]] = {"aioquic": _ClientProtocol}
-
 #: QUIC library of the SDK when ``connect`` is not told: ``QPC_CLIENT_QUIC_BACKEND`` or aioquic.
 CLIENT_BACKEND_ENV = "QPC_CLIENT_QUIC_BACKEND"
 
 
 def client_protocol_class(backend: Backend) -> type[_ClientLogic]:
-    cls = _protocol_classes.get(backend.name)
-    if cls is None:
-        cls = type(f"{backend.name.capitalize()}ClientProtocol",
-                   (_ClientLogic, backend.protocol_base), {})
-        _protocol_classes[backend.name] = cls
-    return cls
+    if backend.name == "aioquic":
+        return _ClientProtocol
+    return cast(type[_ClientLogic], backend.bind(_ClientLogic))
 
 
 def client_backend(name: str | None = None) -> Backend:

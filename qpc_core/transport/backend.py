@@ -61,6 +61,19 @@ class Backend:
             cfg.private_key = tls.private_key
         return cfg
 
+    def bind(self, logic: type[Any]) -> type[Any]:
+        """``logic`` (a protocol mixin written against the asyncio API aioquic and qh3 1.x
+        share) on this library's QuicConnectionProtocol; one class per (logic, library)."""
+        key = (logic, self.name)
+        cls = _bound.get(key)
+        if cls is None:
+            cls = _bound[key] = type(f"{self.name.capitalize()}{logic.__name__.lstrip('_')}",
+                                     (logic, self.protocol_base), {})
+        return cls
+
+
+_bound: dict[tuple[type[Any], str], type[Any]] = {}
+
 
 def load_backend(name: str) -> Backend:
     """Import the named QUIC library; ImportError says how to install a missing one."""

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 
@@ -335,16 +335,10 @@ class ServerConnection(_ServerConnectionLogic, QuicConnectionProtocol):
     """A client connection on aioquic (the default backend)."""
 
 
-_connection_classes: dict[str, type[_ServerConnectionLogic]] = {"aioquic": ServerConnection}
-
-
 def connection_class(backend: Backend) -> type[_ServerConnectionLogic]:
-    cls = _connection_classes.get(backend.name)
-    if cls is None:
-        cls = type(f"{backend.name.capitalize()}ServerConnection",
-                   (_ServerConnectionLogic, backend.protocol_base), {})
-        _connection_classes[backend.name] = cls
-    return cls
+    if backend.name == "aioquic":
+        return ServerConnection
+    return cast(type[_ServerConnectionLogic], backend.bind(_ServerConnectionLogic))
 
 
 class QuicTransport:
