@@ -25,8 +25,15 @@ USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,31}$")
 CORE_KV = "core"
 
 
+#: Longest input :func:`normalize_username` looks at: NFKC can grow a string 18-fold, so an
+#: unchecked multi-megabyte name cost seconds of event-loop time before being refused.
+MAX_USERNAME_INPUT = 128
+
+
 def normalize_username(username: str) -> str:
     """NFKC + lower case; 2-32 characters of ``a-z 0-9 . _ -`` starting with a letter/digit."""
+    if len(username) > MAX_USERNAME_INPUT:
+        raise BadRequest(f"username must be 2-32 characters (got {len(username)})")
     name = unicodedata.normalize("NFKC", username).strip().lower().lstrip("@")
     if not USERNAME_RE.match(name):
         raise BadRequest(

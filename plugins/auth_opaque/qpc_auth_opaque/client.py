@@ -59,7 +59,7 @@ async def register(
         state, response, ksf or default_ksf(), server_identity=server_identity
     )
     upload = record.serialize()
-    sig = client.identity.sign(register_message(name, upload))
+    sig = client.identity.sign(register_message(response.server_public_key, name, upload))
     await client.call(
         101,
         pb.OpaqueRegisterFinishRequest(

@@ -22,6 +22,9 @@ class OpaqueConfig(BaseModel):
     session_lifetime_secs: int = Field(default=30 * 86400, gt=0)
     pending_login_ttl_secs: float = Field(default=60.0, gt=0)
     max_pending_logins: int = Field(default=10_000, gt=0)
+    # Logins in progress from one client IP (a flood from one address cannot push other
+    # users' logins out of the table above).
+    max_pending_logins_per_ip: int = Field(default=64, gt=0)
 
     # Brute-force defence: this many failures are free inside the window, then every further
     # failure doubles a lock-out starting at backoff_base_secs (capped at backoff_max_secs).

@@ -4,7 +4,8 @@ Each key keeps the times of its recent failures (inside ``window``).  Up to ``fr
 failures cost nothing; failure number ``free + k`` locks the key for
 ``min(base * 2**(k-1), cap)`` seconds.  While locked, login attempts are refused before any
 OPAQUE work is done.  A success clears the username's record.  Memory is bounded: keys whose
-failures all left the window are dropped lazily.
+failures all left the window are dropped lazily, and beyond ``max_keys`` the least recently
+failed keys are forgotten (unlocked ones first).
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class Throttle:
     def failure(self, key: object) -> float:
         """Record a failure; return the lock-out it caused (0 while still free)."""
         now = self.clock()
-        e = self._entries.get(key)
+        e = self._entries.pop(key, None)
         if e is None:
             if len(self._entries) >= self.max_keys:
                 self._gc(now)
-            e = self._entries[key] = _Entry()
+            e = _Entry()
+        self._entries[key] = e  # (re)inserted last: the dict is ordered by last failure
         while e.failures and now - e.failures[0] > self.window:
             e.failures.popleft()
         e.failures.append(now)
@@ -71,6 +73,15 @@ class Throttle:
     def success(self, key: object) -> None:
         self._entries.pop(key, None)
 
+    def forgive(self, key: object) -> None:
+        """Take back the most recent failure of ``key`` (an attempt counted when it started
+        that then succeeded); a lock-out already running stays."""
+        e = self._entries.get(key)
+        if e is not None and e.failures:
+            e.failures.pop()
+            if not e.failures and e.locked_until <= self.clock():
+                del self._entries[key]
+
     def _gc(self, now: float) -> None:
         stale = [
             k
@@ -78,4 +89,17 @@ class Throttle:
             if e.locked_until <= now and (not e.failures or now - e.failures[-1] > self.window)
         ]
         for k in stale:
+            del self._entries[k]
+        if len(self._entries) < self.max_keys:
+            return
+        # Still full: forget the least recently failed keys, unlocked ones first, down to
+        # 90 % of the cap (so this does not run on every failure).
+        target = self.max_keys * 9 // 10
+        for k in [k for k, e in self._entries.items() if e.locked_until <= now]:
+            if len(self._entries) <= target:
+                return
+            del self._entries[k]
+        for k in list(self._entries):
+            if len(self._entries) <= target:
+                return
             del self._entries[k]
