@@ -138,7 +138,7 @@ class Dispatcher:
             return None  # the method's own decode reports the error
         if not env.HasField("auth") or not env.auth.access_token:
             return None
-        result = await self.app.hooks.authenticate(self.app, env.auth.access_token, conn.peer)
+        result = await self.authenticate_token(conn, env.auth.access_token, 0)
         if result is None:
             raise Unauthenticated("invalid access token")
         if (
@@ -147,6 +147,37 @@ class Dispatcher:
             and result.identity_key != conn.identity_key
         ):
             raise Unauthenticated("access token belongs to another identity than the connection")
+        return result
+
+    async def authenticate_token(
+        self, conn: Connection, token: bytes, method_id: int
+    ) -> AuthResult | None:
+        """Resolve a bearer token (connection handshake or a request's ``Auth`` field).
+
+        Refused tokens count against the client IP in the ``auth`` rate group (``method_id``:
+        0 for the handshake); while that IP is over the limit, tokens are refused with
+        ``RATE_LIMITED`` before any resolver runs, so tokens cannot be guessed online at
+        full speed.  Accepted tokens count nothing (a session token may ride on every
+        request)."""
+        limiter = self.app.rate_limiter
+        key = [("ip", conn.peer.host)]
+        res = limiter.peek("auth", key)  # would one more refusal still be allowed?
+        if not res.allowed:
+            self.app.hooks.on_rate_limited(
+                self.app, res.kind, "auth", method_id, res.retry_after_secs
+            )
+            raise RateLimited(
+                f"too many refused tokens from this address; retry in "
+                f"{res.retry_after_secs:.1f}s",
+                retry_after=res.retry_after_secs,
+            )
+        try:
+            result = await self.app.hooks.authenticate(self.app, token, conn.peer)
+        except Unauthenticated:
+            limiter.check_all("auth", key)
+            raise
+        if result is None:
+            limiter.check_all("auth", key)
         return result
 
     def _rate_limit(self, conn: Connection, method: RpcMethod, auth: AuthResult | None) -> None:

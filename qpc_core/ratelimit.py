@@ -90,6 +90,21 @@ class RateLimiter:
             w.cur += cost
         return RateResult(True, remaining, 0.0)
 
+    def peek(self, group: str, keys: Sequence[tuple[str, object]], cost: int = 1) -> RateResult:
+        """Would ``check_all`` allow ``cost`` now?  Counts nothing (for limits charged only
+        on failure: refuse early while the failures are over the limit)."""
+        spec = self.limit_for(group)
+        if spec is None:
+            return RateResult(True, 1 << 31, 0.0)
+        now = self._clock()
+        remaining = 1 << 31
+        for kind, key in keys:
+            _w, res = self._assess(spec, group, kind, key, cost, now)
+            if not res.allowed:
+                return res
+            remaining = min(remaining, res.remaining)
+        return RateResult(True, remaining, 0.0)
+
     def refund(self, group: str, keys: Sequence[tuple[str, object]], cost: int = 1) -> None:
         """Give back ``cost`` counted earlier for each key (never below zero): a call that
         was admitted and then refused for its size should not count at all."""
