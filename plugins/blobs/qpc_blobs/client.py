@@ -125,7 +125,8 @@ async def upload(client: QpcClient, data_or_path: Source, *, mime_type: str = DE
     reader = _Reader(data_or_path)
     blob_id, total = await reader.digest_and_size()
     st = await status(client, blob_id)
-    # Stored already (claim it), or a partial of another size (the server will say why): 0.
+    # Stored already (claim it), or a partial of another size (a chunk at offset 0 makes the
+    # server drop it and start over): 0.
     stale = st.complete or (st.total_size != 0 and st.total_size != total)
     start = 0 if stale else st.received
     if not st.complete and total and start >= total:

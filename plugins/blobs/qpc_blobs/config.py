@@ -7,6 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field
 KIB = 1024
 MIB = 1024 * KIB
 
+# The smallest charge against the quota for one blob (or unfinished upload): each blob costs
+# at least a file system block for its content, plus its sidecar and directory entries.
+MIN_CHARGE_BYTES = 4 * KIB
+
 # A chunk must fit in one frame together with the rest of its message (hash, offsets, MIME
 # type, Auth field): the protocol maximum is 4 MiB, so keep 4 KiB for everything else.
 FRAME_OVERHEAD = 4 * KIB
@@ -24,7 +28,12 @@ class BlobsConfig(BaseModel):
     quota_bytes_per_identity: int = Field(default=1024 * MIB, ge=0)
     """Bytes one identity may hold: every blob it uploaded (each counted once, also when the
     content was already stored) plus the full ``total_size`` of its unfinished uploads.
-    ``0`` disables the quota."""
+    Each blob and unfinished upload counts at least ``MIN_CHARGE_BYTES`` (4 KiB), what it
+    costs on disk at the least.  ``0`` disables the quota."""
+
+    max_blobs_per_identity: int = Field(default=100_000, ge=0)
+    """Blobs one identity may hold, unfinished uploads included (each blob is two files on
+    disk).  ``0`` disables the limit."""
 
     max_partial_uploads_per_identity: int = Field(default=16, gt=0)
     """Unfinished uploads one identity may have at a time (each holds a file and a record)."""

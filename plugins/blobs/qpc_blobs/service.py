@@ -8,6 +8,8 @@ State lives in three places:
   ``part:<identity><hash>`` → the unfinished upload's ``total_size``, MIME type and start time;
   ``own:<identity><hash>`` → size and time, one per blob an identity uploaded (the quota);
   ``ref:<hash><identity>`` → the reverse index, to know when nobody holds a blob any more;
+  ``purge:<identity>`` → an account deletion whose blobs are still being removed (finished
+  at the next start or by the collector if the server stopped in between);
 * **memory**: one :class:`_Upload` per (identity, blob hash) being worked on, holding the
   running SHA-256 so that verifying a 50 MB blob costs nothing when its last byte arrives.
 
@@ -16,8 +18,9 @@ chunks are applied strictly in order. A chunk that arrives ahead of the bytes re
 pipelining client's streams overtaking each other) waits on the condition for a bounded time.
 Steps that change files or records run as shielded tasks: a call cancelled by a dropped
 connection cannot leave the running hash, the file and ``received`` disagreeing; the next
-call on that upload waits for the step to finish first.  Lock order: upload condition →
-per-hash lock → per-identity lock.
+call on that upload waits for the step to finish first.  Account deletion runs as a task of
+its own for the same reason (see :meth:`BlobService.forget_identity`).  Lock order: purge lock
+→ upload condition → per-hash lock → per-identity lock.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ import json
 import logging
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from qpc_blobs.config import FRAME_OVERHEAD, BlobsConfig
+from qpc_blobs.config import FRAME_OVERHEAD, MIN_CHARGE_BYTES, BlobsConfig
 from qpc_blobs.store import DEFAULT_MIME, BlobMeta, BlobStore, Hasher
 from qpc_core.errors import (
     BadRequest,
@@ -57,6 +60,7 @@ NS = "blobs"
 PART = b"part:"
 OWN = b"own:"
 REF = b"ref:"
+PURGE = b"purge:"
 HASH_LEN = 32
 MAX_MIME_LEN = 255
 _OWN_VALUE = struct.Struct(">Qd")  # size, created_at
@@ -77,6 +81,11 @@ def check_mime(value: str) -> str:
     if len(value) > MAX_MIME_LEN or not value.isascii() or not value.isprintable():
         raise BadRequest(f"mime_type must be printable ASCII of at most {MAX_MIME_LEN} characters")
     return value
+
+
+def charge(size: int) -> int:
+    """Quota bytes a blob (or unfinished upload) of ``size`` bytes costs: at least a block."""
+    return max(size, MIN_CHARGE_BYTES)
 
 
 def not_found(blob_hash: bytes) -> NotFound:
@@ -147,6 +156,9 @@ class BlobService:
         self._hash_locks = KeyedLocks()
         self._ident_locks = KeyedLocks()
         self._steps: set[asyncio.Task[Any]] = set()
+        self._purges: dict[bytes, asyncio.Task[int]] = {}  # identity → its latest purge
+        self._purge_locks = KeyedLocks()
+        self._next_orphan_scan = 0.0
         self._gc_started = 0
         self._gc_finished = 0
         self._gc_cond = asyncio.Condition()
@@ -162,6 +174,9 @@ class BlobService:
         if stale:
             log.info("removed %d temporary blob files left by an interrupted write", stale)
         await self._recover()
+        for key, _raw in await self.storage.kv_scan(NS, PURGE):
+            log.info("resuming the removal of a deleted account's blobs")
+            self._start_purge(key[len(PURGE):])  # in the background
         self.app.spawn(self._gc_loop(), name="blobs-gc")
         self.app.add_drain_callback(self._on_drain)
 
@@ -178,22 +193,40 @@ class BlobService:
                     up.cond.notify_all()
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Let shielded steps finish (connections are gone; storage is still open)."""
+        """Let shielded steps and account purges finish (connections are gone; storage is
+        still open).  A purge still running after ``timeout`` is stopped; its ``purge:``
+        record makes the next start finish it."""
         if self._steps:
             _done, pending = await asyncio.wait(set(self._steps), timeout=timeout)
             if pending:
                 log.warning("%d blob writes still running at shutdown", len(pending))
+                purges = pending & set(self._purges.values())
+                for task in purges:
+                    task.cancel()
+                if purges:
+                    await asyncio.wait(purges, timeout=1.0)
 
     async def _recover(self) -> None:
-        """Finish the bookkeeping of uploads whose blob was committed just before a crash."""
-        for key, _raw in await self.storage.kv_scan(NS, PART):
+        """Finish the bookkeeping of uploads whose blob was committed just before a crash.
+
+        Only an upload that itself completed the blob is adopted: its ``total_size`` is the
+        blob's size and its partial file is gone (renamed to the blob, or dropped because
+        someone else committed the same content first) or holds exactly the blob's bytes.
+        Any other ``part:`` record stays a reservation: the caller's next call claims the blob
+        (quota checked), or the collector removes it."""
+        for key, raw in await self.storage.kv_scan(NS, PART):
             ident, h = _split(key, PART)
             meta = await self.meta(h, fresh=True)
             if meta is None:
                 continue
+            path = self.store.partial_path(ident, h)
+            total = int(json.loads(raw)["total_size"])
+            if total != meta.size or not await asyncio.to_thread(_holds_exactly, self.store,
+                                                                 path, h, meta.size):
+                continue
             async with self._hash_locks.hold(h), self._ident_locks.hold(ident):
                 await self._add_ref(ident, h, meta.size)
-            await asyncio.to_thread(self.store.discard, self.store.partial_path(ident, h))
+            await asyncio.to_thread(self.store.discard, path)
             await self.storage.kv_delete(NS, key)
             log.info("recovered the upload of blob %s committed before a restart", h.hex())
 
@@ -331,12 +364,14 @@ class BlobService:
             up.active = False
         else:
             rec = json.loads(raw)
+            mtime = await asyncio.to_thread(_mtime, up.path)
             received, hasher = await asyncio.to_thread(self.store.load_partial, up.path)
             up.total_size = int(rec["total_size"])
             up.mime_type = str(rec.get("mime_type") or DEFAULT_MIME)
             up.created_at = float(rec.get("created_at") or 0.0)
             up.received, up.hasher = received, hasher
-            up.last_activity = time.time()
+            # Idle since the last byte written (the file's mtime), not since this load.
+            up.last_activity = max(mtime, up.created_at)
             up.active = True
             if received > up.total_size:  # cannot happen through this code: start over
                 await self._discard(up)
@@ -370,6 +405,13 @@ class BlobService:
         meta = self._meta.get(h) if up.active else await self.meta(h)
         if meta is not None:
             return await self._claim(up, meta, total)
+        if up.active and total != up.total_size:
+            if offset != 0:
+                raise BadRequest(f"total_size {total} differs from the {up.total_size} this "
+                                 "upload started with; it must stay the same for every chunk "
+                                 "(a chunk at offset 0 starts the upload over)")
+            # A fresh start with another size: the caller's old partial is dropped.
+            await self._discard(up)
         if not up.active:
             if offset != 0:
                 raise BadRequest(f"no upload of blob {h.hex()} in progress: received 0; "
@@ -377,9 +419,6 @@ class BlobService:
             await self._begin(up, total, mime)
             if not chunk:  # no first write will create the file: do it now
                 await asyncio.to_thread(self.store.reset_partial, up.path)
-        elif total != up.total_size:
-            raise BadRequest(f"total_size {total} differs from the {up.total_size} this upload "
-                             "started with; it must stay the same for every chunk")
         if offset > up.received:
             raise self._offset_error(up, offset)
         skip = up.received - offset
@@ -388,8 +427,8 @@ class BlobService:
             assert up.hasher is not None
             await asyncio.to_thread(self.store.append, up.path, up.received, data, up.hasher)
             up.received += len(data)
+            up.last_activity = time.time()  # only new bytes count as activity
             up.cond.notify_all()
-        up.last_activity = time.time()
         if up.received == up.total_size:
             return await self._finish(up)
         return pb.UploadBlobResponse(received=up.received)
@@ -402,13 +441,15 @@ class BlobService:
             if len(parts) >= limit:
                 raise QuotaExceeded(f"{len(parts)} unfinished blob uploads (the limit is "
                                     f"{limit}): finish them or let them expire first")
-            quota = self.cfg.quota_bytes_per_identity
-            if quota:
-                used = await self._usage(ident, parts)
-                if used + total > quota:
+            quota, cap = self.cfg.quota_bytes_per_identity, self.cfg.max_blobs_per_identity
+            if quota or cap:
+                used, count = await self._holdings(ident, parts)
+                if cap and count >= cap:
+                    raise self._cap_error(count, cap)
+                if quota and used + charge(total) > quota:
                     raise QuotaExceeded(
                         f"blob quota exceeded: {used} of {quota} bytes in use (unfinished "
-                        f"uploads included); this blob needs {total} more")
+                        f"uploads included); this blob needs {charge(total)} more")
             now = time.time()
             rec = {"total_size": total, "mime_type": mime, "created_at": now}
             await self.storage.kv_put(NS, up.key, json.dumps(rec).encode())
@@ -455,14 +496,18 @@ class BlobService:
             async with self._ident_locks.hold(ident):
                 if await self.storage.kv_get(NS, OWN + ident + h) is None:
                     quota = self.cfg.quota_bytes_per_identity
-                    if quota:
-                        used = await self._usage(ident)
+                    cap = self.cfg.max_blobs_per_identity
+                    if quota or cap:
+                        used, count = await self._holdings(ident)
                         if up.active:  # that reservation becomes the blob itself
-                            used -= up.total_size
-                        if used + meta.size > quota:
+                            used -= charge(up.total_size)
+                            count -= 1
+                        if cap and count >= cap:
+                            raise self._cap_error(count, cap)
+                        if quota and used + charge(meta.size) > quota:
                             raise QuotaExceeded(
                                 f"blob quota exceeded: {used} of {quota} bytes in use; this "
-                                f"blob needs {meta.size} more")
+                                f"blob needs {charge(meta.size)} more")
                     await self._add_ref(ident, h, meta.size)
         if up.active:
             await self._discard(up)
@@ -489,52 +534,104 @@ class BlobService:
         await self.storage.kv_put(NS, REF + h + ident, b"\x01")
         await self.storage.kv_put(NS, OWN + ident + h, _OWN_VALUE.pack(size, time.time()))
 
-    async def _usage(self, ident: bytes,
-                     parts: list[tuple[bytes, bytes]] | None = None) -> int:
-        """Bytes charged to ``ident``: blobs it holds plus its unfinished uploads' sizes."""
+    async def _holdings(self, ident: bytes,
+                        parts: list[tuple[bytes, bytes]] | None = None) -> tuple[int, int]:
+        """(bytes charged, blobs counted) for ``ident``: the blobs it holds plus its
+        unfinished uploads, each charged :func:`charge` of its size."""
         if parts is None:
             parts = await self.storage.kv_scan(NS, PART + ident)
-        used = sum(int(json.loads(raw)["total_size"]) for _k, raw in parts)
-        for _k, raw in await self.storage.kv_scan(NS, OWN + ident):
-            used += _OWN_VALUE.unpack(raw)[0]
-        return used
+        used = sum(charge(int(json.loads(raw)["total_size"])) for _k, raw in parts)
+        owns = await self.storage.kv_scan(NS, OWN + ident)
+        used += sum(charge(_OWN_VALUE.unpack(raw)[0]) for _k, raw in owns)
+        return used, len(parts) + len(owns)
+
+    @staticmethod
+    def _cap_error(count: int, cap: int) -> QuotaExceeded:
+        return QuotaExceeded(f"blob count limit reached: {count} blobs held (unfinished uploads "
+                             f"included); the limit is {cap} per identity "
+                             "(blobs.max_blobs_per_identity)")
 
     async def usage(self, ident: bytes) -> int:
+        """Quota bytes charged to ``ident`` (see :func:`charge`)."""
         async with self._ident_locks.hold(ident):
-            return await self._usage(ident)
+            return (await self._holdings(ident))[0]
 
     async def forget_identity(self, ident: bytes) -> None:
         """Account deletion: drop the identity's uploads and holdings, and every blob that
-        nobody else holds any more."""
-        for key, _raw in await self.storage.kv_scan(NS, PART + ident):
-            _i, h = _split(key, PART)
-            async with self._slot(ident, h) as up, up.cond:
-                await self._settle(up)
-                await self._step(up, self._discard(up))
+        nobody else holds any more.
+
+        The work runs as a task of its own, so a dropped connection (which cancels the
+        DeleteAccount call) cannot stop it halfway; shutdown waits for it, and a ``purge:``
+        record makes the next start (or the collector) finish a purge that was cut short."""
+        await asyncio.shield(self._start_purge(ident))
+
+    def _start_purge(self, ident: bytes) -> asyncio.Task[int]:
+        task = asyncio.ensure_future(self._purge(ident))
+        self._purges[ident] = task
+        self._steps.add(task)
+        task.add_done_callback(lambda t: self._purge_done(ident, t))
+        return task
+
+    def _purge_done(self, ident: bytes, task: asyncio.Task[int]) -> None:
+        self._steps.discard(task)
+        if self._purges.get(ident) is task:
+            del self._purges[ident]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("removing a deleted account's blobs failed (%s); the collector "
+                        "tries again", task.exception())
+
+    async def _purge(self, ident: bytes) -> int:
+        """Remove ``ident``'s uploads and holdings; return how many blobs were deleted.
+
+        Idempotent, so a purge cut short can simply run again: per blob the ``ref:`` record
+        goes first, then the file if nobody else holds it, and the ``own:`` record last."""
+        marker = PURGE + ident
         deleted = 0
-        for key, _raw in await self.storage.kv_scan(NS, OWN + ident):
-            _i, h = _split(key, OWN)
-            async with self._hash_locks.hold(h):
-                await self.storage.kv_delete(NS, key)
-                await self.storage.kv_delete(NS, REF + h + ident)
-                if not await self.storage.kv_scan(NS, REF + h, limit=1):
-                    self._meta.pop(h, None)
-                    deleted += await asyncio.to_thread(self.store.delete_blob, h)
+        async with self._purge_locks.hold(ident):
+            await self.storage.kv_put(NS, marker, json.dumps({"at": time.time()}).encode())
+            for key, _raw in await self.storage.kv_scan(NS, PART + ident):
+                _i, h = _split(key, PART)
+                async with self._slot(ident, h) as up, up.cond:
+                    await self._settle(up)
+                    await self._step(up, self._discard(up))
+            for key, _raw in await self.storage.kv_scan(NS, OWN + ident):
+                _i, h = _split(key, OWN)
+                async with self._hash_locks.hold(h):
+                    await self.storage.kv_delete(NS, REF + h + ident)
+                    if not await self.storage.kv_scan(NS, REF + h, limit=1):
+                        self._meta.pop(h, None)
+                        deleted += await asyncio.to_thread(self.store.delete_blob, h)
+                    await self.storage.kv_delete(NS, key)
+            await self.storage.kv_delete(NS, marker)
         if deleted:
             log.info("account deletion removed %d blobs nobody else holds", deleted)
+        return deleted
+
+    async def _resume_purges(self) -> int:
+        """Finish purges whose ``purge:`` record outlived them; return blobs deleted."""
+        tasks = [self._start_purge(key[len(PURGE):])
+                 for key, _raw in await self.storage.kv_scan(NS, PURGE)
+                 if key[len(PURGE):] not in self._purges]
+        if not tasks:
+            return 0
+        await asyncio.wait(tasks)  # does not cancel them if the collector is cancelled
+        return sum(t.result() for t in tasks if not t.cancelled() and t.exception() is None)
 
     # -- garbage collection ------------------------------------------------------------------------
     async def collect_garbage(self, now: float | None = None) -> int:
-        """Delete unfinished uploads idle for ``partial_ttl_secs`` and stray files; return
-        how many uploads and files were removed."""
+        """Finish interrupted account purges, delete unfinished uploads idle for
+        ``partial_ttl_secs`` and stray files, and (at most once per ``partial_ttl_secs``)
+        blobs that nobody holds; return how many uploads, blobs and files were removed."""
         now = time.time() if now is None else now
         cutoff = now - self.cfg.partial_ttl_secs
+        removed = await self._resume_purges()
         keep: set[str] = set()
-        removed = 0
+        uploading: Counter[bytes] = Counter()  # blob hash → unfinished upload records
         for key, raw in await self.storage.kv_scan(NS, PART):
             ident, h = _split(key, PART)
             name = self.store.partial_name(ident, h)
             keep.add(name)
+            uploading[h] += 1
             async with self._slot(ident, h) as up, up.cond:
                 await self._settle(up)
                 if up.loaded:
@@ -547,10 +644,37 @@ class BlobService:
                         continue
                 await self._step(up, self._discard(up))
                 keep.discard(name)
+                uploading[h] -= 1
                 removed += 1
                 log.info("collected an abandoned upload of blob %s", h.hex())
         removed += await asyncio.to_thread(self.store.sweep, keep, cutoff)
+        if now >= self._next_orphan_scan:
+            self._next_orphan_scan = now + self.cfg.partial_ttl_secs
+            removed += await self._collect_unheld(cutoff, {h for h, n in uploading.items() if n})
         return removed
+
+    async def _collect_unheld(self, cutoff: float, uploading: set[bytes]) -> int:
+        """Delete blob files last written before ``cutoff`` that no ``ref:`` record names
+        (left by an account purge cut short in an older version, or by hand).
+
+        Never a blob that has an unfinished upload record (it may have been committed just
+        before its holder was recorded) or one that is being uploaded or committed now: that
+        is checked again under the blob's lock, which committing and claiming hold."""
+        deleted = 0
+        for directory in await asyncio.to_thread(self.store.blob_dirs):
+            for h in await asyncio.to_thread(self.store.list_blobs, directory, cutoff):
+                if h in uploading or await self.storage.kv_scan(NS, REF + h, limit=1):
+                    continue
+                async with self._hash_locks.hold(h):
+                    if any(up.blob_hash == h for up in self._uploads.values()):
+                        continue
+                    if await self.storage.kv_scan(NS, REF + h, limit=1):
+                        continue
+                    self._meta.pop(h, None)
+                    if await asyncio.to_thread(self.store.delete_blob, h):
+                        deleted += 1
+                        log.info("collected blob %s that nobody holds", h.hex())
+        return deleted
 
     async def _gc_loop(self) -> None:
         while True:
@@ -579,6 +703,14 @@ def _split(key: bytes, prefix: bytes) -> tuple[bytes, bytes]:
     """(first 32-byte key, second 32-byte key) after ``prefix``."""
     rest = key[len(prefix):]
     return rest[:HASH_LEN], rest[HASH_LEN:]
+
+
+def _holds_exactly(store: BlobStore, path: Path, blob_hash: bytes, size: int) -> bool:
+    """True if the partial file is gone or holds exactly the ``size`` bytes of the blob."""
+    if not path.exists():
+        return True
+    held, hasher = store.load_partial(path)
+    return held == size and hasher.digest() == blob_hash
 
 
 def _mtime(path: Path) -> float:

@@ -11,8 +11,10 @@ Layout under the root (``<data_dir>/blobs``)::
 **A blob is complete if and only if its file exists under its final name.** That file only
 ever appears through ``os.replace`` of a fully written, fsynced, hash-verified partial file,
 after the sidecar has been written (temporary file, fsync, rename) and before the directory
-is fsynced. A crash at any point leaves either no blob or a complete one: never a blob that
-claims to be complete without being so. A sidecar without its blob is ignored (and collected).
+is fsynced (and the root too when the commit created the blob's ``ab/`` directory, so that the
+directory entry is durable as well). A crash at any point leaves either no blob or a complete
+one: never a blob that claims to be complete without being so. A sidecar without its blob is
+ignored (and collected).
 
 Nothing here imports asyncio: the service awaits these functions through
 ``asyncio.to_thread`` so disk I/O never blocks the event loop.
@@ -24,6 +26,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,8 @@ TMP_SUFFIX = ".tmp"
 DEFAULT_MIME = "application/octet-stream"
 _PARTIAL_TAG = b"qpc-blobs partial v1\x00"
 _READ_BLOCK = 1024 * 1024
+_PREFIX_DIR = re.compile(r"[0-9a-f]{2}")
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class Hasher(Protocol):
@@ -90,6 +96,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.partial_dir = root / PARTIAL_DIR
+        self._mkdir_lock = threading.Lock()  # a new ab/ directory is durable before it is used
 
     # -- names -----------------------------------------------------------------------------
     def blob_path(self, blob_hash: bytes) -> Path:
@@ -112,6 +119,8 @@ class BlobStore:
         """Create the directories and remove temporary files a crash left; return how many."""
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        _fsync_dir(self.root)
+        _fsync_dir(self.root.parent)
         removed = 0
         for tmp in self.root.glob("**/*" + TMP_SUFFIX):
             removed += _unlink(tmp)
@@ -160,12 +169,22 @@ class BlobStore:
         finally:
             os.close(fd)
         final = self.blob_path(blob_hash)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_dir(final.parent)
         sidecar = self.sidecar_path(blob_hash)
         self._write_atomic(sidecar, meta.to_json(blob_hash))
         os.replace(partial, final)
         _fsync_dir(final.parent)
         _fsync_dir(partial.parent)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create a blob's ``ab/`` directory if needed, with its entry in the root fsynced.
+
+        Under a lock: a commit into a directory another thread has just created waits until
+        that directory is durable."""
+        with self._mkdir_lock:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
 
     def delete_blob(self, blob_hash: bytes) -> bool:
         """Remove a blob (its file first, so it stops counting as complete at once)."""
@@ -249,6 +268,25 @@ class BlobStore:
             except FileNotFoundError:
                 continue
             out.append(PartialFile(p.name[: -len(PARTIAL_SUFFIX)], st.st_size, st.st_mtime))
+        return out
+
+    def blob_dirs(self) -> list[Path]:
+        """The ``ab/`` directories that may hold blobs."""
+        return sorted(p for p in self.root.iterdir()
+                      if _PREFIX_DIR.fullmatch(p.name) and p.is_dir())
+
+    @staticmethod
+    def list_blobs(directory: Path, older_than: float) -> list[bytes]:
+        """Hashes of the complete blobs in ``directory`` last written before ``older_than``."""
+        out = []
+        for path in directory.iterdir():
+            if not _BLOB_NAME.fullmatch(path.name):
+                continue
+            try:
+                if path.stat().st_mtime < older_than:
+                    out.append(bytes.fromhex(path.name))
+            except FileNotFoundError:
+                continue
         return out
 
     def sweep(self, keep_partials: set[str], older_than: float) -> int:

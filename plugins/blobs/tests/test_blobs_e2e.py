@@ -155,38 +155,38 @@ async def test_over_size_is_too_large(app_factory, connect) -> None:
 async def test_quota_per_identity(app_factory, connect) -> None:
     app = await app_factory(plugins=["blobs"], blobs={"quota_bytes_per_identity": 10_000})
     alice, bob = await connect(app), await connect(app)
-    a = os.urandom(6000)
+    a = os.urandom(5000)
     await blobs.upload(alice, a)
-    with pytest.raises(QuotaExceeded, match="6000 of 10000 bytes in use"):
+    with pytest.raises(QuotaExceeded, match="5000 of 10000 bytes in use"):
         await blobs.upload(alice, os.urandom(6000))
     assert partial_files(app) == []
     await blobs.upload(alice, a)  # already hers: free
-    await blobs.upload(alice, os.urandom(4000))  # exactly fills the quota
+    await blobs.upload(alice, os.urandom(5000))  # exactly fills the quota
     with pytest.raises(QuotaExceeded):
         await blobs.upload(alice, os.urandom(1))
     # Bob's copy of the same content counts for Bob; Alice's usage is unchanged.
     await blobs.upload(bob, a)
-    assert await svc(app).usage(bob.identity_key) == 6000
+    assert await svc(app).usage(bob.identity_key) == 5000
     assert await svc(app).usage(alice.identity_key) == 10_000
 
 
 async def test_quota_counts_reservations(app_factory, connect) -> None:
-    app = await app_factory(plugins=["blobs"], blobs={"quota_bytes_per_identity": 10_000,
+    app = await app_factory(plugins=["blobs"], blobs={"quota_bytes_per_identity": 14_000,
                                                       "max_partial_uploads_per_identity": 2})
     c = await connect(app)
-    d1, d2, d3 = os.urandom(5000), os.urandom(4000), os.urandom(100)
+    d1, d2, d3 = os.urandom(5000), os.urandom(4500), os.urandom(100)
     await put(c, d1[:10], 0, len(d1), blob_hash=sha(d1))
-    with pytest.raises(QuotaExceeded, match="5000 of 10000 bytes in use"):
-        await put(c, os.urandom(10), 0, 5001, blob_hash=bytes(32))
+    with pytest.raises(QuotaExceeded, match="5000 of 14000 bytes in use"):
+        await put(c, os.urandom(10), 0, 9001, blob_hash=bytes(32))
     await put(c, d2[:10], 0, len(d2), blob_hash=sha(d2))
-    assert await svc(app).usage(c.identity_key) == 9000
+    assert await svc(app).usage(c.identity_key) == 9500
     with pytest.raises(QuotaExceeded, match="2 unfinished blob uploads"):
         await put(c, d3, 0, len(d3))
     # Finishing an upload turns its reservation into the blob: the usage does not change.
     await blobs.upload(c, d1)
-    assert await svc(app).usage(c.identity_key) == 9000
-    await blobs.upload(c, d3)
-    assert await svc(app).usage(c.identity_key) == 9100
+    assert await svc(app).usage(c.identity_key) == 9500
+    await blobs.upload(c, d3)  # 100 bytes are charged as one 4 KiB block
+    assert await svc(app).usage(c.identity_key) == 9500 + 4096
 
 
 # -- integrity ---------------------------------------------------------------------------------
