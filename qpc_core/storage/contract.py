@@ -165,6 +165,28 @@ class StorageContract:
         assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"handed"),
                                                            StoredMessage(2, b"next")]
 
+    async def test_contract_restore_never_stores_into_a_deleted_inbox(
+        self, store: Storage
+    ) -> None:
+        """A hand-over whose reader left after the recipient deleted the account is not put
+        back: its inbox is gone, and a new inbox of the same name (seqs restarted) takes no
+        stale seq either, so its enqueues keep working."""
+        assert await put(store, msg(payload=b"handed"), take=((R1, b""),)) == [
+            (1, False, True)]
+        assert await store.delete_account(R1) is None  # no user record: inbox data only
+        await store.restore([(msg(payload=b"handed"), 1)])
+        now = time.time()
+        assert await store.peek(R1, b"", 0, now=now) == []
+        assert await store.total_queue_depth() == 0
+        assert await put(store, msg(payload=b"new"), msg(R2, b"other")) == [
+            (1, False, False), (1, False, False)]
+        # Seq 1 is the new inbox's own message, seq 2 it has not given out.
+        await store.restore([(msg(payload=b"stale"), 1), (msg(payload=b"stale"), 2)])
+        assert await put(store, msg(payload=b"next")) == [(2, False, False)]
+        assert await store.queue_depth(R1, b"") == 2
+        assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"new"),
+                                                           StoredMessage(2, b"next")]
+
     async def test_contract_forget_taken_drops_only_that_seqs_dedup_record(
         self, store: Storage
     ) -> None:

@@ -267,6 +267,14 @@ _MESSAGE_INSERT = (
     "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+# A taken message put back (restore), only into its inbox if that still exists and gave out
+# that seq, and not over a stored message.
+_MESSAGE_RESTORE = (
+    "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
+    " SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM inboxes"
+    " WHERE recipient_key = ?1 AND channel_id = ?2 AND next_seq > ?3)"
+    " ON CONFLICT (recipient_key, channel_id, seq) DO NOTHING"
+)
 # Claim a message id for an inbox: inserts, or replaces a record older than the window
 # (?6); changes() == 0 means a record inside the window exists, i.e. a duplicate.
 _DEDUP_CLAIM = (
@@ -607,12 +615,21 @@ def _enqueue_tx(
 
 
 def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
+    """Put taken messages back; one whose inbox is gone (DeleteAccount meanwhile), whose seq
+    the inbox has not given out (a new inbox of the same name) or is stored again is not
+    stored: a message row without its inbox would make every later enqueue to it fail."""
     now = time.time()
+    dropped = 0
     for m, seq in items:
-        conn.execute(
-            _MESSAGE_INSERT, (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
-        )
-        conn.execute(_INBOX_RESTORE_DEPTH, (m.recipient_key, m.channel_id))
+        if conn.execute(
+            _MESSAGE_RESTORE, (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+        ).rowcount == 1:
+            conn.execute(_INBOX_RESTORE_DEPTH, (m.recipient_key, m.channel_id))
+        else:
+            dropped += 1
+    if dropped:
+        log.info("%d handed-over message(s) not put back: their inbox was deleted"
+                 " (DeleteAccount) meanwhile", dropped)
 
 
 def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:

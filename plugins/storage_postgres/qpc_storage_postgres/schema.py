@@ -13,7 +13,7 @@ at commit) so other servers wake their long polls and push to their connections.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 NOTIFY_CHANNEL = "qpc_arrivals"
 
 _V1 = r"""
@@ -489,4 +489,222 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3)]
+# Schema 4: one rule for every writer of an inbox's messages, "lock the inbox row, then
+# look": enqueue, restore, Fetch, ack, expiry and DeleteAccount all hold the inbox row lock
+# while they choose and write, so what a Fetch chose cannot change before it deletes it.
+#
+# * take_messages (both overloads, so schema-2 and schema-3 nodes get it too) locks the inbox
+#   before choosing, not after: a message put back (restore) or taken by another Fetch
+#   between the choice and the delete was lost, or left a Fetch answering nothing while
+#   messages waited.  It deletes only what it returns plus expired messages below the last
+#   returned seq, never a live message it does not return.
+# * restore_messages puts taken messages back under the inbox lock, and only into an inbox
+#   that still exists and gave out that seq (a DeleteAccount meanwhile: nothing is stored;
+#   a stored row without its inbox made every later enqueue to it fail).
+# * enqueue_calls_v4 is enqueue_calls that also reports an unexpected error of one call
+#   (o_error) instead of failing the calls batched with it (new name: a schema-3 node keeps
+#   calling enqueue_calls, whose answer it understands).
+# * Every function runs with the schema's search_path (SET ... FROM CURRENT: the migration's
+#   path), so the depth trigger and the functions work whatever the caller's search_path is.
+# * Repair left-overs of the restore defect: messages without an inbox go (their account was
+#   deleted), and an inbox whose next seq is not above its stored seqs is moved past them.
+_V4 = r"""
+CREATE OR REPLACE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean, p_per_message int
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    rec record;
+    total bigint := 0;
+    seqs bigint[] := '{}';
+BEGIN
+    IF p_remove THEN
+        -- An inbox without a live message takes no lock at all.
+        IF NOT EXISTS (SELECT 1 FROM messages AS m
+                       WHERE m.recipient_key = p_r AND m.channel_id = p_c
+                         AND (m.expires_at IS NULL OR m.expires_at > p_now)) THEN
+            RETURN;
+        END IF;
+        -- The inbox row first: the choice below (a new snapshot, after any wait) then sees
+        -- every message committed before, and nothing else changes them until commit.
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+    END IF;
+    FOR rec IN
+        SELECT m.seq, octet_length(m.payload)::bigint + GREATEST(p_per_message, 0) AS size
+            FROM messages AS m
+        WHERE m.recipient_key = p_r AND m.channel_id = p_c
+          AND (m.expires_at IS NULL OR m.expires_at > p_now)
+        ORDER BY m.seq
+        LIMIT CASE WHEN p_limit > 0 THEN p_limit END
+    LOOP
+        IF p_max_bytes > 0 AND cardinality(seqs) > 0 AND total + rec.size > p_max_bytes THEN
+            EXIT;
+        END IF;
+        total := total + rec.size;
+        seqs := seqs || rec.seq;
+    END LOOP;
+    IF cardinality(seqs) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_remove THEN
+        -- The chosen messages and the expired ones between them (as the SQLCipher store
+        -- does); never a live message that is not returned.
+        RETURN QUERY WITH gone AS (
+            DELETE FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c
+              AND m.seq <= seqs[cardinality(seqs)]
+              AND (m.seq = ANY (seqs) OR m.expires_at <= p_now)
+            RETURNING m.seq, m.payload)
+            SELECT gone.seq, gone.payload FROM gone WHERE gone.seq = ANY (seqs);
+    ELSE
+        RETURN QUERY SELECT m.seq, m.payload FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c AND m.seq = ANY (seqs);
+    END IF;
+END $$;
+
+-- Schema 2's reads (payload bytes only): the same with no per-message bytes.
+CREATE OR REPLACE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN QUERY SELECT t.o_seq, t.o_payload
+        FROM take_messages(p_r, p_c, p_limit, p_now, p_max_bytes, p_remove, 0) AS t;
+END $$;
+
+-- Put back messages enqueue took (a waiting reader that left), under their seqs: the inbox
+-- rows locked first, in key order; a message whose inbox is gone (DeleteAccount), whose seq
+-- the inbox has not given out (a new inbox of the same name) or is stored again is not
+-- stored.  Returns how many were stored.
+CREATE FUNCTION restore_messages(
+    p_r bytea[], p_c bytea[], p_seqs bigint[], p_expires double precision[],
+    p_payloads bytea[], p_now double precision, p_node text
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    put_r bytea[];
+    put_c bytea[];
+    put_s bigint[];
+BEGIN
+    PERFORM 1 FROM inboxes AS i
+        WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(p_r, p_c))
+        ORDER BY i.recipient_key, i.channel_id FOR UPDATE;
+    WITH put AS (
+        INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)
+            SELECT v.r, v.c, v.s, v.e, p_now, v.p
+            FROM unnest(p_r, p_c, p_seqs, p_expires, p_payloads) AS v(r, c, s, e, p)
+            JOIN inboxes AS i ON i.recipient_key = v.r AND i.channel_id = v.c
+            WHERE v.s < i.next_seq
+            ON CONFLICT (recipient_key, channel_id, seq) DO NOTHING
+            RETURNING recipient_key, channel_id, seq)
+    SELECT array_agg(put.recipient_key), array_agg(put.channel_id), array_agg(put.seq)
+        INTO put_r, put_c, put_s FROM put;
+    IF put_s IS NULL THEN
+        RETURN 0;
+    END IF;
+    UPDATE inboxes AS i SET depth = i.depth + d.n
+        FROM (SELECT a.r, a.c, count(*) AS n FROM unnest(put_r, put_c) AS a(r, c)
+              GROUP BY a.r, a.c) AS d
+        WHERE i.recipient_key = d.r AND i.channel_id = d.c;
+    PERFORM pg_notify('qpc_arrivals',
+                      p_node || ' ' || encode(q.r, 'hex') || ' ' || encode(q.c, 'hex') || ' '
+                      || q.s)
+        FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(put_r, put_c, put_s) AS a(r, c, s)
+              GROUP BY a.r, a.c) AS q;
+    RETURN cardinality(put_s);
+END $$;
+
+-- enqueue_calls (schema 1), plus: a call that fails for any other reason than a full inbox
+-- is rolled back to its own savepoint and reported (o_error = "SQLSTATE message") while the
+-- others commit.  A deadlock or serialization failure still fails the statement (the
+-- caller runs it again whole).
+CREATE FUNCTION enqueue_calls_v4(
+    p_bounds int[], p_recipients bytea[], p_channels bytea[], p_mids bytea[],
+    p_payloads bytea[], p_expires double precision[], p_now double precision,
+    p_since double precision[], p_max_depth bigint[], p_take_call int[], p_take_r bytea[],
+    p_take_c bytea[], p_node text
+) RETURNS TABLE (o_call int, o_seq bigint, o_duplicate boolean, o_taken boolean,
+                 o_full bigint, o_full_inbox text, o_error text)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    k int;
+    n_calls int := coalesce(array_length(p_bounds, 1), 0);
+    lo int;
+    hi int;
+    i int;
+    seqs bigint[];
+    dups boolean[];
+    takens boolean[];
+    detail text;
+BEGIN
+    INSERT INTO inboxes AS b (recipient_key, channel_id, next_seq, depth)
+        SELECT DISTINCT x.r, x.c, 1, 0 FROM unnest(p_recipients, p_channels) AS x(r, c)
+        ORDER BY x.r, x.c
+        ON CONFLICT (recipient_key, channel_id) DO UPDATE SET next_seq = b.next_seq;
+    FOR k IN 1 .. n_calls LOOP
+        lo := p_bounds[k];
+        hi := CASE WHEN k < n_calls THEN p_bounds[k + 1] - 1
+                   ELSE array_length(p_recipients, 1) END;
+        o_call := k;
+        o_full := NULL; o_full_inbox := NULL; o_error := NULL;
+        BEGIN
+            SELECT array_agg(e.s ORDER BY e.ord), array_agg(e.d ORDER BY e.ord),
+                   array_agg(e.t ORDER BY e.ord)
+              INTO seqs, dups, takens
+              FROM enqueue_batch(
+                    p_recipients[lo:hi], p_channels[lo:hi], p_mids[lo:hi],
+                    p_payloads[lo:hi], p_expires[lo:hi], p_now, p_since[k], p_max_depth[k],
+                    ARRAY(SELECT t.r FROM unnest(p_take_call, p_take_r) AS t(c, r)
+                          WHERE t.c = k),
+                    ARRAY(SELECT t.ch FROM unnest(p_take_call, p_take_c) AS t(c, ch)
+                          WHERE t.c = k),
+                    p_node) WITH ORDINALITY AS e(s, d, t, ord);
+        EXCEPTION
+            WHEN SQLSTATE 'QP001' THEN
+                GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+                o_seq := 0; o_duplicate := false; o_taken := false;
+                o_full := SQLERRM::bigint; o_full_inbox := detail;
+                RETURN NEXT;
+                CONTINUE;
+            WHEN serialization_failure OR deadlock_detected THEN
+                RAISE;
+            WHEN OTHERS THEN
+                o_seq := 0; o_duplicate := false; o_taken := false;
+                o_error := SQLSTATE || ' ' || SQLERRM;
+                RETURN NEXT;
+                CONTINUE;
+        END;
+        FOR i IN 1 .. coalesce(array_length(seqs, 1), 0) LOOP
+            o_seq := seqs[i]; o_duplicate := dups[i]; o_taken := takens[i];
+            RETURN NEXT;
+        END LOOP;
+    END LOOP;
+END $$;
+
+ALTER FUNCTION messages_deleted() SET search_path FROM CURRENT;
+ALTER FUNCTION enqueue_batch(bytea[], bytea[], bytea[], bytea[], double precision[],
+    double precision, double precision, bigint, bytea[], bytea[], text)
+    SET search_path FROM CURRENT;
+ALTER FUNCTION enqueue_calls(int[], bytea[], bytea[], bytea[], bytea[], double precision[],
+    double precision, double precision[], bigint[], int[], bytea[], bytea[], text)
+    SET search_path FROM CURRENT;
+ALTER FUNCTION take_calls(bytea[], bytea[], int[], double precision[], bigint[], boolean[])
+    SET search_path FROM CURRENT;
+ALTER FUNCTION take_calls(bytea[], bytea[], int[], double precision[], bigint[], boolean[],
+    int[]) SET search_path FROM CURRENT;
+ALTER FUNCTION ack_messages(bytea, bytea, bigint) SET search_path FROM CURRENT;
+ALTER FUNCTION purge_expired_chunk(double precision, int) SET search_path FROM CURRENT;
+
+DELETE FROM messages AS m WHERE NOT EXISTS (
+    SELECT 1 FROM inboxes AS i
+    WHERE i.recipient_key = m.recipient_key AND i.channel_id = m.channel_id);
+UPDATE inboxes AS i SET next_seq = t.top + 1
+    FROM (SELECT recipient_key, channel_id, max(seq) AS top FROM messages
+          GROUP BY recipient_key, channel_id) AS t
+    WHERE i.recipient_key = t.recipient_key AND i.channel_id = t.channel_id
+      AND i.next_seq <= t.top;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]

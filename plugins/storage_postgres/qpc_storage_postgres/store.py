@@ -76,6 +76,9 @@ T = TypeVar("T")
 _LOAD_STATEMENT_TIMEOUT = 3600.0  # seconds per statement of a `qpc store copy` load
 _RECONNECT_MAX_SECS = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# The PL/pgSQL functions rely on READ COMMITTED (each statement sees what was committed
+# before it, e.g. after waiting for an inbox lock), whatever the database's default is.
+_SESSION_SETTINGS = {"default_transaction_isolation": "read committed"}
 
 
 def _count(status: str) -> int:
@@ -127,10 +130,16 @@ async def _connect_with_retry(dsn: str, timeout: float, **kw: Any) -> asyncpg.Co
 
 async def _migrate(conn: asyncpg.Connection, schema: str) -> int:
     """Create the schema and apply pending migrations under an advisory lock (several
-    servers may start at once).  Returns the schema version now in place."""
-    async with conn.transaction():
+    servers may start at once).  Returns the schema version now in place.
+
+    ``conn`` must run at READ COMMITTED (:data:`_SESSION_SETTINGS`): each statement after
+    the lock then sees what a server that migrated first committed."""
+    async with conn.transaction(isolation="read_committed"):
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"qpc-migrate:{schema}")
-        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+        # exists: a role given only its own schema (README, Security) could not start.
+        if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute(f'SET LOCAL search_path = "{schema}"')
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version int NOT NULL)")
         version = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
@@ -283,13 +292,15 @@ class PostgresStorage(Storage):
         cls, dsn: str, *, schema: str = "qpc", pool_min: int = 2, pool_max: int = 16,
         command_timeout: float = 30.0, connect_timeout: float = 30.0,
     ) -> PostgresStorage:
-        conn = await _connect_with_retry(dsn, connect_timeout)
+        conn = await _connect_with_retry(dsn, connect_timeout,
+                                         server_settings=dict(_SESSION_SETTINGS))
         try:
             async with _errors("migrating"):
                 await _migrate(conn, schema)
         finally:
             await conn.close()
-        settings = {"search_path": f'"{schema}"', "application_name": "qpc"}
+        settings = {"search_path": f'"{schema}"', "application_name": "qpc",
+                    **_SESSION_SETTINGS}
         async with _errors("opening the pool"):
             pool = await asyncpg.create_pool(
                 dsn, min_size=min(pool_min, pool_max), max_size=pool_max,
@@ -419,8 +430,9 @@ class PostgresStorage(Storage):
                 [c.max_depth for c in calls], take_call, take_r, take_c, self.node_id)
         try:
             rows = await _rerun_if_rolled_back(lambda: self._pool.fetch(
-                "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox FROM"
-                " enqueue_calls($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox, o_error"
+                " FROM enqueue_calls_v4($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                " $13)",
                 *args,
             ))
         except _DB_ERRORS as e:
@@ -438,7 +450,10 @@ class PostgresStorage(Storage):
         results: list[list[EnqueueOutcome] | BaseException] = [[] for _ in calls]
         for r in rows:
             k = int(r[0]) - 1
-            if r[4] is not None:
+            if r[6] is not None:  # this call alone failed (rolled back); the others stand
+                log.error("enqueue call failed in the database: %s", r[6])
+                results[k] = StorageError(f"database error (enqueue): {r[6]}")
+            elif r[4] is not None:
                 recipient, channel = (bytes.fromhex(x) for x in (r[5] or " ").split(" "))
                 results[k] = QueueFull(recipient, channel, int(r[4]))
             else:
@@ -456,27 +471,17 @@ class PostgresStorage(Storage):
     async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         if not messages:
             return
-        now = time.time()
-        per_inbox: dict[tuple[bytes, bytes], tuple[int, int]] = {}
-        for m, seq in messages:
-            n, top = per_inbox.get((m.recipient_key, m.channel_id), (0, 0))
-            per_inbox[(m.recipient_key, m.channel_id)] = (n + 1, max(top, seq))
-        async with _errors("restore"), self._pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,"
-                " payload) VALUES ($1, $2, $3, $4, $5, $6)",
-                [(m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
-                 for m, seq in messages],
-            )
-            for (recipient, channel), (n, top) in sorted(per_inbox.items()):  # lock order
-                await conn.execute(
-                    "UPDATE inboxes SET depth = depth + $3"
-                    " WHERE recipient_key = $1 AND channel_id = $2", recipient, channel, n,
-                )
-                await conn.execute(
-                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
-                    f"{self.node_id} {recipient.hex()} {channel.hex()} {top}",
-                )
+        # One statement (restore_messages): the inboxes are locked before anything is
+        # written, and a message whose inbox was deleted meanwhile is not stored.
+        args = ([m.recipient_key for m, _ in messages], [m.channel_id for m, _ in messages],
+                [seq for _, seq in messages], [m.expires_at for m, _ in messages],
+                [m.payload for m, _ in messages], time.time(), self.node_id)
+        async with _errors("restore"):
+            stored = await _rerun_if_rolled_back(lambda: self._pool.fetchval(
+                "SELECT restore_messages($1, $2, $3, $4, $5, $6, $7)", *args))
+        if int(stored) < len(messages):
+            log.info("%d handed-over message(s) not put back: their inbox was deleted"
+                     " (DeleteAccount) meanwhile", len(messages) - stored)
 
     async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
         rows = [(m.recipient_key, m.channel_id, m.message_id, seq)
@@ -742,15 +747,23 @@ class PostgresStorage(Storage):
             return await _rerun_if_rolled_back(lambda: self._delete_account(identity_key))
 
     async def _delete_account(self, identity_key: bytes) -> str | None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
             # The inbox rows first, in key order like every other remover, then delete them
-            # (before the messages, so the depth trigger has nothing to update).
+            # (before the messages, so the depth trigger has nothing to update).  Messages and
+            # dedup records go only where no inbox is (left): an enqueue that created an
+            # inbox of this identity and committed between these statements keeps its
+            # message, its dedup record and its inbox together, as if it ran after the
+            # deletion (a deleted inbox cannot be created again before this commits).
             await conn.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1"
                                " ORDER BY channel_id FOR UPDATE", identity_key)
             for sql in (
                 "DELETE FROM inboxes WHERE recipient_key = $1",
-                "DELETE FROM messages WHERE recipient_key = $1",
-                "DELETE FROM dedup WHERE recipient_key = $1",
+                "DELETE FROM messages AS m WHERE m.recipient_key = $1 AND NOT EXISTS ("
+                "SELECT 1 FROM inboxes AS i WHERE i.recipient_key = m.recipient_key"
+                " AND i.channel_id = m.channel_id)",
+                "DELETE FROM dedup AS d WHERE d.recipient_key = $1 AND NOT EXISTS ("
+                "SELECT 1 FROM inboxes AS i WHERE i.recipient_key = d.recipient_key"
+                " AND i.channel_id = d.channel_id)",
                 "DELETE FROM key_packages WHERE identity_key = $1",
                 "DELETE FROM hybrid_keys WHERE identity_key = $1",
                 "DELETE FROM channel_members WHERE identity_key = $1",
@@ -777,14 +790,14 @@ class PostgresStorage(Storage):
             )
 
     async def kv_put_if_absent(self, namespace: str, key: bytes, value: bytes) -> bytes:
-        async with _errors("kv_put_if_absent"), self._pool.acquire() as conn, \
-                conn.transaction():
-            await conn.execute(
-                "INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)"
-                " ON CONFLICT (namespace, key) DO NOTHING", namespace, key, value,
+        # One statement: inserts, or locks the stored row and returns its value (a no-op
+        # update), so a delete on another server cannot fall between a write and a read.
+        async with _errors("kv_put_if_absent"):
+            stored = await self._pool.fetchval(
+                "INSERT INTO kv AS k (namespace, key, value) VALUES ($1, $2, $3)"
+                " ON CONFLICT (namespace, key) DO UPDATE SET value = k.value RETURNING value",
+                namespace, key, value,
             )
-            stored = await conn.fetchval(
-                "SELECT value FROM kv WHERE namespace = $1 AND key = $2", namespace, key)
         return bytes(stored)
 
     async def kv_delete(self, namespace: str, key: bytes) -> bool:

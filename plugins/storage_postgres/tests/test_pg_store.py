@@ -474,7 +474,7 @@ async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
         conn = await asyncpg.connect(pg_dsn)
         try:
             version = await conn.fetchval("SELECT max(version) FROM qpc.schema_version")
-            assert version == SCHEMA_VERSION == 3
+            assert version == SCHEMA_VERSION == 4
         finally:
             await conn.close()
     finally:
@@ -492,9 +492,16 @@ async def test_upgrade_from_schema_2_keeps_messages_and_old_reads(
 
     monkeypatch.setattr(store_mod, "MIGRATIONS", schema.MIGRATIONS[:2])
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
-    st = await PostgresStorage.open(pg_dsn)
-    await put(st, *(msg(payload=b"p" * 100) for _ in range(3)))
-    await st.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:  # written as a schema-2 node does (this code needs the newest schema)
+        assert await store_mod._migrate(conn, "qpc") == 2
+        await conn.execute("SET search_path TO qpc")
+        await conn.fetch(
+            "SELECT * FROM enqueue_calls($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            [1], [R1] * 3, [b""] * 3, [b""] * 3, [b"p" * 100] * 3, [None] * 3, time.time(),
+            [0.0], [BIG], [], [], [], "old-node")
+    finally:
+        await conn.close()
     monkeypatch.undo()
     st = await PostgresStorage.open(pg_dsn)
     try:
@@ -504,7 +511,8 @@ async def test_upgrade_from_schema_2_keeps_messages_and_old_reads(
         conn = await asyncpg.connect(pg_dsn)
         try:
             await conn.execute("SET search_path TO qpc")
-            assert await conn.fetchval("SELECT max(version) FROM schema_version") == 3
+            assert await conn.fetchval("SELECT max(version) FROM schema_version") == (
+                SCHEMA_VERSION)
             old = await conn.fetch("SELECT o_seq FROM take_calls($1, $2, $3, $4, $5, $6)",
                                    [R1], [b""], [0], [now], [240], [False])
             assert [r["o_seq"] for r in old] == [1, 2]  # schema-2 reads: payload bytes only
