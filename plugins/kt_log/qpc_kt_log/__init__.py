@@ -61,7 +61,9 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
 
 @hookimpl
 async def on_user_registered(app: App, username: str, identity_key: bytes) -> None:
-    await s.service(app).log_binding(username, identity_key)
+    # Only if the directory still has this binding: a hook that runs late (after the account
+    # was deleted and the name re-registered) must not log the old key as the newest.
+    await s.service(app).log_directory_binding(username, identity_key)
 
 
 @hookimpl

@@ -8,27 +8,34 @@ caller persists it between runs):
 2. the tree never shrinks, the same size never has two roots, and a larger tree is proven
    to extend the remembered one with a consistency proof (522): a log that forks or
    rewinds (rewrites history) fails here;
-3. the inclusion proof verifies against that STH's root and size.
+3. the STH is not older than the newest one accepted before, nor (if the caller set
+   ``state.max_sth_age_secs``) older than that many seconds;
+4. the inclusion proof verifies against that STH's root and size;
+5. a name's binding never goes back to an older leaf with another key than the newest one
+   this client verified for that name (``state.names``).
 
     state = KtState.from_dict(saved)
     resp = await resolve_verified(client, "alice", state)   # raises KtError on a bad proof
     saved = state.to_dict()
 
-Not detectable by a client on its own: a server that omits a revocation from
-CheckRevocation (the Merkle log proves inclusion, not absence).  :func:`audit` walks the
-whole log and catches that, and any other inconsistency between entries and the signed root.
+Not detectable by a client on its own (see the plugin README): a server that omits a
+revocation from CheckRevocation, or that answers with a superseded binding (with the genuine
+proof of its old leaf) for a name this client has not seen a newer binding of: the Merkle log
+proves inclusion, not absence or newest-ness.  :func:`audit` walks the whole log and catches
+both, and any other inconsistency between entries and the signed root.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qpc_core.client.sdk import QpcClient
-from qpc_core.errors import BadRequest
+from qpc_core.errors import RpcError
 from qpc_core.identity import verify_signature
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.users import normalize_username
@@ -52,6 +59,7 @@ __all__ = [
     "AuditError",
     "AuditReport",
     "ConsistencyError",
+    "FreshnessError",
     "InclusionError",
     "KeyRevokedError",
     "KtError",
@@ -85,6 +93,10 @@ class ConsistencyError(KtError):
     """The log is not an extension of the one seen before: it forked or was rewound."""
 
 
+class FreshnessError(KtError):
+    """A signed tree head is older than one accepted before, or than the allowed age."""
+
+
 class InclusionError(KtError):
     """An inclusion proof is missing or does not verify against its signed tree head."""
 
@@ -103,17 +115,26 @@ class AuditError(KtError):
 
 @dataclass
 class KtState:
-    """What a client remembers between runs: the pinned log key and the last accepted STH."""
+    """What a client remembers between runs: the pinned log key, the last accepted STH and,
+    per username, the newest binding verified (leaf index, identity key).
+
+    ``max_sth_age_secs`` is a policy, not persisted: when set, a head whose timestamp is more
+    than that many seconds in the past (by ``clock``) is refused with :class:`FreshnessError`.
+    Set it above the server's ``sth_max_age_secs`` (300 by default) plus clock skew."""
 
     log_key: bytes | None = None
     tree_size: int = 0
     root_hash: bytes = EMPTY_ROOT
     timestamp_ms: int = 0
+    names: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    max_sth_age_secs: float | None = field(default=None, compare=False)
+    clock: Callable[[], float] = field(default=time.time, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "log_key": self.log_key.hex() if self.log_key else None,
                 "tree_size": self.tree_size, "root_hash": self.root_hash.hex(),
-                "timestamp_ms": self.timestamp_ms}
+                "timestamp_ms": self.timestamp_ms,
+                "names": {n: [leaf, key.hex()] for n, (leaf, key) in self.names.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> KtState:
@@ -123,13 +144,17 @@ class KtState:
             return cls()
         try:
             key = bytes.fromhex(data["log_key"]) if data.get("log_key") else None
+            names = {str(n): (int(v[0]), bytes.fromhex(v[1]))
+                     for n, v in (data.get("names") or {}).items()}
             state = cls(key, int(data["tree_size"]), bytes.fromhex(data["root_hash"]),
-                        int(data.get("timestamp_ms", 0)))
-        except (KeyError, TypeError, ValueError) as e:
+                        int(data.get("timestamp_ms", 0)), names)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise ValueError(f"key-transparency state is unreadable: {e}") from None
         if (key is not None and len(key) != 32) or len(state.root_hash) != HASH_SIZE \
-                or state.tree_size < 0:
-            raise ValueError("key-transparency state is unreadable: bad key, root or size")
+                or state.tree_size < 0 or state.timestamp_ms < 0 \
+                or any(leaf < 0 or len(k) != 32 for leaf, k in names.values()):
+            raise ValueError("key-transparency state is unreadable: bad key, root, size or "
+                             "name binding")
         return state
 
 
@@ -184,7 +209,9 @@ def verify_sth_signature(sth: pb.SignedTreeHead, log_key: bytes | None = None) -
 async def accept_sth(client: QpcClient, sth: pb.SignedTreeHead, state: KtState) -> None:
     """Verify ``sth`` and that it extends the remembered head; then remember it.
 
-    The state changes only when every check passed."""
+    Refuses (:class:`FreshnessError`) a head older than the one remembered, or older than
+    ``state.max_sth_age_secs`` when that is set.  The state changes only when every check
+    passed."""
     verify_sth_signature(sth, state.log_key)
     size, root = sth.tree_size, bytes(sth.root_hash)
     if state.log_key is not None:
@@ -198,7 +225,7 @@ async def accept_sth(client: QpcClient, sth: pb.SignedTreeHead, state: KtState) 
         elif state.tree_size > 0:
             try:
                 proof = await get_consistency_proof(client, state.tree_size, size)
-            except BadRequest as e:  # e.g. the signed size is beyond the server's own tree
+            except RpcError as e:  # e.g. the signed size is beyond the server's own tree
                 raise ConsistencyError(
                     f"the server could not prove tree size {size} extends size "
                     f"{state.tree_size} seen before: {e}") from None
@@ -206,9 +233,20 @@ async def accept_sth(client: QpcClient, sth: pb.SignedTreeHead, state: KtState) 
                 raise ConsistencyError(
                     f"the log forked or rewrote history: tree size {size} is not an extension "
                     f"of the tree of size {state.tree_size} seen before")
+        # after the fork checks above, which report the graver problem
+        if sth.timestamp_ms < state.timestamp_ms:
+            raise FreshnessError(
+                f"the signed tree head of size {size} (signed at {sth.timestamp_ms} ms) is "
+                f"older than the head seen before (size {state.tree_size}, signed at "
+                f"{state.timestamp_ms} ms)")
+    if state.max_sth_age_secs is not None:
+        age = state.clock() - sth.timestamp_ms / 1000
+        if age > state.max_sth_age_secs:
+            raise FreshnessError(
+                f"the signed tree head of size {size} is {age:.0f} s old (at most "
+                f"{state.max_sth_age_secs:g} s allowed): the log may be frozen")
     state.log_key = bytes(sth.public_key)
-    if size != state.tree_size or sth.timestamp_ms > state.timestamp_ms:
-        state.tree_size, state.root_hash, state.timestamp_ms = size, root, sth.timestamp_ms
+    state.tree_size, state.root_hash, state.timestamp_ms = size, root, sth.timestamp_ms
 
 
 async def verify_inclusion_proof(client: QpcClient, leaf_hash: bytes, inclusion: pb.KtInclusion,
@@ -225,6 +263,24 @@ async def verify_inclusion_proof(client: QpcClient, leaf_hash: bytes, inclusion:
                             list(inclusion.audit_path), sth.root_hash):
         raise InclusionError(f"{what}: inclusion proof does not verify against the signed "
                              f"tree head (leaf {inclusion.leaf_index}, size {sth.tree_size})")
+
+
+def _check_not_superseded(state: KtState, username: str, identity_key: bytes,
+                          leaf_index: int) -> None:
+    """Refuse a binding older than the newest one this client verified for ``username``."""
+    seen = state.names.get(username)
+    if seen is not None and leaf_index < seen[0] and identity_key != seen[1]:
+        raise InclusionError(
+            f"@{username}: the server answered with the binding at leaf {leaf_index}, but this "
+            f"client already verified a newer binding to another key at leaf {seen[0]}: the "
+            "answer is superseded")
+
+
+def _remember_binding(state: KtState, username: str, identity_key: bytes,
+                      leaf_index: int) -> None:
+    seen = state.names.get(username)
+    if seen is None or leaf_index >= seen[0]:
+        state.names[username] = (leaf_index, bytes(identity_key))
 
 
 async def check_revocation_verified(client: QpcClient, identity_key: bytes,
@@ -264,10 +320,15 @@ async def resolve_verified(client: QpcClient, username: str, state: KtState, *,
     if not resp.HasField("inclusion"):
         raise InclusionError(f"@{name}: no key-transparency proof in the answer "
                              "(is the kt_log plugin enabled on the server?)")
-    leaf = binding_leaf_hash(name, resp.identity_key)
+    if len(resp.identity_key) != 32:
+        raise InclusionError(f"@{name}: the server's identity key is not 32 bytes")
+    key = bytes(resp.identity_key)
+    leaf = binding_leaf_hash(name, key)
     await verify_inclusion_proof(client, leaf, resp.inclusion, state, f"@{name}")
+    _check_not_superseded(state, name, key, resp.inclusion.leaf_index)
+    _remember_binding(state, name, key, resp.inclusion.leaf_index)
     if check_revocation:
-        await _check_not_revoked(client, bytes(resp.identity_key), state, f"@{name}")
+        await _check_not_revoked(client, key, state, f"@{name}")
     return resp
 
 
@@ -279,8 +340,14 @@ async def resolve_identity_verified(client: QpcClient, identity_key: bytes, stat
     if not resp.HasField("inclusion"):
         raise InclusionError("no key-transparency proof in the answer "
                              "(is the kt_log plugin enabled on the server?)")
-    leaf = binding_leaf_hash(resp.username, identity_key)
+    try:
+        leaf = binding_leaf_hash(resp.username, identity_key)
+    except ValueError:  # a NUL in the name (or not encodable): no leaf can prove it
+        raise InclusionError(f"the server answered with an invalid username "
+                             f"{resp.username!r}") from None
     await verify_inclusion_proof(client, leaf, resp.inclusion, state, f"@{resp.username}")
+    _check_not_superseded(state, resp.username, identity_key, resp.inclusion.leaf_index)
+    _remember_binding(state, resp.username, identity_key, resp.inclusion.leaf_index)
     if check_revocation:
         await _check_not_revoked(client, identity_key, state, f"@{resp.username}")
     return resp
@@ -393,6 +460,11 @@ def add_commands(subparsers: Any) -> None:
                                      "signed tree head")
     a.add_argument("--page-size", type=int, default=0,
                    help="entries per request (default: the server's maximum)")
+    for p in (v, a):
+        p.add_argument("--max-head-age", type=float, default=None, metavar="SECONDS",
+                       help="FAIL when the server's signed tree head is older than this "
+                            "(default: no limit; use more than the server's sth_max_age_secs, "
+                            "300 by default)")
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -408,6 +480,7 @@ async def run(args: argparse.Namespace, client: QpcClient, state_dict: dict[str,
     except ValueError as e:
         _emit(args, {"result": "FAIL", "error": str(e)}, f"FAIL  {e}")
         return 1
+    state.max_sth_age_secs = getattr(args, "max_head_age", None)
     seen_before = state.tree_size
     try:
         if args.kt_command == "verify":

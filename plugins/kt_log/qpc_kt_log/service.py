@@ -15,6 +15,15 @@ Appends are serialised by one :class:`asyncio.Lock`.  Each append writes the log
 (one transaction, leaf and nodes together), then the index rows, then ``m:indexed``.  A crash
 between those leaves ``m:indexed`` behind the log; start-up (and any later locked operation)
 re-reads the entries after it and rewrites their index rows, which is idempotent.
+
+Cancelling a task that is appending or writing index rows (a client resetting its stream)
+does not release the lock early: the queued writes are waited for first (see
+:func:`~qpc_kt_log.store.finish_despite_cancellation`), so the next appender never builds on
+a frontier a still-queued write is about to change.
+
+A binding is appended from a hook (registration, or ``log_on_resolve`` backfill) only if the
+directory, re-read under the lock, still maps the name to that key: a stale directory read
+must not log a deleted key as the name's newest binding.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from qpc_kt_log.records import (
     LeafRecord,
     sth_signed_bytes,
 )
-from qpc_kt_log.store import KtTreeStore, StoredEntry
+from qpc_kt_log.store import KtTreeStore, StoredEntry, finish_despite_cancellation
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -130,6 +139,14 @@ class KtLogService:
             start = end
 
     async def _write_index(self, first: int, records: Sequence[LeafRecord]) -> None:
+        """Write the index rows of ``records`` (leaves from ``first``), then ``m:indexed``.
+
+        Cancellation-safe: a cancelled caller still waits for the writes to finish, so no
+        row from this call can commit after a later one (which may hold a newer binding)."""
+        await finish_despite_cancellation(
+            asyncio.ensure_future(self._put_index_rows(first, records)))
+
+    async def _put_index_rows(self, first: int, records: Sequence[LeafRecord]) -> None:
         items: dict[bytes, bytes] = {}
         for index, r in enumerate(records, first):
             leaf = _U64.pack(index)
@@ -185,13 +202,36 @@ class KtLogService:
         """Make (username, key) the newest binding of ``username``; return its leaf index.
 
         Appends a binding leaf unless the log's newest binding for the name already has this
-        key: a first registration, or a key rotation (the name had a different key)."""
+        key: a first registration, or a key rotation (the name had a different key).  Does
+        not consult the directory (see :meth:`log_directory_binding`)."""
+        leaf = await self._log_binding(username, identity_key, check_directory=False)
+        assert leaf is not None
+        return leaf
+
+    async def log_directory_binding(self, username: str, identity_key: bytes) -> int | None:
+        """Like :meth:`log_binding`, for a binding read from the directory earlier (a hook).
+
+        Before appending, the directory is read again under the append lock: if it no
+        longer maps ``username`` to ``identity_key`` (the account was deleted, or the name
+        re-registered with another key, since the caller's read) nothing is appended and
+        ``None`` is returned.  Otherwise a stale read would log an old key as the name's
+        newest binding."""
+        return await self._log_binding(username, identity_key, check_directory=True)
+
+    async def _log_binding(self, username: str, identity_key: bytes, *,
+                           check_directory: bool) -> int | None:
         check_identity_key(identity_key)
         async with self._lock:
             await self._ready_locked()
             current = await self._latest_binding(username)
             if current is not None and current[1] == identity_key:
                 return current[0]
+            if check_directory:
+                user = await self.app.storage.get_user_by_name(username)
+                if user is None or user.identity_key != identity_key:
+                    log.info("kt_log: not logging '%s' -> %s…: the directory no longer has "
+                             "this binding", username, identity_key.hex()[:16])
+                    return None
             rng = await self._append_locked([LeafRecord.binding(username, identity_key,
                                                                 self._now_ms())])
             if current is not None:
@@ -233,12 +273,14 @@ class KtLogService:
         await self._catch_up()
         current = await self._latest_binding(username)
         if current is not None and current[1] == identity_key:
-            leaf = current[0]
+            leaf: int | None = current[0]
         elif self.config.log_on_resolve:
-            leaf = await self.log_binding(username, identity_key)
+            # None when the directory changed since the caller read it: no proof, rather
+            # than logging a stale key as the name's newest binding.
+            leaf = await self.log_directory_binding(username, identity_key)
         else:
-            return None
-        return await self.inclusion(leaf)
+            leaf = None
+        return None if leaf is None else await self.inclusion(leaf)
 
     async def revocation(self, identity_key: bytes) -> tuple[int, str] | None:
         await self._catch_up()

@@ -16,14 +16,26 @@ nodes completed by appending it (:func:`~qpc_kt_log.merkle.nodes_completed_by`),
   ones: the upper levels, shared by every proof, are then rarely read again.
 
 Not safe for concurrent appends: the caller serialises them (the service holds one lock).
+An append is **cancellation-safe**: once its ``log_append`` is queued it is not abandoned.  If
+the awaiting task is cancelled (a client resets its stream), :meth:`KtTreeStore.append` still
+waits for the write to finish, takes the in-memory frontier from what was committed and only
+then re-raises :class:`asyncio.CancelledError`, so the caller's lock is not released while a
+write built from the current frontier is still queued.
+
+Start-up (:meth:`KtTreeStore.load`) replays the newest ``verify_tail`` entries from the stored
+frontier before them and checks that each entry holds exactly the nodes its append completes,
+and that the result is the stored frontier: an entry written at the wrong index (the corruption
+a stale frontier would cause) refuses to load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from qpc_core.errors import StorageError
 from qpc_core.storage.base import Storage
@@ -50,6 +62,26 @@ log = logging.getLogger("qpc.kt_log")
 
 LOG_NAME = "kt_log"
 DEFAULT_CACHE_NODES = 16_384  # ~4 MB: every node from level 7 up at 10^6 leaves
+DEFAULT_VERIFY_TAIL = 64  # newest entries replayed by load(): one extra read of ~10 KB
+
+T = TypeVar("T")
+
+
+async def finish_despite_cancellation(fut: asyncio.Future[T]) -> T:
+    """Await ``fut`` without ever cancelling it.
+
+    If the calling task is cancelled meanwhile, keep waiting until ``fut`` is done and then
+    re-raise the :class:`asyncio.CancelledError` (``fut``'s outcome is then known: read it
+    with ``fut.result()``).  Otherwise return ``fut``'s result (or raise its exception)."""
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait((fut,))
+        except asyncio.CancelledError as e:  # our caller, not fut: keep waiting
+            cancelled = e
+    if cancelled is not None:
+        raise cancelled
+    return fut.result()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +112,19 @@ class KtTreeStore:
     """
 
     def __init__(self, storage: Storage, log_name: str = LOG_NAME, *,
-                 cache_nodes: int = DEFAULT_CACHE_NODES) -> None:
+                 cache_nodes: int = DEFAULT_CACHE_NODES,
+                 verify_tail: int = DEFAULT_VERIFY_TAIL) -> None:
         if cache_nodes < 0:
             raise ValueError("cache_nodes must not be negative")
+        if verify_tail < 1:
+            raise ValueError("verify_tail must be at least 1")
         self._storage = storage
         self._log = log_name
+        self._verify_tail = verify_tail
         self._frontier = Frontier()
         self._loaded = False
         self._stale = False
+        self._broken: str | None = None  # set when a write landed at the wrong index
         self._cache: OrderedDict[NodeId, bytes] = OrderedDict()
         self._cache_max = cache_nodes
         self.stats = ReadStats()
@@ -102,22 +139,39 @@ class KtTreeStore:
         return self._frontier.root()
 
     async def load(self) -> None:
-        """Read the size and the O(log n) frontier nodes; check the newest entry decodes and
-        its stored leaf hash matches its record.  :class:`StorageError` when the log is
+        """Read the size and the O(log n) frontier nodes, and check the newest entries.
+
+        The newest ``verify_tail`` entries are replayed on top of the stored frontier before
+        them: each must decode, its stored leaf hash must match its record, it must hold
+        exactly the nodes appending its leaf completes, and the replay must end at the stored
+        frontier.  Three storage reads in all.  :class:`StorageError` when the log is
         corrupt."""
         size = await self._storage.log_size(self._log)
-        ids = frontier_ids(size)
+        start = max(0, size - self._verify_tail)
         try:
-            nodes = await self.get_nodes(ids)
+            nodes = await self.get_nodes(list(dict.fromkeys(
+                [*frontier_ids(start), *frontier_ids(size)])))
+            base = Frontier.from_nodes(start, nodes)
             frontier = Frontier.from_nodes(size, nodes)
         except (MissingNodeError, CorruptEntry) as e:
             raise StorageError(f"kt_log: the stored Merkle log is corrupt: {e}") from e
-        if size:
-            (last,) = await self.read_entries(size - 1, size)
-            if last.record.leaf_hash != last.leaf_hash:
+        tail = await self._read_raw_entries(start, size)
+        if len(tail) != size - start:
+            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {size} entries "
+                               f"reported, {start + len(tail)} readable")
+        for index, record, hashes in tail:
+            if record.leaf_hash != hashes[0]:
                 raise StorageError(
-                    f"kt_log: entry {size - 1}: stored leaf hash does not match its record"
-                )
+                    f"kt_log: entry {index}: stored leaf hash does not match its record")
+            replayed = [h for _level, _index, h in base.append(record.leaf_hash)]
+            if replayed != hashes:
+                raise StorageError(
+                    f"kt_log: the stored Merkle log is corrupt: entry {index} does not hold "
+                    "the nodes its append completes (was it written at the wrong index?)")
+        if base.peaks != frontier.peaks:
+            raise StorageError(
+                "kt_log: the stored Merkle log is corrupt: replaying the newest entries does "
+                f"not give the stored frontier of size {size}")
         self._frontier = frontier
         self._loaded = True
         self._stale = False
@@ -131,30 +185,55 @@ class KtTreeStore:
     async def append(self, records: Sequence[LeafRecord]) -> range:
         """Append ``records`` (one transaction); return their leaf indices.
 
-        Callers serialise appends.  If the write fails or is cancelled its outcome is
-        unknown, so the store marks itself stale and reloads before the next append."""
+        Callers serialise appends.  Cancellation-safe: if the calling task is cancelled
+        while the write is queued or committing, this still waits for the write to finish,
+        adopts what it committed, and only then re-raises :class:`asyncio.CancelledError`
+        (so a caller holding a lock keeps it until the log's size is known again).  If the
+        write itself fails or is cancelled its outcome is unknown, so the store marks itself
+        stale and reloads before the next append."""
+        if self._broken is not None:
+            raise StorageError(self._broken)
         await self.ensure_current()
         frontier = self._frontier.copy()
         entries = [
             encode_entry(r, [h for _level, _index, h in frontier.append(r.leaf_hash)])
             for r in records
         ]
-        if not entries:
-            return range(frontier.size, frontier.size)
         expected = self._frontier.size
+        if not entries:
+            return range(expected, expected)
+        self._stale = True  # until the write's outcome is known
+        write = asyncio.ensure_future(self._storage.log_append(self._log, entries))
         try:
-            first = await self._storage.log_append(self._log, entries)
-        except BaseException:
-            self._stale = True
+            first = await finish_despite_cancellation(write)
+        except asyncio.CancelledError:
+            # Either our caller was cancelled (the write has finished by now: adopt what it
+            # committed) or the write itself was (outcome unknown: stay stale).
+            if write.done() and not write.cancelled() and write.exception() is None:
+                self._adopt(write.result(), expected, frontier)
             raise
-        if first != expected:
-            self._stale = True
+        if not self._adopt(first, expected, frontier):
             raise StorageError(
                 f"kt_log: the log grew behind this process's back (expected index {expected}, "
                 f"got {first}); is another server writing the same database?"
             )
-        self._frontier = frontier
         return range(first, first + len(entries))
+
+    def _adopt(self, first: int, expected: int, frontier: Frontier) -> bool:
+        """Take ``frontier`` as committed if the write landed at the index it was built for.
+
+        False otherwise: entries built for index ``expected`` now sit at ``first``, so the
+        log is corrupt from there on (:meth:`load` refuses it); this store then refuses every
+        later append."""
+        if first != expected:
+            self._broken = (f"kt_log: entries built for index {expected} were stored at index "
+                            f"{first}: the stored log is corrupt from there on; refusing to "
+                            "append")
+            log.critical("%s", self._broken)
+            return False
+        self._frontier = frontier
+        self._stale = False
+        return True
 
     # -- reading ---------------------------------------------------------------------------
     async def get_nodes(self, ids: Sequence[NodeId]) -> Mapping[NodeId, bytes]:
@@ -220,15 +299,20 @@ class KtTreeStore:
         self._check_size(new_size, "new_size")
         return await self._run(plan_consistency(old_size, new_size))
 
-    async def read_entries(self, start: int, end: int) -> list[StoredEntry]:
-        """Decoded entries ``start <= index < end`` (clamped to the log)."""
+    async def _read_raw_entries(self, start: int, end: int
+                                ) -> list[tuple[int, LeafRecord, list[bytes]]]:
         raw = await self._storage.log_read(self._log, start, end)
-        out: list[StoredEntry] = []
+        out: list[tuple[int, LeafRecord, list[bytes]]] = []
         for offset, data in enumerate(raw):
             index = max(start, 0) + offset
             try:
                 record, hashes = decode_entry(data)
             except CorruptEntry as e:
                 raise StorageError(f"kt_log: entry {index} is corrupt: {e}") from e
-            out.append(StoredEntry(index, record, hashes[0]))
+            out.append((index, record, hashes))
         return out
+
+    async def read_entries(self, start: int, end: int) -> list[StoredEntry]:
+        """Decoded entries ``start <= index < end`` (clamped to the log)."""
+        return [StoredEntry(index, record, hashes[0])
+                for index, record, hashes in await self._read_raw_entries(start, end)]
