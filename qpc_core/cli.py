@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,18 @@ from qpc_core import __version__
 from qpc_core.errors import ConfigError, PluginError, QpcError
 from qpc_core.plan import add_arguments as add_plan_arguments
 from qpc_core.storecli import add_arguments as add_store_arguments
+
+MAX_CERT_DAYS = 36500  # 100 years
+
+
+def _cert_days(raw: str) -> int:
+    try:
+        days = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days, got {raw!r}") from None
+    if not 1 <= days <= MAX_CERT_DAYS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_CERT_DAYS}, got {days}")
+    return days
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -53,9 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate configuration and plugins, then exit")
     _add_server_options(cc)
     gc = sub.add_parser("gen-cert", help="write a development certificate and its CA")
-    gc.add_argument("--out", type=Path, default=Path("data"))
+    gc.add_argument("--out", type=Path, default=Path("data"),
+                    help="directory to write the files into (default: data)")
     gc.add_argument("--hostname", action="append", default=None)
-    gc.add_argument("--days", type=int, default=365)
+    gc.add_argument("--days", type=_cert_days, default=365,
+                    help=f"validity in days, 1 to {MAX_CERT_DAYS} (default: 365)")
+    gc.add_argument("--force", action="store_true",
+                    help="replace an existing certificate, key and CA in --out")
     sub.add_parser("version", help="print the version")
     plan = sub.add_parser("plan", help="capacity planning worksheet (scaling guide)")
     add_plan_arguments(plan)
@@ -80,6 +97,8 @@ def _make_app(args: argparse.Namespace) -> Any:
     from qpc_core.config import load_config
 
     settings = load_config(args.config, _overrides(args))
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise ConfigError(f"config: data_dir: {settings.data_dir} exists and is not a directory")
     _setup_logging(settings.log_level)
     return App(settings)
 
@@ -137,12 +156,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_gen_cert(args: argparse.Namespace) -> int:
-    from qpc_core.transport.certs import generate_self_signed
+    from qpc_core.transport import certs
 
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    names = (certs.DEV_CERT_DER, certs.DEV_KEY_DER, certs.DEV_CERT_PEM, certs.DEV_KEY_PEM,
+             certs.DEV_CA_PEM, certs.DEV_CA_DER)
+    existing = [n for n in names if os.path.lexists(out / n)]
+    if existing and not args.force:
+        raise ConfigError(
+            f"--out: {out} already holds {', '.join(existing)}: refusing to replace a "
+            "server key and certificate (clients trusting the current CA would stop "
+            "connecting); pass --force to replace them, or choose another --out"
+        )
     hosts = tuple(args.hostname or ["localhost"])
-    cert, key = generate_self_signed(args.out, hostnames=hosts, days=args.days)
+    cert, key = certs.generate_self_signed(out, hostnames=hosts, days=args.days)
     print(f"wrote {cert} and {key} (+ .pem copies), issued by the development CA in "
-          f"{args.out / 'ca-cert.pem'} (what clients trust)")
+          f"{out / certs.DEV_CA_PEM} (what clients trust)")
     return 0
 
 
@@ -181,8 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     except QpcError as e:
         print(f"qpc: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. a data directory or file that cannot be created or written
+        logging.getLogger("qpc").debug("%s failed", args.command, exc_info=True)
+        print(f"qpc: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+
+
+def _os_error(e: OSError) -> str:
+    """``path: reason`` rather than ``[Errno 17] File exists: 'path'``."""
+    if e.strerror and e.filename is not None:
+        where = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{where}: {e.strerror}"
+    return str(e) or type(e).__name__
 
 
 def server_main() -> None:

@@ -40,6 +40,18 @@ CPU_WARNING = 0.70  # the guide's "CPU usage > 70% sustained" warning threshold
 SUMMARY = Path("bench") / "results" / "summary.json"
 
 
+#: Largest accepted input, per option: far beyond any deployment, small enough that every
+#: result stays a finite number (JSON has no Infinity).
+LIMITS: dict[str, float] = {
+    "users": 1e9,
+    "msgs_per_hour": 1e6,
+    "msg_size": 1e9,  # bytes
+    "blob_uploads_per_day": 1e12,
+    "blob_size_mb": 1e6,  # 1 TB
+    "retention_days": 36500,  # 100 years
+}
+
+
 class PlanError(QpcError):
     """A worksheet value is missing or out of range (the message names the option)."""
 
@@ -48,8 +60,15 @@ def _number(name: str, value: Any, *, integer: bool = False, positive: bool = Fa
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PlanError(f"{flag}: expected a number, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise PlanError(f"{flag}: expected a finite number, got {value}")
+    limit = LIMITS.get(name)
+    if limit is not None and value > limit:  # before float(): a huge int would overflow
+        try:
+            shown = f"{value:g}"
+        except OverflowError:  # an int beyond float range
+            shown = f"a {len(str(value))}-digit number"
+        raise PlanError(f"{flag}: must be at most {limit:,.0f}, got {shown}")
     if integer and value != int(value):
         raise PlanError(f"{flag}: expected a whole number, got {value}")
     if positive and value <= 0:
@@ -103,7 +122,17 @@ def plan(
         est = measured_estimate(measured, n_users, msgs_per_sec)
         if est:
             out["measured"] = est
+    _check_finite(out)
     return out
+
+
+def _check_finite(result: dict[str, Any], where: str = "") -> None:
+    """Every number of the plan is finite (e.g. absurd benchmark figures could overflow)."""
+    for k, v in result.items():
+        if isinstance(v, dict):
+            _check_finite(v, f"{where}{k}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise PlanError(f"the inputs are too large: {where}{k} is not a finite number")
 
 
 def measured_estimate(measured: dict[str, Any], users: int, msgs_per_sec: float) -> dict[str, Any]:

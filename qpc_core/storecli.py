@@ -75,13 +75,12 @@ def _check_existing_sqlcipher(settings: Settings) -> None:
     """A SQLCipher store read by these commands must exist and have a key: never create an
     empty database (a mistyped --data-dir would copy nothing and call it verified) or a
     fresh development key beside an existing one."""
-    from qpc_core.builtin.sqlcipher import DEV_KEY_FILE
+    from qpc_core.builtin.sqlcipher import DEV_KEY_FILE, database_without_key
 
     db = settings.resolved_db_path
     if not db.is_file():
         raise StorageError(f"no database at {db} (check --config / --data-dir)")
-    has_key = settings.db_key is not None and settings.db_key.get_secret_value()
-    if not has_key and not (settings.data_dir / DEV_KEY_FILE).is_file():
+    if database_without_key(settings) is not None:
         raise StorageError(
             f"no database key for {db}: set QPC_DB_KEY (there is no development key file "
             f"{settings.data_dir / DEV_KEY_FILE} either)")

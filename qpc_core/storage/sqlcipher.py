@@ -1186,6 +1186,27 @@ def _lock_exclusively(path: Path) -> int:
     return fd
 
 
+def _create_private(path: Path) -> None:
+    """Create a new database file with mode 0600 before SQLite does (SQLite would create it
+    0644 under the usual umask).  SQLite gives the ``-wal`` and ``-shm`` files it creates the
+    database file's mode, so they are 0600 too.  An existing database keeps its mode: a
+    warning says so when other users may read it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            return  # opening it reports the problem
+        if mode & 0o077:
+            log.warning("database %s has mode %04o: other users may read it (encrypted) and "
+                        "its -wal/-shm files; chmod 600 it and them", path, mode)
+        return
+    except OSError as e:
+        raise StorageError(f"cannot create {path}: {e}") from None
+    os.close(fd)
+
+
 class SqlCipherStorage(Storage):
     """SQLCipher 4 storage with a group-committing writer thread and a reader pool."""
 
@@ -1278,6 +1299,7 @@ class SqlCipherStorage(Storage):
     async def _start(self) -> None:
         self._lock_fd = _lock_exclusively(self.path)
         try:
+            _create_private(self.path)
             await self._start_locked()
         except BaseException:
             self._unlock()

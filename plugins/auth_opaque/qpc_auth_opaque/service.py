@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from qpc_auth_opaque import opaque
 from qpc_auth_opaque.config import OpaqueConfig
 from qpc_auth_opaque.throttle import Throttle
+from qpc_core import audit
 from qpc_core.errors import (
     BadRequest,
     Conflict,
@@ -186,9 +187,18 @@ class OpaqueService:
             user = await self.app.storage.get_user_by_name(name)
             if user is None or user.identity_key != ident or await self.load_record(name):
                 raise
-            log.info("completing the interrupted registration of %s", name)
+            log.info("completing the interrupted registration of %s", self._who(name, ident))
         await self.app.storage.kv_put(KV, RECORD_PREFIX + name.encode(), record.serialize())
-        log.info("registered user %s", name)
+        log.info("registered user %s", self._who(name, ident))
+
+    def _who(self, name: str, ident: bytes) -> str:
+        """A user as log lines name it: in clear only with ``redact_logs = false``; else the
+        audit log's token of the identity key (``identity=h:...`` in its lines), or nothing
+        identifying when the audit log (which holds the redaction key) is off."""
+        if not self.app.settings.redact_logs:
+            return name
+        audit_log = audit.get(self.app)
+        return f"identity={audit_log.token(ident)}" if audit_log is not None else "(redacted)"
 
     # -- login ------------------------------------------------------------------------------------
     def _check_throttle(self, name: str | None, peer: PeerInfo, method_id: int) -> None:

@@ -178,7 +178,10 @@ class QpcMetrics:
         self.login_failure = 0
         self.rate_limit_hit = 0
         self.connections_opened = 0
-        self.queue_depth = 0
+        # Unclamped running value: events may arrive out of order (a message handed straight
+        # to a waiting FetchWait is reported fetched before it is reported enqueued), so it
+        # may dip below 0 for a moment; only the exposed value is clamped.
+        self._queue_depth = 0
         self.fetched_messages = dict.fromkeys(FETCH_METHODS, 0)
         self.fetched_bytes = dict.fromkeys(FETCH_METHODS, 0)
         self.handshake = Histogram(HANDSHAKE_BUCKETS)
@@ -187,6 +190,16 @@ class QpcMetrics:
         self.storage: dict[str, Histogram] = {}
         self._operation = BoundedLabel()
 
+    @property
+    def queue_depth(self) -> int:
+        """``delivery_queue_depth`` as exposed: the running value, never below 0."""
+        return max(0, self._queue_depth)
+
+    @queue_depth.setter
+    def queue_depth(self, value: int) -> None:
+        """Replace the running value (the resync from storage)."""
+        self._queue_depth = value
+
     # -- updates (called from the on_* hooks) --------------------------------------------------
     def message_enqueued(self, size: int, duplicate: bool) -> None:
         if duplicate:
@@ -194,14 +207,14 @@ class QpcMetrics:
             return
         self.enqueue += 1
         self.enqueue_bytes += size
-        self.queue_depth += 1
+        self._queue_depth += 1
 
     def messages_fetched(self, method: str, count: int, size: int) -> None:
         key = method if method in self.fetched_messages else OTHER
         self.fetched_messages[key] = self.fetched_messages.get(key, 0) + count
         self.fetched_bytes[key] = self.fetched_bytes.get(key, 0) + size
         if method != "peek":  # fetch and fetch_wait remove what they return
-            self.queue_depth = max(0, self.queue_depth - count)
+            self._queue_depth -= count  # not clamped here: see __init__
 
     def rpc_completed(self, method: str, status: int, seconds: float) -> None:
         key = (method, status_name(status))

@@ -67,3 +67,37 @@ def test_readme_lists_every_metric_with_its_help() -> None:
     for doc in METRICS:
         labels = ", ".join(f"`{label}`" for label in doc.labels)
         assert f"| `{doc.name}` | {doc.kind} | {labels} | {doc.help} |" in readme, doc.name
+
+
+def _depth_sample(m: QpcMetrics) -> str:
+    reg = CollectorRegistry()
+    reg.register(m)
+    line = [ln for ln in generate_latest(reg).decode().splitlines()
+            if ln.startswith("delivery_queue_depth ")]
+    assert len(line) == 1
+    return line[0]
+
+
+def test_queue_depth_survives_fetched_before_enqueued() -> None:
+    """A message handed straight to a parked FetchWait is reported fetched before it is
+    reported enqueued: the pair must cancel out, not leave the gauge one too high."""
+    m = QpcMetrics(version="1", in_flight=lambda: 0, connections=lambda: 0,
+                   max_connections=lambda: 1)
+    for _ in range(200):  # a load test's worth of hand-overs, all in the reversed order
+        m.messages_fetched("fetch_wait", 1, 10)
+        assert m.queue_depth == 0  # exposed value clamped while the running value is -1
+        assert _depth_sample(m) == "delivery_queue_depth 0.0"
+        m.message_enqueued(10, duplicate=False)
+    assert m.queue_depth == 0
+    assert _depth_sample(m) == "delivery_queue_depth 0.0"
+    # Ordinary order, a peek (removes nothing) and a resync still behave as before.
+    m.message_enqueued(5, duplicate=False)
+    m.message_enqueued(5, duplicate=False)
+    m.messages_fetched("peek", 2, 10)
+    assert m.queue_depth == 2
+    m.messages_fetched("fetch", 1, 5)
+    assert m.queue_depth == 1
+    m.queue_depth = 7  # the resync from storage replaces the running value
+    assert _depth_sample(m) == "delivery_queue_depth 7.0"
+    m.messages_fetched("fetch", 9, 45)  # more than it knew of (e.g. events before a resync)
+    assert _depth_sample(m) == "delivery_queue_depth 0.0"
