@@ -47,6 +47,17 @@ class AlreadyExists(StorageError):
     """A unique key (username, identity key) is taken; nothing was written."""
 
 
+class LogMoved(StorageError):
+    """``log_append(..., expected_first=n)``: the log's size was not ``n`` (another writer
+    appended meanwhile); nothing was written."""
+
+    def __init__(self, log: str, expected: int, actual: int) -> None:
+        super().__init__(f"log {log!r} has {actual} entries, not the expected {expected}")
+        self.log = log
+        self.expected = expected
+        self.actual = actual
+
+
 class WrongKey(StorageError):
     """The database could not be opened with the configured key."""
 
@@ -307,8 +318,14 @@ class Storage(ABC):
         """Entries whose key starts with ``prefix``, in key order (``limit`` 0 = all)."""
 
     @abstractmethod
-    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
-        """Append to the named append-only log; return the index of the first new entry."""
+    async def log_append(
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+    ) -> int:
+        """Append to the named append-only log; return the index of the first new entry.
+
+        With ``expected_first``, the append happens only if the log has exactly that many
+        entries, checked inside the writing transaction; otherwise :class:`LogMoved` and
+        nothing is written (for writers whose entries depend on their position)."""
 
     @abstractmethod
     async def log_read(self, log: str, start: int, end: int) -> list[bytes]:

@@ -29,6 +29,7 @@ import pytest
 
 from qpc_core.storage.base import (
     AlreadyExists,
+    LogMoved,
     NewMessage,
     QueueFull,
     SessionRecord,
@@ -345,6 +346,25 @@ class StorageContract:
         starts = await asyncio.gather(*(store.log_append("kt", [b"c", b"c"]) for _ in range(5)))
         assert sorted(starts) == [4, 6, 8, 10, 12]
         assert await store.log_size("kt") == 14
+
+    async def test_contract_log_append_at_an_expected_size(self, store: Storage) -> None:
+        assert await store.log_append("kt", [b"e0"], expected_first=0) == 0
+        assert await store.log_append("kt", [b"e1", b"e2"], expected_first=1) == 1
+        for stale in (1, 0, 4):
+            with pytest.raises(LogMoved) as ei:
+                await store.log_append("kt", [b"x"], expected_first=stale)
+            assert (ei.value.expected, ei.value.actual) == (stale, 3)
+        assert await store.log_size("kt") == 3  # nothing written by the refused appends
+        assert await store.log_read("kt", 0, 10) == [b"e0", b"e1", b"e2"]
+        with pytest.raises(LogMoved):  # also for a log that does not exist yet
+            await store.log_append("new", [b"x"], expected_first=1)
+        assert await store.log_size("new") == 0
+        # Racing writers built for the same size: exactly one lands.
+        outcomes = await asyncio.gather(
+            *(store.log_append("kt", [b"r"], expected_first=3) for _ in range(4)),
+            return_exceptions=True)
+        assert sorted(type(o).__name__ for o in outcomes) == ["LogMoved"] * 3 + ["int"]
+        assert await store.log_size("kt") == 4
 
     async def test_contract_log_read_many(self, store: Storage) -> None:
         entries = [b"e%d" % i for i in range(1200)]  # large lookups (chunked IN)

@@ -54,6 +54,7 @@ from qpc_core.errors import StorageError
 from qpc_core.storage.base import (
     AlreadyExists,
     EnqueueOutcome,
+    LogMoved,
     NewMessage,
     QueueFull,
     SessionRecord,
@@ -911,8 +912,12 @@ def _log_size(conn: Conn, log_name: str) -> int:
     return 0 if row is None else int(row[0]) + 1
 
 
-def _log_append(conn: Conn, log_name: str, entries: list[bytes]) -> int:
+def _log_append(
+    conn: Conn, log_name: str, entries: list[bytes], expected_first: int | None
+) -> int:
     first = _log_size(conn, log_name)
+    if expected_first is not None and first != expected_first:
+        raise LogMoved(log_name, expected_first, first)
     if entries:
         conn.executemany(
             "INSERT INTO logs (log, idx, entry) VALUES (?, ?, ?)",
@@ -1873,8 +1878,10 @@ class SqlCipherStorage(Storage):
     ) -> list[tuple[bytes, bytes]]:
         return await self._read(_kv_scan, namespace, prefix, limit)
 
-    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
-        return await self._write(_log_append, log, list(entries))
+    async def log_append(
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+    ) -> int:
+        return await self._write(_log_append, log, list(entries), expected_first)
 
     async def log_read(self, log: str, start: int, end: int) -> list[bytes]:
         return await self._read(_log_read, log, start, end)

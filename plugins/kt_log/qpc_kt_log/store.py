@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from qpc_core.errors import StorageError
-from qpc_core.storage.base import Storage
+from qpc_core.storage.base import LogMoved, Storage
 from qpc_kt_log.merkle import (
     Frontier,
     MissingNodeError,
@@ -59,6 +59,8 @@ from qpc_kt_log.records import (
 )
 
 log = logging.getLogger("qpc.kt_log")
+#: Attempts of one append when another writer moved the log meanwhile (LogMoved).
+_MOVED_RETRIES = 3
 
 LOG_NAME = "kt_log"
 DEFAULT_CACHE_NODES = 16_384  # ~4 MB: every node from level 7 up at 10^6 leaves
@@ -191,6 +193,17 @@ class KtTreeStore:
         (so a caller holding a lock keeps it until the log's size is known again).  If the
         write itself fails or is cancelled its outcome is unknown, so the store marks itself
         stale and reloads before the next append."""
+        for _attempt in range(_MOVED_RETRIES - 1):
+            try:
+                return await self._append_once(records)
+            except LogMoved as e:
+                # Another writer (a second server on a shared database) appended first;
+                # nothing was written: reload and build the entries again.
+                log.warning("kt_log: %s; reloading and retrying the append", e)
+                self._stale = True
+        return await self._append_once(records)
+
+    async def _append_once(self, records: Sequence[LeafRecord]) -> range:
         if self._broken is not None:
             raise StorageError(self._broken)
         await self.ensure_current()
@@ -203,7 +216,10 @@ class KtTreeStore:
         if not entries:
             return range(expected, expected)
         self._stale = True  # until the write's outcome is known
-        write = asyncio.ensure_future(self._storage.log_append(self._log, entries))
+        # The storage refuses the write (LogMoved, nothing written) unless the log still has
+        # exactly the size these entries were built for.
+        write = asyncio.ensure_future(
+            self._storage.log_append(self._log, entries, expected_first=expected))
         try:
             first = await finish_despite_cancellation(write)
         except asyncio.CancelledError:

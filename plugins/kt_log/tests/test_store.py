@@ -238,8 +238,8 @@ async def test_append_with_unknown_outcome_reloads(storage: SqlCipherStorage,
     await tree.append(records(3))
     real = storage.log_append
 
-    async def committed_then_cancelled(log: str, entries: list[bytes]) -> int:
-        await real(log, entries)
+    async def committed_then_cancelled(log: str, entries: list[bytes], **kw: object) -> int:
+        await real(log, entries, **kw)  # type: ignore[arg-type]
         raise asyncio.CancelledError
 
     monkeypatch.setattr(storage, "log_append", committed_then_cancelled)
@@ -258,8 +258,11 @@ async def test_foreign_append_is_detected(storage: SqlCipherStorage) -> None:
     await tree.load()
     await tree.append(records(2))
     await storage.log_append(LOG_NAME, [encode_entry(records(1)[0], [b"\x00" * 32])])
-    with pytest.raises(StorageError, match="behind this process's back"):
+    # The storage refuses our append (the log moved), the reload finds the foreign entry
+    # does not hold the nodes its append completes, and nothing is written on top.
+    with pytest.raises(StorageError, match="does not match its record"):
         await tree.append(records(1, 2))
+    assert await storage.log_size(LOG_NAME) == 3
 
 
 async def test_corrupt_log_refuses_to_load(storage: SqlCipherStorage) -> None:

@@ -40,6 +40,7 @@ from qpc_core.errors import StorageError
 from qpc_core.storage.base import (
     AlreadyExists,
     EnqueueOutcome,
+    LogMoved,
     NewMessage,
     QueueFull,
     SessionRecord,
@@ -822,7 +823,9 @@ class PostgresStorage(Storage):
                     " ORDER BY key LIMIT $4", namespace, prefix, end, lim)
         return [(bytes(r[0]), bytes(r[1])) for r in rows]
 
-    async def log_append(self, log: str, entries: Sequence[bytes]) -> int:
+    async def log_append(
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+    ) -> int:
         async with _errors("log_append"), self._pool.acquire() as conn, conn.transaction():
             # The head row serialises appends to one log (across servers too).
             first = int(await conn.fetchval(
@@ -830,6 +833,8 @@ class PostgresStorage(Storage):
                 " ON CONFLICT (log) DO UPDATE SET size = h.size + $2"
                 " RETURNING h.size - $2", log, len(entries),
             ))
+            if expected_first is not None and first != expected_first:
+                raise LogMoved(log, expected_first, first)  # rolls the head update back
             if entries:
                 await conn.executemany(
                     "INSERT INTO logs (log, idx, entry) VALUES ($1, $2, $3)",
