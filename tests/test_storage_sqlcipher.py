@@ -491,6 +491,39 @@ async def test_migration_2_keeps_messages_of_a_version_1_file(db_path: Path) -> 
         assert "WITHOUT ROWID" in sql
 
 
+async def test_migration_3_repairs_rows_left_by_an_old_restore(db_path: Path) -> None:
+    """A schema-2 file with what the old restore could leave: a message of a deleted inbox,
+    and a re-created inbox whose next seq and depth do not cover a stored row.  After the
+    upgrade, enqueues to both inboxes work and every count is right."""
+    scripts = dict(sqlcipher_mod.MIGRATIONS)
+    with closing(sqlcipher3.connect(str(db_path), isolation_level=None)) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        for v in (1, 2):
+            for stmt in sqlcipher_mod._split_sql(scripts[v]):
+                conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id = {sqlcipher_mod.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 2")
+        ins = ("INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,"
+               " payload) VALUES (?, x'', ?, NULL, 0, ?)")
+        conn.execute(ins, (ALICE, 1, b"orphan"))  # its inbox was deleted
+        conn.execute("INSERT INTO inboxes VALUES (?, x'', 2, 1)", (BOB,))
+        conn.execute(ins, (BOB, 1, b"b1"))
+        conn.execute(ins, (BOB, 3, b"put back late"))  # beyond next_seq, not in depth
+    st = await open_store(db_path)
+    try:
+        assert await st.queue_depth(ALICE, b"") == 0
+        assert (await enqueue_one(st, msg(ALICE, b"new"))).seq == 1
+        assert [m.payload for m in await st.fetch(ALICE, b"", 0, now=time.time())] == [b"new"]
+        assert await st.queue_depth(BOB, b"") == 2
+        assert (await enqueue_one(st, msg(BOB, b"b4"))).seq == 4
+        got = await st.fetch(BOB, b"", 0, now=time.time())
+        assert [(m.seq, m.payload) for m in got] == [(1, b"b1"), (3, b"put back late"),
+                                                     (4, b"b4")]
+        assert await st.queue_depth(BOB, b"") == 0
+    finally:
+        await st.close()
+
+
 # -- group commit ---------------------------------------------------------------------------------
 
 

@@ -224,11 +224,28 @@ CREATE TRIGGER messages_depth_delete AFTER DELETE ON messages BEGIN
 END;
 """
 
+# Repair what an older restore could leave behind (a handed-over message put back after
+# DeleteAccount removed its inbox): message rows without an inbox, and inboxes whose next seq
+# or depth does not cover the rows stored under them.  Without this, every enqueue to such an
+# inbox hit the row's primary key.
+_V3 = """
+DELETE FROM messages WHERE NOT EXISTS (
+    SELECT 1 FROM inboxes AS i
+    WHERE i.recipient_key = messages.recipient_key AND i.channel_id = messages.channel_id);
+UPDATE inboxes SET
+    next_seq = max(next_seq, 1 + coalesce((SELECT max(m.seq) FROM messages AS m
+        WHERE m.recipient_key = inboxes.recipient_key AND m.channel_id = inboxes.channel_id),
+        0)),
+    depth = (SELECT count(*) FROM messages AS m
+        WHERE m.recipient_key = inboxes.recipient_key AND m.channel_id = inboxes.channel_id);
+"""
+
 #: Numbered migrations, applied in order, each in its own transaction.  Never edit a shipped
 #: entry: append a new one.  ``PRAGMA user_version`` records the last one applied.
 MIGRATIONS: Final[list[tuple[int, str]]] = [
     (1, _V1),
     (2, _V2),
+    (3, _V3),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
