@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError, Message
 
 from qpc_core.errors import Internal, RpcError, error_for_status
 from qpc_core.framing import (
+    MAX_PAYLOAD,
     FrameError,
     PushDecoder,
     PushFrame,
@@ -44,6 +45,12 @@ from qpc_core.transport.backend import Backend, DatagramDrain, TurnBatching, loa
 M = TypeVar("M", bound=Message)
 
 ALPN = "qpc"
+#: Pushes kept for the application to read; beyond this the oldest are dropped (they are
+#: hints: the messages themselves stay in the server's store).
+MAX_QUEUED_PUSHES = 1024
+#: Longest raw (unframed) reply accepted: the connection auth handshake's answer is a few
+#: bytes; a server sending more is broken or hostile.
+MAX_RAW_REPLY = MAX_PAYLOAD + 16
 
 
 class ConnectionLost(RpcError):
@@ -71,7 +78,10 @@ class _ClientLogic(TurnBatching, _ProtocolBase):
         super().__init__(*args, **kwargs)
         self.waiters: dict[int, tuple[ResponseDecoder | bytearray, asyncio.Future[Any]]] = {}
         self.push_decoders: dict[int, PushDecoder] = {}
+        # Pushes are hints: an application that never reads them (or a server that floods
+        # them) must not grow this without bound; beyond it the oldest are dropped.
         self.pushes: asyncio.Queue[PushFrame] = asyncio.Queue()
+        self.pushes_dropped = 0
         self.closed_reason: str | None = None
         self._drain: DatagramDrain | None = None
 
@@ -116,6 +126,9 @@ class _ClientLogic(TurnBatching, _ProtocolBase):
                     if event.end_stream:
                         frame = dec.finish()
                         del self.push_decoders[sid]
+                        if self.pushes.qsize() >= MAX_QUEUED_PUSHES:
+                            self.pushes.get_nowait()
+                            self.pushes_dropped += 1
                         self.pushes.put_nowait(frame)
                 except FrameError:
                     self.push_decoders.pop(sid, None)
@@ -127,6 +140,8 @@ class _ClientLogic(TurnBatching, _ProtocolBase):
             try:
                 if isinstance(dec_or_buf, bytearray):
                     dec_or_buf += event.data
+                    if len(dec_or_buf) > MAX_RAW_REPLY:
+                        raise FrameError("oversize", f"reply longer than {MAX_RAW_REPLY} bytes")
                     if event.end_stream:
                         del self.waiters[sid]
                         if not fut.done():
