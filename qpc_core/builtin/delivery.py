@@ -380,6 +380,10 @@ class Delivery:
             return
         ids = frozenset(c.connection_id for c in conns)
         if not ids <= self.notified.get(key, frozenset()):
+            if len(self.notified) >= MAX_FETCH_HINTS:
+                # Senders choose channel ids freely: bounded by clearing (worst case a
+                # recipient gets a second NEW_MESSAGE for an inbox it was already told of).
+                self.notified.clear()
             self.notified[key] = ids
             event = common_pb2.NewMessageEvent(
                 recipient_key=recipient, channel_id=key[1], seq=seq
