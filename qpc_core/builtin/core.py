@@ -55,8 +55,11 @@ async def prove_identity(ctx: RpcContext, req: pb.ProveIdentityRequest) -> pb.Pr
     if not nonce:
         raise BadRequest("call AuthChallenge (104) first: no challenge is pending")
     ctx.conn.challenge = None  # type: ignore[attr-defined]  # single use
-    if ctx.auth.identity_key is not None and ctx.auth.identity_key != key:
-        raise Forbidden("this session belongs to another identity")
+    # The request's credential (an Auth field) and the connection's own must both allow it:
+    # a connection bound to session X cannot re-route itself to Y with another credential.
+    for auth in (ctx.auth, ctx.conn.auth):
+        if auth is not None and auth.identity_key is not None and auth.identity_key != key:
+            raise Forbidden("this session belongs to another identity")
     if not verify_signature(key, req.signature, prove_identity_message(nonce, key)):
         raise Unauthenticated("identity proof signature does not verify")
     if ctx.conn.auth is None:

@@ -282,3 +282,32 @@ def test_throttle_forgive_takes_back_one_failure() -> None:
     t.forgive("ip")
     assert "ip" not in t._entries
     t.forgive("ip")  # nothing to take back: no error
+
+
+async def test_session_connection_cannot_reroute_with_another_credential(
+    app_factory, connect
+) -> None:
+    """A connection logged in as alice presents the operator token in a request's Auth field
+    and proves another key: refused, the connection stays alice's."""
+    from qpc_core.errors import Forbidden
+    from qpc_core.identity import prove_identity_message, public_bytes
+    from qpc_core.pb import common_pb2
+
+    app = await app_factory(plugins=["auth_opaque"], auth_opaque=CFG)
+    c = await anon(connect, app)
+    await opaque_client.register(c, "alice", "pw", ksf=FAST)
+    await opaque_client.login(c, "alice", "pw", ksf=FAST)
+    other = Ed25519PrivateKey.generate()
+    op = common_pb2.Auth(access_token=b"devtoken")
+    ch = await c.call(104, common_pb2.AuthChallengeRequest(auth=op),
+                      common_pb2.AuthChallengeResponse)
+    sig = other.sign(prove_identity_message(ch.nonce, public_bytes(other)))
+    with pytest.raises(Forbidden, match="another identity"):
+        await c.call(
+            105,
+            common_pb2.ProveIdentityRequest(
+                identity_key=public_bytes(other), signature=sig, auth=op),
+            common_pb2.ProveIdentityResponse,
+        )
+    who = await c.whoami()
+    assert who.identity_key == c.identity_key and who.username == "alice"
