@@ -278,6 +278,8 @@ class App:
         if self.draining:
             return
         self.draining = True
+        loop = asyncio.get_running_loop()
+        drain_until = loop.time() + self.settings.drain_timeout_secs
         for cb in self._drain_callbacks:
             try:
                 cb()
@@ -293,6 +295,17 @@ class App:
                 await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_secs)
             except TimeoutError:
                 log.warning("drain timeout: %d requests still in flight", self.in_flight)
+        # Answers written by now must reach their clients before the connections close (a
+        # Fetch answer's messages are already gone from the queue): wait until they are
+        # acknowledged, within the same drain timeout.
+        for _plugin, transport in self.transports:
+            flush = getattr(transport, "flush", None)
+            if flush is None:
+                continue
+            try:
+                await flush(max(0.0, drain_until - loop.time()))
+            except Exception:
+                log.exception("listener '%s' failed to flush", transport.name)
         for _plugin, transport in reversed(self.transports):
             try:
                 await transport.close(SHUTDOWN_REASON)

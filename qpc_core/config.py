@@ -17,7 +17,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -134,6 +142,28 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=10_000, ge=1)
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=4 * 1024 * 1024)
     drain_timeout_secs: float = Field(default=10.0, ge=0)
+    # Transport abuse limits (docs/protocol.md "Limits and timers").
+    # A connection whose TLS handshake has not completed after this long is dropped.
+    handshake_timeout_secs: float = Field(default=10.0, gt=0)
+    # A connection with neither a credential nor an identity after this long is closed.
+    auth_timeout_secs: float = Field(default=30.0, gt=0)
+    # A request frame whose first byte arrived this long ago and that is still incomplete
+    # is refused (stream error).
+    request_receive_timeout_secs: float = Field(default=30.0, gt=0)
+    # Connections (established and mid-handshake) from one client IP address.
+    max_connections_per_ip: int = Field(default=256, ge=1)
+    # Per connection: payload bytes of requests still being received (announced lengths),
+    # and the QUIC connection receive window of an authenticated connection.
+    max_request_buffer_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024,
+                                          le=1024 * 1024 * 1024)
+    # Largest request payload on a connection that has not authenticated; unauthenticated
+    # connections get a QUIC connection window of 4x this.
+    max_unauthenticated_payload_bytes: int = Field(default=64 * 1024, ge=1024,
+                                                   le=4 * 1024 * 1024)
+    # QUIC Retry (address validation before any per-connection state): "auto" turns it on
+    # while at least retry_half_open_threshold connections are mid-handshake.
+    quic_retry: Literal["off", "on", "auto"] = "auto"
+    retry_half_open_threshold: int = Field(default=128, ge=1)
 
     # Delivery.
     max_message_bytes: int = Field(default=1024 * 1024, ge=1, le=4 * 1024 * 1024)
@@ -165,6 +195,17 @@ class Settings(BaseSettings):
     def _split_plugins(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("max_request_buffer_bytes", mode="after")
+    @classmethod
+    def _request_buffer_fits_payload(cls, v: int, info: ValidationInfo) -> int:
+        payload = info.data.get("max_payload_bytes")
+        if isinstance(payload, int) and v < payload:
+            raise ValueError(
+                f"must be at least max_payload_bytes ({payload}), or no request of the "
+                "largest size could be received"
+            )
         return v
 
     @field_validator("rate_limits", mode="after")

@@ -279,3 +279,175 @@ def piggyback_acks(quic: Any) -> None:
     for space in spaces.values():
         if space.ack_at is not None:
             space.ack_at = 0.0  # "due now" for aioquic's `ack_at <= now` test
+
+
+# -- receive windows (flow control) ------------------------------------------------------------
+#
+# aioquic and qh3 1.x treat the configured ``max_data`` / ``max_stream_data`` as *initial*
+# windows: when the peer has used more than half of one, the window doubles (aioquic's
+# ``_write_connection_limits`` / ``_write_stream_limits``, inlined in qh3's
+# ``_write_application``; qh3 also doubles on DATA_BLOCKED / STREAM_DATA_BLOCKED).  A stream's
+# receive buffer is a bytearray zero-filled up to the highest offset seen, so each doubling
+# let a peer make the server allocate twice as much with a one-byte frame.  The two classes
+# below make the windows self-limiting whichever code path raises them, in both libraries:
+#
+# * a peer-opened stream never gets more than ``stream_cap`` bytes of window (a request stream
+#   never needs more than one frame), so data beyond it is the library's FLOW_CONTROL_ERROR;
+# * the connection window slides: it is raised only up to ``used + allowance()``, the bytes
+#   received so far plus what the server is still willing to hold (see :func:`cap_receive_windows`).
+
+
+class SlidingLimit:
+    """Stand-in for the library's ``Limit`` object behind the connection's MAX_DATA.
+
+    ``value`` only ever grows (a QUIC limit cannot shrink), and never past
+    ``used + allowance()``."""
+
+    __slots__ = ("_allowance", "_ceiling", "_ceiling_at", "_value", "frame_type", "name",
+                 "sent", "used")
+
+    def __init__(self, limit: Any, allowance: Callable[[], int]) -> None:
+        self.frame_type = limit.frame_type
+        self.name = limit.name
+        self.sent = limit.sent
+        self.used = limit.used
+        self._value: int = int(limit.value)
+        self._allowance = allowance
+        self._ceiling = 0
+        self._ceiling_at = -1  # ``used`` when _ceiling was computed
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @value.setter
+    def value(self, new: int) -> None:
+        if new > self._value:
+            # The libraries try to raise the limit on every packet they build once the peer
+            # used half of it; the allowance walks the streams, so it is computed once per
+            # change (``used``, or :meth:`invalidate`).
+            if self._ceiling_at != self.used:
+                self._ceiling = self.used + max(0, self._allowance())
+                self._ceiling_at = self.used
+            new = max(self._value, min(new, self._ceiling))
+        self._value = new
+
+    def invalidate(self) -> None:
+        """What the server holds may have changed (data arrived, a request was taken or
+        refused): compute the allowance again at the next raise."""
+        self._ceiling_at = -1
+
+    def raise_to_ceiling(self) -> None:
+        """Grant the whole allowance now (e.g. once the connection authenticated)."""
+        self._ceiling_at = -1
+        self.value = self.used + max(0, self._allowance())
+
+
+_capped_streams: dict[tuple[type[Any], int], type[Any]] = {}
+_capped_connections: dict[tuple[type[Any], int], type[Any]] = {}
+_capped_kinds: set[type[Any]] = set()
+
+
+def _capped_stream_class(base: type[Any], cap: int) -> type[Any]:
+    key = (base, cap)
+    cls = _capped_streams.get(key)
+    if cls is not None:
+        return cls
+    slot = base.__dict__.get("max_stream_data_local")  # qh3: a __slots__ member descriptor
+
+    def get(self: Any) -> int:
+        if slot is not None:
+            return int(slot.__get__(self, type(self)))
+        return int(self.__dict__["max_stream_data_local"])
+
+    def put(self: Any, new: int) -> None:
+        cur = get(self)
+        if new > cur:
+            new = max(cur, min(new, cap))
+        if slot is not None:
+            slot.__set__(self, new)
+        else:
+            self.__dict__["max_stream_data_local"] = new
+
+    cls = _capped_streams[key] = type(
+        f"Capped{base.__name__}", (base,),
+        {"__slots__": (), "max_stream_data_local": property(get, put)},
+    )
+    _capped_kinds.add(cls)
+    return cls
+
+
+def _capped_connection_class(base: type[Any], cap: int) -> type[Any]:
+    key = (base, cap)
+    cls = _capped_connections.get(key)
+    if cls is not None:
+        return cls
+    create = base._get_or_create_stream
+
+    def _get_or_create_stream(self: Any, frame_type: int, stream_id: int) -> Any:
+        stream = create(self, frame_type, stream_id)
+        # Streams the peer opened (client-initiated ids are even on a server).
+        if not stream_id & 1 and type(stream) not in _capped_kinds:
+            if stream.max_stream_data_local > cap:
+                stream.max_stream_data_local = cap
+                stream.max_stream_data_local_sent = cap
+            stream.__class__ = _capped_stream_class(type(stream), cap)
+        return stream
+
+    cls = _capped_connections[key] = type(
+        f"Capped{base.__name__}", (base,),
+        {"__slots__": (), "_get_or_create_stream": _get_or_create_stream},
+    )
+    return cls
+
+
+def cap_receive_windows(quic: Any, stream_cap: int, allowance: Callable[[], int]) -> SlidingLimit:
+    """Stop the library from growing the receive windows of server connection ``quic``
+    (before its handshake): peer-opened streams keep at most ``stream_cap`` bytes of window,
+    and the connection window is at most ``allowance()`` bytes ahead of what was received.
+    Returns the connection-level limit."""
+    quic.__class__ = _capped_connection_class(type(quic), stream_cap)
+    limit = SlidingLimit(quic._local_max_data, allowance)
+    quic._local_max_data = limit
+    return limit
+
+
+def receive_buffered(quic: Any) -> int:
+    """Bytes the library holds in stream receive buffers (out-of-order data and the zeros
+    filling the gaps before it)."""
+    total = 0
+    for stream in quic._streams.values():
+        buf = getattr(stream.receiver, "_buffer", None)
+        if buf:
+            total += len(buf)
+    return total
+
+
+def send_pending(quic: Any) -> bool:
+    """True while a stream has data (or a FIN) the peer has not acknowledged yet."""
+    for stream in quic._streams.values():
+        s = stream.sender
+        if s.is_finished:
+            continue
+        if not s.buffer_is_empty or s.highest_offset > 0 or s.reset_pending:
+            return True
+    return False
+
+
+def uni_stream_credit(quic: Any) -> bool:
+    """True when the peer lets us open one more unidirectional stream now (otherwise the
+    library would queue it, without bound, until the peer raises its limit)."""
+    sid = quic.get_next_available_stream_id(is_unidirectional=True)
+    return bool((sid >> 2) < quic._remote_max_streams_uni)
+
+
+def local_uni_streams(quic: Any) -> int:
+    """Unidirectional streams we opened that are not finished (pushes not yet acknowledged)."""
+    return sum(1 for sid in quic._streams if sid & 0x3 == 0x3)
+
+
+def retry_handler(backend: Backend) -> Any:
+    """A Retry token handler of the library; ``server._retry = handler`` makes its QuicServer
+    answer token-less Initials with Retry (address validation before any connection state),
+    ``server._retry = None`` stops it."""
+    return importlib.import_module(f"{backend.name}.quic.retry").QuicRetryTokenHandler()

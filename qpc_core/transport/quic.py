@@ -22,6 +22,7 @@ from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
 from qpc_core.framing import (
     AUTH_MAGIC,
+    MAX_PAYLOAD,
     AuthHandshakeDecoder,
     FrameError,
     PushEvent,
@@ -30,15 +31,23 @@ from qpc_core.framing import (
     encode_auth_reply,
     encode_push,
 )
+from qpc_core.framing.frames import REQUEST_HEADER
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
     Backend,
     DatagramDrain,
+    SlidingLimit,
     TurnBatching,
+    cap_receive_windows,
     load_backend,
+    local_uni_streams,
     peer_address,
+    receive_buffered,
+    retry_handler,
+    send_pending,
     set_stream_limits,
+    uni_stream_credit,
 )
 from qpc_core.transport.certs import resolve_tls
 
@@ -55,17 +64,32 @@ ERR_NONE = 0
 ERR_PROTOCOL = 0x101
 ERR_CONNECTION_LIMIT = 0x102
 ERR_SHUTDOWN = 0x103
+ERR_AUTH_TIMEOUT = 0x104
+ERR_HANDSHAKE_TIMEOUT = 0x105
+
+#: Largest auth handshake frame (``0x01 | len u16 | token``).
+AUTH_FRAME_MAX = 3 + 0xFFFF
+#: Pushes (server-opened uni streams) a connection may have unacknowledged; more are dropped.
+MAX_PUSH_BACKLOG = 64
 
 
 class _Stream:
-    __slots__ = ("dead", "decoder", "task")
+    __slots__ = ("dead", "decoder", "head", "reserved", "started", "task")
 
-    def __init__(self, decoder: RequestDecoder | AuthHandshakeDecoder | None) -> None:
+    def __init__(
+        self, decoder: RequestDecoder | AuthHandshakeDecoder | None, started: float = 0.0
+    ) -> None:
         self.decoder = decoder
         self.task: asyncio.Task[None] | None = None
         # A stream that had a protocol error stays here until the peer finishes or resets it,
         # so bytes still arriving on it are discarded instead of read as a new request.
         self.dead = decoder is None
+        # The request header's bytes until its length is known (None: checked, or no header).
+        self.head: bytearray | None = (
+            bytearray() if isinstance(decoder, RequestDecoder) else None
+        )
+        self.reserved = 0  # announced payload bytes counted against the connection's budget
+        self.started = started  # loop time of the first byte (request_receive_timeout_secs)
 
 
 if TYPE_CHECKING:
@@ -90,6 +114,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self.streams: dict[int, _Stream] = {}
         self._connection_id = next(_conn_ids)
         self._auth: AuthResult | None = None
+        self._request_credential = False  # a request's own Auth field was accepted
         self._identity: bytes | None = None
         self.challenge: bytes | None = None
         self._peer: PeerInfo | None = None
@@ -105,6 +130,21 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         ):
             raise RuntimeError("this QUIC library does not let qpc set its stream limits")
         self.max_payload = s.max_payload_bytes
+        self.preauth_max_payload = min(s.max_unauthenticated_payload_bytes, s.max_payload_bytes)
+        self.request_budget = s.max_request_buffer_bytes
+        self.request_timeout = s.request_receive_timeout_secs
+        self._reserved = 0  # sum of the streams' ``reserved``
+        self._sweep: asyncio.TimerHandle | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._flushed: asyncio.Event | None = None
+        self._detached = False
+        # Receive windows that do not grow past what qpc will hold (see backend.py).
+        self._max_data: SlidingLimit = cap_receive_windows(
+            self._quic, listener.stream_window(s), self._receive_allowance
+        )
+        self._handshake_timer: asyncio.TimerHandle | None = self._loop.call_later(
+            s.handshake_timeout_secs, self._handshake_expired
+        )
 
     # -- Connection protocol for plugins -----------------------------------------------------------
     @property
@@ -128,17 +168,25 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
     def identity_key(self) -> bytes | None:
         return self._identity
 
+    @property
+    def authenticated(self) -> bool:
+        """Has a credential or a proven identity (what lifts the pre-auth limits)."""
+        return self._auth is not None or self._identity is not None or self._request_credential
+
     def bind(self, auth: AuthResult) -> None:
         self._auth = auth
         if auth.identity_key is not None:
             self.bind_identity(auth.identity_key)
+        self._authenticated()
 
     def unbind(self) -> None:
         """Forget the connection's credential and identity (logout, account deletion)."""
         self._auth = None
+        self._request_credential = False
         if self._identity is not None:
             self.app.unbind_identity(self, self._identity)
             self._identity = None
+        self._arm_auth_deadline()
 
     def bind_identity(self, identity_key: bytes) -> None:
         if self._identity == identity_key:
@@ -147,13 +195,39 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             self.app.unbind_identity(self, self._identity)
         self._identity = identity_key
         self.app.bind_identity(self, identity_key)
+        self._authenticated()
+
+    def _note_request_credential(self, method_id: int) -> None:
+        """A method that needs a credential succeeded on a connection without one: the
+        request carried a valid ``Auth`` field (per-request auth, which does not bind the
+        connection).  Such a client counts as authenticated for the transport limits."""
+        entry = self.app.methods.get(method_id)
+        if entry is not None and entry[1].auth != "none":
+            self._request_credential = True
+            self._authenticated()
+
+    def _authenticated(self) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        if not self._gone:
+            self._max_data.raise_to_ceiling()  # the authenticated window, at once
+            self.send_soon()
 
     def push(self, event_type: int, payload: bytes) -> None:
+        """Pushes are hints: one the client cannot take now (no uni-stream credit, or
+        :data:`MAX_PUSH_BACKLOG` pushes not yet acknowledged) is dropped, not queued."""
         if self._gone:
             return
-        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
-        self._quic.send_stream_data(sid, encode_push(event_type, payload), end_stream=True)
-        self.send_soon()
+        quic = self._quic
+        if not uni_stream_credit(quic) or local_uni_streams(quic) >= MAX_PUSH_BACKLOG:
+            self.listener.pushes_dropped += 1
+            log.debug("connection %d: push %d dropped (client takes no more push streams now)",
+                      self._connection_id, event_type)
+            return
+        sid = quic.get_next_available_stream_id(is_unidirectional=True)
+        if self._send(sid, encode_push(event_type, payload)):
+            self.send_soon()
 
     def disconnect(self, reason: str, error_code: int = ERR_NONE) -> None:
         if not self._gone:
@@ -161,11 +235,95 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             self._quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
 
+    def transmit(self) -> None:
+        if not self._detached:
+            super().transmit()
+
+    def _abort(self, reason: str, error_code: int) -> None:
+        """Close and forget the connection now, without the closing period: the library's
+        state goes at once (a peer that went silent mid-handshake needs none)."""
+        if self._gone:
+            return
+        try:
+            self._quic.close(error_code=error_code, reason_phrase=reason)
+            self.transmit()
+        except Exception:  # a connection that never got a packet has no path to send on
+            log.debug("connection %d: close before abort failed", self._connection_id,
+                      exc_info=True)
+        self._detached = True
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        self._connection_terminated_handler()  # the server forgets its connection ids
+        self._on_terminated(reason)
+        self._closed.set()
+
+    # -- deadlines -----------------------------------------------------------------------------
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if not self._opened and not self._gone:
+            log.debug("connection %d: handshake not completed within %g s, dropped",
+                      self._connection_id, self.app.settings.handshake_timeout_secs)
+            self._abort("handshake timeout", ERR_HANDSHAKE_TIMEOUT)
+
+    def _arm_auth_deadline(self) -> None:
+        if self._opened and not self._gone and self._auth_timer is None:
+            self._auth_timer = self._loop.call_later(
+                self.app.settings.auth_timeout_secs, self._auth_expired
+            )
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if self._gone or self.authenticated:
+            return
+        secs = self.app.settings.auth_timeout_secs
+        log.debug("connection %d: not authenticated within %g s, closed",
+                  self._connection_id, secs)
+        self.disconnect(f"not authenticated within {secs:g} s", ERR_AUTH_TIMEOUT)
+
+    def _receive_allowance(self) -> int:
+        """Bytes the connection window may be ahead of what was received: the window of the
+        connection's auth state minus what is still held (library receive buffers, partly
+        received requests)."""
+        if self.authenticated:
+            window = self.listener.window_authenticated
+        else:
+            window = self.listener.window_unauthenticated
+        held = receive_buffered(self._quic)
+        for st in self.streams.values():
+            if isinstance(st.decoder, RequestDecoder):
+                held += st.decoder.buffered
+        return window - held
+
+    # -- shutdown flush ---------------------------------------------------------------------------
+    def sending(self) -> bool:
+        """Data written to the peer is not yet all acknowledged."""
+        return not self._gone and send_pending(self._quic)
+
+    async def wait_sent(self) -> None:
+        """Until every answer and push written so far is acknowledged (or the connection
+        ends)."""
+        if not self.sending():
+            return
+        if self._flushed is None:
+            self._flushed = asyncio.Event()
+        await self._flushed.wait()
+
+    def _check_flushed(self) -> None:
+        if self._flushed is not None and not self.sending():
+            self._flushed.set()
+
     # -- aioquic events ----------------------------------------------------------------------------
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         # Answers, pushes and what this datagram calls for leave together at the end of the
         # loop turn (TurnBatching), so responses produced together share packets.
+        if self._detached:
+            return
+        self._max_data.invalidate()
         self.receive_batched(data, addr, self._answering)
+        if self._flushed is not None:
+            self._check_flushed()
 
     def _answering(self) -> bool:
         """Requests are being answered (their answers will carry the ACK) and none is still
@@ -186,8 +344,12 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             self._on_stream_data(event.stream_id, event.data, event.end_stream)
         elif kind == "StreamReset":
             st = self.streams.pop(event.stream_id, None)
-            if st is not None and st.task is not None:
-                st.task.cancel()
+            if st is not None:
+                self._release(st)
+                if st.task is not None:
+                    st.task.cancel()
+        elif kind == "StopSendingReceived":
+            self._on_stop_sending(event.stream_id)
         elif kind == "HandshakeCompleted":
             self._on_handshake()
         elif kind == "ConnectionTerminated":
@@ -195,6 +357,9 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
 
     def _on_handshake(self) -> None:
         app = self.app
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if not self.listener.accepting:
             self.disconnect("server shutting down", ERR_SHUTDOWN)
             return
@@ -202,19 +367,23 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             self.disconnect("server at connection limit", ERR_CONNECTION_LIMIT)
             return
         self._opened = True
-        self.listener.protocols.add(self)
+        self.listener.established(self)
         app.connection_opened(self)
         app.hooks.on_handshake_completed(app, self, time.perf_counter() - self._created)
+        if not self.authenticated:
+            self._arm_auth_deadline()
         interval = app.settings.keepalive_interval_secs
         if interval > 0:
             self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
 
     def _keepalive_tick(self) -> None:
-        """Ping idle connections so healthy clients are not dropped by idle timeouts."""
+        """Ping idle connections so healthy clients are not dropped by idle timeouts.
+        Only authenticated ones: an unauthenticated connection is not kept alive (and is
+        closed at its auth deadline anyway)."""
         if self._gone:
             return
         interval = self.app.settings.keepalive_interval_secs
-        if time.monotonic() - self._last_activity >= interval:
+        if self.authenticated and time.monotonic() - self._last_activity >= interval:
             self._quic.send_ping(0)
             self.transmit()
         self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
@@ -223,13 +392,18 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if self._gone:
             return
         self._gone = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        for timer in (self._keepalive, self._handshake_timer, self._auth_timer, self._sweep):
+            if timer is not None:
+                timer.cancel()
+        self._keepalive = self._handshake_timer = self._auth_timer = self._sweep = None
         for st in self.streams.values():
             if st.task is not None:
                 st.task.cancel()
         self.streams.clear()
-        self.listener.protocols.discard(self)
+        self._reserved = 0
+        self.listener.forget(self)
+        if self._flushed is not None:
+            self._flushed.set()
         if self._opened:
             self.app.connection_closed(self, reason)
 
@@ -237,7 +411,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
         if sid & 0x2:  # unidirectional: clients have nothing to say on those
             if sid & 0x1 == 0:
-                self._quic.stop_stream(sid, ERR_PROTOCOL)
+                self._stop(sid)
             return
         st = self.streams.get(sid)
         if st is None:
@@ -248,7 +422,10 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 decoder = AuthHandshakeDecoder()
             else:
                 decoder = RequestDecoder(self.max_payload)
-            st = self.streams[sid] = _Stream(decoder)
+            now = self._loop.time()
+            st = self.streams[sid] = _Stream(decoder, now)
+            if self._sweep is None:
+                self._sweep = self._loop.call_at(now + self.request_timeout, self._sweep_requests)
         elif st.dead:
             if fin:
                 del self.streams[sid]
@@ -259,6 +436,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             return
         assert st.decoder is not None
         try:
+            if st.head is not None and data:
+                self._check_header(st, data)
             st.decoder.feed(data)
             if not fin:
                 return
@@ -267,27 +446,112 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 st.task = self._loop.create_task(self._handshake(sid, token))
             else:
                 frame = st.decoder.finish()
+                self._release(st)  # the request left the buffer for its handler
                 st.task = self._loop.create_task(self._call(sid, frame))
         except FrameError as e:
             self._stream_error(sid, e, fin)
 
+    def _check_header(self, st: _Stream, data: bytes) -> None:
+        """Admit a request by its announced length, before any of its body is buffered."""
+        assert st.head is not None
+        hsize = REQUEST_HEADER.size
+        st.head += data[: hsize - len(st.head)]
+        if len(st.head) < hsize:
+            return
+        length = REQUEST_HEADER.unpack_from(st.head)[2]
+        st.head = None
+        if length > self.max_payload:
+            return  # the decoder reports it (``oversize``)
+        if length > self.preauth_max_payload and not self.authenticated:
+            raise FrameError(
+                "unauthenticated_oversize",
+                f"payload length {length} exceeds the limit of {self.preauth_max_payload} "
+                "bytes for a connection that has not authenticated (send the auth handshake "
+                "first)",
+            )
+        if self._reserved + length > self.request_budget:
+            raise FrameError(
+                "busy",
+                f"payload length {length} would take this connection's partly received "
+                f"requests to {self._reserved + length} bytes, over the limit of "
+                f"{self.request_budget} bytes",
+            )
+        st.reserved = length
+        self._reserved += length
+
+    def _release(self, st: _Stream) -> None:
+        self._reserved -= st.reserved
+        st.reserved = 0
+        self._max_data.invalidate()
+
+    def _sweep_requests(self) -> None:
+        """Refuse requests still incomplete ``request_receive_timeout_secs`` after their
+        first byte (a slow or stalled sender holding buffer and a stream)."""
+        self._sweep = None
+        if self._gone:
+            return
+        now = self._loop.time()
+        limit = self.request_timeout
+        due_next: float | None = None
+        for sid, st in list(self.streams.items()):
+            if st.dead or st.task is not None:
+                continue
+            due = st.started + limit
+            if due <= now:
+                self._stream_error(
+                    sid, FrameError("timeout", f"request not received completely within "
+                                               f"{limit:g} s")
+                )
+            elif due_next is None or due < due_next:
+                due_next = due
+        if due_next is not None:
+            self._sweep = self._loop.call_at(due_next, self._sweep_requests)
+
+    def _on_stop_sending(self, sid: int) -> None:
+        """The client wants no answer on ``sid`` (the library has reset our side of it):
+        cancel the call; bytes of a request still arriving are discarded."""
+        st = self.streams.pop(sid, None)
+        if st is None:
+            return
+        self._release(st)
+        if st.task is not None:
+            st.task.cancel()  # its request was complete (FIN seen): nothing more arrives
+        elif not st.dead:
+            self.streams[sid] = _Stream(None)
+            self._stop(sid)
+
+    def _send(self, sid: int, data: bytes) -> bool:
+        """Write ``data`` + FIN on ``sid``; False when the stream can no longer carry it
+        (reset by STOP_SENDING, already finished): a write never raises out of the
+        transport."""
+        try:
+            self._quic.send_stream_data(sid, data, end_stream=True)
+        except (ValueError, AssertionError, RuntimeError) as e:
+            log.debug("connection %d: stream %d cannot be written: %s",
+                      self._connection_id, sid, e)
+            return False
+        return True
+
+    def _stop(self, sid: int) -> None:
+        """STOP_SENDING ``sid`` (the peer should stop sending on it); never raises."""
+        try:
+            self._quic.stop_stream(sid, ERR_PROTOCOL)
+        except (ValueError, AssertionError, RuntimeError):
+            pass
+
     def _stream_error(self, sid: int, err: FrameError, fin: bool = False) -> None:
         """Protocol error confined to one stream: answer it, stop it; the connection lives."""
         st = self.streams.pop(sid, None)
-        if st is not None and st.task is not None:
-            st.task.cancel()
+        if st is not None:
+            self._release(st)
+            if st.task is not None:
+                st.task.cancel()
         if not fin:
             self.streams[sid] = _Stream(None)
         log.debug("stream %d protocol error: %s", sid, err)
-        try:
-            self._quic.send_stream_data(
-                sid,
-                error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"),
-                end_stream=True,
-            )
-            self._quic.stop_stream(sid, ERR_PROTOCOL)
-        except (ValueError, AssertionError):  # stream already finished on our side
-            pass
+        self._send(sid, error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"))
+        if not fin:
+            self._stop(sid)
         self.transmit()
 
     def _owns(self, sid: int) -> bool:
@@ -298,8 +562,9 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
     async def _call(self, sid: int, frame: Any) -> None:
         try:
             out = await self.dispatcher.call(self, frame)
-            if self._owns(sid):
-                self._quic.send_stream_data(sid, out, end_stream=True)
+            if not self.authenticated and out[:1] == bytes([Status.OK]):
+                self._note_request_credential(frame.method_id)
+            if self._owns(sid) and self._send(sid, out):
                 self.send_soon()
         finally:
             st = self.streams.get(sid)
@@ -322,8 +587,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 status = Status.UNAUTHENTICATED
             else:
                 self.bind(result)
-            if self._owns(sid):
-                self._quic.send_stream_data(sid, encode_auth_reply(status), end_stream=True)
+            if self._owns(sid) and self._send(sid, encode_auth_reply(status)):
                 self.send_soon()
         finally:
             st = self.streams.get(sid)
@@ -342,7 +606,12 @@ def connection_class(backend: Backend) -> type[_ServerConnectionLogic]:
 
 
 class QuicTransport:
-    """The client-facing QUIC listener (registered by the built-in ``core`` plugin)."""
+    """The client-facing QUIC listener (registered by the built-in ``core`` plugin).
+
+    Admission: a datagram that would open a connection is dropped while the connections
+    (established + mid-handshake) reach ``max_connections``, or those of its source IP reach
+    ``max_connections_per_ip``; a connection still mid-handshake after
+    ``handshake_timeout_secs`` is dropped; QUIC Retry per ``quic_retry``."""
 
     name = "quic"
 
@@ -350,25 +619,54 @@ class QuicTransport:
         self.server: Any = None  # the backend's QuicServer
         self.backend: Backend | None = None
         self._drain: DatagramDrain | None = None
-        self.protocols: set[_ServerConnectionLogic] = set()
+        self.protocols: set[_ServerConnectionLogic] = set()  # handshake completed
+        self.pending: set[_ServerConnectionLogic] = set()  # mid-handshake
+        self._ips: dict[_ServerConnectionLogic, str] = {}
+        self._per_ip: dict[str, int] = {}
+        self._admitting: str | None = None  # the source IP of the datagram being received
         self.accepting = False
         self.dispatcher: Dispatcher
         self.address: tuple[str, int] | None = None
+        self.window_authenticated = 16 * 1024 * 1024
+        self.window_unauthenticated = 256 * 1024
+        self.initials_refused = 0
+        self.pushes_dropped = 0
+        self._refused_logged = 0.0
+        self._retry_mode = "off"
+        self._retry_handler: Any = None
+        self._retry_since = 0.0
 
     @property
     def ready(self) -> bool:
         return self.server is not None and self.accepting
 
+    @staticmethod
+    def stream_window(s: Any) -> int:
+        """Receive window of a client-opened stream: one request frame at most (or the auth
+        handshake on stream 0)."""
+        payload = min(int(s.max_payload_bytes), MAX_PAYLOAD)
+        return max(REQUEST_HEADER.size + payload, AUTH_FRAME_MAX)
+
+    def _windows(self, s: Any) -> None:
+        # Room for the announced payloads plus headers, the auth handshake and stray bytes.
+        slack = AUTH_FRAME_MAX + 64 * 1024
+        self.window_authenticated = s.max_request_buffer_bytes + slack
+        self.window_unauthenticated = 4 * min(
+            s.max_unauthenticated_payload_bytes, s.max_payload_bytes
+        ) + slack
+
     def configuration(self, app: App, backend: Backend | None = None) -> Any:
         s = app.settings
         backend = backend or load_backend("aioquic")
+        self._windows(s)
         tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
         cfg = backend.configuration(
             tls,
             alpn_protocols=[ALPN],
             idle_timeout=s.max_idle_timeout_secs,
-            max_data=16 * 1024 * 1024,
-            max_stream_data=max(s.max_payload_bytes + 64, 1024 * 1024),
+            # Initial windows; they grow only as far as SlidingLimit / the stream cap allow.
+            max_data=self.window_unauthenticated,
+            max_stream_data=self.stream_window(s),
         )
         keylog = os.environ.get("SSLKEYLOGFILE")
         if keylog:
@@ -377,6 +675,7 @@ class QuicTransport:
 
     async def start(self, app: App) -> None:
         self.dispatcher = Dispatcher(app)
+        self.app = app
         s = app.settings
         host, port = parse_hostport(s.listen)
         backend = self.backend = load_backend(s.quic_backend)
@@ -384,16 +683,30 @@ class QuicTransport:
         cls = connection_class(backend)
 
         def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:
-            return cls(*args, app=app, listener=self, **kwargs)
+            proto = cls(*args, app=app, listener=self, **kwargs)
+            self._track(proto)
+            return proto
 
+        self._retry_mode = s.quic_retry
         self.server = server = await backend.serve(
-            host, port, configuration=cfg, create_protocol=factory
+            host, port, configuration=cfg, create_protocol=factory,
+            retry=s.quic_retry == "on",
         )
+        if s.quic_retry == "auto":
+            self._retry_handler = retry_handler(backend)
         assert server._transport is not None
         # Read every datagram already queued per wake-up (see DatagramDrain): requests that
         # arrive together are handled in one loop turn and share a commit and packets.
         drain = self._drain = DatagramDrain(server._transport)
-        receive = server.datagram_received
+        library_receive = server.datagram_received
+
+        def receive(data: bytes | str, addr: Any) -> None:
+            if not self._admit(cast(bytes, data), addr):
+                return
+            try:
+                library_receive(data, addr)
+            finally:
+                self._admitting = None
 
         def datagram_received(data: bytes | str, addr: Any) -> None:
             receive(data, addr)
@@ -406,6 +719,78 @@ class QuicTransport:
         log.info("QUIC listening on %s:%d (ALPN %s, %s)", self.address[0], self.address[1], ALPN,
                  backend.name)
 
+    # -- admission ---------------------------------------------------------------------------------
+    def _admit(self, data: bytes, addr: Any) -> bool:
+        """False to drop a datagram that would open a connection over the limits."""
+        # Only a long-header packet (an Initial) for an unknown connection id opens one.
+        if len(data) < 7 or not data[0] & 0x80:
+            return True
+        dcid = bytes(data[6:6 + data[5]])
+        server = self.server
+        if server is None:
+            return False
+        if dcid in server._protocols:
+            return True
+        s = self.app.settings
+        ip = str(addr[0])
+        half_open = len(self.pending)
+        if half_open + len(self.app.connections) >= s.max_connections:
+            self._refuse(ip, "server at connection limit (established + mid-handshake)")
+            return False
+        if self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+            self._refuse(ip, "per-IP connection limit")
+            return False
+        if self._retry_mode == "auto":
+            self._auto_retry(half_open, s.retry_half_open_threshold)
+        self._admitting = ip
+        return True
+
+    def _auto_retry(self, half_open: int, threshold: int) -> None:
+        """Retry while many handshakes are open; back off only when few are and the tokens
+        handed out meanwhile have expired (30 s), so no client is caught mid-Retry."""
+        server = self.server
+        now = time.monotonic()
+        if server._retry is None:
+            if half_open >= threshold:
+                server._retry = self._retry_handler
+                self._retry_since = now
+                log.warning("QUIC Retry on: %d connections mid-handshake", half_open)
+        elif half_open < threshold // 2 and now - self._retry_since > 60.0:
+            server._retry = None
+            log.info("QUIC Retry off: %d connections mid-handshake", half_open)
+        elif half_open >= threshold:
+            self._retry_since = now
+
+    def _refuse(self, ip: str, why: str) -> None:
+        self.initials_refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:
+            self._refused_logged = now
+            log.warning("refusing new QUIC connections (%s; %d refused so far; last from %s)",
+                        why, self.initials_refused, ip)
+
+    def _track(self, proto: _ServerConnectionLogic) -> None:
+        ip = self._admitting or "unknown"
+        self.pending.add(proto)
+        self._ips[proto] = ip
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+
+    def established(self, proto: _ServerConnectionLogic) -> None:
+        self.pending.discard(proto)
+        self.protocols.add(proto)
+
+    def forget(self, proto: _ServerConnectionLogic) -> None:
+        self.pending.discard(proto)
+        self.protocols.discard(proto)
+        ip = self._ips.pop(proto, None)
+        if ip is not None:
+            n = self._per_ip.get(ip, 0) - 1
+            if n > 0:
+                self._per_ip[ip] = n
+            else:
+                self._per_ip.pop(ip, None)
+
+    # -- shutdown ----------------------------------------------------------------------------------
     async def stop_accepting(self) -> None:
         """Refuse new connections and tell connected clients the server is going away."""
         self.accepting = False
@@ -414,8 +799,25 @@ class QuicTransport:
         for proto in list(self.protocols):
             proto.push(PushEvent.SERVER_SHUTTING_DOWN, data)
 
+    async def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every connection's answers and pushes are
+        acknowledged by the client: closing earlier would cut off an answer still in flight
+        (e.g. a Fetch, whose messages are already removed from the queue)."""
+        waiting = [p for p in self.protocols if p.sending()]
+        if not waiting or timeout <= 0:
+            return
+        tasks = [asyncio.ensure_future(p.wait_sent()) for p in waiting]
+        _done, slow = await asyncio.wait(tasks, timeout=timeout)
+        for t in slow:
+            t.cancel()
+        if slow:
+            log.warning("shutdown: %d connections still had unacknowledged answers after the "
+                        "drain timeout", len(slow))
+
     async def close(self, reason: str) -> None:
         self.accepting = False
+        for proto in list(self.pending):
+            proto._abort(reason, ERR_SHUTDOWN)
         protocols = list(self.protocols)
         for proto in protocols:
             proto.disconnect(reason, ERR_SHUTDOWN)

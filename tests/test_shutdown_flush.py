@@ -1,0 +1,58 @@
+"""Graceful shutdown delivers answers already written: a Fetch answer (whose messages are
+already removed from the queue) larger than the congestion window must not be cut off."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from qpc_core.testing import quic_transport
+
+MiB = 1024 * 1024
+FETCH = 201
+
+
+async def _fetch_across_shutdown(app_factory: Any, connect: Any, monkeypatch: Any,
+                                 **settings: Any) -> tuple[list[Any], list[bytes], Any]:
+    app = await app_factory(**settings)
+    sender = await connect(app)
+    receiver = await connect(app)
+    sent = [bytes([i]) * (MiB - 4096) for i in range(3)]
+    for payload in sent:
+        await sender.enqueue(receiver.identity_key, payload)  # acknowledged
+    # SIGTERM arrives right after the Fetch answer is produced, while it is on its way.
+    dispatcher = quic_transport(app).dispatcher
+    real_call = dispatcher.call
+    stopping: list[asyncio.Future[None]] = []
+
+    async def call(conn: Any, frame: Any) -> bytes:
+        out = await real_call(conn, frame)
+        if frame.method_id == FETCH:
+            stopping.append(asyncio.ensure_future(app.stop()))
+        return bytes(out)
+
+    monkeypatch.setattr(dispatcher, "call", call)
+    got = await asyncio.wait_for(receiver.fetch(), 10)
+    assert stopping
+    await asyncio.wait_for(stopping[0], 15)
+    return got, sent, receiver
+
+
+async def test_fetch_answer_survives_graceful_shutdown(app_factory, connect, monkeypatch) -> None:
+    got, sent, _ = await _fetch_across_shutdown(app_factory, connect, monkeypatch)
+    assert [m.data for m in got] == sent
+
+
+async def test_flush_is_bounded_by_drain_timeout(app_factory, connect, monkeypatch) -> None:
+    """A client that stops acknowledging does not hold the shutdown past the drain timeout."""
+    app = await app_factory(drain_timeout_secs=0.3)
+    c = await connect(app)
+    assert (await c.health()).status == "ok"
+    (conn,) = list(app.connections)
+    # The answer below is written but, as far as the server can tell, never acknowledged.
+    monkeypatch.setattr(type(conn), "sending", lambda self: not self._gone)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await asyncio.wait_for(app.stop(), 10)
+    assert loop.time() - t0 < 0.3 + 1.0 + 1.0  # drain timeout + close grace + slack
+    assert not app.connections

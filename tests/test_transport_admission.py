@@ -1,0 +1,173 @@
+"""Connection admission against a real server on loopback: half-open connections (Initial
+floods), the per-IP cap, QUIC Retry, and the deadline for authenticating."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from quic_raw import raw_clients, until
+
+from qpc_core.framing import Status
+from qpc_core.testing import quic_transport
+
+
+def send_initials(app: Any, n: int) -> socket.socket:
+    """``n`` handshakes started from one UDP socket and never continued."""
+    host, port = quic_transport(app).address  # type: ignore[misc]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    for _ in range(n):
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=["qpc"], server_name="localhost")
+        conn = QuicConnection(configuration=cfg)
+        conn.connect((host, port), now=time.monotonic())
+        for data, _addr in conn.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, (host, port))
+    return sock
+
+
+def server_connections(app: Any) -> set[Any]:
+    """Every connection the QUIC library holds state for, half-open ones included."""
+    return set(quic_transport(app).server._protocols.values())
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_half_open_connections_are_capped_and_expire(app_factory, connect,
+                                                           backend) -> None:
+    app = await app_factory(max_connections=4, handshake_timeout_secs=0.3, quic_retry="off",
+                            quic_backend=backend)
+    t = quic_transport(app)
+    n = 40
+    sock = send_initials(app, n)
+    try:
+        await until(lambda: len(server_connections(app)) + getattr(t, "initials_refused", 0)
+                    >= n or len(server_connections(app)) > 4, what="Initials processed")
+        assert len(server_connections(app)) <= 4
+        assert t.initials_refused == n - 4
+        # Past the handshake deadline they are gone, and the slots are free again.
+        await until(lambda: not server_connections(app), what="half-open connections dropped")
+        assert not t.pending and not t._per_ip
+        c = await connect(app)
+        assert (await c.health()).status == "ok"
+    finally:
+        sock.close()
+
+
+async def test_per_ip_connection_cap(app_factory, connect) -> None:
+    app = await app_factory(max_connections_per_ip=2)
+    a = await connect(app)
+    b = await connect(app)
+    with pytest.raises((TimeoutError, ConnectionError)):
+        await connect(app, timeout=1.0)
+    assert quic_transport(app).initials_refused >= 1
+    await b.close()
+    await until(lambda: len(app.connections) == 1, what="the closed client forgotten")
+    c = await connect(app)
+    assert (await c.health()).status == "ok"
+    assert (await a.health()).status == "ok"
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_retry_on(app_factory, connect, backend) -> None:
+    app = await app_factory(quic_retry="on", quic_backend=backend)
+    assert quic_transport(app).server._retry is not None
+    c = await connect(app)
+    assert (await c.health()).status == "ok"
+
+
+async def test_retry_auto_turns_on_under_half_open_load(app_factory, connect) -> None:
+    app = await app_factory(quic_retry="auto", retry_half_open_threshold=3)
+    t = quic_transport(app)
+    assert t.server._retry is None
+    sock = send_initials(app, 3)
+    try:
+        await until(lambda: len(server_connections(app)) >= 3, what="three half-open connections")
+        c = await connect(app)  # its Initial finds 3 half-open: answered with Retry
+        assert t.server._retry is not None
+        assert (await c.health()).status == "ok"
+    finally:
+        sock.close()
+
+
+# -- auth deadline ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_unauthenticated_connection_is_closed_at_deadline(app_factory, connect,
+                                                                backend) -> None:
+    app = await app_factory(auth_timeout_secs=0.3, keepalive_interval_secs=0.1,
+                            quic_backend=backend)
+    async with raw_clients(app) as make:
+        anon = await make()
+        # Within the deadline the open methods work.
+        assert (await anon.health()).status == Status.OK
+        authed = await connect(app)
+        code, reason = await asyncio.wait_for(asyncio.shield(anon.terminated), 5)
+        assert code == 0x104
+        assert reason == "not authenticated within 0.3 s"
+        # The authenticated client outlived the deadline.
+        assert (await authed.health()).status == "ok"
+        await until(lambda: len(app.connections) == 1, what="the closed one forgotten")
+
+
+async def test_unauthenticated_squatters_free_their_slots(app_factory, connect) -> None:
+    app = await app_factory(max_connections=2, auth_timeout_secs=0.3,
+                            keepalive_interval_secs=0.1)
+    async with raw_clients(app) as make:
+        squatters = [await make() for _ in range(2)]
+        for s in squatters:
+            await asyncio.wait_for(asyncio.shield(s.terminated), 5)
+        await until(lambda: not app.connections, what="squatters forgotten")
+        legit = await connect(app)
+        assert (await legit.health()).status == "ok"
+
+
+async def test_logout_restarts_the_auth_deadline(app_factory) -> None:
+    app = await app_factory(auth_timeout_secs=0.3)
+    async with raw_clients(app) as make:
+        c = await make(token=b"devtoken")
+        (conn,) = list(app.connections)
+        assert (await c.health()).status == Status.OK
+        conn.unbind()
+        code, _reason = await asyncio.wait_for(asyncio.shield(c.terminated), 5)
+        assert code == 0x104
+
+
+async def test_refused_auth_handshake_does_not_lift_the_deadline(app_factory) -> None:
+    from qpc_core.framing import encode_auth_request
+
+    app = await app_factory(auth_timeout_secs=0.3)
+    async with raw_clients(app) as make:
+        c = await make()
+        sid = c.send(encode_auth_request(b"wrong-token"))
+        reply = await asyncio.wait_for(asyncio.shield(c._ended(sid)), 5)
+        assert reply == bytes([0x01, Status.UNAUTHENTICATED])
+        code, _reason = await asyncio.wait_for(asyncio.shield(c.terminated), 5)
+        assert code == 0x104
+
+
+async def test_per_request_auth_counts_as_authenticated(app_factory, monkeypatch) -> None:
+    """A client that authenticates each request with its ``Auth`` field (which does not bind
+    the connection) is not closed by the auth deadline."""
+    from plugin_helpers import use_fake_plugins
+
+    from qpc_core.pb import common_pb2
+
+    use_fake_plugins(monkeypatch, authed_echo="authed_echo")
+    app = await app_factory(plugins=["authed_echo"], auth_timeout_secs=0.3)
+    with_auth = common_pb2.AuthEnvelope(
+        auth=common_pb2.Auth(access_token=b"devtoken")).SerializeToString()
+    async with raw_clients(app) as make:
+        c = await make()
+        assert (await c.call(9101, with_auth)).status == Status.OK
+        later = await make()  # no credential, connected after c: its deadline comes later
+        code, _reason = await asyncio.wait_for(asyncio.shield(later.terminated), 5)
+        assert code == 0x104
+        assert not c.terminated.done()
+        assert (await c.call(9101, with_auth)).status == Status.OK
