@@ -330,6 +330,12 @@ class SlidingLimit:
                 self._ceiling = self.used + max(0, self._allowance())
                 self._ceiling_at = self.used
             new = max(self._value, min(new, self._ceiling))
+            # Raise in steps of at least a quarter of the open allowance: once more than
+            # half the window is used the libraries ask on every packet, and each raise is
+            # a MAX_DATA frame.  (A peer blocked at the limit always gets the whole
+            # allowance, which is larger than the step: no stall.)
+            if new - self._value < (self._ceiling - self.used) // 4:
+                return
         self._value = new
 
     def invalidate(self) -> None:
@@ -383,6 +389,12 @@ def _capped_connection_class(base: type[Any], cap: int) -> type[Any]:
     if cls is not None:
         return cls
     create = base._get_or_create_stream
+    # aioquic raises a stream's window in one method only, ``_write_stream_limits`` (called
+    # for every stream of every packet built): skipping it for peer-opened streams is enough
+    # and keeps the stream objects as they are.  qh3 inlines that code (and also raises on
+    # STREAM_DATA_BLOCKED), so there the streams get a class whose window cannot grow.
+    write_limits = base.__dict__.get("_write_stream_limits") or getattr(
+        base, "_write_stream_limits", None)
 
     def _get_or_create_stream(self: Any, frame_type: int, stream_id: int) -> Any:
         stream = create(self, frame_type, stream_id)
@@ -391,13 +403,20 @@ def _capped_connection_class(base: type[Any], cap: int) -> type[Any]:
             if stream.max_stream_data_local > cap:
                 stream.max_stream_data_local = cap
                 stream.max_stream_data_local_sent = cap
-            stream.__class__ = _capped_stream_class(type(stream), cap)
+            if write_limits is None:
+                stream.__class__ = _capped_stream_class(type(stream), cap)
         return stream
 
-    cls = _capped_connections[key] = type(
-        f"Capped{base.__name__}", (base,),
-        {"__slots__": (), "_get_or_create_stream": _get_or_create_stream},
-    )
+    members: dict[str, Any] = {"__slots__": (), "_get_or_create_stream": _get_or_create_stream}
+    if write_limits is not None:
+        def _write_stream_limits(self: Any, builder: Any, space: Any, stream: Any) -> None:
+            if stream.stream_id & 1:  # a stream this server opened: the library's rule
+                write_limits(self, builder, space, stream)
+            # A peer-opened stream keeps the window it started with (at most ``cap``): its
+            # MAX_STREAM_DATA is never raised, so there is nothing to send for it.
+
+        members["_write_stream_limits"] = _write_stream_limits
+    cls = _capped_connections[key] = type(f"Capped{base.__name__}", (base,), members)
     return cls
 
 
