@@ -31,6 +31,11 @@ class RpcMethod:
     ``request_type`` is the protobuf class the payload is parsed into (a parse failure is
     ``BAD_REQUEST`` before the handler runs); the handler returns the response message.
     ``group`` selects the rate limit (``rate_limits.<group>`` in config).
+
+    ``cancel_on_disconnect``: when the client resets the call's stream, sends STOP_SENDING
+    or disconnects, the handler's task is cancelled.  Off by default: a handler then runs to
+    completion (unanswered), so it is never stopped between two writes.  Turn it on for
+    handlers that mostly wait (long polls) and are safe to stop at any ``await``.
     """
 
     method_id: int
@@ -40,6 +45,7 @@ class RpcMethod:
     group: str = "default"
     auth: AuthLevel = "identity"
     rate_limited: bool = True
+    cancel_on_disconnect: bool = False
 
 
 @dataclass(slots=True)

@@ -52,3 +52,19 @@ async def test_accepted_tokens_count_nothing(app_factory, connect) -> None:
         assert who.authenticated
     with pytest.raises(Unauthenticated):  # a refusal still counts normally afterwards
         await c.call(106, whoami(b"wrong"), common_pb2.WhoAmIResponse)
+
+
+async def test_refused_handshake_tokens_are_limited_too(app_factory, connect) -> None:
+    app = await app_factory(rate_limits=LIMITS, rate_limit_ip_factor=3)
+    outcomes = []
+    for i in range(8):
+        try:
+            await connect(app, token=f"guess-{i}", new_identity=False)
+            outcomes.append("ok")
+        except RateLimited:
+            outcomes.append("limited")
+        except Unauthenticated:
+            outcomes.append("refused")
+    assert outcomes == ["refused"] * 6 + ["limited"] * 2
+    with pytest.raises(RateLimited):  # the right token waits for the window as well
+        await connect(app, new_identity=False)

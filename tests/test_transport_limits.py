@@ -162,7 +162,33 @@ async def loop_errors() -> Any:
     loop.set_exception_handler(old)
 
 
-async def test_stop_sending_cancels_the_call(app_factory, monkeypatch, loop_errors) -> None:
+async def test_stop_sending_cancels_a_long_poll(app_factory, monkeypatch, loop_errors) -> None:
+    from plugin_helpers import use_fake_plugins
+
+    use_fake_plugins(monkeypatch, slow="slow")
+    app = await app_factory(plugins=["slow"])
+    st = app.state["slow"]
+    async with raw_clients(app) as make:
+        c = await make()
+        sid = c.send(encode_request(9101, 1, b""))  # SlowPoll: cancel_on_disconnect
+        await asyncio.wait_for(st["started"].wait(), 5)
+        assert app.in_flight == 1
+        c._quic.stop_stream(sid, 7)  # "I do not want the answer"
+        c.transmit()
+        await until(lambda: app.in_flight == 0, what="the call was not cancelled")
+        assert st["cancelled"].is_set() and not st["finished"].is_set()
+        assert sid not in only_connection(app).streams
+        st["release"].set()
+        assert (await c.health()).status == Status.OK
+    assert not [e for e in loop_errors if isinstance(e.get("exception"), RuntimeError)]
+
+
+@pytest.mark.parametrize("how", ["stop_sending", "disconnect"])
+async def test_a_call_runs_to_completion_when_its_client_goes_away(
+    app_factory, monkeypatch, loop_errors, how
+) -> None:
+    """Methods that did not opt in to cancellation are never stopped between two awaits by a
+    client that leaves: they finish, unanswered."""
     from plugin_helpers import use_fake_plugins
 
     use_fake_plugins(monkeypatch, slow="slow")
@@ -172,13 +198,20 @@ async def test_stop_sending_cancels_the_call(app_factory, monkeypatch, loop_erro
         c = await make()
         sid = c.send(encode_request(9100, 1, b""))
         await asyncio.wait_for(st["started"].wait(), 5)
-        assert app.in_flight == 1
-        c._quic.stop_stream(sid, 7)  # "I do not want the answer"
-        c.transmit()
-        await until(lambda: app.in_flight == 0, what="the call was not cancelled")
-        assert sid not in only_connection(app).streams
+        if how == "stop_sending":
+            c._quic.stop_stream(sid, 7)
+        if how == "disconnect":
+            c.close()
+        else:
+            c.transmit()
+            await until(lambda: sid not in only_connection(app).streams,
+                        what="the server did not see the client leave the stream")
+        if how == "disconnect":
+            await until(lambda: not app.connections, what="the connection did not end")
+        assert app.in_flight == 1 and not st["cancelled"].is_set()
         st["release"].set()
-        assert (await c.health()).status == Status.OK
+        await asyncio.wait_for(st["finished"].wait(), 5)
+        await until(lambda: app.in_flight == 0, what="the call did not finish")
     assert not [e for e in loop_errors if isinstance(e.get("exception"), RuntimeError)]
 
 

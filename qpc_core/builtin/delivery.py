@@ -621,8 +621,11 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
     return [
         RpcMethod(ENQUEUE, "Enqueue", pb.EnqueueRequest, _bind(app, "enqueue"), group="delivery"),
         RpcMethod(FETCH, "Fetch", pb.FetchRequest, _bind(app, "fetch"), group="delivery"),
+        # A long poll: stopped when its client goes away, so a departed waiter is never
+        # handed messages (a waiter that is gone makes the Enqueue put them back).
         RpcMethod(
-            FETCH_WAIT, "FetchWait", pb.FetchRequest, _bind(app, "fetch_wait"), group="delivery"
+            FETCH_WAIT, "FetchWait", pb.FetchRequest, _bind(app, "fetch_wait"), group="delivery",
+            cancel_on_disconnect=True,
         ),
         RpcMethod(PEEK, "Peek", pb.FetchRequest, _bind(app, "peek"), group="delivery"),
         RpcMethod(ACK, "Ack", pb.AckRequest, _bind(app, "ack"), group="delivery"),

@@ -20,6 +20,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
+from qpc_core.errors import RateLimited, RpcError
 from qpc_core.framing import (
     AUTH_MAGIC,
     MAX_PAYLOAD,
@@ -74,13 +75,17 @@ MAX_PUSH_BACKLOG = 64
 
 
 class _Stream:
-    __slots__ = ("dead", "decoder", "head", "reserved", "started", "task")
+    __slots__ = ("cancellable", "dead", "decoder", "head", "reserved", "started", "task")
 
     def __init__(
         self, decoder: RequestDecoder | AuthHandshakeDecoder | None, started: float = 0.0
     ) -> None:
         self.decoder = decoder
         self.task: asyncio.Task[None] | None = None
+        # Whether the client going away (stream reset, STOP_SENDING, connection lost) cancels
+        # the call: only for methods that opt in (long polls); others run to completion so
+        # a handler is never stopped between two writes.
+        self.cancellable = True
         # A stream that had a protocol error stays here until the peer finishes or resets it,
         # so bytes still arriving on it are discarded instead of read as a new request.
         self.dead = decoder is None
@@ -347,7 +352,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             if st is not None:
                 self._release(st)
                 if st.task is not None:
-                    st.task.cancel()
+                    self._cancel_call(st)
         elif kind == "StopSendingReceived":
             self._on_stop_sending(event.stream_id)
         elif kind == "HandshakeCompleted":
@@ -398,7 +403,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._keepalive = self._handshake_timer = self._auth_timer = self._sweep = None
         for st in self.streams.values():
             if st.task is not None:
-                st.task.cancel()
+                self._cancel_call(st)
         self.streams.clear()
         self._reserved = 0
         self.listener.forget(self)
@@ -447,6 +452,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             else:
                 frame = st.decoder.finish()
                 self._release(st)  # the request left the buffer for its handler
+                entry = self.app.methods.get(frame.method_id)
+                st.cancellable = entry is None or entry[1].cancel_on_disconnect
                 st.task = self._loop.create_task(self._call(sid, frame))
         except FrameError as e:
             self._stream_error(sid, e, fin)
@@ -515,10 +522,17 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             return
         self._release(st)
         if st.task is not None:
-            st.task.cancel()  # its request was complete (FIN seen): nothing more arrives
+            self._cancel_call(st)  # its request was complete (FIN seen): nothing more arrives
         elif not st.dead:
             self.streams[sid] = _Stream(None)
             self._stop(sid)
+
+    @staticmethod
+    def _cancel_call(st: _Stream) -> None:
+        """The client no longer wants this call's answer: stop a call whose method opted in
+        (``RpcMethod.cancel_on_disconnect``); any other call finishes, unanswered."""
+        if st.task is not None and st.cancellable:
+            st.task.cancel()
 
     def _send(self, sid: int, data: bytes) -> bool:
         """Write ``data`` + FIN on ``sid``; False when the stream can no longer carry it
@@ -545,7 +559,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if st is not None:
             self._release(st)
             if st.task is not None:
-                st.task.cancel()
+                self._cancel_call(st)
         if not fin:
             self.streams[sid] = _Stream(None)
         log.debug("stream %d protocol error: %s", sid, err)
@@ -572,19 +586,20 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 del self.streams[sid]
 
     async def _handshake(self, sid: int, token: bytes) -> None:
-        app = self.app
         try:
             status = Status.OK
             try:
-                result = await app.hooks.authenticate(app, token, self.peer)
+                # Refused tokens count against the IP's 'auth' budget (RATE_LIMITED beyond).
+                result = await self.dispatcher.authenticate_token(self, token, 0)
+            except RateLimited:
+                result = None
+                status = Status.RATE_LIMITED
             except Exception as e:  # Unauthenticated from a plugin, or a plugin bug
-                from qpc_core.errors import RpcError
-
                 if not isinstance(e, RpcError):
                     log.exception("authenticate hook failed")
                 result = None
             if result is None:
-                status = Status.UNAUTHENTICATED
+                status = status if status != Status.OK else Status.UNAUTHENTICATED
             else:
                 self.bind(result)
             if self._owns(sid) and self._send(sid, encode_auth_reply(status)):
