@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import signal
 import time
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from qpc_core import __version__
-from qpc_core.config import Settings, validation_error_to_config_error
+from qpc_core.config import Settings, default_rate_limits, validation_error_to_config_error
 from qpc_core.errors import ConfigError, PluginError, StorageError
 from qpc_core.hooks import Hooks
 from qpc_core.plugins import PluginInfo, create_plugin_manager, load_plugins
@@ -124,6 +125,26 @@ class App:
                     "messages sent with Enqueue/BatchEnqueue); choose another group"
                 )
             self.methods[method.method_id] = (plugin, method)
+        self._check_rate_groups()
+
+    def _check_rate_groups(self) -> None:
+        """A ``[rate_limits.<group>]`` the operator added must name a group some loaded
+        method uses (or ``default`` / ``enqueue``): a misspelt group applied no limit at
+        all, silently.  (The built-in defaults may name groups of plugins not loaded.)"""
+        used = {m.group for _plugin, m in self.methods.values()}
+        used |= {"default", *RESERVED_RATE_GROUPS}
+        added = set(self.settings.rate_limits) - set(default_rate_limits())
+        unknown = sorted(added - used)
+        if unknown:
+            known = ", ".join(sorted(used))
+            hints = []
+            for g in unknown:
+                near = difflib.get_close_matches(g, sorted(used), 1)
+                hints.append(f"'{g}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+            raise ConfigError(
+                f"config: rate_limits: no loaded method uses the group {', '.join(hints)}; "
+                f"groups in use: {known}"
+            )
 
     # -- storage ---------------------------------------------------------------------------------
     @property

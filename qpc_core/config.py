@@ -11,6 +11,8 @@ the config path, e.g. ``federation.peers[0].address: expected host:port``.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -38,8 +41,13 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from qpc_core.errors import ConfigError
 
+log = logging.getLogger("qpc.config")
+
 DEFAULT_CONFIG_FILE = "qpc-server.toml"
 DEV_AUTH_TOKEN = "devtoken"
+ENV_PREFIX = "QPC_"
+#: The client's environment variables share the prefix; the server ignores them.
+CLIENT_ENV_PREFIX = "QPC_CLIENT_"
 
 
 def parse_hostport(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -92,7 +100,7 @@ class RateLimit(_Section):
     window_secs: float = Field(gt=0)
 
 
-def _default_rate_limits() -> dict[str, RateLimit]:
+def default_rate_limits() -> dict[str, RateLimit]:
     return {
         "auth": RateLimit(requests=30, window_secs=60),
         "delivery": RateLimit(requests=6000, window_secs=60),
@@ -119,7 +127,8 @@ class Settings(BaseSettings):
     db_path: Path | None = None
     db_key: SecretStr | None = None
     db_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
-    db_wal_autocheckpoint: int = Field(default=1000, ge=0)
+    # Pages; 0 (SQLite's "off") is refused: the WAL would then grow without bound.
+    db_wal_autocheckpoint: int = Field(default=1000, ge=1)
     db_pool_size: int = Field(default=4, ge=1, le=64)
     storage: str = "sqlcipher"
 
@@ -173,10 +182,10 @@ class Settings(BaseSettings):
     expiry_interval_secs: float = Field(default=30.0, gt=0)
     group_commit_max_batch: int = Field(default=512, ge=1)
 
-    rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
+    rate_limits: dict[str, RateLimit] = Field(default_factory=default_rate_limits)
     # Per client IP the limit is this many times the per-identity one (NAT, shared hosts).
     rate_limit_ip_factor: float = Field(default=10.0, ge=1.0)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # Audit log: one INFO line per answered RPC on logger "qpc.audit" (see docs/operations).
     audit_log: bool = False
     # In audit lines, identities and client IPs are keyed-hash tokens instead of the values.
@@ -189,6 +198,28 @@ class Settings(BaseSettings):
     federation: FederationConfig = Field(default_factory=FederationConfig)
 
     _listen = field_validator("listen", "metrics_listen")(lambda v: _hostport(v))  # type: ignore[misc]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _whole_settings(self) -> Settings:
+        # A key core does not know is a plugin's table; anything else is a mistake (a
+        # misspelt `producton = true` used to run a development server, with a warning).
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                near = difflib.get_close_matches(name, list(type(self).model_fields), 1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ValueError(
+                    f"unknown setting '{name}'{hint}; plugin settings go in a [table]")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given = "tls_cert" if self.tls_cert is not None else "tls_key"
+            raise ValueError(
+                f"{given} is set but not its pair: set both tls_cert and tls_key, or neither "
+                "(the development certificate)")
+        return self
 
     @field_validator("plugins", mode="before")
     @classmethod
@@ -211,7 +242,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limits", mode="after")
     @classmethod
     def _merge_rate_defaults(cls, v: dict[str, RateLimit]) -> dict[str, RateLimit]:
-        merged = _default_rate_limits()
+        merged = default_rate_limits()
         merged.update(v)
         return merged
 
@@ -249,7 +280,9 @@ class Settings(BaseSettings):
                 "auth_token: production requires at least 16 characters and not 'devtoken' "
                 "(set QPC_AUTH_TOKEN, or unset it to disable the operator token)"
             )
-        if self.db_key is None or not self.db_key.get_secret_value():
+        if self.storage == "sqlcipher" and (
+            self.db_key is None or not self.db_key.get_secret_value()
+        ):
             problems.append("db_key: production requires a database key (set QPC_DB_KEY)")
         if self.tls_cert is None or self.tls_key is None:
             problems.append("tls_cert/tls_key: production requires certificate files "
@@ -370,8 +403,34 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         values = _MappingEnvSource(environ)()
     except SettingsError as e:
         raise ConfigError(f"config: environment: {e} (complex values must be JSON)") from None
-    # Unknown QPC_ variables are not plugin tables; keep only known fields.
-    return {k: v for k, v in values.items() if k in Settings.model_fields}
+    out: dict[str, Any] = {k: v for k, v in values.items() if k in Settings.model_fields}
+    # Plugin tables: QPC_<TABLE>__<KEY>[__<KEY>...] (values as strings; the plugin's model
+    # converts them).  Other unknown QPC_ variables are ignored with a warning (the client's
+    # own QPC_CLIENT_* share the prefix).
+    for name, raw in environ.items():
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(CLIENT_ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in upper[len(ENV_PREFIX):].split("__")]
+        if parts[0] in Settings.model_fields:
+            continue
+        if len(parts) < 2 or not all(parts):
+            near = difflib.get_close_matches(parts[0], list(Settings.model_fields), 1)
+            hint = f" (did you mean QPC_{near[0].upper()}?)" if near else ""
+            log.warning("config: environment variable %s is not a qpc setting%s; ignored",
+                        name, hint)
+            continue
+        node = out.setdefault(parts[0], {})
+        if not isinstance(node, dict):
+            continue
+        for part in parts[1:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = raw
+    return out
 
 
 __all__ = [

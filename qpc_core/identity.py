@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -18,9 +20,18 @@ def check_identity_key(key: bytes, field: str = "identity_key") -> bytes:
     return key
 
 
-def prove_identity_message(nonce: bytes, identity_key: bytes) -> bytes:
-    """The bytes a client signs to prove it holds ``identity_key`` on this connection."""
-    return PROVE_IDENTITY_CONTEXT + nonce + identity_key
+def prove_identity_message(nonce: bytes, identity_key: bytes, server_cert: bytes = b"") -> bytes:
+    """The bytes a client signs to prove it holds ``identity_key`` on this connection.
+
+    ``server_cert`` is :func:`certificate_binding` of the server's TLS certificate (the one
+    the client verified in this connection's handshake): a proof made for one server cannot
+    be relayed to another by a server that passes its challenge along."""
+    return PROVE_IDENTITY_CONTEXT + nonce + identity_key + server_cert
+
+
+def certificate_binding(certificate_der: bytes) -> bytes:
+    """SHA-256 of a DER certificate: what identity proofs are bound to."""
+    return hashlib.sha256(certificate_der).digest()
 
 
 def verify_signature(identity_key: bytes, signature: bytes, message: bytes) -> bool:

@@ -263,3 +263,42 @@ async def test_keepalive_keeps_idle_clients_connected(app_factory, connect, keep
     else:
         with pytest.raises(ConnectionLost):
             await c.health()
+
+
+async def test_identity_proof_is_bound_to_the_server_certificate(
+    app_factory, connect, tmp_path
+) -> None:
+    """A server that passes another server's challenge to its own client cannot use the
+    proof it gets back there: the signature covers the certificate the client verified."""
+    from qpc_core.identity import certificate_binding
+    from qpc_core.transport.certs import DEV_CERT_DER
+
+    a = await app_factory()
+    b = await app_factory(data_dir=tmp_path / "b")
+    victim_key = Ed25519PrivateKey.generate()
+    victim = public_bytes(victim_key)
+    on_b = await connect(b, identity=victim_key)  # the victim talks to B
+    b_binding = on_b.server_cert_binding()
+    assert b_binding == certificate_binding((tmp_path / "b" / DEV_CERT_DER).read_bytes())
+    relay = await connect(a, new_identity=False)  # B's operator connection to A
+    ch = await relay.call(104, common_pb2.AuthChallengeRequest(), common_pb2.AuthChallengeResponse)
+    relayed = victim_key.sign(prove_identity_message(ch.nonce, victim, b_binding))
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        await relay.call(
+            105,
+            common_pb2.ProveIdentityRequest(identity_key=victim, signature=relayed),
+            common_pb2.ProveIdentityResponse,
+        )
+    assert (await relay.whoami()).identity_key == b""
+    # The victim's own proof to A (bound to A's certificate) works.
+    on_a = await connect(a, identity=victim_key)
+    assert on_a.server_cert_binding() != b_binding
+    assert (await on_a.whoami()).identity_key == victim
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_sdk_binds_its_identity_proof_on_either_quic_library(server, connect, backend):
+    me = Ed25519PrivateKey.generate()
+    c = await connect(server, identity=me, quic_backend=backend)  # proves on connect
+    assert len(c.server_cert_binding()) == 32
+    assert (await c.whoami()).identity_key == public_bytes(me)

@@ -33,12 +33,12 @@ def test_production_refuses_without_certificate_files(tmp_path: Path) -> None:
 def test_warns_when_certificate_expires_soon(tmp_path: Path, caplog) -> None:
     cert, key = generate_self_signed(tmp_path, days=10)
     caplog.set_level(logging.WARNING, logger="qpc.tls")
-    resolve_tls(tmp_path, cert, key, production=True)  # operator files, DER
+    resolve_tls(tmp_path, cert, key, production=False)  # operator files, DER
     assert "expires in" in caplog.text and "renew" in caplog.text
     caplog.clear()
     generate_self_signed(tmp_path / "long", days=365)
     resolve_tls(tmp_path, tmp_path / "long" / "server-cert.pem",
-                tmp_path / "long" / "server-key.pem", production=True)  # PEM works too
+                tmp_path / "long" / "server-key.pem", production=False)  # PEM works too
     assert "expires in" not in caplog.text
 
 

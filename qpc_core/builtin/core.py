@@ -60,8 +60,12 @@ async def prove_identity(ctx: RpcContext, req: pb.ProveIdentityRequest) -> pb.Pr
     for auth in (ctx.auth, ctx.conn.auth):
         if auth is not None and auth.identity_key is not None and auth.identity_key != key:
             raise Forbidden("this session belongs to another identity")
-    if not verify_signature(key, req.signature, prove_identity_message(nonce, key)):
-        raise Unauthenticated("identity proof signature does not verify")
+    # Bound to this server's certificate: a proof another server relayed does not verify.
+    binding: bytes = getattr(ctx.conn, "tls_binding", b"")
+    if not verify_signature(key, req.signature, prove_identity_message(nonce, key, binding)):
+        raise Unauthenticated(
+            "identity proof signature does not verify (signed for this challenge, this key "
+            "and this server's certificate?)")
     if ctx.conn.auth is None:
         ctx.conn.bind(ctx.auth)
     ctx.conn.bind_identity(key)

@@ -38,9 +38,20 @@ from qpc_core.framing import (
     encode_auth_request,
     encode_request,
 )
-from qpc_core.identity import prove_identity_message, public_bytes, verify_signature
+from qpc_core.identity import (
+    certificate_binding,
+    prove_identity_message,
+    public_bytes,
+    verify_signature,
+)
 from qpc_core.pb import common_pb2, delivery_pb2, directory_pb2, keys_pb2
-from qpc_core.transport.backend import Backend, DatagramDrain, TurnBatching, load_backend
+from qpc_core.transport.backend import (
+    Backend,
+    DatagramDrain,
+    TurnBatching,
+    load_backend,
+    peer_certificate_der,
+)
 
 M = TypeVar("M", bound=Message)
 
@@ -363,12 +374,19 @@ class QpcClient:
         ch = await self.call(
             104, common_pb2.AuthChallengeRequest(), common_pb2.AuthChallengeResponse
         )
-        sig = self.identity.sign(prove_identity_message(ch.nonce, self.identity_key))
+        sig = self.identity.sign(
+            prove_identity_message(ch.nonce, self.identity_key, self.server_cert_binding()))
         await self.call(
             105,
             common_pb2.ProveIdentityRequest(identity_key=self.identity_key, signature=sig),
             common_pb2.ProveIdentityResponse,
         )
+
+    def server_cert_binding(self) -> bytes:
+        """SHA-256 of the certificate the server presented on this connection (empty when the
+        QUIC library does not expose it)."""
+        der = peer_certificate_der(self._proto._quic)
+        return certificate_binding(der) if der is not None else b""
 
     async def signing_key(self) -> bytes:
         """The server's delivery-proof key: pinned on first use."""

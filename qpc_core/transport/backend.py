@@ -470,3 +470,18 @@ def retry_handler(backend: Backend) -> Any:
     answer token-less Initials with Retry (address validation before any connection state),
     ``server._retry = None`` stops it."""
     return importlib.import_module(f"{backend.name}.quic.retry").QuicRetryTokenHandler()
+
+
+def peer_certificate_der(quic: Any) -> bytes | None:
+    """DER of the certificate the peer presented in this connection's TLS handshake (client
+    side: the server's), or None when there is none (yet)."""
+    tls = getattr(quic, "tls", None)
+    cert = getattr(tls, "_peer_certificate", None) if tls is not None else None
+    if cert is None:
+        return None
+    try:  # cryptography's x509.Certificate (aioquic)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return bytes(cert.public_bytes(Encoding.DER))
+    except TypeError:  # qh3's own certificate type
+        return bytes(cert.public_bytes())

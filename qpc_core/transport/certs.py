@@ -40,6 +40,8 @@ DEV_CERT_PEM = "server-cert.pem"
 DEV_KEY_PEM = "server-key.pem"
 DEV_CA_PEM = "ca-cert.pem"
 DEV_CA_DER = "ca-cert.der"
+DEV_SERVER_CN = "qpc development server"
+DEV_CA_CN_PREFIX = "qpc development CA "
 EXPIRY_WARNING = dt.timedelta(days=30)
 
 
@@ -81,7 +83,7 @@ def generate_self_signed(
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     # A distinct name per CA, so several trusted development CAs are told apart.
-    ca_cn = f"qpc development CA {secrets.token_hex(4)}"
+    ca_cn = f"{DEV_CA_CN_PREFIX}{secrets.token_hex(4)}"
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_cn)])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca = (
@@ -98,9 +100,18 @@ def generate_self_signed(
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qpc development server")])
-    san: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEV_SERVER_CN)])
+    san: list[x509.GeneralName] = []
+    for h in hostnames:
+        h = h.strip()
+        if not h:
+            raise ConfigError("gen-cert: an empty host name cannot go in a certificate")
+        try:  # an address given as a host name: clients match it as an IP address
+            san.append(x509.IPAddress(ipaddress.ip_address(h.strip("[]"))))
+        except ValueError:
+            san.append(x509.DNSName(h))
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    san = list(dict.fromkeys(san))  # no duplicates (an IP given both ways)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -226,6 +237,11 @@ def resolve_tls(
     certificate = certs[0]
     private_key = load_private_key(key)
     _check_key_matches(certs, private_key, cert, key)
+    if production and is_development_certificate(certificate):
+        raise ConfigError(
+            f"config: tls_cert: {cert} is a qpc development certificate (`qpc gen-cert` or "
+            "generated in a data dir): production needs a certificate from a real CA"
+        )
     # Self-signed certificates (roots) are the client's business, not ours to send (they are
     # what the client trusts); send only the leaf's issuers below them.
     chain = tuple(c for c in certs[1:] if c.issuer != c.subject)
@@ -244,6 +260,15 @@ def resolve_tls(
                 "%s expires in %d days (%s): renew it", what, remaining.days, c.not_valid_after_utc
             )
     return TlsMaterial(certificate, private_key, cert, chain)
+
+
+def is_development_certificate(cert: x509.Certificate) -> bool:
+    """Made by qpc for development (its subject or issuer name says so)."""
+    def cn(name: x509.Name) -> str:
+        attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(attrs[0].value) if attrs else ""
+
+    return cn(cert.subject) == DEV_SERVER_CN or cn(cert.issuer).startswith(DEV_CA_CN_PREFIX)
 
 
 def _is_own_ca(cert: x509.Certificate) -> bool:

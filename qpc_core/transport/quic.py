@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
@@ -33,6 +34,7 @@ from qpc_core.framing import (
     encode_push,
 )
 from qpc_core.framing.frames import REQUEST_HEADER
+from qpc_core.identity import certificate_binding
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo
 from qpc_core.transport.backend import (
@@ -172,6 +174,11 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
     @property
     def identity_key(self) -> bytes | None:
         return self._identity
+
+    @property
+    def tls_binding(self) -> bytes:
+        """SHA-256 of the server certificate this connection's handshake presented."""
+        return self.listener.tls_binding
 
     @property
     def authenticated(self) -> bool:
@@ -644,6 +651,8 @@ class QuicTransport:
         self.address: tuple[str, int] | None = None
         self.window_authenticated = 16 * 1024 * 1024
         self.window_unauthenticated = 256 * 1024
+        #: SHA-256 of the server's TLS certificate (what identity proofs are bound to).
+        self.tls_binding = b""
         self.initials_refused = 0
         self.pushes_dropped = 0
         self._refused_logged = 0.0
@@ -675,6 +684,7 @@ class QuicTransport:
         backend = backend or load_backend("aioquic")
         self._windows(s)
         tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         cfg = backend.configuration(
             tls,
             alpn_protocols=[ALPN],
