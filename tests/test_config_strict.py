@@ -38,7 +38,7 @@ def test_plugin_tables_can_be_set_from_the_environment(tmp_path: Path) -> None:
     assert s.plugin_tables["a"] == {"b": {"c": "1"}}
     # ... and are validated by the plugin like the file's values.
     s = load_config(write(tmp_path, ""), {"plugins": ["metrics"]}, env=env)
-    with pytest.raises(ConfigError, match="metrics.queue_depth_resync_secs"):
+    with pytest.raises(ConfigError, match=r"metrics\.queue_depth_resync_secs"):
         App(s)
 
 
