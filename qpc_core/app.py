@@ -134,17 +134,18 @@ class App:
         used = {m.group for _plugin, m in self.methods.values()}
         used |= {"default", *RESERVED_RATE_GROUPS}
         added = set(self.settings.rate_limits) - set(default_rate_limits())
-        unknown = sorted(added - used)
-        if unknown:
-            known = ", ".join(sorted(used))
-            hints = []
-            for g in unknown:
-                near = difflib.get_close_matches(g, sorted(used), 1)
-                hints.append(f"'{g}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
-            raise ConfigError(
-                f"config: rate_limits: no loaded method uses the group {', '.join(hints)}; "
-                f"groups in use: {known}"
-            )
+        known = ", ".join(sorted(used))
+        for g in sorted(added - used):
+            near = difflib.get_close_matches(g, sorted(used), 1)
+            if near:  # a misspelt group: refused
+                raise ConfigError(
+                    f"config: rate_limits: no loaded method uses the group '{g}' (did you mean "
+                    f"'{near[0]}'?); groups in use: {known}"
+                )
+            # Perhaps a group of a plugin this server does not load (a config shared by
+            # servers with different plugins): said, not refused.
+            log.warning("config: rate_limits.%s: no loaded method uses this group (groups in "
+                        "use: %s)", g, known)
 
     # -- storage ---------------------------------------------------------------------------------
     @property

@@ -317,7 +317,7 @@ def validation_error_to_config_error(
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        lines.append(f"config: {path}: {msg}")
+        lines.append(f"config: {path}: {msg}" if path else f"config: {msg}")
     return ConfigError("\n".join(lines))
 
 
@@ -415,10 +415,12 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         if parts[0] in Settings.model_fields:
             continue
         if len(parts) < 2 or not all(parts):
-            near = difflib.get_close_matches(parts[0], list(Settings.model_fields), 1)
-            hint = f" (did you mean QPC_{near[0].upper()}?)" if near else ""
-            log.warning("config: environment variable %s is not a qpc setting%s; ignored",
-                        name, hint)
+            # Other tools and plugins have QPC_ variables of their own (QPC_POSTGRES_DSN,
+            # the client's QPC_PASSWORD ...): only a near miss of a setting is reported.
+            near = difflib.get_close_matches(parts[0], list(Settings.model_fields), 1, 0.85)
+            if near:
+                log.warning("config: environment variable %s is not a qpc setting (did you "
+                            "mean QPC_%s?); ignored", name, near[0].upper())
             continue
         node = out.setdefault(parts[0], {})
         if not isinstance(node, dict):

@@ -160,7 +160,9 @@ class Dispatcher:
         full speed.  Accepted tokens count nothing (a session token may ride on every
         request)."""
         limiter = self.app.rate_limiter
-        key = [("ip", conn.peer.host)]
+        # A bucket of its own inside the 'auth' group's per-IP limit: logins and other auth
+        # calls from a busy address must not make its valid tokens refused.
+        key: list[tuple[str, object]] = [("ip", ("refused-token", conn.peer.host))]
         res = limiter.peek("auth", key)  # would one more refusal still be allowed?
         if not res.allowed:
             self.app.hooks.on_rate_limited(

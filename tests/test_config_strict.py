@@ -23,8 +23,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_misspelt_setting_is_an_error_with_a_hint(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown setting 'producton' \(did you mean "
-                                          r"'production'\?\)"):
+    with pytest.raises(ConfigError, match=r"^config: unknown setting 'producton' \(did you "
+                                          r"mean 'production'\?\)"):
         load_config(write(tmp_path, "producton = true\n"), env={})
     # A table is a plugin's and stays allowed.
     s = load_config(write(tmp_path, "[someplugin]\nx = 1\n"), env={})
@@ -44,11 +44,13 @@ def test_plugin_tables_can_be_set_from_the_environment(tmp_path: Path) -> None:
 
 def test_unknown_environment_variable_warns(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="qpc.config"):
-        s = load_config(write(tmp_path, ""), env={"QPC_PRODUCTON": "true",
-                                                   "QPC_CLIENT_QUIC_BACKEND": "qh3"})
+        s = load_config(write(tmp_path, ""), env={
+            "QPC_PRODUCTON": "true", "QPC_CLIENT_QUIC_BACKEND": "qh3",
+            "QPC_POSTGRES_DSN": "postgresql://x", "QPC_PASSWORD": "pw"})
     assert not s.production
     assert "QPC_PRODUCTON is not a qpc setting (did you mean QPC_PRODUCTION?)" in caplog.text
-    assert "QPC_CLIENT_QUIC_BACKEND" not in caplog.text
+    for other in ("QPC_CLIENT_QUIC_BACKEND", "QPC_POSTGRES_DSN", "QPC_PASSWORD"):
+        assert other not in caplog.text  # other tools' variables are not near misses
 
 
 def test_misspelt_rate_limit_group_is_refused(tmp_path: Path) -> None:
@@ -59,6 +61,14 @@ def test_misspelt_rate_limit_group_is_refused(tmp_path: Path) -> None:
     # The optional enqueue group and the defaults' groups are fine.
     App(make_settings(tmp_path / "data",
                       rate_limits={"enqueue": {"requests": 5, "window_secs": 1}}))
+
+
+def test_rate_limit_group_of_a_plugin_not_loaded_is_a_warning(tmp_path: Path, caplog) -> None:
+    s = make_settings(tmp_path / "data",
+                      rate_limits={"federation_relay": {"requests": 5, "window_secs": 1}})
+    with caplog.at_level(logging.WARNING, logger="qpc.app"):
+        App(s)
+    assert "rate_limits.federation_relay: no loaded method uses this group" in caplog.text
 
 
 @pytest.mark.parametrize("text, where", [

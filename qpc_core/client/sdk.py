@@ -345,7 +345,9 @@ class QpcClient:
         if len(reply) != 2 or reply[0] != 0x01:
             raise Internal(f"malformed auth handshake reply: {reply!r}")
         if reply[1] != Status.OK:
-            raise error_for_status(reply[1], "auth handshake refused: invalid token")
+            why = ("too many refused tokens from this address; retry later"
+                   if reply[1] == Status.RATE_LIMITED else "invalid token")
+            raise error_for_status(reply[1], f"auth handshake refused: {why}")
 
     async def call_raw(self, method_id: int, payload: bytes) -> ResponseFrame:
         rid = next(self._ids) & 0xFFFFFFFF

@@ -219,12 +219,15 @@ class OpaqueService:
         return Unauthenticated("login failed")
 
     def _drop(self, p: _Pending) -> None:
+        self._release_slot(p.peer.host)
+
+    def _release_slot(self, host: str) -> None:
         self.pending_count -= 1
-        left = self.pending_per_ip.get(p.peer.host, 1) - 1
+        left = self.pending_per_ip.get(host, 1) - 1
         if left > 0:
-            self.pending_per_ip[p.peer.host] = left
+            self.pending_per_ip[host] = left
         else:
-            self.pending_per_ip.pop(p.peer.host, None)
+            self.pending_per_ip.pop(host, None)
 
     def _prune(self) -> None:
         """Forget expired logins, and the oldest ones beyond ``max_pending_logins``.  Each was
@@ -262,9 +265,17 @@ class OpaqueService:
             ke1 = opaque.KE1.deserialize(req.request)
         except opaque.OpaqueError as e:
             raise BadRequest(f"invalid KE1: {e}") from None
-        record = await self.load_record(name)
-        fake = self.fake_record(name)  # same work for known and unknown names
+        # The answer lets its receiver test one password guess offline: the attempt counts
+        # as a failure (until a LoginFinish succeeds) and takes its pending slot *here*,
+        # before the first await, so parallel LoginStarts cannot all pass the checks above
+        # before any of them is counted.
+        self.user_throttle.failure(name)
+        self.ip_throttle.failure(peer.host)
+        self.pending_count += 1
+        self.pending_per_ip[peer.host] = self.pending_per_ip.get(peer.host, 0) + 1
         try:
+            record = await self.load_record(name)
+            fake = self.fake_record(name)  # same work for known and unknown names
             ke2, state = opaque.server_generate_ke2(
                 self.setup,
                 record if record is not None else fake,
@@ -273,12 +284,14 @@ class OpaqueService:
                 context=self.context,
                 server_identity=self.server_identity,
             )
-        except opaque.OpaqueError as e:
-            raise BadRequest(f"invalid KE1: {e}") from None
-        # The answer lets its receiver test one password guess offline: it counts as a failed
-        # attempt until a LoginFinish succeeds.
-        self.user_throttle.failure(name)
-        self.ip_throttle.failure(peer.host)
+        except BaseException as e:
+            # No KE2 went out: no guess was possible, nothing to count.
+            self._release_slot(peer.host)
+            self.user_throttle.forgive(name)
+            self.ip_throttle.forgive(peer.host)
+            if isinstance(e, opaque.OpaqueError):
+                raise BadRequest(f"invalid KE1: {e}") from None
+            raise
         ke2_bytes = ke2.serialize()
         key = (ctx.conn.connection_id, name)
         entries = self.pending.pop(key, [])
@@ -297,8 +310,6 @@ class OpaqueService:
             )
         )
         self.pending[key] = entries  # re-inserted: the most recently used key is last
-        self.pending_count += 1
-        self.pending_per_ip[peer.host] = self.pending_per_ip.get(peer.host, 0) + 1
         self._prune()
         return pb.OpaqueLoginStartResponse(response=ke2_bytes)
 

@@ -75,12 +75,17 @@ class Throttle:
 
     def forgive(self, key: object) -> None:
         """Take back the most recent failure of ``key`` (an attempt counted when it started
-        that then succeeded); a lock-out already running stays."""
+        that then succeeded, or never got an answer).  A lock-out stays only while the
+        failures left are still more than the free ones: the attempt forgiven may be what
+        locked the key, and a correct login must not lock its address for everyone."""
         e = self._entries.get(key)
-        if e is not None and e.failures:
-            e.failures.pop()
-            if not e.failures and e.locked_until <= self.clock():
-                del self._entries[key]
+        if e is None or not e.failures:
+            return
+        e.failures.pop()
+        if len(e.failures) <= self.free:
+            e.locked_until = 0.0
+        if not e.failures:
+            del self._entries[key]
 
     def _gc(self, now: float) -> None:
         stale = [

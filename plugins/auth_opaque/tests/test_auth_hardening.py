@@ -311,3 +311,68 @@ async def test_session_connection_cannot_reroute_with_another_credential(
         )
     who = await c.whoami()
     assert who.identity_key == c.identity_key and who.username == "alice"
+
+
+async def test_parallel_login_starts_are_counted_one_by_one(app_factory, connect) -> None:
+    """LoginStarts arriving together must not all pass the throttle before any is counted
+    (each answer is an offline guess)."""
+    app = await app_factory(
+        plugins=["auth_opaque"],
+        auth_opaque={**CFG, "user_free_failures": 3, "ip_free_failures": 1000},
+    )
+    owner = await anon(connect, app)
+    await opaque_client.register(owner, "alice", "pw", ksf=FAST)
+    conns = [await anon(connect, app) for _ in range(3)]
+    results = await asyncio.gather(
+        *(login_start(c, "alice", f"guess-{i}") for i in range(4) for c in conns),
+        return_exceptions=True)
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    limited = [r for r in results if isinstance(r, RateLimited)]
+    assert len(answered) == 4  # 3 free attempts + the one that locks the name
+    assert len(limited) == len(results) - 4
+
+
+async def test_parallel_login_starts_respect_the_per_ip_cap(app_factory, connect) -> None:
+    app = await app_factory(
+        plugins=["auth_opaque"], auth_opaque={**CFG, "max_pending_logins_per_ip": 3}
+    )
+    conns = [await anon(connect, app) for _ in range(3)]
+    results = await asyncio.gather(
+        *(login_start(c, f"user{i}", "pw") for i in range(4) for c in conns),
+        return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 3
+    svc = app.state["auth_opaque"]
+    assert svc.pending_count == 3 and svc.pending_per_ip == {"127.0.0.1": 3}
+
+
+async def test_a_correct_login_does_not_lock_its_address(app_factory, connect) -> None:
+    app = await app_factory(
+        plugins=["auth_opaque"],
+        auth_opaque={**CFG, "ip_free_failures": 2, "backoff_base_secs": 30},
+    )
+    alice = await anon(connect, app)
+    await opaque_client.register(alice, "alice", "pw-a", ksf=FAST)
+    bob = await anon(connect, app)
+    await opaque_client.register(bob, "bob", "pw-b", ksf=FAST)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            await opaque_client.login(alice, "alice", "typo", ksf=FAST)
+    await opaque_client.login(alice, "alice", "pw-a", ksf=FAST)  # its start hit the limit
+    svc = app.state["auth_opaque"]
+    assert svc.ip_throttle.retry_after("127.0.0.1") == 0
+    assert (await opaque_client.login(bob, "bob", "pw-b", ksf=FAST)).session_token
+
+
+async def test_busy_auth_traffic_does_not_refuse_valid_tokens(app_factory, connect) -> None:
+    """Logins fill the 'auth' group; refused tokens have a bucket of their own."""
+    app = await app_factory(
+        plugins=["auth_opaque"], auth_opaque=CFG,
+        rate_limits={"auth": {"requests": 2, "window_secs": 600}}, rate_limit_ip_factor=3,
+    )
+    c = await anon(connect, app)
+    for i in range(6):  # the address's whole 'auth' budget, no token refused
+        await login_start(c, f"someone{i}", "pw")
+    with pytest.raises(RateLimited):
+        await login_start(c, "someone9", "pw")
+    ok = await connect(app, new_identity=False)  # the operator token still works
+    assert (await ok.whoami()).authenticated
