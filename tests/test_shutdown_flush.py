@@ -56,3 +56,33 @@ async def test_flush_is_bounded_by_drain_timeout(app_factory, connect, monkeypat
     await asyncio.wait_for(app.stop(), 10)
     assert loop.time() - t0 < 0.3 + 1.0 + 1.0  # drain timeout + close grace + slack
     assert not app.connections
+
+
+async def test_calls_outliving_the_drain_are_stopped_before_storage_closes(
+    app_factory, monkeypatch
+) -> None:
+    """A call that does not stop when its client goes away still must not run on after the
+    server has closed its storage: past the drain timeout it is cancelled."""
+    from plugin_helpers import use_fake_plugins
+    from quic_raw import raw_clients
+
+    from qpc_core.framing import encode_request
+
+    use_fake_plugins(monkeypatch, slow="slow")
+    app = await app_factory(plugins=["slow"], drain_timeout_secs=0.3)
+    st = app.state["slow"]
+    seen: list[tuple[bool, bool]] = []
+    real_close = app._close_storage
+
+    async def close_storage() -> None:
+        seen.append((st["cancelled"].is_set(), app.in_flight == 0))
+        await real_close()
+
+    app._close_storage = close_storage  # type: ignore[method-assign]
+    async with raw_clients(app) as make:
+        c = await make()
+        c.send(encode_request(9100, 1, b""))  # Slow: not cancelled on disconnect
+        await asyncio.wait_for(st["started"].wait(), 5)
+        await app.stop()
+    assert seen == [(True, True)]  # cancelled and finished before storage closed
+    assert not st["finished"].is_set()

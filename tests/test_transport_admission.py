@@ -95,6 +95,46 @@ async def test_retry_auto_turns_on_under_half_open_load(app_factory, connect) ->
         sock.close()
 
 
+async def test_forged_initials_do_not_lock_out_an_address(app_factory, connect) -> None:
+    """Handshakes that never complete (Initials forged with a NAT's address) fill its
+    per-IP share: new connections from it must then pass a Retry, and are not refused."""
+    app = await app_factory(max_connections_per_ip=8, quic_retry="auto")
+    t = quic_transport(app)
+    users = [await connect(app) for _ in range(6)]
+    sock = send_initials(app, 2)  # never completed
+    try:
+        await until(lambda: len(t.pending) >= 2, what="two half-open connections")
+        assert t.server._retry is None  # far below the global Retry threshold
+        victim = await connect(app, timeout=5.0)  # through a Retry
+        assert (await victim.health()).status == "ok"
+        assert t.server._retry is None  # the Retry was for that address's Initial only
+        assert t.initials_refused == 0
+    finally:
+        sock.close()
+    assert all([(await u.health()).status == "ok" for u in users])
+
+
+async def test_retry_stays_on_while_a_token_is_fresh(app_factory, connect) -> None:
+    """Retry 'auto' turns off only when the last token handed out has expired: a client
+    between its Retry and its next Initial must find its token accepted."""
+    app = await app_factory(quic_retry="auto", retry_half_open_threshold=3)
+    t = quic_transport(app)
+    sock = send_initials(app, 1)  # one handshake open: not few enough to turn Retry off
+    try:
+        await until(lambda: len(t.pending) >= 1, what="a half-open connection")
+        t.server._retry = t._retry_handler  # on for a long time already ...
+        t._retry_since = time.monotonic() - 61
+        c = await connect(app)  # ... and a token was handed out just now
+        assert (await c.health()).status == "ok"
+    finally:
+        sock.close()
+    t._auto_retry(0, 3)  # few handshakes open, but that token is fresh: stays on
+    assert t.server._retry is not None
+    t._retry_since -= 61  # the last token is long expired
+    t._auto_retry(0, 3)
+    assert t.server._retry is None
+
+
 # -- auth deadline ------------------------------------------------------------------------------
 
 
@@ -171,3 +211,24 @@ async def test_per_request_auth_counts_as_authenticated(app_factory, monkeypatch
         assert code == 0x104
         assert not c.terminated.done()
         assert (await c.call(9101, with_auth)).status == Status.OK
+
+
+async def test_a_call_finishing_after_its_connection_ended_binds_nothing(
+    app_factory, connect
+) -> None:
+    """Calls now run to completion after their client left: one that proves an identity
+    (or logs in) then must not put the dead connection back into the identity table."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from qpc_core.identity import public_bytes
+    from qpc_core.rpc import AuthResult
+
+    app = await app_factory()
+    c = await connect(app, new_identity=False)
+    (conn,) = server_connections(app)
+    await c.close()
+    await until(lambda: not app.connections, what="the connection to end")
+    key = public_bytes(Ed25519PrivateKey.generate())
+    conn.bind(AuthResult(kind="session", identity_key=key))
+    conn.bind_identity(key)
+    assert key not in app.by_identity and conn.identity_key is None

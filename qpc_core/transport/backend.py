@@ -322,20 +322,21 @@ class SlidingLimit:
 
     @value.setter
     def value(self, new: int) -> None:
-        if new > self._value:
-            # The libraries try to raise the limit on every packet they build once the peer
-            # used half of it; the allowance walks the streams, so it is computed once per
-            # change (``used``, or :meth:`invalidate`).
-            if self._ceiling_at != self.used:
-                self._ceiling = self.used + max(0, self._allowance())
-                self._ceiling_at = self.used
-            new = max(self._value, min(new, self._ceiling))
-            # Raise in steps of at least a quarter of the open allowance: once more than
-            # half the window is used the libraries ask on every packet, and each raise is
-            # a MAX_DATA frame.  (A peer blocked at the limit always gets the whole
-            # allowance, which is larger than the step: no stall.)
-            if new - self._value < (self._ceiling - self.used) // 4:
-                return
+        if new <= self._value:
+            return  # a limit granted to the peer is never taken back (RFC 9000 4.1)
+        # The libraries try to raise the limit on every packet they build once the peer used
+        # half of it; the allowance walks the streams, so it is computed once per change
+        # (``used``, or :meth:`invalidate`).
+        if self._ceiling_at != self.used:
+            self._ceiling = self.used + max(0, self._allowance())
+            self._ceiling_at = self.used
+        new = min(new, self._ceiling)
+        # Raise in steps of at least a quarter of the open allowance: once more than half
+        # the window is used the libraries ask on every packet, and each raise is a MAX_DATA
+        # frame.  (A peer blocked at the limit always gets the whole allowance, which is
+        # larger than the step: no stall.)
+        if new <= self._value or new - self._value < (self._ceiling - self.used) // 4:
+            return
         self._value = new
 
     def invalidate(self) -> None:
@@ -443,8 +444,11 @@ def receive_buffered(quic: Any) -> int:
 
 
 def send_pending(quic: Any) -> bool:
-    """True while a stream has data (or a FIN) the peer has not acknowledged yet."""
-    for stream in quic._streams.values():
+    """True while an answer (a bidirectional stream) has data or a FIN the peer has not
+    acknowledged yet.  Pushes (unidirectional) are hints and are not waited for."""
+    for sid, stream in quic._streams.items():
+        if sid & 0x2:
+            continue
         s = stream.sender
         if s.is_finished:
             continue

@@ -72,12 +72,31 @@ ERR_HANDSHAKE_TIMEOUT = 0x105
 
 #: Largest auth handshake frame (``0x01 | len u16 | token``).
 AUTH_FRAME_MAX = 3 + 0xFFFF
+#: Admission verdicts for a datagram that would open a connection.
+PASS, DROP, RETRY = 0, 1, 2
+#: Connections from one IP still mid-handshake beyond which new ones must pass a QUIC Retry
+#: (prove they own the address) when Retry is available: forged Initials cannot lock an
+#: address out.
+PER_IP_HALF_OPEN_BEFORE_RETRY = 8
+
+
+def _count(counts: dict[str, int], key: str, delta: int) -> None:
+    n = counts.get(key, 0) + delta
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
+#: At shutdown, answers not yet acknowledged are waited for only on connections heard from
+#: within this many seconds.
+FLUSH_SILENT_SECS = 2.0
 #: Pushes (server-opened uni streams) a connection may have unacknowledged; more are dropped.
 MAX_PUSH_BACKLOG = 64
 
 
 class _Stream:
-    __slots__ = ("cancellable", "dead", "decoder", "head", "reserved", "started", "task")
+    __slots__ = ("cancellable", "dead", "decoder", "head", "last", "reserved", "started", "task")
 
     def __init__(
         self, decoder: RequestDecoder | AuthHandshakeDecoder | None, started: float = 0.0
@@ -95,8 +114,9 @@ class _Stream:
         self.head: bytearray | None = (
             bytearray() if isinstance(decoder, RequestDecoder) else None
         )
-        self.reserved = 0  # announced payload bytes counted against the connection's budget
-        self.started = started  # loop time of the first byte (request_receive_timeout_secs)
+        self.reserved = 0  # announced payload bytes of the request still arriving
+        self.started = started  # loop time of the first byte (the newest is refused first)
+        self.last = started  # loop time of the latest byte (request_receive_timeout_secs)
 
 
 if TYPE_CHECKING:
@@ -129,6 +149,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._gone = False
         self._created = time.perf_counter()
         self._last_activity = time.monotonic()
+        self._last_heard = self._last_activity  # any datagram from the client
         self._keepalive: asyncio.TimerHandle | None = None
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
@@ -186,6 +207,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         return self._auth is not None or self._identity is not None or self._request_credential
 
     def bind(self, auth: AuthResult) -> None:
+        if self._gone:  # a call that finished after its connection ended binds nothing
+            return
         self._auth = auth
         if auth.identity_key is not None:
             self.bind_identity(auth.identity_key)
@@ -201,6 +224,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._arm_auth_deadline()
 
     def bind_identity(self, identity_key: bytes) -> None:
+        if self._gone:
+            return
         if self._identity == identity_key:
             return
         if self._identity is not None:
@@ -332,10 +357,36 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         # loop turn (TurnBatching), so responses produced together share packets.
         if self._detached:
             return
+        self._last_heard = time.monotonic()
         self._max_data.invalidate()
         self.receive_batched(data, addr, self._answering)
+        limit = self._max_data
+        if limit.used >= limit.value and self.streams:
+            self._break_stall()
         if self._flushed is not None:
             self._check_flushed()
+
+    def _break_stall(self) -> None:
+        """The client has used all the connection window and what the server holds leaves
+        no room to grant more: if that is partly received requests, none of them can ever
+        complete (a client pipelining more request bytes than ``max_request_buffer_bytes``).
+        Refuse the newest of them until there is room again; the others go on."""
+        while self._receive_allowance() <= 0:
+            waiting = [
+                (st.started, sid) for sid, st in self.streams.items()
+                if not st.dead and st.task is None and isinstance(st.decoder, RequestDecoder)
+            ]
+            if not waiting:
+                return
+            _started, sid = max(waiting)
+            self._stream_error(sid, FrameError(
+                "busy",
+                f"this connection's partly received requests filled max_request_buffer_bytes "
+                f"({self.request_budget} bytes) and none could complete: this one, the "
+                "newest, is refused; send it again (keep fewer request bytes in flight)",
+            ))
+        self._max_data.invalidate()
+        self.send_soon()
 
     def _answering(self) -> bool:
         """Requests are being answered (their answers will carry the ACK) and none is still
@@ -447,6 +498,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 self._stream_error(sid, FrameError("trailing", "unexpected bytes after the frame"))
             return
         assert st.decoder is not None
+        if data:
+            st.last = self._loop.time()
         try:
             if st.head is not None and data:
                 self._check_header(st, data)
@@ -461,7 +514,10 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 self._release(st)  # the request left the buffer for its handler
                 entry = self.app.methods.get(frame.method_id)
                 st.cancellable = entry is None or entry[1].cancel_on_disconnect
-                st.task = self._loop.create_task(self._call(sid, frame))
+                st.task = task = self._loop.create_task(self._call(sid, frame))
+                calls = self.listener.calls
+                calls.add(task)
+                task.add_done_callback(calls.discard)
         except FrameError as e:
             self._stream_error(sid, e, fin)
 
@@ -483,13 +539,6 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 "bytes for a connection that has not authenticated (send the auth handshake "
                 "first)",
             )
-        if self._reserved + length > self.request_budget:
-            raise FrameError(
-                "busy",
-                f"payload length {length} would take this connection's partly received "
-                f"requests to {self._reserved + length} bytes, over the limit of "
-                f"{self.request_budget} bytes",
-            )
         st.reserved = length
         self._reserved += length
 
@@ -499,8 +548,9 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._max_data.invalidate()
 
     def _sweep_requests(self) -> None:
-        """Refuse requests still incomplete ``request_receive_timeout_secs`` after their
-        first byte (a slow or stalled sender holding buffer and a stream)."""
+        """Refuse requests that received no byte for ``request_receive_timeout_secs`` (a
+        stalled sender holding buffer and a stream).  A slow sender that keeps sending is not
+        cut off, however long its request takes."""
         self._sweep = None
         if self._gone:
             return
@@ -510,11 +560,10 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         for sid, st in list(self.streams.items()):
             if st.dead or st.task is not None:
                 continue
-            due = st.started + limit
+            due = st.last + limit
             if due <= now:
                 self._stream_error(
-                    sid, FrameError("timeout", f"request not received completely within "
-                                               f"{limit:g} s")
+                    sid, FrameError("timeout", f"request stalled: no bytes for {limit:g} s")
                 )
             elif due_next is None or due < due_next:
                 due_next = due
@@ -570,7 +619,11 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if not fin:
             self.streams[sid] = _Stream(None)
         log.debug("stream %d protocol error: %s", sid, err)
-        self._send(sid, error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}"))
+        if err.reason == "busy":  # not the client's fault: the same request may come again
+            answer = error_response(0, Status.UNAVAILABLE, f"busy: {err}", retry_after=0.05)
+        else:
+            answer = error_response(0, Status.PROTOCOL_ERROR, f"protocol error: {err}")
+        self._send(sid, answer)
         if not fin:
             self._stop(sid)
         self.transmit()
@@ -644,7 +697,8 @@ class QuicTransport:
         self.protocols: set[_ServerConnectionLogic] = set()  # handshake completed
         self.pending: set[_ServerConnectionLogic] = set()  # mid-handshake
         self._ips: dict[_ServerConnectionLogic, str] = {}
-        self._per_ip: dict[str, int] = {}
+        self._per_ip: dict[str, int] = {}  # connections per client IP, mid-handshake included
+        self._half_per_ip: dict[str, int] = {}  # ... of which still mid-handshake
         self._admitting: str | None = None  # the source IP of the datagram being received
         self.accepting = False
         self.dispatcher: Dispatcher
@@ -653,6 +707,8 @@ class QuicTransport:
         self.window_unauthenticated = 256 * 1024
         #: SHA-256 of the server's TLS certificate (what identity proofs are bound to).
         self.tls_binding = b""
+        #: Running calls (their tasks), also those whose connection has ended.
+        self.calls: set[asyncio.Task[None]] = set()
         self.initials_refused = 0
         self.pushes_dropped = 0
         self._refused_logged = 0.0
@@ -675,9 +731,12 @@ class QuicTransport:
         # Room for the announced payloads plus headers, the auth handshake and stray bytes.
         slack = AUTH_FRAME_MAX + 64 * 1024
         self.window_authenticated = s.max_request_buffer_bytes + slack
-        self.window_unauthenticated = 4 * min(
-            s.max_unauthenticated_payload_bytes, s.max_payload_bytes
-        ) + slack
+        # Never more than the authenticated window: the initial window is granted in the
+        # handshake and a granted limit cannot be taken back.
+        self.window_unauthenticated = min(
+            4 * min(s.max_unauthenticated_payload_bytes, s.max_payload_bytes) + slack,
+            self.window_authenticated,
+        )
 
     def configuration(self, app: App, backend: Backend | None = None) -> Any:
         s = app.settings
@@ -718,7 +777,16 @@ class QuicTransport:
             retry=s.quic_retry == "on",
         )
         if s.quic_retry == "auto":
-            self._retry_handler = retry_handler(backend)
+            handler = self._retry_handler = retry_handler(backend)
+            create_token = handler.create_token
+
+            def create_token_noted(*args: Any, **kwargs: Any) -> Any:
+                # Retry stays on until the last token handed out has expired (see
+                # _auto_retry): a client holding one must find it accepted.
+                self._retry_since = time.monotonic()
+                return create_token(*args, **kwargs)
+
+            handler.create_token = create_token_noted
         assert server._transport is not None
         # Read every datagram already queued per wake-up (see DatagramDrain): requests that
         # arrive together are handled in one loop turn and share a commit and packets.
@@ -726,12 +794,18 @@ class QuicTransport:
         library_receive = server.datagram_received
 
         def receive(data: bytes | str, addr: Any) -> None:
-            if not self._admit(cast(bytes, data), addr):
+            verdict = self._admit(cast(bytes, data), addr)
+            if verdict == DROP:
                 return
+            retry_now = verdict == RETRY
+            if retry_now:  # this address must prove itself before it gets any state
+                server._retry = self._retry_handler
             try:
                 library_receive(data, addr)
             finally:
                 self._admitting = None
+                if retry_now:
+                    server._retry = None
 
         def datagram_received(data: bytes | str, addr: Any) -> None:
             receive(data, addr)
@@ -745,30 +819,45 @@ class QuicTransport:
                  backend.name)
 
     # -- admission ---------------------------------------------------------------------------------
-    def _admit(self, data: bytes, addr: Any) -> bool:
-        """False to drop a datagram that would open a connection over the limits."""
+    def _admit(self, data: bytes, addr: Any) -> int:
+        """PASS, DROP (over the limits) or RETRY (answer a token-less Initial with a Retry)
+        for a datagram that would open a connection."""
         # Only a long-header packet (an Initial) for an unknown connection id opens one.
         if len(data) < 7 or not data[0] & 0x80:
-            return True
+            return PASS
         dcid = bytes(data[6:6 + data[5]])
         server = self.server
         if server is None:
-            return False
+            return DROP
         if dcid in server._protocols:
-            return True
+            return PASS
         s = self.app.settings
         ip = str(addr[0])
         half_open = len(self.pending)
         if half_open + len(self.app.connections) >= s.max_connections:
             self._refuse(ip, "server at connection limit (established + mid-handshake)")
-            return False
-        if self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+            return DROP
+        total = self._per_ip.get(ip, 0)
+        half = self._half_per_ip.get(ip, 0)
+        cap = s.max_connections_per_ip
+        if total - half >= cap:
             self._refuse(ip, "per-IP connection limit")
-            return False
+            return DROP
         if self._retry_mode == "auto":
             self._auto_retry(half_open, s.retry_half_open_threshold)
         self._admitting = ip
-        return True
+        if total >= cap or half >= PER_IP_HALF_OPEN_BEFORE_RETRY:
+            # Handshakes that never completed fill this address's share: they may be forged
+            # with its address, so new ones must prove they own it (a Retry round trip)
+            # rather than be turned away.
+            if server._retry is not None:
+                return PASS  # Retry is on anyway: only validated Initials get state
+            if self._retry_handler is not None:
+                return RETRY
+            self._admitting = None
+            self._refuse(ip, "per-IP limit of connections still mid-handshake")
+            return DROP
+        return PASS
 
     def _auto_retry(self, half_open: int, threshold: int) -> None:
         """Retry while many handshakes are open; back off only when few are and the tokens
@@ -798,22 +887,26 @@ class QuicTransport:
         ip = self._admitting or "unknown"
         self.pending.add(proto)
         self._ips[proto] = ip
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        _count(self._per_ip, ip, 1)
+        _count(self._half_per_ip, ip, 1)
 
     def established(self, proto: _ServerConnectionLogic) -> None:
-        self.pending.discard(proto)
+        if proto in self.pending:
+            self.pending.discard(proto)
+            ip = self._ips.get(proto)
+            if ip is not None:
+                _count(self._half_per_ip, ip, -1)
         self.protocols.add(proto)
 
     def forget(self, proto: _ServerConnectionLogic) -> None:
+        was_pending = proto in self.pending
         self.pending.discard(proto)
         self.protocols.discard(proto)
         ip = self._ips.pop(proto, None)
         if ip is not None:
-            n = self._per_ip.get(ip, 0) - 1
-            if n > 0:
-                self._per_ip[ip] = n
-            else:
-                self._per_ip.pop(ip, None)
+            _count(self._per_ip, ip, -1)
+            if was_pending:
+                _count(self._half_per_ip, ip, -1)
 
     # -- shutdown ----------------------------------------------------------------------------------
     async def stop_accepting(self) -> None:
@@ -825,10 +918,14 @@ class QuicTransport:
             proto.push(PushEvent.SERVER_SHUTTING_DOWN, data)
 
     async def flush(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) until every connection's answers and pushes are
-        acknowledged by the client: closing earlier would cut off an answer still in flight
-        (e.g. a Fetch, whose messages are already removed from the queue)."""
-        waiting = [p for p in self.protocols if p.sending()]
+        """Wait (at most ``timeout`` s) until every connection's answers are acknowledged by
+        the client: closing earlier would cut off an answer still in flight (e.g. a Fetch,
+        whose messages are already removed from the queue).  Clients not heard from for
+        FLUSH_SILENT_SECS are not waited for (out of coverage: they would hold every
+        restart for the whole timeout)."""
+        now = time.monotonic()
+        waiting = [p for p in self.protocols
+                   if p.sending() and now - p._last_heard < FLUSH_SILENT_SECS]
         if not waiting or timeout <= 0:
             return
         tasks = [asyncio.ensure_future(p.wait_sent()) for p in waiting]
@@ -853,6 +950,15 @@ class QuicTransport:
             )
         for proto in protocols:
             proto._on_terminated(reason)
+        # Calls still running have outlived the drain timeout (their clients left, and they
+        # are not cancelled for that): stop them now, before storage closes under them.
+        calls = list(self.calls)
+        if calls:
+            log.warning("shutdown: cancelling %d calls still running after the drain timeout",
+                        len(calls))
+            for t in calls:
+                t.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
         if self.server is not None:
             self.server.close()
             self.server = None
