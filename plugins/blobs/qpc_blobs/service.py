@@ -9,7 +9,8 @@ State lives in three places:
   ``own:<identity><hash>`` → size and time, one per blob an identity uploaded (the quota);
   ``ref:<hash><identity>`` → the reverse index, to know when nobody holds a blob any more;
   ``purge:<identity>`` → an account deletion whose blobs are still being removed (finished
-  at the next start or by the collector if the server stopped in between);
+  at the next start or by the collector if the server stopped in between; until it is, an
+  upload from that identity first finishes it, see :meth:`BlobService._purged`);
 * **memory**: one :class:`_Upload` per (identity, blob hash) being worked on, holding the
   running SHA-256 so that verifying a 50 MB blob costs nothing when its last byte arrives.
 
@@ -158,6 +159,9 @@ class BlobService:
         self._steps: set[asyncio.Task[Any]] = set()
         self._purges: dict[bytes, asyncio.Task[int]] = {}  # identity → its latest purge
         self._purge_locks = KeyedLocks()
+        # Identities whose account deletion has not been completed by a purge yet (a running,
+        # failed or interrupted one: the ``purge:`` records, and purges started since).
+        self._unpurged: set[bytes] = set()
         self._next_orphan_scan = 0.0
         self._gc_started = 0
         self._gc_finished = 0
@@ -266,6 +270,7 @@ class BlobService:
             raise BadRequest(f"chunk [{offset}, {offset + len(chunk)}) runs past "
                              f"total_size {total}")
         mime = check_mime(req.mime_type)
+        await self._purged(ident)
         async with self._slot(ident, h) as up, up.cond:
             await self._settle(up)
             if not up.loaded:
@@ -566,6 +571,7 @@ class BlobService:
         await asyncio.shield(self._start_purge(ident))
 
     def _start_purge(self, ident: bytes) -> asyncio.Task[int]:
+        self._unpurged.add(ident)  # before any await: uploads from now on wait for it
         task = asyncio.ensure_future(self._purge(ident))
         self._purges[ident] = task
         self._steps.add(task)
@@ -603,9 +609,34 @@ class BlobService:
                         deleted += await asyncio.to_thread(self.store.delete_blob, h)
                     await self.storage.kv_delete(NS, key)
             await self.storage.kv_delete(NS, marker)
+            if self._purges.get(ident) is asyncio.current_task():  # no later deletion waits
+                self._unpurged.discard(ident)
         if deleted:
             log.info("account deletion removed %d blobs nobody else holds", deleted)
         return deleted
+
+    async def _purged(self, ident: bytes) -> None:
+        """Return once no purge of ``ident`` is pending: before an upload or claim of an
+        identity whose account deletion is not complete (a purge running, or one that failed
+        or was stopped at shutdown), that purge is finished first (waited for, or run again
+        here).  Otherwise the purge, resumed later, would remove what the identity stored
+        after coming back (ProveIdentity needs no account; or it registers again).  Raises
+        UNAVAILABLE if the purge cannot complete now: nothing is accepted from the identity
+        until it has.
+
+        Why not let the resumed purge skip records newer than the deletion instead: that
+        trusts the wall clock (a clock stepped back makes a new record look old), and a
+        claim of a blob the identity held before rewrites its ``own:`` record, so the
+        record's time no longer says which account it belonged to."""
+        if ident not in self._unpurged:
+            return
+        task = self._purges.get(ident)
+        if task is None:  # failed, or left by a previous run and not resumed yet
+            task = self._start_purge(ident)
+        await asyncio.wait({task})  # a cancelled call leaves the purge running
+        if ident in self._unpurged:
+            raise Unavailable("the blobs of this identity's deleted account are still being "
+                              "removed; try again later", retry_after=5.0)
 
     async def _resume_purges(self) -> int:
         """Finish purges whose ``purge:`` record outlived them; return blobs deleted."""

@@ -13,7 +13,7 @@ at commit) so other servers wake their long polls and push to their connections.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 NOTIFY_CHANNEL = "qpc_arrivals"
 
 _V1 = r"""
@@ -707,4 +707,206 @@ UPDATE inboxes AS i SET next_seq = t.top + 1
       AND i.next_seq <= t.top;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
+# Schema 5: "lock the inbox row, then look" also when the lock finds no row.  In READ
+# COMMITTED a row lock that waited for a transaction which deleted the row (DeleteAccount,
+# possibly followed by an enqueue creating the inbox again) locks nothing, and the next
+# statement's new snapshot sees the re-created inbox and its messages: schema 4's
+# take_messages then deleted messages of an inbox it had not locked (its depth trigger took
+# the lock after the delete, the reverse of everyone else's order: deadlocks with
+# DeleteAccount and ack), and restore_messages stored a message into an inbox it had not
+# locked (a DeleteAccount running meanwhile left the row without an inbox, after which every
+# enqueue to that inbox failed on messages_pkey).
+#
+# * take_messages and ack_messages return nothing when their lock found no inbox row.
+# * restore_messages stores only into the inboxes its lock statement locked, with the next
+#   seq read under that lock.
+# * purge_expired_chunk deletes only messages of inboxes it locked (or of none at all: rows
+#   without an inbox, which nothing else removes).
+# * Repair: messages without an inbox (left by schema 4's restore) go, next seqs move past
+#   stored seqs, and every inbox's depth becomes its number of stored messages (schema 4
+#   repaired next_seq but not depth for inboxes that adopted rows left by the schema-3
+#   restore: a too-small depth let a waiting reader be handed a new message ahead of stored
+#   ones, and could go negative).  The inboxes to repair are locked first, so the count (in
+#   the next statement's snapshot) is exact although older nodes may still be writing.
+_V5 = r"""
+CREATE OR REPLACE FUNCTION take_messages(
+    p_r bytea, p_c bytea, p_limit int, p_now double precision, p_max_bytes bigint,
+    p_remove boolean, p_per_message int
+) RETURNS TABLE (o_seq bigint, o_payload bytea)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    rec record;
+    total bigint := 0;
+    seqs bigint[] := '{}';
+BEGIN
+    IF p_remove THEN
+        IF NOT EXISTS (SELECT 1 FROM messages AS m
+                       WHERE m.recipient_key = p_r AND m.channel_id = p_c
+                         AND (m.expires_at IS NULL OR m.expires_at > p_now)) THEN
+            RETURN;
+        END IF;
+        PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+        IF NOT FOUND THEN
+            -- The inbox was deleted (and maybe created again) while this waited for its
+            -- lock: what it held is gone, and a new inbox is not locked here.  Read as
+            -- before the new inbox existed: nothing.
+            RETURN;
+        END IF;
+    END IF;
+    FOR rec IN
+        SELECT m.seq, octet_length(m.payload)::bigint + GREATEST(p_per_message, 0) AS size
+            FROM messages AS m
+        WHERE m.recipient_key = p_r AND m.channel_id = p_c
+          AND (m.expires_at IS NULL OR m.expires_at > p_now)
+        ORDER BY m.seq
+        LIMIT CASE WHEN p_limit > 0 THEN p_limit END
+    LOOP
+        IF p_max_bytes > 0 AND cardinality(seqs) > 0 AND total + rec.size > p_max_bytes THEN
+            EXIT;
+        END IF;
+        total := total + rec.size;
+        seqs := seqs || rec.seq;
+    END LOOP;
+    IF cardinality(seqs) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_remove THEN
+        RETURN QUERY WITH gone AS (
+            DELETE FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c
+              AND m.seq <= seqs[cardinality(seqs)]
+              AND (m.seq = ANY (seqs) OR m.expires_at <= p_now)
+            RETURNING m.seq, m.payload)
+            SELECT gone.seq, gone.payload FROM gone WHERE gone.seq = ANY (seqs);
+    ELSE
+        RETURN QUERY SELECT m.seq, m.payload FROM messages AS m
+            WHERE m.recipient_key = p_r AND m.channel_id = p_c AND m.seq = ANY (seqs);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION ack_messages(p_r bytea, p_c bytea, p_up_to bigint) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM 1 FROM inboxes WHERE recipient_key = p_r AND channel_id = p_c FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;  -- no inbox (deleted meanwhile): nothing of it is stored
+    END IF;
+    DELETE FROM messages WHERE recipient_key = p_r AND channel_id = p_c AND seq <= p_up_to;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Put back messages enqueue took, under their seqs: only into the inboxes locked here (in key
+-- order), and only a seq such an inbox has given out.  Returns how many were stored.
+CREATE OR REPLACE FUNCTION restore_messages(
+    p_r bytea[], p_c bytea[], p_seqs bigint[], p_expires double precision[],
+    p_payloads bytea[], p_now double precision, p_node text
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    lk_r bytea[];
+    lk_c bytea[];
+    lk_n bigint[];
+    put_r bytea[];
+    put_c bytea[];
+    put_s bigint[];
+BEGIN
+    -- The rows this statement locked, with their next seq as of the lock (it cannot change
+    -- before commit); an inbox deleted while this waited is not among them, nor is one
+    -- created after this statement's snapshot.
+    SELECT array_agg(l.recipient_key ORDER BY l.recipient_key, l.channel_id),
+           array_agg(l.channel_id ORDER BY l.recipient_key, l.channel_id),
+           array_agg(l.next_seq ORDER BY l.recipient_key, l.channel_id)
+        INTO lk_r, lk_c, lk_n
+        FROM (SELECT i.recipient_key, i.channel_id, i.next_seq FROM inboxes AS i
+              WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(p_r, p_c))
+              ORDER BY i.recipient_key, i.channel_id FOR UPDATE) AS l;
+    IF lk_r IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH put AS (
+        INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)
+            SELECT v.r, v.c, v.s, v.e, p_now, v.p
+            FROM unnest(p_r, p_c, p_seqs, p_expires, p_payloads) AS v(r, c, s, e, p)
+            JOIN unnest(lk_r, lk_c, lk_n) AS k(r, c, n) ON k.r = v.r AND k.c = v.c
+            WHERE v.s < k.n
+            ON CONFLICT (recipient_key, channel_id, seq) DO NOTHING
+            RETURNING recipient_key, channel_id, seq)
+    SELECT array_agg(put.recipient_key), array_agg(put.channel_id), array_agg(put.seq)
+        INTO put_r, put_c, put_s FROM put;
+    IF put_s IS NULL THEN
+        RETURN 0;
+    END IF;
+    UPDATE inboxes AS i SET depth = i.depth + d.n
+        FROM (SELECT a.r, a.c, count(*) AS n FROM unnest(put_r, put_c) AS a(r, c)
+              GROUP BY a.r, a.c) AS d
+        WHERE i.recipient_key = d.r AND i.channel_id = d.c;
+    PERFORM pg_notify('qpc_arrivals',
+                      p_node || ' ' || encode(q.r, 'hex') || ' ' || encode(q.c, 'hex') || ' '
+                      || q.s)
+        FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(put_r, put_c, put_s) AS a(r, c, s)
+              GROUP BY a.r, a.c) AS q;
+    RETURN cardinality(put_s);
+END $$;
+
+CREATE OR REPLACE FUNCTION purge_expired_chunk(p_now double precision, p_limit int)
+RETURNS TABLE (o_chosen bigint, o_deleted bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_r bytea[];
+    v_c bytea[];
+    v_s bigint[];
+    lk_r bytea[];
+    lk_c bytea[];
+    n bigint;
+BEGIN
+    SELECT array_agg(x.recipient_key), array_agg(x.channel_id), array_agg(x.seq)
+        INTO v_r, v_c, v_s
+        FROM (SELECT m.recipient_key, m.channel_id, m.seq FROM messages AS m
+              WHERE m.expires_at IS NOT NULL AND m.expires_at <= p_now LIMIT p_limit) AS x;
+    IF v_s IS NULL THEN
+        RETURN QUERY SELECT 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    SELECT array_agg(l.recipient_key), array_agg(l.channel_id) INTO lk_r, lk_c
+        FROM (SELECT i.recipient_key, i.channel_id FROM inboxes AS i
+              WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(v_r, v_c))
+              ORDER BY i.recipient_key, i.channel_id FOR UPDATE) AS l;
+    -- A message of an inbox created after the choice waits for the next chunk.
+    DELETE FROM messages AS m USING unnest(v_r, v_c, v_s) AS v (r, c, s)
+        WHERE m.recipient_key = v.r AND m.channel_id = v.c AND m.seq = v.s
+          AND m.expires_at <= p_now
+          AND ((v.r, v.c) IN (SELECT * FROM unnest(lk_r, lk_c))
+               OR NOT EXISTS (SELECT 1 FROM inboxes AS i
+                              WHERE i.recipient_key = v.r AND i.channel_id = v.c));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN QUERY SELECT cardinality(v_s)::bigint, n;
+END $$;
+
+DELETE FROM messages AS m WHERE NOT EXISTS (
+    SELECT 1 FROM inboxes AS i
+    WHERE i.recipient_key = m.recipient_key AND i.channel_id = m.channel_id);
+SELECT 1 FROM inboxes AS i
+    WHERE i.depth <> (SELECT count(*) FROM messages AS m
+                      WHERE m.recipient_key = i.recipient_key AND m.channel_id = i.channel_id)
+       OR i.next_seq <= (SELECT max(m.seq) FROM messages AS m
+                         WHERE m.recipient_key = i.recipient_key
+                           AND m.channel_id = i.channel_id)
+    ORDER BY i.recipient_key, i.channel_id FOR UPDATE;
+UPDATE inboxes AS i SET next_seq = t.top + 1
+    FROM (SELECT recipient_key, channel_id, max(seq) AS top FROM messages
+          GROUP BY recipient_key, channel_id) AS t
+    WHERE i.recipient_key = t.recipient_key AND i.channel_id = t.channel_id
+      AND i.next_seq <= t.top;
+UPDATE inboxes AS i SET depth = t.n
+    FROM (SELECT b.recipient_key, b.channel_id, count(m.seq) AS n FROM inboxes AS b
+          LEFT JOIN messages AS m
+            ON m.recipient_key = b.recipient_key AND m.channel_id = b.channel_id
+          GROUP BY b.recipient_key, b.channel_id) AS t
+    WHERE i.recipient_key = t.recipient_key AND i.channel_id = t.channel_id
+      AND i.depth <> t.n;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5)]

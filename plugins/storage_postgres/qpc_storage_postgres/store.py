@@ -564,8 +564,8 @@ class PostgresStorage(Storage):
 
     async def ack(self, recipient_key: bytes, channel_id: bytes, seq_up_to: int) -> int:
         async with _errors("ack"):
-            n = await self._pool.fetchval("SELECT ack_messages($1, $2, $3)",
-                                          recipient_key, channel_id, seq_up_to)
+            n = await _rerun_if_rolled_back(lambda: self._pool.fetchval(
+                "SELECT ack_messages($1, $2, $3)", recipient_key, channel_id, seq_up_to))
         return int(n)
 
     async def queue_depth(self, recipient_key: bytes, channel_id: bytes) -> int:
@@ -749,16 +749,20 @@ class PostgresStorage(Storage):
 
     async def _delete_account(self, identity_key: bytes) -> str | None:
         async with self._pool.acquire() as conn, conn.transaction(isolation="read_committed"):
-            # The inbox rows first, in key order like every other remover, then delete them
-            # (before the messages, so the depth trigger has nothing to update).  Messages and
-            # dedup records go only where no inbox is (left): an enqueue that created an
-            # inbox of this identity and committed between these statements keeps its
-            # message, its dedup record and its inbox together, as if it ran after the
-            # deletion (a deleted inbox cannot be created again before this commits).
-            await conn.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1"
-                               " ORDER BY channel_id FOR UPDATE", identity_key)
+            # The inbox rows first, in key order like every other remover, then delete
+            # exactly those (before the messages, so the depth trigger has nothing to
+            # update).  An inbox created after the lock statement is left alone: deleting it
+            # too would lock it out of key order (an enqueue holding it while waiting for one
+            # locked here: a deadlock), and it is what an enqueue running after the deletion
+            # leaves.  Messages and dedup records go only where no inbox is (left): such an
+            # enqueue keeps its message, its dedup record and its inbox together (a deleted
+            # inbox cannot be created again before this commits).
+            locked = [r[0] for r in await conn.fetch(
+                "SELECT channel_id FROM inboxes WHERE recipient_key = $1"
+                " ORDER BY channel_id FOR UPDATE", identity_key)]
+            await conn.execute("DELETE FROM inboxes WHERE recipient_key = $1"
+                               " AND channel_id = ANY ($2::bytea[])", identity_key, locked)
             for sql in (
-                "DELETE FROM inboxes WHERE recipient_key = $1",
                 "DELETE FROM messages AS m WHERE m.recipient_key = $1 AND NOT EXISTS ("
                 "SELECT 1 FROM inboxes AS i WHERE i.recipient_key = m.recipient_key"
                 " AND i.channel_id = m.channel_id)",

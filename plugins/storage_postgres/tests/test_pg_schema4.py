@@ -264,7 +264,7 @@ async def test_upgrade_from_schema_3_keeps_messages_and_repairs_put_back_leftove
                                                         StoredMessage(2, b"b")]
         conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": "qpc"})
         try:
-            assert await conn.fetchval("SELECT max(version) FROM schema_version") == 4
+            assert await conn.fetchval("SELECT max(version) FROM schema_version") == SCHEMA_VERSION
             assert await enqueue_as_v3(conn, R1, b"d") == [4]  # a schema-3 node's calls
             rows = await conn.fetch("SELECT o_seq FROM take_calls($1, $2, $3, $4, $5, $6, $7)",
                                     [R1], [b""], [0], [now], [0], [True], [0])

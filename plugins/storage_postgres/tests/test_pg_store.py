@@ -474,7 +474,7 @@ async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
         conn = await asyncpg.connect(pg_dsn)
         try:
             version = await conn.fetchval("SELECT max(version) FROM qpc.schema_version")
-            assert version == SCHEMA_VERSION == 4
+            assert version == SCHEMA_VERSION == 5
         finally:
             await conn.close()
     finally:
