@@ -232,3 +232,32 @@ async def test_a_call_finishing_after_its_connection_ended_binds_nothing(
     conn.bind(AuthResult(kind="session", identity_key=key))
     conn.bind_identity(key)
     assert key not in app.by_identity and conn.identity_key is None
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_a_retried_connection_completes_after_the_crowd_has_gone(
+    app_factory, connect, backend
+) -> None:
+    """A client sent a Retry because its address had many handshakes open must get through
+    even if they are gone by the time its second Initial (with the token) arrives: that one
+    still needs the Retry path (it was missed under a 50-client benchmark)."""
+    app = await app_factory(quic_retry="auto", quic_backend=backend)
+    t = quic_transport(app)
+    sock = send_initials(app, 8)  # eight handshakes that never complete
+    try:
+        await until(lambda: len(t.pending) >= 8, what="eight half-open connections")
+        crowd = set(t.pending)
+        handler = t._retry_handler
+        create = handler.create_token
+
+        def create_and_clear(*args: Any, **kwargs: Any) -> Any:
+            for proto in crowd:  # the crowd leaves right after our Retry
+                proto._abort("test", 0)
+            return create(*args, **kwargs)
+
+        handler.create_token = create_and_clear
+        c = await connect(app, timeout=5.0)
+        assert (await c.health()).status == "ok"
+        assert not t.pending and t.server._retry is None
+    finally:
+        sock.close()

@@ -80,6 +80,24 @@ PASS, DROP, RETRY = 0, 1, 2
 PER_IP_HALF_OPEN_BEFORE_RETRY = 8
 
 
+def _has_token(data: bytes) -> bool:
+    """A QUIC v1 Initial packet carrying a (Retry) token."""
+    try:
+        if data[0] & 0xB0 != 0x80 or data[1:5] != b"\x00\x00\x00\x01":
+            return False  # not a long-header Initial of QUIC v1
+        pos = 5
+        pos += 1 + data[pos]  # destination connection id
+        pos += 1 + data[pos]  # source connection id
+        first = data[pos]
+        size = 1 << (first >> 6)  # variable-length integer (RFC 9000 16)
+        length = first & 0x3F
+        for b in data[pos + 1:pos + size]:
+            length = (length << 8) | b
+        return length > 0
+    except IndexError:
+        return False
+
+
 def _count(counts: dict[str, int], key: str, delta: int) -> None:
     n = counts.get(key, 0) + delta
     if n > 0:
@@ -846,6 +864,10 @@ class QuicTransport:
         if self._retry_mode == "auto":
             self._auto_retry(half_open, s.retry_half_open_threshold)
         self._admitting = ip
+        if server._retry is None and self._retry_handler is not None and _has_token(data):
+            # The answer to a Retry of ours (per address, below): the token must be checked
+            # by the Retry path, or the handshake lacks the Retry's connection ids and fails.
+            return RETRY
         if total >= cap or half >= PER_IP_HALF_OPEN_BEFORE_RETRY:
             # Handshakes that never completed fill this address's share: they may be forged
             # with its address, so new ones must prove they own it (a Retry round trip)
