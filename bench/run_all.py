@@ -117,6 +117,7 @@ auth_token = "bench-token-0123456789"
 metrics_enabled = false
 max_connections = 20000
 max_connections_per_ip = 20000  # every load generator connects from 127.0.0.1
+quic_retry = "off"  # handshake work as the bare echo does it (no address validation)
 keepalive_interval_secs = 30
 max_queue_depth = 1000000
 [rate_limits.delivery]

@@ -876,9 +876,10 @@ class QuicTransport:
                 return PASS  # Retry is on anyway: only validated Initials get state
             if self._retry_handler is not None:
                 return RETRY
-            self._admitting = None
-            self._refuse(ip, "per-IP limit of connections still mid-handshake")
-            return DROP
+            if total >= cap:  # quic_retry = "off": the address's share is simply full
+                self._admitting = None
+                self._refuse(ip, "per-IP connection limit (mid-handshake included)")
+                return DROP
         return PASS
 
     def _auto_retry(self, half_open: int, threshold: int) -> None:
