@@ -86,3 +86,43 @@ async def test_calls_outliving_the_drain_are_stopped_before_storage_closes(
         await app.stop()
     assert seen == [(True, True)]  # cancelled and finished before storage closed
     assert not st["finished"].is_set()
+
+
+async def test_a_quiet_long_poll_still_gets_its_answer_at_shutdown(
+    app_factory, connect, monkeypatch
+) -> None:
+    """A client parked in FetchWait sends nothing for the poll's length; messages handed to it
+    are already out of the store, so its answer must be waited for even though the client
+    was quiet before the shutdown began."""
+    app = await app_factory()
+    sender = await connect(app)
+    receiver = await connect(app)
+    t = quic_transport(app)
+    dispatcher = t.dispatcher
+    real_call = dispatcher.call
+    stopping: list[asyncio.Future[None]] = []
+
+    async def call(conn: Any, frame: Any) -> bytes:
+        out = await real_call(conn, frame)
+        if frame.method_id == 202:  # FetchWait answered: SIGTERM now
+            stopping.append(asyncio.ensure_future(app.stop()))
+        return out
+
+    monkeypatch.setattr(dispatcher, "call", call)
+    poll = asyncio.ensure_future(receiver.fetch_wait(20_000))
+    delivery = app.state["delivery"]
+    await until_parked(delivery)
+    for proto in t.protocols:  # quiet for a while, as a parked long poll is
+        proto._last_heard -= 10.0
+    payload = b"\x07" * (MiB - 4096)
+    await sender.enqueue(receiver.identity_key, payload)
+    got = await asyncio.wait_for(poll, 10)
+    assert [m.data for m in got] == [payload]
+    await asyncio.wait_for(stopping[0], 15)
+
+
+async def until_parked(delivery: Any) -> None:
+    from quic_raw import until
+
+    await until(lambda: any(w.parked for ws in delivery.waiters.values() for w in ws),
+                what="the FetchWait parked")

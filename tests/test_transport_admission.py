@@ -261,3 +261,95 @@ async def test_a_retried_connection_completes_after_the_crowd_has_gone(
         assert not t.pending and t.server._retry is None
     finally:
         sock.close()
+
+
+def forged_token_initial() -> bytes:
+    """A QUIC v1 Initial with a 256-byte garbage token (1,200 bytes, as clients pad them)."""
+    import os
+
+    token = b"\x00" + os.urandom(255)
+    head = (bytes([0xC3]) + b"\x00\x00\x00\x01" + bytes([8]) + os.urandom(8) + bytes([8])
+            + os.urandom(8) + bytes([0x41, 0x00]) + token)
+    rest = 1200 - len(head) - 2
+    return head + bytes([0x40 | (rest >> 8), rest & 0xFF]) + os.urandom(rest)
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+@pytest.mark.parametrize("mode", ["auto", "on"])
+async def test_forged_retry_tokens_are_refused_quietly(app_factory, connect, backend,
+                                                       mode) -> None:
+    """Token-bearing Initials reach the Retry path (a Retry was handed out recently); a
+    forged token is just refused: no exception out of the receive path (qh3's handler raised
+    its own crypto error there) and no state."""
+    app = await app_factory(quic_backend=backend, quic_retry=mode)
+    t = quic_transport(app)
+    t._retry_since = time.monotonic()  # as if a token had just been handed out
+    handler = t._retry_handler if mode == "auto" else t.server._retry
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    validated: list[bool] = []
+    real = handler.validate_token
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        validated.append(True)
+        return real(*args, **kwargs)
+
+    handler.validate_token = counting
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        for _ in range(5):
+            sock.sendto(forged_token_initial(), t.address)
+        await until(lambda: len(validated) >= 5, what="the tokens checked")
+        c = await connect(app)
+        assert (await c.health()).status == "ok"
+    finally:
+        sock.close()
+        loop.set_exception_handler(old)
+    assert not errors, errors[:1]
+    assert not t.pending
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+async def test_retry_cannot_take_an_address_past_its_share(app_factory, connect,
+                                                           backend) -> None:
+    """Connections admitted through a per-address Retry still count against the address's
+    share when their handshake completes."""
+    app = await app_factory(max_connections_per_ip=2, quic_retry="auto", quic_backend=backend)
+    results = await asyncio.gather(*(connect(app, timeout=5.0) for _ in range(6)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) >= 1
+    await until(lambda: not quic_transport(app).pending, what="handshakes settled")
+    assert len(app.connections) <= 2
+
+
+async def test_a_quic_v2_client_retried_after_the_crowd_has_gone(app_factory) -> None:
+    from aioquic.asyncio.client import connect as aq_connect
+    from aioquic.quic.packet import QuicProtocolVersion
+    from quic_raw import RawClient, client_config
+
+    from qpc_core.testing import quic_port
+
+    app = await app_factory(quic_retry="auto")
+    t = quic_transport(app)
+    sock = send_initials(app, 8)
+    try:
+        await until(lambda: len(t.pending) >= 8, what="eight half-open connections")
+        crowd = set(t.pending)
+        create = t._retry_handler.create_token
+
+        def create_and_clear(*args: Any, **kwargs: Any) -> Any:
+            for proto in crowd:
+                proto._abort("test", 0)
+            return create(*args, **kwargs)
+
+        t._retry_handler.create_token = create_and_clear
+        cfg = client_config(app)
+        cfg.supported_versions = [QuicProtocolVersion.VERSION_2]
+        async with aq_connect("127.0.0.1", quic_port(app), configuration=cfg,
+                              create_protocol=RawClient, wait_connected=True) as c:
+            assert (await c.health()).status == Status.OK
+    finally:
+        sock.close()

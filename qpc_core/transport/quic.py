@@ -74,6 +74,9 @@ ERR_HANDSHAKE_TIMEOUT = 0x105
 AUTH_FRAME_MAX = 3 + 0xFFFF
 #: Admission verdicts for a datagram that would open a connection.
 PASS, DROP, RETRY = 0, 1, 2
+#: A token-bearing Initial is sent down the Retry path only this long after the last token
+#: was handed out (none can be valid later; forged ones would cost a validation each).
+RETRY_TOKEN_WINDOW_SECS = 60.0
 #: Connections from one IP still mid-handshake beyond which new ones must pass a QUIC Retry
 #: (prove they own the address) when Retry is available: forged Initials cannot lock an
 #: address out.
@@ -81,10 +84,13 @@ PER_IP_HALF_OPEN_BEFORE_RETRY = 8
 
 
 def _has_token(data: bytes) -> bool:
-    """A QUIC v1 Initial packet carrying a (Retry) token."""
+    """A QUIC v1 or v2 (RFC 9369) Initial packet carrying a (Retry) token."""
     try:
-        if data[0] & 0xB0 != 0x80 or data[1:5] != b"\x00\x00\x00\x01":
-            return False  # not a long-header Initial of QUIC v1
+        version = data[1:5]
+        kind = data[0] & 0xB0
+        if not ((version == b"\x00\x00\x00\x01" and kind == 0x80)  # v1 Initial
+                or (version == b"\x6b\x33\x43\xcf" and kind == 0x90)):  # v2 Initial
+            return False
         pos = 5
         pos += 1 + data[pos]  # destination connection id
         pos += 1 + data[pos]  # source connection id
@@ -96,6 +102,23 @@ def _has_token(data: bytes) -> bool:
         return length > 0
     except IndexError:
         return False
+
+
+def _refuse_bad_tokens_quietly(handler: Any) -> None:
+    """The libraries' servers treat ValueError from a Retry token check as "bad token"; qh3's
+    handler raises its own crypto error on a forged token, which escaped the receive
+    callback (a traceback per packet, and the rest of that batch of datagrams skipped)."""
+    validate_token = handler.validate_token
+
+    def validate_token_safely(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return validate_token(*args, **kwargs)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"invalid retry token: {e}") from None
+
+    handler.validate_token = validate_token_safely
 
 
 def _count(counts: dict[str, int], key: str, delta: int) -> None:
@@ -389,6 +412,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         no room to grant more: if that is partly received requests, none of them can ever
         complete (a client pipelining more request bytes than ``max_request_buffer_bytes``).
         Refuse the newest of them until there is room again; the others go on."""
+        if receive_buffered(self._quic):
+            return  # a gap below received data: its retransmission needs no new credit
         while self._receive_allowance() <= 0:
             waiting = [
                 (st.started, sid) for sid, st in self.streams.items()
@@ -446,6 +471,10 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             return
         if len(app.connections) >= app.settings.max_connections:
             self.disconnect("server at connection limit", ERR_CONNECTION_LIMIT)
+            return
+        if self.listener.established_from(self) >= app.settings.max_connections_per_ip:
+            # (Retry-validated connections may have been admitted past the address's share)
+            self.disconnect("per-IP connection limit", ERR_CONNECTION_LIMIT)
             return
         self._opened = True
         self.listener.established(self)
@@ -805,6 +834,9 @@ class QuicTransport:
                 return create_token(*args, **kwargs)
 
             handler.create_token = create_token_noted
+            _refuse_bad_tokens_quietly(handler)
+        elif s.quic_retry == "on":
+            _refuse_bad_tokens_quietly(server._retry)
         assert server._transport is not None
         # Read every datagram already queued per wake-up (see DatagramDrain): requests that
         # arrive together are handled in one loop turn and share a commit and packets.
@@ -864,7 +896,9 @@ class QuicTransport:
         if self._retry_mode == "auto":
             self._auto_retry(half_open, s.retry_half_open_threshold)
         self._admitting = ip
-        if server._retry is None and self._retry_handler is not None and _has_token(data):
+        if (server._retry is None and self._retry_handler is not None
+                and time.monotonic() - self._retry_since < RETRY_TOKEN_WINDOW_SECS
+                and _has_token(data)):
             # The answer to a Retry of ours (per address, below): the token must be checked
             # by the Retry path, or the handshake lacks the Retry's connection ids and fails.
             return RETRY
@@ -913,6 +947,13 @@ class QuicTransport:
         _count(self._per_ip, ip, 1)
         _count(self._half_per_ip, ip, 1)
 
+    def established_from(self, proto: _ServerConnectionLogic) -> int:
+        """Established connections from ``proto``'s address (not counting ``proto``)."""
+        ip = self._ips.get(proto)
+        if ip is None:
+            return 0
+        return self._per_ip.get(ip, 0) - self._half_per_ip.get(ip, 0)
+
     def established(self, proto: _ServerConnectionLogic) -> None:
         if proto in self.pending:
             self.pending.discard(proto)
@@ -943,21 +984,35 @@ class QuicTransport:
     async def flush(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until every connection's answers are acknowledged by
         the client: closing earlier would cut off an answer still in flight (e.g. a Fetch,
-        whose messages are already removed from the queue).  Clients not heard from for
-        FLUSH_SILENT_SECS are not waited for (out of coverage: they would hold every
-        restart for the whole timeout)."""
-        now = time.monotonic()
-        waiting = [p for p in self.protocols
-                   if p.sending() and now - p._last_heard < FLUSH_SILENT_SECS]
+        whose messages are already removed from the queue).  A client from which nothing
+        arrives for FLUSH_SILENT_SECS *during* the flush is given up on (out of coverage: it
+        would hold every restart for the whole timeout); one that was merely quiet before
+        (a long poll) is waited for."""
+        loop = asyncio.get_running_loop()
+        waiting = {p: asyncio.ensure_future(p.wait_sent()) for p in self.protocols if p.sending()}
         if not waiting or timeout <= 0:
+            for t in waiting.values():
+                t.cancel()
             return
-        tasks = [asyncio.ensure_future(p.wait_sent()) for p in waiting]
-        _done, slow = await asyncio.wait(tasks, timeout=timeout)
-        for t in slow:
+        start = time.monotonic()
+        deadline = loop.time() + timeout
+        while waiting:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait(list(waiting.values()), timeout=min(left, FLUSH_SILENT_SECS / 4))
+            now = time.monotonic()
+            for p, t in list(waiting.items()):
+                if t.done():
+                    del waiting[p]
+                elif now - max(p._last_heard, start) >= FLUSH_SILENT_SECS:
+                    t.cancel()  # silent since the flush began: not waited for
+                    del waiting[p]
+        for t in waiting.values():
             t.cancel()
-        if slow:
+        if waiting:
             log.warning("shutdown: %d connections still had unacknowledged answers after the "
-                        "drain timeout", len(slow))
+                        "drain timeout", len(waiting))
 
     async def close(self, reason: str) -> None:
         self.accepting = False
