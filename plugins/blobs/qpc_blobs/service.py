@@ -606,7 +606,15 @@ class BlobService:
                     await self.storage.kv_delete(NS, REF + h + ident)
                     if not await self.storage.kv_scan(NS, REF + h, limit=1):
                         self._meta.pop(h, None)
-                        deleted += await asyncio.to_thread(self.store.delete_blob, h)
+                        try:
+                            deleted += await asyncio.to_thread(self.store.delete_blob, h)
+                        except OSError as e:
+                            # Nobody holds it any more (its ref: records are gone): the
+                            # collector's sweep of unheld files retries the file.  One file
+                            # that cannot be removed must not keep the purge, and with it the
+                            # identity's uploads, blocked for good.
+                            log.error("account deletion: blob %s could not be removed (%s); "
+                                      "the collector retries it", h.hex()[:16], e)
                     await self.storage.kv_delete(NS, key)
             await self.storage.kv_delete(NS, marker)
             if self._purges.get(ident) is asyncio.current_task():  # no later deletion waits
