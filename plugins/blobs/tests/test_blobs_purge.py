@@ -101,23 +101,25 @@ async def test_account_purge_survives_a_dropped_connection(app, connect, monkeyp
 
 
 async def _half_purged(app: App, connect, monkeypatch) -> tuple[bytes, list[bytes]]:
-    """Alice's DeleteAccount fails halfway (an I/O error on the second blob file)."""
+    """Alice's DeleteAccount fails halfway (the database fails at the second blob)."""
+    from qpc_core.errors import StorageError
+
     alice = await connect(app)
     ident = alice.identity_key
     mine = [await blobs.upload(alice, os.urandom(200 + i)) for i in range(5)]
-    service = svc(app)
-    real_delete = service.store.delete_blob
+    real_kv_delete = app.storage.kv_delete
     calls: list[bytes] = []
 
-    def failing_delete(h: bytes) -> bool:
-        calls.append(h)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        return real_delete(h)
+    async def failing_kv_delete(namespace: str, key: bytes) -> bool:
+        if key.startswith(b"ref:"):
+            calls.append(key)
+            if len(calls) == 2:
+                raise StorageError("database unavailable")
+        return await real_kv_delete(namespace, key)
 
-    monkeypatch.setattr(service.store, "delete_blob", failing_delete)
+    monkeypatch.setattr(app.storage, "kv_delete", failing_kv_delete)
     await alice.delete_account()  # core logs a failing hook; the account itself is gone
-    monkeypatch.setattr(service.store, "delete_blob", real_delete)
+    monkeypatch.setattr(app.storage, "kv_delete", real_kv_delete)
     assert (await records_of(app, ident))["own"] >= 3  # cut short
     assert sum(blob_path(app, h).exists() for h in mine) >= 3
     return ident, mine
