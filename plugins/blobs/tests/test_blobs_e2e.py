@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+from blob_test_helpers import partial_files, sha, svc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_blobs import client as blobs
 from qpc_blobs import store as store_mod
-from qpc_blobs.service import BlobService
 
 from qpc_core.app import App
 from qpc_core.client.sdk import ConnectionLost
@@ -32,19 +31,6 @@ from qpc_core.testing import make_settings
 
 KIB = 1024
 MIB = 1024 * KIB
-
-
-def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def svc(app: App) -> BlobService:
-    service: BlobService = app.state["blobs"]
-    return service
-
-
-def partial_files(app: App) -> list[Path]:
-    return sorted((app.data_dir / "blobs" / "partial").iterdir())
 
 
 def assert_no_leftover_state(app: App) -> None:

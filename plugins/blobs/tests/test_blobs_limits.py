@@ -5,36 +5,21 @@ replaced and the collector is given ``now``; no test sleeps."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from blob_test_helpers import partial_files, sha, svc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_blobs import client as blobs
 from qpc_blobs import service as service_mod
-from qpc_blobs.service import BlobService
 
 from qpc_core.app import App
 from qpc_core.errors import BadRequest, QuotaExceeded
 from qpc_core.testing import make_settings
 
 BLOCK = 4096
-
-
-def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def svc(app: App) -> BlobService:
-    service: BlobService = app.state["blobs"]
-    return service
-
-
-def partial_files(app: App) -> list[Path]:
-    return sorted((app.data_dir / "blobs" / "partial").iterdir())
 
 
 async def put(c, blob_hash: bytes, offset: int, chunk: bytes, total: int):  # type: ignore[no-untyped-def]

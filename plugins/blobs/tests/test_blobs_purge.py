@@ -6,35 +6,18 @@ service's file operations; no test sleeps to synchronise."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from blob_test_helpers import NS, blob_path, sha, svc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_blobs import client as blobs
-from qpc_blobs.service import BlobService
 
 from qpc_core.app import App
 from qpc_core.client.sdk import ConnectionLost
 from qpc_core.errors import Internal, NotFound
-
-NS = "blobs"
-
-
-def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def svc(app: App) -> BlobService:
-    service: BlobService = app.state["blobs"]
-    return service
-
-
-def blob_path(app: App, h: bytes) -> Path:
-    return app.data_dir / "blobs" / h.hex()[:2] / h.hex()
 
 
 async def records_of(app: App, ident: bytes) -> dict[str, int]:

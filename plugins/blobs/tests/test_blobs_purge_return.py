@@ -5,35 +5,18 @@ stored afterwards.  Faults are injected by replacing the blob store's file delet
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from blob_test_helpers import NS, blob_path, sha, svc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_blobs import client as blobs
-from qpc_blobs.service import BlobService
 from qpc_blobs.store import BlobStore
 
 from qpc_core.app import App
 from qpc_core.errors import NotFound, Unavailable
-
-NS = "blobs"
-
-
-def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def svc(app: App) -> BlobService:
-    service: BlobService = app.state["blobs"]
-    return service
-
-
-def blob_path(app: App, h: bytes) -> Path:
-    return app.data_dir / "blobs" / h.hex()[:2] / h.hex()
 
 
 async def n_records(app: App, prefix: bytes) -> int:

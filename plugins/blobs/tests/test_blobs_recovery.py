@@ -4,35 +4,19 @@ Real App with the plugin, real QUIC, the real SDK; restarts reuse the data direc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 import pytest
+from blob_test_helpers import NS, blob_path, sha, svc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_blobs import client as blobs
 from qpc_blobs import store as store_mod
-from qpc_blobs.service import BlobService
 
 from qpc_core.app import App
 from qpc_core.errors import Internal, QuotaExceeded
-
-NS = "blobs"
-
-
-def sha(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def svc(app: App) -> BlobService:
-    service: BlobService = app.state["blobs"]
-    return service
-
-
-def blob_path(app: App, h: bytes) -> Path:
-    return app.data_dir / "blobs" / h.hex()[:2] / h.hex()
 
 
 def ident_of(key: Ed25519PrivateKey) -> bytes:

@@ -3,18 +3,13 @@ reported as KtError (a FAIL result), not escape as other exceptions."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kt_test_helpers import AppFactory, Connect, key, kt_cli, svc
 from qpc_kt_log import client as kt
 from qpc_kt_log.records import sth_signed_bytes
-from qpc_kt_log.service import KtLogService
 
 from qpc_core.app import App
 from qpc_core.client import QpcClient
@@ -25,17 +20,6 @@ from qpc_core.users import register_user, server_key
 
 pytestmark = pytest.mark.timeout(120)
 
-AppFactory = Callable[..., Any]
-Connect = Callable[..., Any]
-
-
-def key() -> bytes:
-    return public_bytes(Ed25519PrivateKey.generate())
-
-
-def svc(app: App) -> KtLogService:
-    s: KtLogService = app.state["kt_log"]
-    return s
 
 
 async def user(app: App, connect: Connect, name: str) -> QpcClient:
@@ -92,10 +76,10 @@ async def test_max_head_age(app_factory: AppFactory, connect: Connect) -> None:
     # the policy is not part of the persisted state
     assert "max_sth_age_secs" not in state.to_dict()
     # the CLI option, against a server that keeps serving a head signed in 1970
-    rc, out = await _kt_cli(bob, {}, "verify", "--max-head-age", "600", "@bob")
+    rc, out = await kt_cli(bob, {}, "verify", "--max-head-age", "600", "@bob")
     assert rc == 0, out  # the real, fresh head
     svc(app)._sth, svc(app)._sth_signed_at = await signed_head(app, 1), svc(app).clock()
-    rc, out = await _kt_cli(bob, {}, "--json", "verify", "--max-head-age", "600", "@bob")
+    rc, out = await kt_cli(bob, {}, "--json", "verify", "--max-head-age", "600", "@bob")
     data = json.loads(out)
     assert rc == 1 and data["result"] == "FAIL" and data["kind"] == "FreshnessError"
 
@@ -151,7 +135,7 @@ async def test_consistency_rpc_errors_are_a_fail(app_factory: AppFactory, connec
     app: App = await app_factory(plugins=["kt_log"])
     bob = await user(app, connect, "bob")
     saved: dict[str, Any] = {}
-    rc, _ = await _kt_cli(bob, saved, "verify", "@bob")
+    rc, _ = await kt_cli(bob, saved, "verify", "@bob")
     assert rc == 0 and saved["tree_size"] == 1
     await register_user(app, "alice", key())
     real_call = bob.call
@@ -162,7 +146,7 @@ async def test_consistency_rpc_errors_are_a_fail(app_factory: AppFactory, connec
         return await real_call(method, req, resp_type, *a, **kw)
 
     monkeypatch.setattr(bob, "call", flaky)
-    rc, out = await _kt_cli(bob, saved, "--json", "verify", "@alice")
+    rc, out = await kt_cli(bob, saved, "--json", "verify", "@alice")
     data = json.loads(out)
     assert rc == 1 and data["kind"] == "ConsistencyError" and "try later" in data["error"]
     assert saved["tree_size"] == 1  # the state kept the last good head
@@ -181,15 +165,3 @@ async def test_nul_in_a_resolved_username_is_a_kt_error(app_factory: AppFactory,
         await kt.resolve_identity_verified(bob, bob.identity_key, kt.KtState())
 
 
-async def _kt_cli(client: QpcClient, state_dict: dict[str, Any], *argv: str
-                  ) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="qpc-client")
-    parser.add_argument("--json", action="store_true")
-    sub = parser.add_subparsers(dest="command")
-    kt.add_commands(sub)
-    json_flag = [a for a in argv if a == "--json"]
-    args = parser.parse_args([*json_flag, "kt", *(a for a in argv if a != "--json")])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = await kt.run(args, client, state_dict)
-    return rc, buf.getvalue()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import sqlcipher3  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kt_test_helpers import AppFactory, Connect, key, kt_cli, svc
 from qpc_kt_log import client as kt
 from qpc_kt_log.merkle import (
     EMPTY_ROOT,
@@ -41,12 +41,6 @@ from qpc_core.users import register_user, server_key
 
 pytestmark = pytest.mark.timeout(120)
 
-AppFactory = Callable[..., Any]
-Connect = Callable[..., Any]
-
-
-def key() -> bytes:
-    return public_bytes(Ed25519PrivateKey.generate())
 
 
 async def user(app: App, connect: Connect, name: str) -> QpcClient:
@@ -55,11 +49,6 @@ async def user(app: App, connect: Connect, name: str) -> QpcClient:
     assert c.identity_key is not None
     await register_user(app, name, c.identity_key)
     return c
-
-
-def svc(app: App) -> KtLogService:
-    s: KtLogService = app.state["kt_log"]
-    return s
 
 
 @pytest.fixture
@@ -448,9 +437,9 @@ async def test_rewritten_log_is_detected(app_factory: AppFactory, connect: Conne
 
     # The CLI reports FAIL and keeps failing.
     for _ in range(2):
-        rc, out = await _kt_cli(c, remembered, "verify", "@alice")
+        rc, out = await kt_cli(c, remembered, "verify", "@alice")
         assert rc == 1 and out.startswith("FAIL") and "forked or rewrote history" in out
-    rc, out = await _kt_cli(c, remembered, "--json", "audit")
+    rc, out = await kt_cli(c, remembered, "--json", "audit")
     assert rc == 1 and json.loads(out)["kind"] == "ConsistencyError"
 
 
@@ -584,43 +573,29 @@ async def test_with_auth_opaque(app_factory: AppFactory, connect: Connect) -> No
 # -- qpc-client kt ... ---------------------------------------------------------------------------
 
 
-async def _kt_cli(client: QpcClient, state_dict: dict[str, Any], *argv: str) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    parser = argparse.ArgumentParser(prog="qpc-client")
-    parser.add_argument("--json", action="store_true")
-    sub = parser.add_subparsers(dest="command")
-    kt.add_commands(sub)
-    json_flag = [a for a in argv if a == "--json"]
-    args = parser.parse_args([*json_flag, "kt", *(a for a in argv if a != "--json")])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = await kt.run(args, client, state_dict)
-    return rc, buf.getvalue()
 
 
 async def test_cli_verify_and_audit(kt_app: App, connect: Connect) -> None:
     c = await user(kt_app, connect, "alice")
     await register_user(kt_app, "bob", key())
     saved: dict[str, Any] = {}
-    rc, out = await _kt_cli(c, saved, "verify", "@alice")
+    rc, out = await kt_cli(c, saved, "verify", "@alice")
     assert rc == 0 and out.startswith("PASS  @alice -> "), out
     assert saved["tree_size"] == 2 and saved["log_key"]
     json.dumps(saved)  # JSON-serialisable
     await register_user(kt_app, "carol", key())
-    rc, out = await _kt_cli(c, saved, "--json", "verify", "carol")
+    rc, out = await kt_cli(c, saved, "--json", "verify", "carol")
     data = json.loads(out)
     assert rc == 0 and data["result"] == "PASS" and data["consistent_from"] == 2
     assert data["tree_size"] == 3 and saved["tree_size"] == 3
-    rc, out = await _kt_cli(c, saved, "audit", "--page-size", "2")
+    rc, out = await kt_cli(c, saved, "audit", "--page-size", "2")
     assert rc == 0 and out.startswith("PASS  audited 3 entries in 2 pages"), out
     await kt.revoke_key(c, "compromised")
-    rc, out = await _kt_cli(c, saved, "verify", "@alice")
+    rc, out = await kt_cli(c, saved, "verify", "@alice")
     assert rc == 1 and "FAIL" in out and "revoked (compromised)" in out
-    rc, out = await _kt_cli(c, saved, "verify", "--no-revocation-check", "@alice")
+    rc, out = await kt_cli(c, saved, "verify", "--no-revocation-check", "@alice")
     assert rc == 0
-    rc, out = await _kt_cli(c, {"tree_size": "x"}, "audit")
+    rc, out = await kt_cli(c, {"tree_size": "x"}, "audit")
     assert rc == 1 and "unreadable" in out
     with pytest.raises(NotFound):
-        await _kt_cli(c, saved, "verify", "@nobody")
+        await kt_cli(c, saved, "verify", "@nobody")

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kt_test_helpers import AppFactory, Connect, key, svc
 from qpc_kt_log import client as kt
 from qpc_kt_log.service import KtLogService
 
 from qpc_core.app import App
-from qpc_core.identity import public_bytes
 from qpc_core.users import register_user
 
 pytestmark = pytest.mark.timeout(120)
 
-AppFactory = Callable[..., Any]
-Connect = Callable[..., Any]
-
-
-def key() -> bytes:
-    return public_bytes(Ed25519PrivateKey.generate())
-
-
-def svc(app: App) -> KtLogService:
-    s: KtLogService = app.state["kt_log"]
-    return s
 
 
 async def _names(app: App) -> list[tuple[str, bytes]]:
