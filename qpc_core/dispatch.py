@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
@@ -48,8 +49,14 @@ def error_response(
 
 
 class Dispatcher:
-    def __init__(self, app: App) -> None:
+    """Runs calls against a method table: ``app.methods`` unless another is given (a
+    listener of a plugin serving its own methods, e.g. federation)."""
+
+    def __init__(
+        self, app: App, methods: Mapping[int, tuple[str, RpcMethod]] | None = None
+    ) -> None:
         self.app = app
+        self.methods = app.methods if methods is None else methods
         self.max_payload = app.settings.max_payload_bytes
         self.audit = audit.get(app)  # None unless audit_log is on
 
@@ -57,7 +64,7 @@ class Dispatcher:
         """Run one RPC and return the encoded response frame (never raises)."""
         app = self.app
         t0 = time.perf_counter()
-        entry = app.methods.get(frame.method_id)
+        entry = self.methods.get(frame.method_id)
         name = entry[1].name if entry is not None else "unknown"
         status: int = Status.OK
         app.rpc_started()

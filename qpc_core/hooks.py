@@ -9,7 +9,7 @@ awaits them one at a time, and it isolates notification failures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         RpcMethod,
         Transport,
     )
-    from qpc_core.storage.base import Storage
+    from qpc_core.storage.base import EnqueueOutcome, NewMessage, Storage
 
 log = logging.getLogger("qpc.hooks")
 
@@ -164,6 +164,19 @@ class Hooks:
     async def prove_binding(self, app: App, username: str, identity_key: bytes) -> Any | None:
         return await self._first("prove_binding", app=app, username=username,
                                  identity_key=identity_key)
+
+    async def relay_enqueue(
+        self, app: App, sender: bytes, messages: Sequence[NewMessage]
+    ) -> list[EnqueueOutcome | None] | None:
+        result: list[EnqueueOutcome | None] | None = await self._first(
+            "relay_enqueue", app=app, sender=sender, messages=messages
+        )
+        if result is not None and len(result) != len(messages):
+            raise PluginError(
+                f"hook 'relay_enqueue' returned {len(result)} outcomes for {len(messages)} "
+                "messages"
+            )
+        return result
 
     # -- notifications -----------------------------------------------------------------------------
     def on_connection_opened(self, app: App, conn: Connection) -> None:

@@ -4,7 +4,8 @@ Conventions (see docs/hooks.md):
 
 * ``register_*``: called once at start-up, returns a list.  Conflicting registrations (two
   plugins claiming one RPC method ID) are a start-up error naming both plugins.
-* resolvers (``authenticate``, ``open_storage``, ``prove_binding``): ``firstresult``; ``None``
+* resolvers (``authenticate``, ``open_storage``, ``prove_binding``, ``relay_enqueue``):
+  ``firstresult``; ``None``
   abstains; the first answer in plugin order wins; no answer means the safe default.
 * ``on_*``: notifications.  A failing implementation is logged and isolated; it never breaks
   the request that triggered it.
@@ -20,6 +21,7 @@ The loader checks this and refuses a mismatch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
         RpcMethod,
         Transport,
     )
-    from qpc_core.storage.base import Storage
+    from qpc_core.storage.base import EnqueueOutcome, NewMessage, Storage
 
 PROJECT = "qpc"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -135,6 +137,25 @@ async def prove_binding(app: App, username: str, identity_key: bytes) -> Any | N
     """Return a ``qpc.v1.KtInclusion`` proving the (username, identity key) binding.
 
     Used by ResolveUser / ResolveIdentity; ``None`` leaves the field empty."""
+
+
+@hookspec(firstresult=True)
+@_async
+async def relay_enqueue(
+    app: App, sender: bytes, messages: Sequence[NewMessage]
+) -> list[EnqueueOutcome | None] | None:
+    """Deliver messages whose recipients another server hosts (federation).
+
+    Called by Enqueue and BatchEnqueue after their checks (sizes, channel membership, rate
+    limits) and before anything is stored here.  Return one entry per message, in order:
+    the home server's :class:`~qpc_core.storage.base.EnqueueOutcome` (seq, duplicate) for
+    each message you delivered there, ``None`` for each message to store on this server.
+    Return ``None`` to abstain (everything is stored here).  Raise an
+    :class:`~qpc_core.errors.RpcError` (e.g. ``Unavailable`` when the home server cannot be
+    reached) to fail the call; messages already accepted by other servers stay there, so
+    clients retry with the same ``message_id`` (deduplicated).  This server then signs the
+    delivery proof over the home server's seq, as for a message it stored itself.
+    Not called for messages that arrive over federation themselves (no relay loops)."""
 
 
 # --- notifications -------------------------------------------------------------------------

@@ -158,6 +158,8 @@ class Delivery:
         # not fetched since: one NEW_MESSAGE push per inbox and connection until the next
         # Fetch/FetchWait/Peek.  A connection that appears later is told again.
         self.notified: dict[tuple[bytes, bytes], frozenset[int]] = {}
+        # Only ask relay_enqueue when a plugin implements it (no await on the hot path).
+        self.relays = bool(app.hooks.implementers("relay_enqueue"))
 
     # -- helpers ----------------------------------------------------------------------------------
     def proof(
@@ -300,8 +302,24 @@ class Delivery:
         if message_id and len(message_id) != MESSAGE_ID_LEN:
             raise BadRequest("message_id must be empty or exactly 16 bytes")
 
-    async def store(self, sender: bytes, messages: list[NewMessage]) -> list[EnqueueOutcome]:
-        """Commit ``messages``; then deliver, wake or notify.
+    async def store(
+        self, sender: bytes, messages: list[NewMessage], *, relay: bool = True
+    ) -> list[EnqueueOutcome]:
+        """Deliver ``messages`` (all already checked): those another server hosts through the
+        ``relay_enqueue`` hook (unless ``relay`` is false: messages that arrived over
+        federation), the others with :meth:`store_here`.  Public API for plugins."""
+        if relay and self.relays:
+            routed = await self.app.hooks.relay_enqueue(self.app, sender, messages)
+            if routed is not None:
+                here = [m for m, r in zip(messages, routed, strict=True) if r is None]
+                stored = iter(await self.store_here(sender, here) if here else ())
+                return [r if r is not None else next(stored) for r in routed]
+        return await self.store_here(sender, messages)
+
+    async def store_here(
+        self, sender: bytes, messages: list[NewMessage]
+    ) -> list[EnqueueOutcome]:
+        """Commit ``messages`` on this server; then deliver, wake or notify.
 
         Hot path: when a FetchWait is parked on an empty inbox, the message is handed to it
         in the enqueue transaction itself (storage ``take``): one commit instead of an insert,

@@ -274,11 +274,14 @@ class QpcClient:
         timeout: float = 10.0,
         idle_timeout: float = 300.0,
         quic_backend: str | None = None,
+        configuration: Any | None = None,
     ) -> QpcClient:
         """``quic_backend``: "aioquic" or "qh3" (default: ``QPC_CLIENT_QUIC_BACKEND``, else
-        aioquic)."""
+        aioquic).  ``configuration``: a ready client ``QuicConfiguration`` of that library
+        (e.g. with a client certificate, or another ALPN); ``ca_cert``, ``insecure``,
+        ``server_name`` and ``idle_timeout`` are then not used."""
         backend = client_backend(quic_backend)
-        cfg = client_configuration(
+        cfg = configuration or client_configuration(
             ca_cert=ca_cert,
             insecure=insecure,
             server_name=server_name,

@@ -132,6 +132,33 @@ def peer_address(quic: Any) -> tuple[str, int] | None:
     return None
 
 
+def request_client_certificate(quic: Any) -> None:
+    """Make a server connection ask the client for a certificate in its TLS handshake
+    (mutual TLS, for server-to-server listeners).  aioquic only: it has the server side of
+    client authentication but no public switch for it (``Context._request_client_certificate``
+    is set on the TLS context, which the connection creates on the first Initial).  The
+    certificate's chain is *not* verified by the library: the caller verifies it after the
+    handshake (:func:`peer_certificates`); a client that sends none is seen as sending none."""
+    init = getattr(quic, "_initialize", None)
+    if init is None or not hasattr(quic, "_network_paths"):
+        raise RuntimeError("client certificates need the aioquic backend")
+
+    def initialize(peer_cid: bytes) -> None:
+        init(peer_cid)
+        quic.tls._request_client_certificate = True
+
+    quic._initialize = initialize
+
+
+def peer_certificates(quic: Any) -> list[Any]:
+    """The certificate chain the peer presented (leaf first); empty if none (aioquic)."""
+    ctx = getattr(quic, "tls", None)
+    leaf = getattr(ctx, "_peer_certificate", None)
+    if leaf is None:
+        return []
+    return [leaf, *getattr(ctx, "_peer_certificate_chain", [])]
+
+
 #: How long an ACK may wait for an outgoing packet to ride on (below the 25 ms max_ack_delay
 #: that aioquic and qh3 1.x advertise, so the peer's loss detection is unaffected).
 ACK_HOLD_SECS = 0.015

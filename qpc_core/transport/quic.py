@@ -14,9 +14,11 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from qpc_core.config import parse_hostport
@@ -36,7 +38,7 @@ from qpc_core.framing import (
 from qpc_core.framing.frames import REQUEST_HEADER
 from qpc_core.identity import certificate_binding
 from qpc_core.pb import common_pb2
-from qpc_core.rpc import AuthResult, PeerInfo
+from qpc_core.rpc import AuthResult, Connection, PeerInfo, RpcMethod
 from qpc_core.transport.backend import (
     Backend,
     DatagramDrain,
@@ -46,13 +48,15 @@ from qpc_core.transport.backend import (
     load_backend,
     local_uni_streams,
     peer_address,
+    peer_certificates,
     receive_buffered,
+    request_client_certificate,
     retry_handler,
     send_pending,
     set_stream_limits,
     uni_stream_credit,
 )
-from qpc_core.transport.certs import resolve_tls
+from qpc_core.transport.certs import TlsMaterial, resolve_tls
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -69,6 +73,7 @@ ERR_CONNECTION_LIMIT = 0x102
 ERR_SHUTDOWN = 0x103
 ERR_AUTH_TIMEOUT = 0x104
 ERR_HANDSHAKE_TIMEOUT = 0x105
+ERR_PEER_CERTIFICATE = 0x106
 
 #: Largest auth handshake frame (``0x01 | len u16 | token``).
 AUTH_FRAME_MAX = 3 + 0xFFFF
@@ -279,7 +284,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         """A method that needs a credential succeeded on a connection without one: the
         request carried a valid ``Auth`` field (per-request auth, which does not bind the
         connection).  Such a client counts as authenticated for the transport limits."""
-        entry = self.app.methods.get(method_id)
+        entry = self.dispatcher.methods.get(method_id)
         if entry is not None and entry[1].auth != "none":
             self._request_credential = True
             self._authenticated()
@@ -476,6 +481,19 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             # (Retry-validated connections may have been admitted past the address's share)
             self.disconnect("per-IP connection limit", ERR_CONNECTION_LIMIT)
             return
+        check = self.listener.peer_certificate_auth
+        if check is not None:
+            chain = peer_certificates(self._quic)
+            try:
+                result = check(self, chain) if chain else None
+            except Exception as e:
+                log.warning("%s: refusing a peer certificate from %s: %s", self.listener.name,
+                            self.peer.host, e)
+                result = None
+            if result is None:
+                self.disconnect("peer certificate refused", ERR_PEER_CERTIFICATE)
+                return
+            self._auth = result  # bound before any request can run
         self._opened = True
         self.listener.established(self)
         app.connection_opened(self)
@@ -528,7 +546,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             if self._gone:
                 return
             decoder: RequestDecoder | AuthHandshakeDecoder
-            if sid == 0 and data[:1] == bytes([AUTH_MAGIC]):
+            if sid == 0 and data[:1] == bytes([AUTH_MAGIC]) and self.listener.token_auth:
                 decoder = AuthHandshakeDecoder()
             else:
                 decoder = RequestDecoder(self.max_payload)
@@ -559,7 +577,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
             else:
                 frame = st.decoder.finish()
                 self._release(st)  # the request left the buffer for its handler
-                entry = self.app.methods.get(frame.method_id)
+                entry = self.dispatcher.methods.get(frame.method_id)
                 st.cancellable = entry is None or entry[1].cancel_on_disconnect
                 st.task = task = self._loop.create_task(self._call(sid, frame))
                 calls = self.listener.calls
@@ -727,17 +745,46 @@ def connection_class(backend: Backend) -> type[_ServerConnectionLogic]:
     return cast(type[_ServerConnectionLogic], backend.bind(_ServerConnectionLogic))
 
 
+#: Checks a client certificate chain (leaf first) after the handshake of a mutual-TLS
+#: listener: returns what the connection is bound to, or None / raises to refuse it.
+PeerCertificateCheck = Callable[[Connection, list[x509.Certificate]], "AuthResult | None"]
+
+
 class QuicTransport:
-    """The client-facing QUIC listener (registered by the built-in ``core`` plugin).
+    """A QUIC RPC listener.  With no arguments: the client-facing listener (registered by the
+    built-in ``core`` plugin) on ``listen``, ALPN ``qpc``, serving ``app.methods``.
+
+    Plugins may start more (public API): ``listen`` (host:port), ``alpn``, ``tls`` (a function
+    returning the listener's :class:`~qpc_core.transport.certs.TlsMaterial`), ``methods``
+    (the method table served, ``{id: (plugin, RpcMethod)}``) and ``peer_certificate_auth``
+    (mutual TLS: the client must present a certificate, which this function checks after the
+    handshake; its :class:`~qpc_core.rpc.AuthResult` is bound to the connection, and the
+    bearer-token handshake is not offered; aioquic backend only).  Every other limit
+    (connections, per-IP, buffers, timeouts) is the server's.
 
     Admission: a datagram that would open a connection is dropped while the connections
     (established + mid-handshake) reach ``max_connections``, or those of its source IP reach
     ``max_connections_per_ip``; a connection still mid-handshake after
     ``handshake_timeout_secs`` is dropped; QUIC Retry per ``quic_retry``."""
 
-    name = "quic"
-
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "quic",
+        listen: str | None = None,
+        alpn: str = ALPN,
+        tls: Callable[[App], TlsMaterial] | None = None,
+        methods: Mapping[int, tuple[str, RpcMethod]] | None = None,
+        peer_certificate_auth: PeerCertificateCheck | None = None,
+    ) -> None:
+        self.name = name
+        self.listen = listen
+        self.alpn = alpn
+        self._tls = tls
+        self._methods = methods
+        self.peer_certificate_auth = peer_certificate_auth
+        #: Whether the bearer-token handshake (``0x01`` on stream 0) is offered.
+        self.token_auth = peer_certificate_auth is None
         self.server: Any = None  # the backend's QuicServer
         self.backend: Backend | None = None
         self._drain: DatagramDrain | None = None
@@ -789,11 +836,14 @@ class QuicTransport:
         s = app.settings
         backend = backend or load_backend("aioquic")
         self._windows(s)
-        tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        if self._tls is not None:
+            tls = self._tls(app)
+        else:
+            tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
         self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         cfg = backend.configuration(
             tls,
-            alpn_protocols=[ALPN],
+            alpn_protocols=[self.alpn],
             idle_timeout=s.max_idle_timeout_secs,
             # Initial windows; they grow only as far as SlidingLimit / the stream cap allow.
             max_data=self.window_unauthenticated,
@@ -805,16 +855,20 @@ class QuicTransport:
         return cfg
 
     async def start(self, app: App) -> None:
-        self.dispatcher = Dispatcher(app)
+        self.dispatcher = Dispatcher(app, self._methods)
         self.app = app
         s = app.settings
-        host, port = parse_hostport(s.listen)
-        backend = self.backend = load_backend(s.quic_backend)
+        host, port = parse_hostport(self.listen or s.listen)
+        mutual = self.peer_certificate_auth is not None
+        # Client certificates: aioquic only (see request_client_certificate).
+        backend = self.backend = load_backend("aioquic" if mutual else s.quic_backend)
         cfg = self.configuration(app, backend)
         cls = connection_class(backend)
 
         def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:
             proto = cls(*args, app=app, listener=self, **kwargs)
+            if mutual:
+                request_client_certificate(proto._quic)
             self._track(proto)
             return proto
 
@@ -865,8 +919,8 @@ class QuicTransport:
         sockname = server._transport.get_extra_info("sockname")
         self.address = (sockname[0], sockname[1])
         self.accepting = True
-        log.info("QUIC listening on %s:%d (ALPN %s, %s)", self.address[0], self.address[1], ALPN,
-                 backend.name)
+        log.info("%s: QUIC listening on %s:%d (ALPN %s, %s%s)", self.name, self.address[0],
+                 self.address[1], self.alpn, backend.name, ", mutual TLS" if mutual else "")
 
     # -- admission ---------------------------------------------------------------------------------
     def _admit(self, data: bytes, addr: Any) -> int:

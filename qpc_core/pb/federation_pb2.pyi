@@ -1,0 +1,65 @@
+from qpc_core.pb import delivery_pb2 as _delivery_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RelayEnqueueRequest(_message.Message):
+    __slots__ = ("origin_domain", "sender_key", "message")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SENDER_KEY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    sender_key: bytes
+    message: _delivery_pb2.EnqueueRequest
+    def __init__(self, origin_domain: _Optional[str] = ..., sender_key: _Optional[bytes] = ..., message: _Optional[_Union[_delivery_pb2.EnqueueRequest, _Mapping]] = ...) -> None: ...
+
+class RelayBatchEnqueueRequest(_message.Message):
+    __slots__ = ("origin_domain", "sender_key", "batch")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SENDER_KEY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    sender_key: bytes
+    batch: _delivery_pb2.BatchEnqueueRequest
+    def __init__(self, origin_domain: _Optional[str] = ..., sender_key: _Optional[bytes] = ..., batch: _Optional[_Union[_delivery_pb2.BatchEnqueueRequest, _Mapping]] = ...) -> None: ...
+
+class ProxyFetchKeyPackageRequest(_message.Message):
+    __slots__ = ("origin_domain", "identity_key")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_KEY_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    identity_key: bytes
+    def __init__(self, origin_domain: _Optional[str] = ..., identity_key: _Optional[bytes] = ...) -> None: ...
+
+class ProxyFetchHybridKeyRequest(_message.Message):
+    __slots__ = ("origin_domain", "identity_key")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_KEY_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    identity_key: bytes
+    def __init__(self, origin_domain: _Optional[str] = ..., identity_key: _Optional[bytes] = ...) -> None: ...
+
+class ProxyResolveUserRequest(_message.Message):
+    __slots__ = ("origin_domain", "username")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    username: str
+    def __init__(self, origin_domain: _Optional[str] = ..., username: _Optional[str] = ...) -> None: ...
+
+class FederationHealthRequest(_message.Message):
+    __slots__ = ("origin_domain",)
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    def __init__(self, origin_domain: _Optional[str] = ...) -> None: ...
+
+class FederationHealthResponse(_message.Message):
+    __slots__ = ("status", "domain")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    domain: str
+    def __init__(self, status: _Optional[str] = ..., domain: _Optional[str] = ...) -> None: ...
