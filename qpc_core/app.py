@@ -82,6 +82,11 @@ class App:
                 raise ConfigError(
                     "refusing to start in production mode:\n  " + "\n  ".join(problems)
                 )
+        if s.federation.enabled and all(p.name != "federation" for p in self.plugins):
+            raise ConfigError(
+                "config: federation.enabled = true, but the 'federation' plugin is not loaded: "
+                "add it to --plugins (it is the distribution qpc-federation)"
+            )
         tables = s.plugin_tables
         claimed: set[str] = set()
         owners: dict[str, str] = {}

@@ -82,6 +82,9 @@ class FederationPeer(_Section):
 
 
 class FederationConfig(_Section):
+    """``[federation]``: read by the ``federation`` plugin (``enabled = true`` without that
+    plugin loaded is a start-up error).  Certificate paths are DER or PEM files."""
+
     enabled: bool = False
     domain: str = ""
     listen: str = "0.0.0.0:7001"
@@ -89,8 +92,39 @@ class FederationConfig(_Section):
     federation_key: Path | None = None
     federation_ca: Path | None = None
     peers: list[FederationPeer] = Field(default_factory=list)
+    # How long one relayed call to a peer may take before the client's call fails
+    # (UNAVAILABLE, retryable).
+    relay_timeout_secs: float = Field(default=10.0, gt=0, le=300)
+    # How long "no peer hosts this identity key" is remembered (messages to such keys are
+    # stored here meanwhile); 0 asks the peers for every message.
+    route_cache_secs: float = Field(default=60.0, ge=0, le=86400)
 
     _listen = field_validator("listen")(lambda v: _hostport(v))  # type: ignore[misc]
+
+    @model_validator(mode="after")
+    def _complete(self) -> FederationConfig:
+        self.domain = self.domain.strip().lower().rstrip(".")
+        seen: set[str] = set()
+        for i, p in enumerate(self.peers):
+            p.domain = p.domain.strip().lower().rstrip(".")
+            if not p.domain:
+                raise ValueError(f"peers[{i}].domain must not be empty")
+            if p.domain in seen:
+                raise ValueError(f"peers[{i}].domain {p.domain!r} is listed twice")
+            if self.domain and p.domain == self.domain:
+                raise ValueError(f"peers[{i}].domain is this server's own domain")
+            seen.add(p.domain)
+        if self.enabled:
+            missing = [k for k in ("federation_cert", "federation_key", "federation_ca")
+                       if getattr(self, k) is None]
+            if not self.domain:
+                missing.insert(0, "domain")
+            if missing:
+                raise ValueError(
+                    "enabled = true needs " + ", ".join(missing) + " (see docs/operations: "
+                    "Federation; `qpc-federation-certs` makes a CA and node certificates)"
+                )
+        return self
 
 
 class RateLimit(_Section):
@@ -108,6 +142,9 @@ def default_rate_limits() -> dict[str, RateLimit]:
         "users": RateLimit(requests=600, window_secs=60),
         "blobs": RateLimit(requests=3000, window_secs=60),
         "default": RateLimit(requests=3000, window_secs=60),
+        # Calls from federation peers (methods 900-905), counted per peer address only, so
+        # the per-IP factor applies: a guard against a runaway peer, not a quota.
+        "federation": RateLimit(requests=60000, window_secs=60),
     }
 
 

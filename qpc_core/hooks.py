@@ -178,6 +178,22 @@ class Hooks:
             )
         return result
 
+    async def fetch_remote_key_package(self, app: App, identity_key: bytes) -> bytes | None:
+        result: bytes | None = await self._first(
+            "fetch_remote_key_package", app=app, identity_key=identity_key)
+        return result
+
+    async def fetch_remote_hybrid_keys(
+        self, app: App, identity_keys: Sequence[bytes]
+    ) -> dict[bytes, bytes] | None:
+        result: dict[bytes, bytes] | None = await self._first(
+            "fetch_remote_hybrid_keys", app=app, identity_keys=identity_keys)
+        return result
+
+    async def resolve_remote_user(self, app: App, username: str, domain: str) -> Any | None:
+        return await self._first("resolve_remote_user", app=app, username=username,
+                                 domain=domain)
+
     # -- notifications -----------------------------------------------------------------------------
     def on_connection_opened(self, app: App, conn: Connection) -> None:
         self._notify("on_connection_opened", app=app, conn=conn)

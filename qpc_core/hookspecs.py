@@ -4,8 +4,8 @@ Conventions (see docs/hooks.md):
 
 * ``register_*``: called once at start-up, returns a list.  Conflicting registrations (two
   plugins claiming one RPC method ID) are a start-up error naming both plugins.
-* resolvers (``authenticate``, ``open_storage``, ``prove_binding``, ``relay_enqueue``):
-  ``firstresult``; ``None``
+* resolvers (``authenticate``, ``open_storage``, ``prove_binding``, ``relay_enqueue``,
+  ``fetch_remote_*``, ``resolve_remote_user``): ``firstresult``; ``None``
   abstains; the first answer in plugin order wins; no answer means the safe default.
 * ``on_*``: notifications.  A failing implementation is logged and isolated; it never breaks
   the request that triggered it.
@@ -156,6 +156,34 @@ async def relay_enqueue(
     clients retry with the same ``message_id`` (deduplicated).  This server then signs the
     delivery proof over the home server's seq, as for a message it stored itself.
     Not called for messages that arrive over federation themselves (no relay loops)."""
+
+
+@hookspec(firstresult=True)
+@_async
+async def fetch_remote_key_package(app: App, identity_key: bytes) -> bytes | None:
+    """FetchKeyPackage found no package here for ``identity_key``: pop one from the server
+    that hosts it (federation).  Return the package, ``b""`` when that server has none, or
+    ``None`` to abstain (the caller answers "none").  Not called for identities this server
+    hosts."""
+
+
+@hookspec(firstresult=True)
+@_async
+async def fetch_remote_hybrid_keys(
+    app: App, identity_keys: Sequence[bytes]
+) -> dict[bytes, bytes] | None:
+    """FetchHybridKey / FetchHybridKeys found no hybrid key here for ``identity_keys`` (none
+    of them hosted here): return the keys their home servers hold (missing ones left out), or
+    ``None`` to abstain."""
+
+
+@hookspec(firstresult=True)
+@_async
+async def resolve_remote_user(app: App, username: str, domain: str) -> Any | None:
+    """ResolveUser of ``username@domain`` where ``domain`` is not this server's: return the
+    ``qpc.v1.ResolveUserResponse`` of the server for ``domain`` (its ``username`` field is then
+    ``username@domain``), or ``None`` to abstain (the caller answers ``NOT_FOUND``).  Raise
+    ``NotFound`` for a user that server does not have."""
 
 
 # --- notifications -------------------------------------------------------------------------

@@ -40,7 +40,18 @@ def channel_id_for(members: list[bytes]) -> bytes:
 
 
 async def resolve_user(ctx: RpcContext, req: pb.ResolveUserRequest) -> pb.ResolveUserResponse:
-    name = normalize_username(req.username)
+    username = req.username
+    # "@name" is a local name (the clients' @-prefix); "name@domain" a user of that server.
+    local, at, domain = username.removeprefix("@").rpartition("@")
+    if at and local:
+        domain = domain.strip().lower().rstrip(".")
+        if domain and domain != ctx.app.settings.federation.domain:
+            remote = await ctx.app.hooks.resolve_remote_user(ctx.app, local, domain)
+            if remote is None:
+                raise NotFound(f"no federation peer for domain {domain!r}")
+            return remote  # type: ignore[no-any-return]
+        username = local
+    name = normalize_username(username)
     user = await ctx.app.storage.get_user_by_name(name)
     if user is None:
         raise NotFound(f"no user named '{name}'")

@@ -16,6 +16,7 @@ from qpc_core.hookspecs import hookimpl
 from qpc_core.identity import check_identity_key
 from qpc_core.pb import keys_pb2 as pb
 from qpc_core.rpc import RpcContext, RpcMethod
+from qpc_core.users import resolve_identity
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -44,8 +45,29 @@ async def fetch_key_package(
     ctx: RpcContext, req: pb.FetchKeyPackageRequest
 ) -> pb.FetchKeyPackageResponse:
     ident = check_identity_key(req.identity_key)
-    package = await ctx.app.storage.pop_key_package(ident)
+    app = ctx.app
+    package = await app.storage.pop_key_package(ident)
+    if package is None and await _elsewhere(app, "fetch_remote_key_package", ident):
+        package = await app.hooks.fetch_remote_key_package(app, ident)
     return pb.FetchKeyPackageResponse(package=package or b"")
+
+
+async def _elsewhere(app: App, hook: str, identity_key: bytes) -> bool:
+    """Is it worth asking ``hook`` (another server) about ``identity_key``: some plugin
+    implements it, and this server does not host the identity."""
+    return bool(app.hooks.implementers(hook)) and await resolve_identity(app, identity_key) is None
+
+
+async def _hybrid_keys(app: App, idents: list[bytes]) -> dict[bytes, bytes]:
+    keys = await app.storage.get_hybrid_keys(idents)
+    hook = "fetch_remote_hybrid_keys"
+    missing = [k for k in dict.fromkeys(idents) if k not in keys]
+    if missing and app.hooks.implementers(hook):
+        remote = [k for k in missing if await resolve_identity(app, k) is None]
+        if remote:
+            found = await app.hooks.fetch_remote_hybrid_keys(app, remote) or {}
+            keys.update({k: v for k, v in found.items() if k in remote})
+    return keys
 
 
 async def upload_hybrid_key(
@@ -66,7 +88,7 @@ async def fetch_hybrid_key(
     ctx: RpcContext, req: pb.FetchHybridKeyRequest
 ) -> pb.FetchHybridKeyResponse:
     ident = check_identity_key(req.identity_key)
-    keys = await ctx.app.storage.get_hybrid_keys([ident])
+    keys = await _hybrid_keys(ctx.app, [ident])
     return pb.FetchHybridKeyResponse(hybrid_public_key=keys.get(ident, b""))
 
 
@@ -78,7 +100,7 @@ async def fetch_hybrid_keys(
         raise TooLarge(f"at most {MAX_HYBRID_BATCH} identity keys per call")
     for k in idents:
         check_identity_key(k, "identity_keys[]")
-    keys = await ctx.app.storage.get_hybrid_keys(idents)
+    keys = await _hybrid_keys(ctx.app, idents)
     return pb.FetchHybridKeysResponse(
         keys=[pb.HybridKeyEntry(identity_key=k, hybrid_public_key=keys[k])
               for k in idents if k in keys]

@@ -140,10 +140,10 @@ def generate_self_signed(
     der = serialization.Encoding.DER
     cert_der = out_dir / DEV_CERT_DER
     key_der = out_dir / DEV_KEY_DER
-    _write(out_dir / DEV_CA_DER, ca.public_bytes(der), 0o644)
-    _write(out_dir / DEV_CA_PEM, ca.public_bytes(pem), 0o644)
-    _write(cert_der, cert.public_bytes(der), 0o644)
-    _write(out_dir / DEV_CERT_PEM, cert.public_bytes(pem) + ca.public_bytes(pem), 0o644)
+    write_atomic(out_dir / DEV_CA_DER, ca.public_bytes(der), 0o644)
+    write_atomic(out_dir / DEV_CA_PEM, ca.public_bytes(pem), 0o644)
+    write_atomic(cert_der, cert.public_bytes(der), 0o644)
+    write_atomic(out_dir / DEV_CERT_PEM, cert.public_bytes(pem) + ca.public_bytes(pem), 0o644)
     key_bytes_der = key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
@@ -154,12 +154,12 @@ def generate_self_signed(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(key_der, key_bytes_der, 0o600)
-    _write(out_dir / DEV_KEY_PEM, key_bytes_pem, 0o600)
+    write_atomic(key_der, key_bytes_der, 0o600)
+    write_atomic(out_dir / DEV_KEY_PEM, key_bytes_pem, 0o600)
     return cert_der, key_der
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
@@ -169,14 +169,17 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def load_certificate(path: Path) -> x509.Certificate:
-    """The first (leaf) certificate of a DER or PEM file."""
-    return load_certificate_chain(path)[0]
+def load_certificate(path: Path, what: str = "tls_cert") -> x509.Certificate:
+    """The first (leaf) certificate of a DER or PEM file (``what``: its config key)."""
+    return load_certificate_chain(path, what)[0]
 
 
-def load_certificate_chain(path: Path) -> list[x509.Certificate]:
+def load_certificate_chain(path: Path, what: str = "tls_cert") -> list[x509.Certificate]:
     """Every certificate of the file, leaf first (DER holds exactly one)."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config: {what}: cannot read {path}: {e.strerror or e}") from None
     try:
         if b"-----BEGIN" in data:
             certs = x509.load_pem_x509_certificates(data)
@@ -184,20 +187,23 @@ def load_certificate_chain(path: Path) -> list[x509.Certificate]:
             certs = [x509.load_der_x509_certificate(data)]
     except ValueError as e:
         raise ConfigError(
-            f"config: tls_cert: {path} is not a DER or PEM certificate: {e}"
+            f"config: {what}: {path} is not a DER or PEM certificate: {e}"
         ) from None
     return certs
 
 
-def load_private_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
-    data = path.read_bytes()
+def load_private_key(path: Path, what: str = "tls_key") -> CertificateIssuerPrivateKeyTypes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config: {what}: cannot read {path}: {e.strerror or e}") from None
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_private_key(data, password=None)
         else:
             key = serialization.load_der_private_key(data, password=None)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"config: tls_key: {path} is not a DER or PEM private key: {e}") from None
+        raise ConfigError(f"config: {what}: {path} is not a DER or PEM private key: {e}") from None
     return key  # type: ignore[return-value]
 
 
@@ -236,7 +242,7 @@ def resolve_tls(
     certs = load_certificate_chain(cert)
     certificate = certs[0]
     private_key = load_private_key(key)
-    _check_key_matches(certs, private_key, cert, key)
+    check_key_matches(certs, private_key, cert, key)
     if production and is_development_certificate(certificate):
         raise ConfigError(
             f"config: tls_cert: {cert} is a qpc development certificate (`qpc gen-cert` or "
@@ -279,11 +285,12 @@ def _is_own_ca(cert: x509.Certificate) -> bool:
     return bool(bc.ca) and cert.issuer == cert.subject
 
 
-def _check_key_matches(
+def check_key_matches(
     certs: list[x509.Certificate],
     private_key: CertificateIssuerPrivateKeyTypes,
     cert: Path,
     key: Path,
+    what: tuple[str, str] = ("tls_cert", "tls_key"),
 ) -> None:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
@@ -291,10 +298,10 @@ def _check_key_matches(
     found = [i for i, c in enumerate(certs) if c.public_key().public_bytes(der, spki) == mine]
     if found and found[0] > 0:
         raise ConfigError(
-            f"config: tls_cert: {cert} must start with the server's own certificate (the one "
+            f"config: {what[0]}: {cert} must start with the server's own certificate (the one "
             f"{key} belongs to is number {found[0] + 1} in the file)"
         )
     if not found:
         raise ConfigError(
-            f"config: tls_key: {key} is not the private key of the certificate in {cert}"
+            f"config: {what[1]}: {key} is not the private key of the certificate in {cert}"
         )

@@ -494,6 +494,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
                 self.disconnect("peer certificate refused", ERR_PEER_CERTIFICATE)
                 return
             self._auth = result  # bound before any request can run
+            self._authenticated()  # the authenticated receive window, no auth deadline
         self._opened = True
         self.listener.established(self)
         app.connection_opened(self)

@@ -1,0 +1,89 @@
+"""qpc plugin ``federation``: server-to-server relaying over mutual-TLS QUIC (methods 900-905).
+
+Configured by core's ``[federation]`` table (the scaling guide's keys); see service.py for the
+routing rules and docs/operations for setting up a federation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from qpc_core.hookspecs import hookimpl
+from qpc_core.storage.base import EnqueueOutcome, NewMessage
+from qpc_core.transport.quic import QuicTransport
+from qpc_federation import certs
+from qpc_federation.service import ALPN, Federation
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+    from qpc_core.rpc import Transport
+
+STATE = "federation"
+
+
+def get(app: App) -> Federation | None:
+    """This App's federation state; None when ``federation.enabled`` is false."""
+    fed: Federation | None = app.state.get(STATE)
+    return fed
+
+
+@hookimpl
+async def startup(app: App) -> None:
+    cfg = app.settings.federation
+    if cfg.enabled:
+        app.state[STATE] = Federation(app, cfg, certs.load(cfg))
+
+
+@hookimpl
+async def shutdown(app: App) -> None:
+    fed = get(app)
+    if fed is not None:
+        await fed.close()
+
+
+@hookimpl
+def register_transports(app: App) -> list[Transport]:
+    fed = get(app)
+    if fed is None:
+        return []
+    material = fed.tls.material
+    return [QuicTransport(name="federation", listen=fed.cfg.listen, alpn=ALPN,
+                          tls=lambda _app: material, methods=fed.methods(),
+                          peer_certificate_auth=fed.check_peer)]
+
+
+@hookimpl
+async def relay_enqueue(
+    app: App, sender: bytes, messages: Sequence[NewMessage]
+) -> list[EnqueueOutcome | None] | None:
+    fed = get(app)
+    if fed is None or not fed.peers:
+        return None
+    return await fed.route(sender, messages)
+
+
+@hookimpl
+async def fetch_remote_key_package(app: App, identity_key: bytes) -> bytes | None:
+    fed = get(app)
+    if fed is None or not fed.peers:
+        return None
+    return await fed.remote_key_package(identity_key)
+
+
+@hookimpl
+async def fetch_remote_hybrid_keys(
+    app: App, identity_keys: Sequence[bytes]
+) -> dict[bytes, bytes] | None:
+    fed = get(app)
+    if fed is None or not fed.peers:
+        return None
+    return await fed.remote_hybrid_keys(identity_keys)
+
+
+@hookimpl
+async def resolve_remote_user(app: App, username: str, domain: str) -> Any | None:
+    fed = get(app)
+    if fed is None:
+        return None
+    return await fed.remote_user(username, domain)

@@ -1,0 +1,226 @@
+"""Federation certificates: a private CA for the federation, one certificate per node.
+
+Every node presents the same certificate as a server (on ``federation.listen``) and as a client
+(when it calls a peer): ECDSA P-256, the node's domain (and optionally IP addresses) in the
+subjectAltName, extended key usage serverAuth + clientAuth, issued by the federation CA that
+every node trusts (``federation_ca``).  A peer is accepted when its certificate chains to that
+CA and names the domain its requests claim (checked with ``cryptography``'s X.509 verifier).
+
+``qpc-federation-certs ca --out DIR`` makes the CA (keep ``federation-ca-key.der`` offline);
+``qpc-federation-certs issue --ca-dir DIR --domain node1.chat.example.com --out DIR`` writes
+``federation-cert.der``, ``federation-key.der`` and a copy of ``federation-ca.der``: the three
+files the scaling guide's ``[federation]`` example names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qpc_core.config import FederationConfig
+from qpc_core.errors import ConfigError
+from qpc_core.transport.certs import (
+    TlsMaterial,
+    check_key_matches,
+    load_certificate,
+    load_certificate_chain,
+    load_private_key,
+    write_atomic,
+)
+
+CA_CERT = "federation-ca.der"
+CA_KEY = "federation-ca-key.der"
+NODE_CERT = "federation-cert.der"
+NODE_KEY = "federation-key.der"
+
+
+def _usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def _key_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_ca(out: Path, *, name: str = "qpc federation CA", days: int = 3650) -> Path:
+    """Write a new federation CA (certificate + private key) into ``out``; refuse to replace
+    an existing one (every node certificate issued under it would stop being trusted)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / CA_KEY).exists() or (out / CA_CERT).exists():
+        raise ConfigError(f"{out} already holds a federation CA ({CA_CERT}); not replaced")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    write_atomic(out / CA_KEY, _key_der(key), 0o600)
+    write_atomic(out / CA_CERT, cert.public_bytes(serialization.Encoding.DER), 0o644)
+    return out / CA_CERT
+
+
+def issue(
+    ca_dir: Path, out: Path, domain: str, *, ips: tuple[str, ...] = (), days: int = 825,
+) -> Path:
+    """Issue a node certificate for ``domain`` under the CA in ``ca_dir``; write it, its key
+    and a copy of the CA certificate into ``out``."""
+    domain = domain.strip().lower().rstrip(".")
+    if not domain:
+        raise ConfigError("issue: --domain must not be empty")
+    labels = domain.split(".")
+    if not all(lab and len(lab) <= 63 and lab.replace("-", "").isalnum() and lab.isascii()
+               and not lab.startswith("-") and not lab.endswith("-") for lab in labels):
+        raise ConfigError(f"issue: --domain {domain!r} is not a DNS name")
+    ca_cert = load_certificate(ca_dir / CA_CERT, "federation CA certificate")
+    ca_key = load_private_key(ca_dir / CA_KEY, "federation CA key")
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_dir / CA_KEY}: expected an EC private key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    san: list[x509.GeneralName] = [x509.DNSName(domain)]
+    for ip in ips:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise ConfigError(f"issue: --ip {ip!r} is not an IP address") from None
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / NODE_KEY, _key_der(key), 0o600)
+    write_atomic(out / NODE_CERT, cert.public_bytes(serialization.Encoding.DER), 0o644)
+    if (out / CA_CERT).resolve() != (ca_dir / CA_CERT).resolve():
+        write_atomic(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.DER), 0o644)
+    return out / NODE_CERT
+
+
+@dataclass(frozen=True)
+class FederationTls:
+    """This node's federation certificate and key, and the federation CA."""
+
+    material: TlsMaterial
+    ca: x509.Certificate
+    ca_pem: bytes
+    key_pem: bytes
+    cert_pem: bytes
+
+    def verify_peer(self, chain: list[x509.Certificate]) -> set[str]:
+        """Check a peer's client certificate chain against the federation CA; return the DNS
+        names it holds (its domains).  Raises ``VerificationError`` when it does not chain
+        to the CA, is expired, or is not for client authentication."""
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store([self.ca]))
+            .time(dt.datetime.now(dt.UTC))
+            .build_client_verifier()
+        )
+        verified = verifier.verify(chain[0], chain[1:])
+        return {n.value.lower() for n in verified.subjects or () if isinstance(n, x509.DNSName)}
+
+
+def load(cfg: FederationConfig) -> FederationTls:
+    """Load and check ``federation_cert`` / ``federation_key`` / ``federation_ca`` (DER or
+    PEM): the key must belong to the certificate, and the certificate must be valid under
+    the CA for this node's ``domain`` (else peers would refuse it)."""
+    assert cfg.federation_cert and cfg.federation_key and cfg.federation_ca
+    chain = load_certificate_chain(cfg.federation_cert, "federation.federation_cert")
+    key = load_private_key(cfg.federation_key, "federation.federation_key")
+    check_key_matches(chain, key, cfg.federation_cert, cfg.federation_key,
+                      ("federation.federation_cert", "federation.federation_key"))
+    ca = load_certificate(cfg.federation_ca, "federation.federation_ca")
+    pem = serialization.Encoding.PEM
+    tls = FederationTls(
+        material=TlsMaterial(chain[0], key, cfg.federation_cert, tuple(chain[1:])),
+        ca=ca,
+        ca_pem=ca.public_bytes(pem),
+        key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+        cert_pem=b"".join(c.public_bytes(pem) for c in chain),
+    )
+    try:
+        names = tls.verify_peer(chain)
+    except verification.VerificationError as e:
+        raise ConfigError(
+            f"config: federation.federation_cert: {cfg.federation_cert} is not a valid "
+            f"client certificate under federation.federation_ca ({cfg.federation_ca}): {e}"
+        ) from None
+    if cfg.domain not in names:
+        raise ConfigError(
+            f"config: federation.domain: {cfg.domain!r} is not among the names of "
+            f"{cfg.federation_cert} ({', '.join(sorted(names)) or 'none'}): peers would refuse "
+            "this node"
+        )
+    return tls
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qpc-federation-certs", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ca = sub.add_parser("ca", help="create the federation CA (once per federation)")
+    ca.add_argument("--out", type=Path, required=True)
+    ca.add_argument("--days", type=int, default=3650)
+    iss = sub.add_parser("issue", help="issue a node certificate under the CA")
+    iss.add_argument("--ca-dir", type=Path, required=True)
+    iss.add_argument("--domain", required=True, help="the node's federation.domain")
+    iss.add_argument("--ip", action="append", default=[], help="also valid for this address")
+    iss.add_argument("--out", type=Path, required=True)
+    iss.add_argument("--days", type=int, default=825)
+    a = p.parse_args(argv)
+    if not 1 <= a.days <= 36500:
+        print("qpc-federation-certs: --days must be between 1 and 36500", file=sys.stderr)
+        return 2
+    try:
+        if a.cmd == "ca":
+            path = make_ca(a.out, days=a.days)
+            print(f"wrote {path} and {a.out / CA_KEY} (keep the key offline)")
+        else:
+            path = issue(a.ca_dir, a.out, a.domain, ips=tuple(a.ip), days=a.days)
+            print(f"wrote {path}, {a.out / NODE_KEY} and {a.out / CA_CERT}")
+    except ConfigError as e:
+        print(f"qpc-federation-certs: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Two (or three) qpc servers federated over loopback, with certificates from a test CA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qpc_federation import certs, get
+from qpc_federation.service import ALPN, Federation
+
+from qpc_core.app import App
+from qpc_core.client import QpcClient
+from qpc_core.testing import free_udp_port
+
+D1, D2 = "node1.test", "node2.test"
+
+
+@dataclass
+class Node:
+    app: App
+    domain: str
+    port: int
+    cert_dir: Path
+
+    @property
+    def fed(self) -> Federation:
+        fed = get(self.app)
+        assert fed is not None
+        return fed
+
+
+def fed_settings(cert_dir: Path, domain: str, port: int,
+                 peers: list[tuple[str, int]], **extra: Any) -> dict[str, Any]:
+    return {
+        "enabled": True, "domain": domain, "listen": f"127.0.0.1:{port}",
+        "federation_cert": cert_dir / certs.NODE_CERT,
+        "federation_key": cert_dir / certs.NODE_KEY,
+        "federation_ca": cert_dir / certs.CA_CERT,
+        "peers": [{"domain": d, "address": f"127.0.0.1:{p}"} for d, p in peers],
+        **extra,
+    }
+
+
+async def start_pair(app_factory: Callable[..., Any], tmp: Path, *,
+                     extra_peers: list[tuple[str, int]] = (),  # type: ignore[assignment]
+                     **extra: Any) -> tuple[Node, Node]:
+    """node1 and node2, each the other's peer (node1 also gets ``extra_peers``)."""
+    certs.make_ca(tmp / "ca")
+    p1, p2 = free_udp_port(), free_udp_port()
+    nodes = []
+    for domain, port, peers in ((D1, p1, [(D2, p2), *extra_peers]), (D2, p2, [(D1, p1)])):
+        d = tmp / domain
+        certs.issue(tmp / "ca", d, domain)
+        app = await app_factory(
+            data_dir=tmp / f"data-{domain}", plugins=["federation"],
+            federation=fed_settings(d, domain, port, peers, **extra),
+        )
+        nodes.append(Node(app, domain, port, d))
+    return nodes[0], nodes[1]
+
+
+async def fed_client(port: int, server_domain: str, cert_dir: Path) -> QpcClient:
+    """A federation-port client presenting the certificate in ``cert_dir``."""
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from qpc_core.transport.certs import load_certificate, load_private_key
+
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_domain)
+    ca = load_certificate(cert_dir / certs.CA_CERT)
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cfg.load_verify_locations(cadata=ca.public_bytes(Encoding.PEM))
+    if (cert_dir / certs.NODE_CERT).exists():
+        cfg.certificate = load_certificate(cert_dir / certs.NODE_CERT)
+        cfg.private_key = load_private_key(cert_dir / certs.NODE_KEY)
+    return await QpcClient.connect("127.0.0.1", port, configuration=cfg, quic_backend="aioquic")
