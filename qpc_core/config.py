@@ -104,17 +104,18 @@ class FederationConfig(_Section):
     @model_validator(mode="after")
     def _complete(self) -> FederationConfig:
         self.domain = self.domain.strip().lower().rstrip(".")
-        seen: set[str] = set()
-        for i, p in enumerate(self.peers):
+        for p in self.peers:
             p.domain = p.domain.strip().lower().rstrip(".")
-            if not p.domain:
-                raise ValueError(f"peers[{i}].domain must not be empty")
-            if p.domain in seen:
-                raise ValueError(f"peers[{i}].domain {p.domain!r} is listed twice")
-            if self.domain and p.domain == self.domain:
-                raise ValueError(f"peers[{i}].domain is this server's own domain")
-            seen.add(p.domain)
-        if self.enabled:
+        if self.enabled:  # a disabled table is not held to these (it does nothing)
+            seen: set[str] = set()
+            for i, p in enumerate(self.peers):
+                if not p.domain:
+                    raise ValueError(f"peers[{i}].domain must not be empty")
+                if p.domain in seen:
+                    raise ValueError(f"peers[{i}].domain {p.domain!r} is listed twice")
+                if p.domain == self.domain:
+                    raise ValueError(f"peers[{i}].domain is this server's own domain")
+                seen.add(p.domain)
             missing = [k for k in ("federation_cert", "federation_key", "federation_ca")
                        if getattr(self, k) is None]
             if not self.domain:

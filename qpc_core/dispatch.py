@@ -35,7 +35,13 @@ log = logging.getLogger("qpc.rpc")
 _AUTH_TAG = b"\x7a"  # field 15, wire type 2: cheap pre-check before decoding AuthEnvelope
 
 
+#: Longest error message sent: errors may quote client input, and an answer must fit a frame.
+MAX_ERROR_MESSAGE = 1024
+
+
 def error_payload(status: int, message: str, retry_after: float | None = None) -> bytes:
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 3] + "..."
     err = common_pb2.Error(code=int(status), name=Status(status).name, message=message)
     if retry_after:
         err.retry_after_ms = max(1, int(retry_after * 1000))
@@ -53,10 +59,15 @@ class Dispatcher:
     listener of a plugin serving its own methods, e.g. federation)."""
 
     def __init__(
-        self, app: App, methods: Mapping[int, tuple[str, RpcMethod]] | None = None
+        self, app: App, methods: Mapping[int, tuple[str, RpcMethod]] | None = None,
+        *, request_auth: bool = True,
     ) -> None:
         self.app = app
         self.methods = app.methods if methods is None else methods
+        # Whether a request's own Auth field (field 15) is read: not on listeners whose
+        # connections authenticate otherwise (mutual TLS), where a bearer token must not
+        # stand in for the certificate.
+        self.request_auth = request_auth
         self.max_payload = app.settings.max_payload_bytes
         self.audit = audit.get(app)  # None unless audit_log is on
 
@@ -114,7 +125,7 @@ class Dispatcher:
             raise Unavailable("server shutting down", retry_after=1.0)
         auth = conn.auth
         payload = frame.payload
-        if _AUTH_TAG in payload:
+        if self.request_auth and _AUTH_TAG in payload:
             auth = await self._request_auth(conn, payload) or auth
         if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
             if method.auth != "none":

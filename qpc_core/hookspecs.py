@@ -161,10 +161,10 @@ async def relay_enqueue(
 @hookspec(firstresult=True)
 @_async
 async def fetch_remote_key_package(app: App, identity_key: bytes) -> bytes | None:
-    """FetchKeyPackage found no package here for ``identity_key``: pop one from the server
-    that hosts it (federation).  Return the package, ``b""`` when that server has none, or
-    ``None`` to abstain (the caller answers "none").  Not called for identities this server
-    hosts."""
+    """FetchKeyPackage found no package here for ``identity_key``: if another server hosts
+    the identity (federation), pop one there.  Return the package, ``b""`` when that server
+    has none, or ``None`` to abstain (the caller answers "none"; also the answer for an
+    identity this server hosts: the implementer checks, core does not)."""
 
 
 @hookspec(firstresult=True)
@@ -172,9 +172,9 @@ async def fetch_remote_key_package(app: App, identity_key: bytes) -> bytes | Non
 async def fetch_remote_hybrid_keys(
     app: App, identity_keys: Sequence[bytes]
 ) -> dict[bytes, bytes] | None:
-    """FetchHybridKey / FetchHybridKeys found no hybrid key here for ``identity_keys`` (none
-    of them hosted here): return the keys their home servers hold (missing ones left out), or
-    ``None`` to abstain."""
+    """FetchHybridKey / FetchHybridKeys found no hybrid key here for ``identity_keys``: return
+    the keys that the servers hosting them hold (identities hosted here, or without a key,
+    left out), or ``None`` to abstain."""
 
 
 @hookspec(firstresult=True)
@@ -182,8 +182,9 @@ async def fetch_remote_hybrid_keys(
 async def resolve_remote_user(app: App, username: str, domain: str) -> Any | None:
     """ResolveUser of ``username@domain`` where ``domain`` is not this server's: return the
     ``qpc.v1.ResolveUserResponse`` of the server for ``domain`` (its ``username`` field is then
-    ``username@domain``), or ``None`` to abstain (the caller answers ``NOT_FOUND``).  Raise
-    ``NotFound`` for a user that server does not have."""
+    ``username@domain``).  Raise ``NotFound`` for a user that server does not have, or for a
+    domain you know no server for.  ``None`` abstains: the name is then read as a local
+    name (which cannot hold ``@``: ``BAD_REQUEST``), as without federation."""
 
 
 # --- notifications -------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from qpc_core.hookspecs import hookimpl
 from qpc_core.identity import check_identity_key
 from qpc_core.pb import keys_pb2 as pb
 from qpc_core.rpc import RpcContext, RpcMethod
-from qpc_core.users import resolve_identity
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -47,26 +46,18 @@ async def fetch_key_package(
     ident = check_identity_key(req.identity_key)
     app = ctx.app
     package = await app.storage.pop_key_package(ident)
-    if package is None and await _elsewhere(app, "fetch_remote_key_package", ident):
+    if package is None and app.hooks.implementers("fetch_remote_key_package"):
         package = await app.hooks.fetch_remote_key_package(app, ident)
     return pb.FetchKeyPackageResponse(package=package or b"")
 
 
-async def _elsewhere(app: App, hook: str, identity_key: bytes) -> bool:
-    """Is it worth asking ``hook`` (another server) about ``identity_key``: some plugin
-    implements it, and this server does not host the identity."""
-    return bool(app.hooks.implementers(hook)) and await resolve_identity(app, identity_key) is None
-
-
 async def _hybrid_keys(app: App, idents: list[bytes]) -> dict[bytes, bytes]:
     keys = await app.storage.get_hybrid_keys(idents)
-    hook = "fetch_remote_hybrid_keys"
     missing = [k for k in dict.fromkeys(idents) if k not in keys]
-    if missing and app.hooks.implementers(hook):
-        remote = [k for k in missing if await resolve_identity(app, k) is None]
-        if remote:
-            found = await app.hooks.fetch_remote_hybrid_keys(app, remote) or {}
-            keys.update({k: v for k, v in found.items() if k in remote})
+    if missing and app.hooks.implementers("fetch_remote_hybrid_keys"):
+        found = await app.hooks.fetch_remote_hybrid_keys(app, missing) or {}
+        wanted = set(missing)
+        keys.update({k: v for k, v in found.items() if k in wanted})
     return keys
 
 

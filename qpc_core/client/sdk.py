@@ -186,7 +186,16 @@ class _ClientLogic(TurnBatching, _ProtocolBase):
         self.waiters[sid] = (bytearray() if raw else ResponseDecoder(), fut)
         self._quic.send_stream_data(sid, data, end_stream=True)
         self.send_soon()  # requests issued in the same loop turn share packets
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # Given up (a timeout): forget the call and tell the server not to answer, so
+            # neither side keeps its state (a server that never answers grew this forever).
+            if self.waiters.pop(sid, None) is not None and self.closed_reason is None:
+                with contextlib.suppress(Exception):
+                    self._quic.stop_stream(sid, 0)
+                    self.send_soon()
+            raise
 
 
 class _ClientProtocol(_ClientLogic, QuicConnectionProtocol):

@@ -1,7 +1,8 @@
 from qpc_core.pb import delivery_pb2 as _delivery_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -63,3 +64,17 @@ class FederationHealthResponse(_message.Message):
     status: str
     domain: str
     def __init__(self, status: _Optional[str] = ..., domain: _Optional[str] = ...) -> None: ...
+
+class FederationLookupRequest(_message.Message):
+    __slots__ = ("origin_domain", "identity_keys")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    identity_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, origin_domain: _Optional[str] = ..., identity_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FederationLookupResponse(_message.Message):
+    __slots__ = ("hosted",)
+    HOSTED_FIELD_NUMBER: _ClassVar[int]
+    hosted: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, hosted: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -193,6 +193,9 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._peer: PeerInfo | None = None
         self._opened = False
         self._gone = False
+        # Refused at the handshake (peer certificate): requests that arrived in the same
+        # flight as the client's Finished are not run.
+        self._refused = False
         self._created = time.perf_counter()
         self._last_activity = time.monotonic()
         self._last_heard = self._last_activity  # any datagram from the client
@@ -474,7 +477,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if not self.listener.accepting:
             self.disconnect("server shutting down", ERR_SHUTDOWN)
             return
-        if len(app.connections) >= app.settings.max_connections:
+        if self.listener._established() >= self.listener._cap():
             self.disconnect("server at connection limit", ERR_CONNECTION_LIMIT)
             return
         if self.listener.established_from(self) >= app.settings.max_connections_per_ip:
@@ -484,13 +487,15 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         check = self.listener.peer_certificate_auth
         if check is not None:
             chain = peer_certificates(self._quic)
+            why = "no client certificate"
             try:
                 result = check(self, chain) if chain else None
             except Exception as e:
-                log.warning("%s: refusing a peer certificate from %s: %s", self.listener.name,
-                            self.peer.host, e)
+                why = str(e) or type(e).__name__
                 result = None
             if result is None:
+                self.listener.refused_peer(self.peer.host, why)
+                self._refused = True
                 self.disconnect("peer certificate refused", ERR_PEER_CERTIFICATE)
                 return
             self._auth = result  # bound before any request can run
@@ -538,6 +543,8 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
 
     # -- streams ----------------------------------------------------------------------------------
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
+        if self._refused:
+            return
         if sid & 0x2:  # unidirectional: clients have nothing to say on those
             if sid & 0x1 == 0:
                 self._stop(sid)
@@ -777,8 +784,13 @@ class QuicTransport:
         tls: Callable[[App], TlsMaterial] | None = None,
         methods: Mapping[int, tuple[str, RpcMethod]] | None = None,
         peer_certificate_auth: PeerCertificateCheck | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.name = name
+        #: A cap of this listener's own (established + mid-handshake), instead of the
+        #: server-wide ``max_connections`` over all client connections: a plugin listener
+        #: whose clients must not be crowded out by the client port's.
+        self.max_connections = max_connections
         self.listen = listen
         self.alpn = alpn
         self._tls = tls
@@ -805,6 +817,8 @@ class QuicTransport:
         #: Running calls (their tasks), also those whose connection has ended.
         self.calls: set[asyncio.Task[None]] = set()
         self.initials_refused = 0
+        self.peers_refused = 0
+        self._peer_refused_logged = 0.0
         self.pushes_dropped = 0
         self._refused_logged = 0.0
         self._retry_mode = "off"
@@ -856,7 +870,7 @@ class QuicTransport:
         return cfg
 
     async def start(self, app: App) -> None:
-        self.dispatcher = Dispatcher(app, self._methods)
+        self.dispatcher = Dispatcher(app, self._methods, request_auth=self.token_auth)
         self.app = app
         s = app.settings
         host, port = parse_hostport(self.listen or s.listen)
@@ -939,7 +953,7 @@ class QuicTransport:
         s = self.app.settings
         ip = str(addr[0])
         half_open = len(self.pending)
-        if half_open + len(self.app.connections) >= s.max_connections:
+        if half_open + self._established() >= self._cap():
             self._refuse(ip, "server at connection limit (established + mid-handshake)")
             return DROP
         total = self._per_ip.get(ip, 0)
@@ -994,6 +1008,26 @@ class QuicTransport:
             self._refused_logged = now
             log.warning("refusing new QUIC connections (%s; %d refused so far; last from %s)",
                         why, self.initials_refused, ip)
+
+    def refused_peer(self, ip: str, why: str) -> None:
+        """A mutual-TLS connection was refused for its certificate (logged at most every
+        10 s, with the count, so a peer retrying in a loop cannot flood the log)."""
+        self.peers_refused += 1
+        now = time.monotonic()
+        if now - self._peer_refused_logged >= 10.0:
+            self._peer_refused_logged = now
+            log.warning("%s: refused a peer certificate from %s: %s (%d refused so far)",
+                        self.name, ip, why, self.peers_refused)
+
+    def _cap(self) -> int:
+        if self.max_connections is not None:
+            return self.max_connections
+        return int(self.app.settings.max_connections)
+
+    def _established(self) -> int:
+        if self.max_connections is not None:
+            return len(self.protocols)
+        return len(self.app.connections)
 
     def _track(self, proto: _ServerConnectionLogic) -> None:
         ip = self._admitting or "unknown"

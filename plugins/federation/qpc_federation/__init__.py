@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from qpc_core.admin import metrics_registry
 from qpc_core.hookspecs import hookimpl
 from qpc_core.storage.base import EnqueueOutcome, NewMessage
 from qpc_core.transport.quic import QuicTransport
 from qpc_federation import certs
+from qpc_federation.metrics import FederationCollector
 from qpc_federation.service import ALPN, Federation
 
 if TYPE_CHECKING:
@@ -32,7 +34,8 @@ def get(app: App) -> Federation | None:
 async def startup(app: App) -> None:
     cfg = app.settings.federation
     if cfg.enabled:
-        app.state[STATE] = Federation(app, cfg, certs.load(cfg))
+        fed = app.state[STATE] = Federation(app, cfg, certs.load(cfg))
+        metrics_registry(app).register(FederationCollector(fed))
 
 
 @hookimpl
@@ -50,7 +53,8 @@ def register_transports(app: App) -> list[Transport]:
     material = fed.tls.material
     return [QuicTransport(name="federation", listen=fed.cfg.listen, alpn=ALPN,
                           tls=lambda _app: material, methods=fed.methods(),
-                          peer_certificate_auth=fed.check_peer)]
+                          peer_certificate_auth=fed.check_peer,
+                          max_connections=fed.max_connections)]
 
 
 @hookimpl
@@ -85,5 +89,5 @@ async def fetch_remote_hybrid_keys(
 async def resolve_remote_user(app: App, username: str, domain: str) -> Any | None:
     fed = get(app)
     if fed is None:
-        return None
+        return None  # federation off: read as a local name (BAD_REQUEST: it holds "@")
     return await fed.remote_user(username, domain)

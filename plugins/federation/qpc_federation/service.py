@@ -1,19 +1,19 @@
 """Federation: relay messages to, and proxy key lookups from, the server that hosts a user.
 
 Home server side: a second QUIC listener (``federation.listen``, ALPN ``qpc-fed``, mutual TLS)
-serves methods 900-905 to configured peers only.  A peer is the holder of a certificate that
+serves methods 900-906 to configured peers only.  A peer is the holder of a certificate that
 chains to ``federation_ca``; each request's ``origin_domain`` must be one of that
-certificate's DNS names *and* a configured peer's domain.
+certificate's DNS names *and* a configured peer's domain.  A peer vouches for the senders it
+names, but never for an identity the called server hosts itself.
 
-Origin server side (``relay_enqueue``): a recipient is **hosted here** when this server's
-directory knows its identity key (a registered user).  Any other recipient is looked for at
-the peers: a known route (key -> peer, learnt from an accepted relay) is used directly;
-otherwise the peers are asked in config order with the message itself (RelayEnqueue answers
-``NOT_FOUND`` for keys the peer does not host).  When every peer answered ``NOT_FOUND`` the
-message is stored here (a key nobody has registered yet, or a bearer-token identity), and
-that answer is remembered for ``route_cache_secs``.  When a peer could not be asked, or the
-known home cannot be reached, the call fails with ``UNAVAILABLE`` and nothing is stored
-here: an acknowledged message must never be stranded on a server its recipient never uses.
+Origin server side: a recipient is **hosted here** when this server's directory knows its
+identity key (a registered user).  For any other key the home is a known route (key -> peer,
+learnt from a peer's FederationLookup answer), or else every peer is asked at once with
+FederationLookup (906, keys only, no payloads).  Keys no peer claims are stored here (a key
+nobody has registered, or a bearer-token identity) and that answer is remembered for
+``route_cache_secs``.  When a peer that had to be asked cannot be, or the home cannot be
+reached, the call fails with ``UNAVAILABLE`` and nothing is stored here: an acknowledged
+message is never stranded on a server its recipient does not use.
 """
 
 from __future__ import annotations
@@ -24,37 +24,39 @@ import math
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aioquic.quic.configuration import QuicConfiguration
 from google.protobuf.message import Message
 
 from qpc_core.builtin import delivery as delivery_mod
+from qpc_core.client.sdk import ConnectionLost, QpcClient
 from qpc_core.config import FederationConfig, parse_hostport
 from qpc_core.errors import (
     BadRequest,
     Forbidden,
     NotFound,
-    QuotaExceeded,
     RpcError,
     TooLarge,
     Unavailable,
 )
+from qpc_core.framing import FrameError
 from qpc_core.identity import check_identity_key
 from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
 from qpc_core.rpc import AuthResult, Connection, RpcContext, RpcMethod
 from qpc_core.storage.base import EnqueueOutcome, NewMessage
-from qpc_core.users import resolve_identity, resolve_username
+from qpc_core.users import normalize_username, resolve_identity, resolve_username
 from qpc_federation.certs import FederationTls
 
 if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
-    from qpc_core.client.sdk import QpcClient
 
 log = logging.getLogger("qpc.federation")
+T = TypeVar("T")
 
 ALPN = "qpc-fed"
 RELAY_ENQUEUE = 900
@@ -63,17 +65,46 @@ PROXY_FETCH_KEY_PACKAGE = 902
 PROXY_FETCH_HYBRID_KEY = 903
 PROXY_RESOLVE_USER = 904
 FEDERATION_HEALTH = 905
+FEDERATION_LOOKUP = 906
 #: Rate-limit group of the federation methods (per peer address; ``rate_limits.federation``).
 RATE_GROUP = "federation"
 #: Routes (identity key -> peer domain) and "hosted by no peer" answers kept at most.
 MAX_ROUTES = 100_000
-#: Answers after which asking the next peer is pointless: the message itself is refused, or
-#: the peer hosts the recipient and refuses for now (its queue is full).
-_FINAL = (BadRequest, TooLarge, Forbidden, QuotaExceeded)
+#: Identity keys per FederationLookup call.
+MAX_LOOKUP = 1000
+#: After a failed connect to a peer, calls to it fail at once for this long (doubling up to
+#: the maximum while it keeps failing): no handshake storm against a peer that is down or
+#: refuses this server.
+BACKOFF_FIRST_SECS = 1.0
+BACKOFF_MAX_SECS = 30.0
+#: Connections the federation listener holds at most, per configured peer (reconnects
+#: overlap for a moment), and never fewer than the minimum.
+CONNECTIONS_PER_PEER = 8
+MIN_CONNECTIONS = 16
 
 
 def _ttl(expires_at: float | None, now: float) -> int:
     return 0 if expires_at is None else max(1, math.ceil(expires_at - now))
+
+
+async def _all(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Run every awaitable to its end (none is left running unobserved); then raise the
+    first failure, if any."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class Stats:
+    relayed: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    errors: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, table: dict[Any, int], key: Any, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
 
 
 class Federation:
@@ -85,12 +116,18 @@ class Federation:
         self.tls = tls
         self.domain = cfg.domain
         self.peers = {p.domain: p.address for p in cfg.peers}  # config order
+        self._rank = {d: i for i, d in enumerate(self.peers)}
         self._clients: dict[str, QpcClient] = {}
         self._connecting: dict[str, asyncio.Lock] = {d: asyncio.Lock() for d in self.peers}
+        self._backoff: dict[str, tuple[float, float]] = {}  # domain -> (until, last delay)
         self.routes: OrderedDict[bytes, str] = OrderedDict()
         self.nowhere: OrderedDict[bytes, float] = OrderedDict()  # key -> until (monotonic)
-        self.relayed = 0
+        self.stats = Stats()
         self.closed = False
+
+    @property
+    def max_connections(self) -> int:
+        return max(MIN_CONNECTIONS, CONNECTIONS_PER_PEER * len(self.peers))
 
     # -- home server side -----------------------------------------------------------------------
     def check_peer(self, conn: Connection, chain: list[x509.Certificate]) -> AuthResult | None:
@@ -105,34 +142,44 @@ class Federation:
         return AuthResult(kind="federation", extra={"domains": allowed})
 
     def origin(self, ctx: RpcContext, origin_domain: str) -> str:
-        domains: frozenset[str] = ctx.auth.extra.get("domains", frozenset()) if ctx.auth else \
-            frozenset()
+        domains: frozenset[str] = (
+            ctx.auth.extra.get("domains", frozenset()) if ctx.auth else frozenset()
+        )
         d = origin_domain.strip().lower().rstrip(".")
         if d not in domains:
-            raise Forbidden(
-                f"origin_domain {d!r} is not a configured peer named by your certificate "
-                f"({', '.join(sorted(domains))})"
-            )
+            raise Forbidden("origin_domain is not a configured peer named by your certificate")
         return d
 
     async def _hosted(self, key: bytes) -> None:
         if await resolve_identity(self.app, key) is None:
             raise NotFound(f"recipient is not hosted on {self.domain}")
 
+    async def _sender(self, origin: str, key: bytes) -> bytes:
+        """A peer names senders of its own: never an identity this server hosts, nor one a
+        route says lives on another peer."""
+        sender = check_identity_key(key, "sender_key")
+        if await resolve_identity(self.app, sender) is not None:
+            raise Forbidden("sender_key is a user of this server, not of the origin")
+        home = self.routes.get(sender)
+        if home is not None and home != origin:
+            raise Forbidden("sender_key is a user of another server than the origin")
+        return sender
+
     async def relay_enqueue(
         self, ctx: RpcContext, req: federation_pb2.RelayEnqueueRequest
     ) -> delivery_pb2.EnqueueResponse:
-        self.origin(ctx, req.origin_domain)
-        sender = check_identity_key(req.sender_key, "sender_key")
+        origin = self.origin(ctx, req.origin_domain)
         m = req.message
         recipient = check_identity_key(m.recipient_key, "message.recipient_key")
+        await self._hosted(recipient)  # first: a server that is not the home says only that
+        sender = await self._sender(origin, req.sender_key)
         d = delivery_mod.get(self.app)
         d.validate_common(m.payload, m.message_id)
-        await self._hosted(recipient)
         await d.check_channel(m.channel_id, sender, (recipient,))
         msg = NewMessage(recipient, m.channel_id, m.payload, m.message_id,
                          d.expires_at(m.ttl_secs), sender)
         (out,) = await d.store(sender, [msg], relay=False)
+        self.stats.add(self.stats.received, origin)
         return delivery_pb2.EnqueueResponse(
             seq=out.seq, duplicate=out.duplicate,
             delivery_proof=d.proof(recipient, m.channel_id, out, m.payload, m.message_id),
@@ -141,8 +188,7 @@ class Federation:
     async def relay_batch_enqueue(
         self, ctx: RpcContext, req: federation_pb2.RelayBatchEnqueueRequest
     ) -> delivery_pb2.BatchEnqueueResponse:
-        self.origin(ctx, req.origin_domain)
-        sender = check_identity_key(req.sender_key, "sender_key")
+        origin = self.origin(ctx, req.origin_domain)
         b = req.batch
         recipients = [check_identity_key(r, "batch.recipient_keys[]") for r in b.recipient_keys]
         if not recipients:
@@ -151,21 +197,35 @@ class Federation:
             raise TooLarge(f"at most {delivery_mod.MAX_BATCH_RECIPIENTS} recipients per call")
         if len(set(recipients)) != len(recipients):
             raise BadRequest("batch.recipient_keys contains duplicates")
+        await _all(self._hosted(r) for r in recipients)
+        sender = await self._sender(origin, req.sender_key)
         d = delivery_mod.get(self.app)
         d.validate_common(b.payload, b.message_id)
-        for r in recipients:
-            await self._hosted(r)
         await d.check_channel(b.channel_id, sender, recipients)
         exp = d.expires_at(b.ttl_secs)
         outs = await d.store(
             sender, [NewMessage(r, b.channel_id, b.payload, b.message_id, exp, sender)
                      for r in recipients], relay=False)
+        self.stats.add(self.stats.received, origin, len(recipients))
         return delivery_pb2.BatchEnqueueResponse(results=[
             delivery_pb2.EnqueueResponse(
                 seq=o.seq, duplicate=o.duplicate,
                 delivery_proof=d.proof(r, b.channel_id, o, b.payload, b.message_id))
             for r, o in zip(recipients, outs, strict=True)
         ])
+
+    async def lookup(
+        self, ctx: RpcContext, req: federation_pb2.FederationLookupRequest
+    ) -> federation_pb2.FederationLookupResponse:
+        self.origin(ctx, req.origin_domain)
+        keys = list(dict.fromkeys(req.identity_keys))
+        if len(keys) > MAX_LOOKUP:
+            raise TooLarge(f"at most {MAX_LOOKUP} identity keys per lookup")
+        for k in keys:
+            check_identity_key(k, "identity_keys[]")
+        found = await _all(resolve_identity(self.app, k) for k in keys)
+        return federation_pb2.FederationLookupResponse(
+            hosted=[k for k, u in zip(keys, found, strict=True) if u is not None])
 
     async def proxy_fetch_key_package(
         self, ctx: RpcContext, req: federation_pb2.ProxyFetchKeyPackageRequest
@@ -189,9 +249,9 @@ class Federation:
         self, ctx: RpcContext, req: federation_pb2.ProxyResolveUserRequest
     ) -> directory_pb2.ResolveUserResponse:
         self.origin(ctx, req.origin_domain)
-        user = await resolve_username(self.app, req.username)
+        user = await resolve_username(self.app, req.username)  # None for invalid names too
         if user is None:
-            raise NotFound(f"no user named {req.username!r} on {self.domain}")
+            raise NotFound(f"no such user on {self.domain}")
         resp = directory_pb2.ResolveUserResponse(
             identity_key=user.identity_key, username=user.username)
         proof = await self.app.hooks.prove_binding(self.app, user.username, user.identity_key)
@@ -207,8 +267,9 @@ class Federation:
             status="draining" if self.app.draining else "ok", domain=self.domain)
 
     def methods(self) -> dict[int, tuple[str, RpcMethod]]:
-        def m(mid: int, name: str, req: type[Message], handler: Any) -> tuple[str, RpcMethod]:
-            return ("federation", RpcMethod(mid, name, req, handler, group=RATE_GROUP,
+        def m(mid: int, name: str, req: type[Message], handler: Any,
+              group: str = RATE_GROUP) -> tuple[str, RpcMethod]:
+            return ("federation", RpcMethod(mid, name, req, handler, group=group,
                                             auth="authenticated"))
 
         f = federation_pb2
@@ -224,8 +285,11 @@ class Federation:
                                       f.ProxyFetchHybridKeyRequest, self.proxy_fetch_hybrid_key),
             PROXY_RESOLVE_USER: m(PROXY_RESOLVE_USER, "ProxyResolveUser",
                                   f.ProxyResolveUserRequest, self.proxy_resolve_user),
+            # group "health": answered while draining (status "draining"), as Health is.
             FEDERATION_HEALTH: m(FEDERATION_HEALTH, "FederationHealth",
-                                 f.FederationHealthRequest, self.health),
+                                 f.FederationHealthRequest, self.health, group="health"),
+            FEDERATION_LOOKUP: m(FEDERATION_LOOKUP, "FederationLookup",
+                                 f.FederationLookupRequest, self.lookup),
         }
 
     # -- origin server side: peer connections ----------------------------------------------------
@@ -240,43 +304,89 @@ class Federation:
         cfg.private_key = self.tls.material.private_key
         return cfg
 
-    async def _client(self, domain: str) -> QpcClient:
-        from qpc_core.client.sdk import QpcClient
-
+    def connected(self, domain: str) -> bool:
         c = self._clients.get(domain)
-        if c is not None and c.protocol.closed_reason is None:
-            return c
+        return c is not None and c.protocol.closed_reason is None
+
+    def _drop(self, domain: str) -> None:
+        """Forget the connection to ``domain`` (closed in the background): the next call
+        opens a new one.  A peer that restarted drops packets of connections it no longer
+        knows, so a connection that stopped answering is not reused."""
+        c = self._clients.pop(domain, None)
+        if c is not None:
+            self.app.spawn(c.close(), f"federation-close-{domain}")
+
+    def _back_off(self, domain: str) -> float:
+        """Connecting to ``domain`` failed, or its new connection was closed at once (e.g.
+        it refuses this server's certificate): no new handshake for a while."""
+        _until, delay = self._backoff.get(domain, (0.0, 0.0))
+        delay = min(BACKOFF_MAX_SECS, max(BACKOFF_FIRST_SECS, 2 * delay))
+        self._backoff[domain] = (time.monotonic() + delay, delay)
+        return delay
+
+    async def _client(self, domain: str) -> QpcClient:
+        if self.connected(domain):
+            return self._clients[domain]
         async with self._connecting[domain]:
-            c = self._clients.get(domain)
-            if c is not None and c.protocol.closed_reason is None:
-                return c
-            if c is not None:
-                await c.close()
+            if self.connected(domain):
+                return self._clients[domain]
+            self._drop(domain)
             if self.closed:
                 raise Unavailable("server shutting down", retry_after=1.0)
+            until, delay = self._backoff.get(domain, (0.0, 0.0))
+            now = time.monotonic()
+            if now < until:
+                raise Unavailable(f"federation peer {domain} unreachable (retrying in "
+                                  f"{until - now:.1f}s)", retry_after=until - now)
             host, port = parse_hostport(self.peers[domain])
             try:
                 c = await QpcClient.connect(
                     host, port, configuration=self.client_configuration(domain),
                     timeout=self.cfg.relay_timeout_secs, quic_backend="aioquic",
                 )
-            except (OSError, TimeoutError, ConnectionError) as e:
-                raise Unavailable(f"federation peer {domain} unreachable: {e or type(e).__name__}",
-                                  retry_after=5.0) from None
+            except (OSError, TimeoutError, ConnectionError, RpcError) as e:
+                delay = self._back_off(domain)
+                raise Unavailable(f"federation peer {domain} unreachable: "
+                                  f"{e or type(e).__name__}", retry_after=delay) from None
+            if self.closed:  # shut down while connecting
+                await c.close()
+                raise Unavailable("server shutting down", retry_after=1.0)
             self._clients[domain] = c
             return c
 
     async def call(self, domain: str, method_id: int, request: Message,
                    response_type: type[Any]) -> Any:
-        """One call to peer ``domain``: RpcErrors of the peer come back as such; a peer that
-        cannot be reached in ``relay_timeout_secs`` raises Unavailable."""
+        """One call to peer ``domain``.  The peer's RpcErrors come back as such (NOT_FOUND
+        is an answer, not a failure); a peer that cannot be reached or does not answer in
+        ``relay_timeout_secs`` raises Unavailable and its connection is replaced."""
         try:
+            client = await self._client(domain)  # connects within relay_timeout_secs
             async with asyncio.timeout(self.cfg.relay_timeout_secs):
-                client = await self._client(domain)
-                return await client.call(method_id, request, response_type)
+                resp = await client.call(method_id, request, response_type)
+            self._backoff.pop(domain, None)  # a peer that answers is reachable again
+            return resp
         except TimeoutError:
+            self._drop(domain)
+            self.stats.add(self.stats.errors, (domain, "unavailable"))
             raise Unavailable(f"federation peer {domain} did not answer within "
                               f"{self.cfg.relay_timeout_secs:g}s", retry_after=5.0) from None
+        except FrameError:
+            raise TooLarge("too large to relay to another server (the federation request "
+                           "would exceed the 4 MiB frame limit)") from None
+        except NotFound:
+            raise
+        except (Unavailable, ConnectionLost) as e:
+            self.stats.add(self.stats.errors, (domain, "unavailable"))
+            if isinstance(e, ConnectionLost) and not self.connected(domain):
+                self._drop(domain)
+                self._back_off(domain)
+            if isinstance(e, ConnectionLost):
+                raise Unavailable(f"federation peer {domain}: {e.message}",
+                                  retry_after=1.0) from None
+            raise
+        except RpcError:
+            self.stats.add(self.stats.errors, (domain, "refused"))
+            raise
 
     async def close(self) -> None:
         self.closed = True
@@ -286,12 +396,12 @@ class Federation:
     # -- origin server side: routing --------------------------------------------------------------
     def _learn(self, key: bytes, domain: str | None) -> None:
         if domain is None:
-            self.routes.pop(key, None)
-            if self.cfg.route_cache_secs > 0:
-                self.nowhere[key] = time.monotonic() + self.cfg.route_cache_secs
-                self.nowhere.move_to_end(key)
-                while len(self.nowhere) > MAX_ROUTES:
-                    self.nowhere.popitem(last=False)
+            if key in self.routes or self.cfg.route_cache_secs <= 0:
+                return  # a route learnt meanwhile wins over "nowhere"
+            self.nowhere[key] = time.monotonic() + self.cfg.route_cache_secs
+            self.nowhere.move_to_end(key)
+            while len(self.nowhere) > MAX_ROUTES:
+                self.nowhere.popitem(last=False)
             return
         self.nowhere.pop(key, None)
         self.routes[key] = domain
@@ -299,8 +409,13 @@ class Federation:
         while len(self.routes) > MAX_ROUTES:
             self.routes.popitem(last=False)
 
-    async def home_of(self, key: bytes) -> str | None:
-        """``""``: hosted here; a peer domain: known home; None: not known, ask the peers."""
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        for k in keys:
+            self.routes.pop(k, None)
+
+    async def _known(self, key: bytes) -> str | None:
+        """``""``: hosted here (or by no peer, recently); a peer domain: known home; None:
+        ask the peers."""
         if await resolve_identity(self.app, key) is not None:
             return ""
         domain = self.routes.get(key)
@@ -312,6 +427,68 @@ class Federation:
                 return ""
             del self.nowhere[key]
         return None
+
+    async def _lookup(self, keys: list[bytes]) -> dict[bytes, str]:
+        """Ask every peer at once which of ``keys`` it hosts.  A key two peers claim goes to
+        the first in config order (and is logged).  Unavailable when a peer could not answer
+        and some key is still unclaimed; keys no peer claims are learnt as "nowhere"."""
+        found: dict[bytes, str] = {}
+        unreachable: list[str] = []
+
+        async def ask(domain: str) -> None:
+            for i in range(0, len(keys), MAX_LOOKUP):
+                chunk = keys[i:i + MAX_LOOKUP]
+                try:
+                    resp = await self.call(domain, FEDERATION_LOOKUP,
+                                           federation_pb2.FederationLookupRequest(
+                                               origin_domain=self.domain, identity_keys=chunk),
+                                           federation_pb2.FederationLookupResponse)
+                except RpcError as e:
+                    log.info("federation peer %s could not be asked: %s", domain, e.message)
+                    unreachable.append(domain)
+                    return
+                asked = set(chunk)
+                for k in resp.hosted:
+                    k = bytes(k)
+                    if k not in asked:
+                        continue  # never learn a key that was not asked for
+                    prev = found.get(k)
+                    if prev is not None and prev != domain:
+                        log.warning("federation peers %s and %s both claim an identity key; "
+                                    "the first in config order is used", prev, domain)
+                    if prev is None or self._rank[domain] < self._rank[prev]:
+                        found[k] = domain
+
+        await _all(ask(d) for d in self.peers)
+        missing = [k for k in keys if k not in found]
+        if missing and unreachable:
+            raise Unavailable(
+                "cannot tell which server hosts the recipient: federation peer(s) "
+                f"{', '.join(sorted(unreachable))} unreachable; retry later", retry_after=5.0)
+        for k, d in found.items():
+            self._learn(k, d)
+        for k in missing:
+            self._learn(k, None)
+        return found
+
+    async def homes(self, keys: Sequence[bytes]) -> list[str]:
+        """The home of each key: ``""`` (here, or no peer) or a peer domain."""
+        known = await _all(self._known(k) for k in keys)
+        unknown = list(dict.fromkeys(k for k, h in zip(keys, known, strict=True) if h is None))
+        found = await self._lookup(unknown) if unknown else {}
+        return [h if h is not None else found.get(k, "") for k, h in zip(keys, known,
+                                                                             strict=True)]
+
+    async def _with_home(self, keys: Sequence[bytes],
+                         act: Callable[[list[str]], Awaitable[T]]) -> T:
+        """``act(homes)``; if a home answers NOT_FOUND (the account went away), forget the
+        routes and try once more with fresh answers from the peers."""
+        homes = await self.homes(keys)
+        try:
+            return await act(homes)
+        except NotFound:
+            self._forget(keys)
+            return await act(await self.homes(keys))
 
     def _request(self, sender: bytes, msgs: Sequence[NewMessage]) -> tuple[int, Message, type]:
         now = time.time()
@@ -339,139 +516,76 @@ class Federation:
         if len(results) != len(msgs):
             raise Unavailable(f"federation peer {domain} answered {len(results)} results for "
                               f"{len(msgs)} recipients", retry_after=5.0)
-        for m in msgs:
-            self._learn(m.recipient_key, domain)
-        self.relayed += len(msgs)
+        self.stats.add(self.stats.relayed, domain, len(msgs))
         return [EnqueueOutcome(r.seq, r.duplicate) for r in results]
-
-    async def _probe(self, sender: bytes, msg: NewMessage) -> EnqueueOutcome | None:
-        """Offer ``msg`` to each peer in config order; None when every peer said NOT_FOUND."""
-        unreachable: list[str] = []
-        for domain in self.peers:
-            try:
-                (out,) = await self._send(domain, sender, [msg])
-                return out
-            except NotFound:
-                continue
-            except _FINAL:
-                raise
-            except RpcError as e:
-                log.info("federation peer %s could not be asked: %s", domain, e.message)
-                unreachable.append(domain)
-        if unreachable:
-            raise Unavailable(
-                "cannot tell which server hosts the recipient: federation peer(s) "
-                f"{', '.join(unreachable)} unreachable; retry later", retry_after=5.0)
-        self._learn(msg.recipient_key, None)
-        return None
 
     async def route(self, sender: bytes,
                     messages: Sequence[NewMessage]) -> list[EnqueueOutcome | None] | None:
-        """The relay_enqueue hook: deliver what peers host, leave the rest (None) here."""
-        homes = [await self.home_of(m.recipient_key) for m in messages]
-        if all(h == "" for h in homes):
-            return None
-        out: list[EnqueueOutcome | None] = [None] * len(messages)
-        groups: dict[str, list[int]] = {}
-        unknown: list[int] = []
-        for i, h in enumerate(homes):
-            if h is None:
-                unknown.append(i)
-            elif h:
-                groups.setdefault(h, []).append(i)
+        """The relay_enqueue hook: deliver what peers host, leave the rest (None) here.
+        (The messages of one call share payload, channel and message_id.)"""
 
-        async def to_home(domain: str, idx: list[int]) -> None:
-            msgs = [messages[i] for i in idx]
-            try:
-                outs = await self._send(domain, sender, msgs)
-            except NotFound:
-                # A home that no longer hosts one of them (account deleted, or moved): forget
-                # these routes and ask the peers again, one message at a time.
-                for m in msgs:
-                    self.routes.pop(m.recipient_key, None)
-                outs = []
-                for i in idx:
-                    out[i] = await self._probe(sender, messages[i])
-                return
-            for i, o in zip(idx, outs, strict=True):
-                out[i] = o
+        async def act(homes: list[str]) -> list[EnqueueOutcome | None] | None:
+            if not any(homes):
+                return None
+            out: list[EnqueueOutcome | None] = [None] * len(messages)
+            groups: dict[str, list[int]] = {}
+            for i, h in enumerate(homes):
+                if h:
+                    groups.setdefault(h, []).append(i)
 
-        async def probe(i: int) -> None:
-            out[i] = await self._probe(sender, messages[i])
+            async def to_home(domain: str, idx: list[int]) -> None:
+                outs = await self._send(domain, sender, [messages[i] for i in idx])
+                for i, o in zip(idx, outs, strict=True):
+                    out[i] = o
 
-        # Every relay runs to its end (none is left running unobserved); the first failure
-        # then fails the call.
-        results = await asyncio.gather(*(to_home(d, idx) for d, idx in groups.items()),
-                                       *(probe(i) for i in unknown), return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return out
+            await _all(to_home(d, idx) for d, idx in groups.items())
+            return out
+
+        return await self._with_home([m.recipient_key for m in messages], act)
 
     # -- origin server side: key and user lookups ------------------------------------------------
-    async def _ask_home(self, key: bytes, method_id: int, request: Message,
-                        response_type: type[Any]) -> Any | None:
-        """Ask the home server of ``key`` (known, else each peer in order until one does not
-        answer NOT_FOUND).  None: hosted here, or by no peer."""
-        home = await self.home_of(key)
-        if home == "":
-            return None
-        order = [home, *(d for d in self.peers if d != home)] if home else list(self.peers)
-        unreachable: list[str] = []
-        for domain in order:
-            try:
-                resp = await self.call(domain, method_id, request, response_type)
-            except NotFound:
-                if domain == home:
-                    self.routes.pop(key, None)
-                continue
-            except _FINAL:
-                raise
-            except RpcError as e:
-                log.info("federation peer %s could not be asked: %s", domain, e.message)
-                unreachable.append(domain)
-                continue
-            self._learn(key, domain)
-            return resp
-        if unreachable:
-            raise Unavailable(
-                "cannot reach the server that hosts this identity: federation peer(s) "
-                f"{', '.join(unreachable)} unreachable; retry later", retry_after=5.0)
-        self._learn(key, None)
-        return None
-
     async def remote_key_package(self, identity_key: bytes) -> bytes | None:
-        resp = await self._ask_home(
-            identity_key, PROXY_FETCH_KEY_PACKAGE,
-            federation_pb2.ProxyFetchKeyPackageRequest(origin_domain=self.domain,
-                                                       identity_key=identity_key),
-            keys_pb2.FetchKeyPackageResponse)
-        return None if resp is None else bytes(resp.package)
+        async def act(homes: list[str]) -> bytes | None:
+            if not homes[0]:
+                return None
+            resp = await self.call(homes[0], PROXY_FETCH_KEY_PACKAGE,
+                                   federation_pb2.ProxyFetchKeyPackageRequest(
+                                       origin_domain=self.domain, identity_key=identity_key),
+                                   keys_pb2.FetchKeyPackageResponse)
+            return bytes(resp.package)
+
+        return await self._with_home([identity_key], act)
 
     async def remote_hybrid_keys(self, identity_keys: Sequence[bytes]) -> dict[bytes, bytes]:
-        found: dict[bytes, bytes] = {}
+        keys = list(dict.fromkeys(identity_keys))
 
-        async def one(key: bytes) -> None:
-            resp = await self._ask_home(
-                key, PROXY_FETCH_HYBRID_KEY,
-                federation_pb2.ProxyFetchHybridKeyRequest(origin_domain=self.domain,
-                                                          identity_key=key),
-                keys_pb2.FetchHybridKeyResponse)
-            if resp is not None and resp.hybrid_public_key:
-                found[key] = bytes(resp.hybrid_public_key)
+        async def act(homes: list[str]) -> dict[bytes, bytes]:
+            found: dict[bytes, bytes] = {}
 
-        results = await asyncio.gather(*(one(k) for k in dict.fromkeys(identity_keys)),
-                                       return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return found
+            async def one(key: bytes, home: str) -> None:
+                resp = await self.call(home, PROXY_FETCH_HYBRID_KEY,
+                                       federation_pb2.ProxyFetchHybridKeyRequest(
+                                           origin_domain=self.domain, identity_key=key),
+                                       keys_pb2.FetchHybridKeyResponse)
+                if resp.hybrid_public_key:
+                    found[key] = bytes(resp.hybrid_public_key)
 
-    async def remote_user(self, username: str, domain: str) -> Any | None:
+            await _all(one(k, h) for k, h in zip(keys, homes, strict=True) if h)
+            return found
+
+        return await self._with_home(keys, act)
+
+    async def remote_user(self, username: str, domain: str) -> Any:
         if domain not in self.peers:
-            return None
+            raise NotFound(f"no federation peer for domain {domain[:253]!r}")
+        try:
+            name = normalize_username(username)
+        except BadRequest:
+            raise NotFound(f"no such user on {domain}") from None
         resp = await self.call(domain, PROXY_RESOLVE_USER, federation_pb2.ProxyResolveUserRequest(
-            origin_domain=self.domain, username=username), directory_pb2.ResolveUserResponse)
-        self._learn(bytes(resp.identity_key), domain)
+            origin_domain=self.domain, username=name), directory_pb2.ResolveUserResponse)
+        # No route is learnt from this answer: a peer could name any key (another peer's
+        # user) and draw its messages.  Routes come from FederationLookup only.
         resp.username = f"{resp.username}@{domain}"
         return resp
+

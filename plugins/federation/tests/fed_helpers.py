@@ -13,6 +13,7 @@ from qpc_federation.service import ALPN, Federation
 from qpc_core.app import App
 from qpc_core.client import QpcClient
 from qpc_core.testing import free_udp_port
+from qpc_core.transport.quic import QuicTransport
 
 D1, D2 = "node1.test", "node2.test"
 
@@ -76,3 +77,10 @@ async def fed_client(port: int, server_domain: str, cert_dir: Path) -> QpcClient
         cfg.certificate = load_certificate(cert_dir / certs.NODE_CERT)
         cfg.private_key = load_private_key(cert_dir / certs.NODE_KEY)
     return await QpcClient.connect("127.0.0.1", port, configuration=cfg, quic_backend="aioquic")
+
+
+def fed_transport(app: App) -> QuicTransport:
+    for _p, t in app.transports:
+        if isinstance(t, QuicTransport) and t.name == "federation":
+            return t
+    raise AssertionError("no federation transport")

@@ -40,15 +40,19 @@ def test_enabled_without_the_plugin_is_refused(tmp_path: Path) -> None:
         App(s)
 
 
+_ON = {"enabled": True, "domain": "a.test", "federation_cert": "c", "federation_key": "k",
+       "federation_ca": "a"}
+
+
 @pytest.mark.parametrize(("table", "message"), [
     ({"enabled": True, "domain": "a.test"},
      "needs federation_cert, federation_key, federation_ca"),
     ({"enabled": True, "federation_cert": "c", "federation_key": "k", "federation_ca": "a"},
      "needs domain"),
-    ({"domain": "a.test", "peers": [{"domain": "b.test", "address": "h:1"},
-                                    {"domain": "B.test.", "address": "h:2"}]},
+    ({**_ON, "peers": [{"domain": "b.test", "address": "h:1"},
+                       {"domain": "B.test.", "address": "h:2"}]},
      "peers[1].domain 'b.test' is listed twice"),
-    ({"domain": "a.test", "peers": [{"domain": "a.test", "address": "h:1"}]},
+    ({**_ON, "peers": [{"domain": "A.test", "address": "h:1"}]},
      "peers[0].domain is this server's own domain"),
     ({"relay_timeout_secs": 0}, "relay_timeout_secs"),
 ])
@@ -126,3 +130,9 @@ def test_certificate_tool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert certs.main(["issue", "--ca-dir", str(tmp_path / "missing"), "--domain", "a.test",
                        "--out", str(tmp_path / "x")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_disabled_table_is_not_held_to_the_peer_rules(tmp_path: Path) -> None:
+    s = make_settings(tmp_path, federation={"domain": "a.test", "peers": [
+        {"domain": "b.test", "address": "h:1"}, {"domain": "b.test", "address": "h:2"}]})
+    assert s.federation.enabled is False

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fed_helpers import D1, D2, fed_client, start_pair
+from prometheus_client import generate_latest
 from qpc_federation import certs
 from qpc_federation.service import (
     FEDERATION_HEALTH,
@@ -21,6 +22,7 @@ from qpc_federation.service import (
     RELAY_ENQUEUE,
 )
 
+from qpc_core.admin import metrics_registry
 from qpc_core.client.sdk import ConnectionLost
 from qpc_core.errors import Forbidden, NotFound, QuotaExceeded, Unavailable, Unimplemented
 from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
@@ -72,7 +74,12 @@ async def test_batch_enqueue_splits_between_here_and_the_peer(
     assert [(r.seq, r.duplicate) for r in res] == [(2, False)] * 3
     for c in (carol, bob, dave):
         assert [m.data for m in await c.fetch()] == [b"one", b"two"]
-    assert n1.fed.relayed == 4
+    assert n1.fed.stats.relayed == {D2: 4}
+    assert n2.fed.stats.received == {D1: 4}
+    text = generate_latest(metrics_registry(n1.app)).decode()
+    assert 'federation_relayed_messages_total{peer="node2.test"} 4.0' in text
+    assert 'federation_peer_connected{peer="node2.test"} 1.0' in text
+    assert "federation_routes 2.0" in text
 
 
 async def test_recipient_no_peer_hosts_is_stored_here_and_remembered(
@@ -218,8 +225,10 @@ async def test_key_packages_hybrid_keys_and_users_of_the_peer(
     alice = await connect(n1.app)
     u = await alice.resolve_user("bob@Node2.test")
     assert (u.username, u.identity_key) == ("bob@node2.test", bob.identity_key)
-    assert n1.fed.routes[bob.identity_key] == D2
+    # No route from a ResolveUser answer (a peer could name another peer's user's key)...
+    assert bob.identity_key not in n1.fed.routes
     assert await alice.fetch_key_package(bob.identity_key) == b"bob-kp"
+    assert n1.fed.routes[bob.identity_key] == D2  # ...only from FederationLookup
     assert await alice.fetch_key_package(bob.identity_key) == b""  # single use, at the home
     assert await alice.fetch_hybrid_key(bob.identity_key) == b"\x02" * 1216
     both = await alice.fetch_hybrid_keys([bob.identity_key, carol.identity_key])
