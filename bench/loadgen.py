@@ -67,10 +67,36 @@ async def mode_echo(a: argparse.Namespace) -> dict[str, Any]:
                            "p99": round(percentile(lat, 99), 3)}}
 
 
+async def register_receivers(a: argparse.Namespace) -> list[Ed25519PrivateKey]:
+    """Users of the receivers' server (OPAQUE with the identity KSF), so that a federation
+    finds them there."""
+    from qpc_auth_opaque import client as oc
+    from qpc_auth_opaque import opaque
+
+    ksf = opaque.IdentityKSF()
+    keys = [Ed25519PrivateKey.generate() for _ in range(a.clients // 2)]
+    sem = asyncio.Semaphore(8)
+    tag = os.urandom(3).hex()
+
+    async def one(i: int, key: Ed25519PrivateKey) -> None:
+        async with sem:
+            c = await QpcClient.connect(a.host, a.receiver_port, token=None, identity=key,
+                                        ca_cert=a.receiver_ca)
+            try:
+                await oc.register(c, f"rx{tag}{i}", "pw", ksf=ksf)
+            finally:
+                await c.close()
+
+    await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+    return keys
+
+
 async def mode_deliver(a: argparse.Namespace) -> dict[str, Any]:
+    rx = await register_receivers(a) if a.receiver_port else None
     r = await run_loadtest(a.host, a.port, token=a.token, ca_cert=a.ca, clients=a.clients,
                            messages=a.count, size=a.size, rate=a.rate, window=a.window,
-                           max_seconds=a.seconds)
+                           max_seconds=a.seconds, receiver_port=a.receiver_port,
+                           receiver_ca_cert=a.receiver_ca, receiver_identities=rx)
     return {"mode": "deliver", **r.as_dict()}
 
 
@@ -174,6 +200,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=None)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--receiver-port", type=int, default=None,
+                   help="deliver: receivers use this server (registered there with OPAQUE)")
+    p.add_argument("--receiver-ca", default=None)
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--quic-backend", choices=("aioquic", "qh3"), default="aioquic",
                    help="the clients' QUIC library")

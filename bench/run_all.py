@@ -524,7 +524,7 @@ def postgres_summary(pgres: dict[Any, Any]) -> str:
 def plugin_benches(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """KT, blob and store-copy figures, when those benchmark scripts exist."""
     res: dict[str, Any] = {}
-    for name in ("bench_kt.py", "bench_blobs.py", "bench_copy.py"):
+    for name in ("bench_kt.py", "bench_blobs.py", "bench_copy.py", "bench_federation.py"):
         script = ROOT / "bench" / name
         if not script.exists() or QUICK:
             continue
@@ -721,6 +721,10 @@ def main() -> None:
     copy = others.get("bench_copy.py")
     if copy and copy["returncode"] == 0:
         text += "\n## 9. Moving a store: `qpc store copy` (bench_copy.py)\n\n" + copy["tail"]
+    fed = others.get("bench_federation.py")
+    if fed and fed["returncode"] == 0:
+        text += ("\n## 10. Federation: a relayed message against a local one "
+                 "(bench_federation.py)\n\n" + fed["tail"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text + "\n")
     chart(tp, RESULTS / "chart.png")

@@ -13,6 +13,7 @@ import asyncio
 import json
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,18 +58,34 @@ async def run_loadtest(
     host: str, port: int, *, token: str | None, ca_cert: str | Path | None = None,
     insecure: bool = False, clients: int = 2, messages: int = 1000, size: int = 256,
     rate: float | None = None, window: int = 4, max_seconds: float = 60.0,
-    quic_backend: str | None = None,
+    quic_backend: str | None = None, receiver_port: int | None = None,
+    receiver_ca_cert: str | Path | None = None,
+    receiver_identities: Sequence[Ed25519PrivateKey] | None = None,
 ) -> LoadResult:
-    """Run ``clients`` (even) clients in pairs until ``messages`` are delivered or time is up."""
+    """Run ``clients`` (even) clients in pairs until ``messages`` are delivered or time is up.
+
+    By default senders and receivers use the server at ``port``.  With ``receiver_port`` the
+    receivers connect to that server instead (on ``host``, trusting ``receiver_ca_cert``):
+    messages then cross a federation, when the receivers' ``receiver_identities`` are users
+    of that server."""
     if clients < 2 or clients % 2:
         raise ValueError("--clients must be an even number >= 2 (clients work in pairs)")
     if size < _TS.size:
         raise ValueError(f"--size must be at least {_TS.size} bytes")
-    conns = await asyncio.gather(*(
-        QpcClient.connect(host, port, token=token, identity=Ed25519PrivateKey.generate(),
-                          ca_cert=ca_cert, insecure=insecure, quic_backend=quic_backend)
-        for _ in range(clients)))
-    pairs = [(conns[i], conns[i + 1]) for i in range(0, clients, 2)]
+    n_pairs = clients // 2
+    rx_ids = list(receiver_identities or ())
+    rx_ids += [Ed25519PrivateKey.generate() for _ in range(n_pairs - len(rx_ids))]
+
+    def open_client(p: int, ident: Ed25519PrivateKey, ca: str | Path | None) -> Any:
+        return QpcClient.connect(host, p, token=token, identity=ident, ca_cert=ca,
+                                 insecure=insecure, quic_backend=quic_backend)
+
+    senders = [open_client(port, Ed25519PrivateKey.generate(), ca_cert) for _ in range(n_pairs)]
+    receivers = [open_client(receiver_port or port, rx_ids[i],
+                             receiver_ca_cert if receiver_port else ca_cert)
+                 for i in range(n_pairs)]
+    conns = await asyncio.gather(*senders, *receivers)
+    pairs = list(zip(conns[:n_pairs], conns[n_pairs:], strict=True))
     per_sender = max(1, messages // len(pairs))
     total = per_sender * len(pairs)
     latencies: list[float] = []

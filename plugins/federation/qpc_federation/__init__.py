@@ -68,6 +68,20 @@ async def relay_enqueue(
 
 
 @hookimpl
+async def on_user_registered(app: App, username: str, identity_key: bytes) -> None:
+    fed = get(app)
+    if fed is not None:
+        fed.local_changed(identity_key, True)
+
+
+@hookimpl
+async def on_account_deleted(app: App, identity_key: bytes, username: str | None) -> None:
+    fed = get(app)
+    if fed is not None:
+        fed.local_changed(identity_key, False)
+
+
+@hookimpl
 async def fetch_remote_key_package(app: App, identity_key: bytes) -> bytes | None:
     fed = get(app)
     if fed is None or not fed.peers:

@@ -77,6 +77,10 @@ MAX_LOOKUP = 1000
 #: refuses this server.
 BACKOFF_FIRST_SECS = 1.0
 BACKOFF_MAX_SECS = 30.0
+#: How long this server's directory answer for an identity key ("hosted here" or not) is
+#: reused.  Registrations and account deletions on this server update it at once; the time
+#: bound covers other servers sharing this server's database (PostgreSQL).
+LOCAL_CACHE_SECS = 10.0
 #: Connections the federation listener holds at most, per configured peer (reconnects
 #: overlap for a moment), and never fewer than the minimum.
 CONNECTIONS_PER_PEER = 8
@@ -124,6 +128,8 @@ class Federation:
         self.nowhere: OrderedDict[bytes, float] = OrderedDict()  # key -> until (monotonic)
         self.stats = Stats()
         self.closed = False
+        self._local: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
+        self._local_gen = 0  # bumped by every registration / deletion seen here
 
     @property
     def max_connections(self) -> int:
@@ -150,15 +156,42 @@ class Federation:
             raise Forbidden("origin_domain is not a configured peer named by your certificate")
         return d
 
+    async def hosted_here(self, key: bytes) -> bool:
+        """Does this server's directory know ``key``?  (Cached: every relayed message asks
+        it for its recipient and sender, and every origin for each recipient.)"""
+        now = time.monotonic()
+        hit = self._local.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        gen = self._local_gen
+        found = await resolve_identity(self.app, key) is not None
+        if gen == self._local_gen:  # no registration / deletion raced with the read
+            self._remember_local(key, found)
+        return found
+
+    def _remember_local(self, key: bytes, hosted: bool) -> None:
+        self._local[key] = (hosted, time.monotonic() + LOCAL_CACHE_SECS)
+        self._local.move_to_end(key)
+        while len(self._local) > MAX_ROUTES:
+            self._local.popitem(last=False)
+
+    def local_changed(self, key: bytes, hosted: bool) -> None:
+        """A user registered here (``hosted``) or deleted their account here."""
+        self._local_gen += 1
+        self._remember_local(key, hosted)
+        if hosted:
+            self.routes.pop(key, None)
+            self.nowhere.pop(key, None)
+
     async def _hosted(self, key: bytes) -> None:
-        if await resolve_identity(self.app, key) is None:
+        if not await self.hosted_here(key):
             raise NotFound(f"recipient is not hosted on {self.domain}")
 
     async def _sender(self, origin: str, key: bytes) -> bytes:
         """A peer names senders of its own: never an identity this server hosts, nor one a
         route says lives on another peer."""
         sender = check_identity_key(key, "sender_key")
-        if await resolve_identity(self.app, sender) is not None:
+        if await self.hosted_here(sender):
             raise Forbidden("sender_key is a user of this server, not of the origin")
         home = self.routes.get(sender)
         if home is not None and home != origin:
@@ -223,9 +256,9 @@ class Federation:
             raise TooLarge(f"at most {MAX_LOOKUP} identity keys per lookup")
         for k in keys:
             check_identity_key(k, "identity_keys[]")
-        found = await _all(resolve_identity(self.app, k) for k in keys)
+        found = await _all(self.hosted_here(k) for k in keys)
         return federation_pb2.FederationLookupResponse(
-            hosted=[k for k, u in zip(keys, found, strict=True) if u is not None])
+            hosted=[k for k, h in zip(keys, found, strict=True) if h])
 
     async def proxy_fetch_key_package(
         self, ctx: RpcContext, req: federation_pb2.ProxyFetchKeyPackageRequest
@@ -416,7 +449,7 @@ class Federation:
     async def _known(self, key: bytes) -> str | None:
         """``""``: hosted here (or by no peer, recently); a peer domain: known home; None:
         ask the peers."""
-        if await resolve_identity(self.app, key) is not None:
+        if await self.hosted_here(key):
             return ""
         domain = self.routes.get(key)
         if domain is not None and domain in self.peers:

@@ -23,10 +23,11 @@ from qpc_federation.service import (
 )
 
 from qpc_core.admin import metrics_registry
+from qpc_core.client.loadtest import run_loadtest
 from qpc_core.client.sdk import ConnectionLost
 from qpc_core.errors import Forbidden, NotFound, QuotaExceeded, Unavailable, Unimplemented
 from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
-from qpc_core.testing import free_udp_port
+from qpc_core.testing import free_udp_port, quic_port
 from qpc_core.users import register_user
 
 Factory = Callable[..., Any]
@@ -302,3 +303,22 @@ async def test_large_messages_cross_at_full_size(
     while len(got) < 3:
         got += await bob.fetch()
     assert [m.data for m in got] == [big] * 3
+
+
+async def test_load_across_the_federation_loses_nothing(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """The benchmark's relayed load (bench/bench_federation.py) as a check: every message
+    acknowledged on node1 is delivered on node2, once."""
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    for i, k in enumerate(keys):
+        await register_user(n2.app, f"rx{i}", k.public_key().public_bytes_raw())
+    r = await run_loadtest(
+        "127.0.0.1", quic_port(n1.app), token="devtoken",
+        ca_cert=n1.app.settings.data_dir / "ca-cert.pem", clients=6, messages=300, window=4,
+        max_seconds=60, receiver_port=quic_port(n2.app),
+        receiver_ca_cert=n2.app.settings.data_dir / "ca-cert.pem", receiver_identities=keys)
+    assert (r.sent, r.delivered, r.errors, r.leftover) == (300, 300, 0, 0)
+    assert n1.fed.stats.relayed == {D2: 300}
+    assert n2.fed.stats.received == {D1: 300}
