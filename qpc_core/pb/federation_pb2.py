@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from qpc_core.pb import delivery_pb2 as qpc_dot_v1_dot_delivery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x15qpc/v1/delivery.proto\"i\n\x13RelayEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12\'\n\x07message\x18\x03 \x01(\x0b\x32\x16.qpc.v1.EnqueueRequest\"q\n\x18RelayBatchEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.qpc.v1.BatchEnqueueRequest\"J\n\x1bProxyFetchKeyPackageRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"I\n\x1aProxyFetchHybridKeyRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"B\n\x17ProxyResolveUserRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"0\n\x17\x46\x65\x64\x65rationHealthRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\":\n\x18\x46\x65\x64\x65rationHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"G\n\x17\x46\x65\x64\x65rationLookupRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x15\n\ridentity_keys\x18\x02 \x03(\x0c\"*\n\x18\x46\x65\x64\x65rationLookupResponse\x12\x0e\n\x06hosted\x18\x01 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x15qpc/v1/delivery.proto\"i\n\x13RelayEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12\'\n\x07message\x18\x03 \x01(\x0b\x32\x16.qpc.v1.EnqueueRequest\"q\n\x18RelayBatchEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.qpc.v1.BatchEnqueueRequest\"J\n\x1bProxyFetchKeyPackageRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"I\n\x1aProxyFetchHybridKeyRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"B\n\x17ProxyResolveUserRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"0\n\x17\x46\x65\x64\x65rationHealthRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\":\n\x18\x46\x65\x64\x65rationHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"G\n\x17\x46\x65\x64\x65rationLookupRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x15\n\ridentity_keys\x18\x02 \x03(\x0c\"*\n\x18\x46\x65\x64\x65rationLookupResponse\x12\x0e\n\x06hosted\x18\x01 \x03(\x0c\"P\n\x19\x46\x65\x64\x65rationAnnounceRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x0e\n\x06hosted\x18\x02 \x03(\x0c\x12\x0c\n\x04gone\x18\x03 \x03(\x0c\"\x1c\n\x1a\x46\x65\x64\x65rationAnnounceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,4 +50,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEDERATIONLOOKUPREQUEST']._serialized_end=680
   _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_start=682
   _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_end=724
+  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_start=726
+  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_end=806
+  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_start=808
+  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

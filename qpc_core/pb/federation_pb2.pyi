@@ -78,3 +78,17 @@ class FederationLookupResponse(_message.Message):
     HOSTED_FIELD_NUMBER: _ClassVar[int]
     hosted: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, hosted: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FederationAnnounceRequest(_message.Message):
+    __slots__ = ("origin_domain", "hosted", "gone")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    hosted: _containers.RepeatedScalarFieldContainer[bytes]
+    gone: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, origin_domain: _Optional[str] = ..., hosted: _Optional[_Iterable[bytes]] = ..., gone: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FederationAnnounceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

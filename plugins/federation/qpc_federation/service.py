@@ -66,6 +66,7 @@ PROXY_FETCH_HYBRID_KEY = 903
 PROXY_RESOLVE_USER = 904
 FEDERATION_HEALTH = 905
 FEDERATION_LOOKUP = 906
+FEDERATION_ANNOUNCE = 907
 #: Rate-limit group of the federation methods (per peer address; ``rate_limits.federation``).
 RATE_GROUP = "federation"
 #: Routes (identity key -> peer domain) and "hosted by no peer" answers kept at most.
@@ -182,6 +183,8 @@ class Federation:
         if hosted:
             self.routes.pop(key, None)
             self.nowhere.pop(key, None)
+        if self.peers and not self.closed:
+            self.announce_local(key, hosted)
 
     async def _hosted(self, key: bytes) -> None:
         if not await self.hosted_here(key):
@@ -260,6 +263,43 @@ class Federation:
         return federation_pb2.FederationLookupResponse(
             hosted=[k for k, h in zip(keys, found, strict=True) if h])
 
+    async def announce(
+        self, ctx: RpcContext, req: federation_pb2.FederationAnnounceRequest
+    ) -> federation_pb2.FederationAnnounceResponse:
+        """A peer's users registered (hosted) or left (gone) there.  A route is taken from
+        it only where none points elsewhere (a peer cannot take over another peer's users
+        this way) and the key is not a user of this server."""
+        origin = self.origin(ctx, req.origin_domain)
+        if len(req.hosted) > MAX_LOOKUP or len(req.gone) > MAX_LOOKUP:
+            raise TooLarge(f"at most {MAX_LOOKUP} keys per list")
+        for k in (*req.hosted, *req.gone):
+            check_identity_key(k, "identity key")
+        for k in map(bytes, req.gone):
+            if self.routes.get(k) == origin:
+                del self.routes[k]
+        for k in map(bytes, req.hosted):
+            if self.routes.get(k, origin) == origin and not await self.hosted_here(k):
+                self._learn(k, origin)
+        return federation_pb2.FederationAnnounceResponse()
+
+    def announce_local(self, key: bytes, hosted: bool) -> None:
+        """Tell every peer (in the background, best effort) that ``key`` registered here or
+        left: a peer that remembered "no peer hosts it" would store its messages for
+        ``route_cache_secs`` where the user never fetches."""
+        req = federation_pb2.FederationAnnounceRequest(origin_domain=self.domain)
+        (req.hosted if hosted else req.gone).append(key)
+
+        async def tell(domain: str) -> None:
+            try:
+                await self.call(domain, FEDERATION_ANNOUNCE, req,
+                                federation_pb2.FederationAnnounceResponse)
+            except RpcError as e:
+                log.info("federation peer %s was not told of a %s: %s", domain,
+                         "registration" if hosted else "deletion", e.message)
+
+        for d in self.peers:
+            self.app.spawn(tell(d), f"federation-announce-{d}")
+
     async def proxy_fetch_key_package(
         self, ctx: RpcContext, req: federation_pb2.ProxyFetchKeyPackageRequest
     ) -> keys_pb2.FetchKeyPackageResponse:
@@ -323,6 +363,8 @@ class Federation:
                                  f.FederationHealthRequest, self.health, group="health"),
             FEDERATION_LOOKUP: m(FEDERATION_LOOKUP, "FederationLookup",
                                  f.FederationLookupRequest, self.lookup),
+            FEDERATION_ANNOUNCE: m(FEDERATION_ANNOUNCE, "FederationAnnounce",
+                                   f.FederationAnnounceRequest, self.announce),
         }
 
     # -- origin server side: peer connections ----------------------------------------------------

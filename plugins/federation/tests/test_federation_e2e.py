@@ -226,10 +226,8 @@ async def test_key_packages_hybrid_keys_and_users_of_the_peer(
     alice = await connect(n1.app)
     u = await alice.resolve_user("bob@Node2.test")
     assert (u.username, u.identity_key) == ("bob@node2.test", bob.identity_key)
-    # No route from a ResolveUser answer (a peer could name another peer's user's key)...
-    assert bob.identity_key not in n1.fed.routes
     assert await alice.fetch_key_package(bob.identity_key) == b"bob-kp"
-    assert n1.fed.routes[bob.identity_key] == D2  # ...only from FederationLookup
+    assert n1.fed.routes[bob.identity_key] == D2
     assert await alice.fetch_key_package(bob.identity_key) == b""  # single use, at the home
     assert await alice.fetch_hybrid_key(bob.identity_key) == b"\x02" * 1216
     both = await alice.fetch_hybrid_keys([bob.identity_key, carol.identity_key])
@@ -322,3 +320,53 @@ async def test_load_across_the_federation_loses_nothing(
     assert (r.sent, r.delivered, r.errors, r.leftover) == (300, 300, 0, 0)
     assert n1.fed.stats.relayed == {D2: 300}
     assert n2.fed.stats.received == {D1: 300}
+
+
+async def test_a_registration_at_the_peer_ends_a_no_home_answer_at_once(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    """node1 remembered "no peer hosts this key" (route_cache_secs); when the user then
+    registers on node2, node2 tells node1 (FederationAnnounce) and the next message goes
+    there instead of being stored on node1 for the rest of the minute."""
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    bob_id = Ed25519PrivateKey.generate()
+    bob_key = bob_id.public_key().public_bytes_raw()
+    alice = await connect(n1.app)
+    assert (await alice.enqueue(bob_key, b"early")).seq == 1  # nobody hosts it yet
+    assert bob_key in n1.fed.nowhere
+    heard = asyncio.Event()
+    learn = n1.fed._learn
+
+    def learnt(key: bytes, domain: str | None) -> None:
+        learn(key, domain)
+        if key == bob_key and domain == D2:
+            heard.set()
+
+    n1.fed._learn = learnt  # type: ignore[method-assign]
+    await register_user(n2.app, "bob", bob_key)
+    await asyncio.wait_for(heard.wait(), 10)
+    assert bob_key not in n1.fed.nowhere
+    assert (await alice.enqueue(bob_key, b"late")).seq == 1  # node2's inbox
+    bob = await connect(n2.app, identity=bob_id)
+    assert [m.data for m in await bob.fetch()] == [b"late"]
+
+
+async def test_announcements_cannot_take_over_another_peers_users(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    carol = await connect(n1.app)
+    await register_user(n1.app, "carol", carol.identity_key)
+    someone = os.urandom(32)
+    n1.fed.routes[someone] = "node3.test"  # a route to another peer
+    peer = await fed_client(n1.port, D1, n2.cert_dir)
+    try:
+        await peer.call(907, federation_pb2.FederationAnnounceRequest(
+            origin_domain=D2, hosted=[someone, carol.identity_key]),
+            federation_pb2.FederationAnnounceResponse)
+        await peer.call(907, federation_pb2.FederationAnnounceRequest(
+            origin_domain=D2, gone=[someone]), federation_pb2.FederationAnnounceResponse)
+    finally:
+        await peer.close()
+    assert n1.fed.routes[someone] == "node3.test"
+    assert carol.identity_key not in n1.fed.routes  # node1's own user stays node1's
