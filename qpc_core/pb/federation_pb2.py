@@ -22,36 +22,43 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from qpc_core.pb import common_pb2 as qpc_dot_v1_dot_common__pb2
 from qpc_core.pb import delivery_pb2 as qpc_dot_v1_dot_delivery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x15qpc/v1/delivery.proto\"i\n\x13RelayEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12\'\n\x07message\x18\x03 \x01(\x0b\x32\x16.qpc.v1.EnqueueRequest\"q\n\x18RelayBatchEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.qpc.v1.BatchEnqueueRequest\"J\n\x1bProxyFetchKeyPackageRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"I\n\x1aProxyFetchHybridKeyRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"B\n\x17ProxyResolveUserRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"0\n\x17\x46\x65\x64\x65rationHealthRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\":\n\x18\x46\x65\x64\x65rationHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"G\n\x17\x46\x65\x64\x65rationLookupRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x15\n\ridentity_keys\x18\x02 \x03(\x0c\"*\n\x18\x46\x65\x64\x65rationLookupResponse\x12\x0e\n\x06hosted\x18\x01 \x03(\x0c\"P\n\x19\x46\x65\x64\x65rationAnnounceRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x0e\n\x06hosted\x18\x02 \x03(\x0c\x12\x0c\n\x04gone\x18\x03 \x03(\x0c\"\x1c\n\x1a\x46\x65\x64\x65rationAnnounceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x13qpc/v1/common.proto\x1a\x15qpc/v1/delivery.proto\"i\n\x13RelayEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12\'\n\x07message\x18\x03 \x01(\x0b\x32\x16.qpc.v1.EnqueueRequest\"q\n\x18RelayBatchEnqueueRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x12\n\nsender_key\x18\x02 \x01(\x0c\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x1b.qpc.v1.BatchEnqueueRequest\"J\n\x1bProxyFetchKeyPackageRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"I\n\x1aProxyFetchHybridKeyRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\"B\n\x17ProxyResolveUserRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"0\n\x17\x46\x65\x64\x65rationHealthRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\":\n\x18\x46\x65\x64\x65rationHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"G\n\x17\x46\x65\x64\x65rationLookupRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x15\n\ridentity_keys\x18\x02 \x03(\x0c\"*\n\x18\x46\x65\x64\x65rationLookupResponse\x12\x0e\n\x06hosted\x18\x01 \x03(\x0c\"P\n\x19\x46\x65\x64\x65rationAnnounceRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12\x0e\n\x06hosted\x18\x02 \x03(\x0c\x12\x0c\n\x04gone\x18\x03 \x03(\x0c\"\x1c\n\x1a\x46\x65\x64\x65rationAnnounceResponse\"\\\n\x17RelayEnqueueManyRequest\x12\x15\n\rorigin_domain\x18\x01 \x01(\t\x12*\n\x05items\x18\x02 \x03(\x0b\x32\x1b.qpc.v1.RelayEnqueueRequest\"[\n\x16RelayEnqueueItemResult\x12#\n\x02ok\x18\x01 \x01(\x0b\x32\x17.qpc.v1.EnqueueResponse\x12\x1c\n\x05\x65rror\x18\x02 \x01(\x0b\x32\r.qpc.v1.Error\"K\n\x18RelayEnqueueManyResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.qpc.v1.RelayEnqueueItemResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qpc.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RELAYENQUEUEREQUEST']._serialized_start=58
-  _globals['_RELAYENQUEUEREQUEST']._serialized_end=163
-  _globals['_RELAYBATCHENQUEUEREQUEST']._serialized_start=165
-  _globals['_RELAYBATCHENQUEUEREQUEST']._serialized_end=278
-  _globals['_PROXYFETCHKEYPACKAGEREQUEST']._serialized_start=280
-  _globals['_PROXYFETCHKEYPACKAGEREQUEST']._serialized_end=354
-  _globals['_PROXYFETCHHYBRIDKEYREQUEST']._serialized_start=356
-  _globals['_PROXYFETCHHYBRIDKEYREQUEST']._serialized_end=429
-  _globals['_PROXYRESOLVEUSERREQUEST']._serialized_start=431
-  _globals['_PROXYRESOLVEUSERREQUEST']._serialized_end=497
-  _globals['_FEDERATIONHEALTHREQUEST']._serialized_start=499
-  _globals['_FEDERATIONHEALTHREQUEST']._serialized_end=547
-  _globals['_FEDERATIONHEALTHRESPONSE']._serialized_start=549
-  _globals['_FEDERATIONHEALTHRESPONSE']._serialized_end=607
-  _globals['_FEDERATIONLOOKUPREQUEST']._serialized_start=609
-  _globals['_FEDERATIONLOOKUPREQUEST']._serialized_end=680
-  _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_start=682
-  _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_end=724
-  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_start=726
-  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_end=806
-  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_start=808
-  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_end=836
+  _globals['_RELAYENQUEUEREQUEST']._serialized_start=79
+  _globals['_RELAYENQUEUEREQUEST']._serialized_end=184
+  _globals['_RELAYBATCHENQUEUEREQUEST']._serialized_start=186
+  _globals['_RELAYBATCHENQUEUEREQUEST']._serialized_end=299
+  _globals['_PROXYFETCHKEYPACKAGEREQUEST']._serialized_start=301
+  _globals['_PROXYFETCHKEYPACKAGEREQUEST']._serialized_end=375
+  _globals['_PROXYFETCHHYBRIDKEYREQUEST']._serialized_start=377
+  _globals['_PROXYFETCHHYBRIDKEYREQUEST']._serialized_end=450
+  _globals['_PROXYRESOLVEUSERREQUEST']._serialized_start=452
+  _globals['_PROXYRESOLVEUSERREQUEST']._serialized_end=518
+  _globals['_FEDERATIONHEALTHREQUEST']._serialized_start=520
+  _globals['_FEDERATIONHEALTHREQUEST']._serialized_end=568
+  _globals['_FEDERATIONHEALTHRESPONSE']._serialized_start=570
+  _globals['_FEDERATIONHEALTHRESPONSE']._serialized_end=628
+  _globals['_FEDERATIONLOOKUPREQUEST']._serialized_start=630
+  _globals['_FEDERATIONLOOKUPREQUEST']._serialized_end=701
+  _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_start=703
+  _globals['_FEDERATIONLOOKUPRESPONSE']._serialized_end=745
+  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_start=747
+  _globals['_FEDERATIONANNOUNCEREQUEST']._serialized_end=827
+  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_start=829
+  _globals['_FEDERATIONANNOUNCERESPONSE']._serialized_end=857
+  _globals['_RELAYENQUEUEMANYREQUEST']._serialized_start=859
+  _globals['_RELAYENQUEUEMANYREQUEST']._serialized_end=951
+  _globals['_RELAYENQUEUEITEMRESULT']._serialized_start=953
+  _globals['_RELAYENQUEUEITEMRESULT']._serialized_end=1044
+  _globals['_RELAYENQUEUEMANYRESPONSE']._serialized_start=1046
+  _globals['_RELAYENQUEUEMANYRESPONSE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

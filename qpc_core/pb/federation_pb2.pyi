@@ -1,3 +1,4 @@
+from qpc_core.pb import common_pb2 as _common_pb2
 from qpc_core.pb import delivery_pb2 as _delivery_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -92,3 +93,25 @@ class FederationAnnounceRequest(_message.Message):
 class FederationAnnounceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RelayEnqueueManyRequest(_message.Message):
+    __slots__ = ("origin_domain", "items")
+    ORIGIN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    origin_domain: str
+    items: _containers.RepeatedCompositeFieldContainer[RelayEnqueueRequest]
+    def __init__(self, origin_domain: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RelayEnqueueRequest, _Mapping]]] = ...) -> None: ...
+
+class RelayEnqueueItemResult(_message.Message):
+    __slots__ = ("ok", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: _delivery_pb2.EnqueueResponse
+    error: _common_pb2.Error
+    def __init__(self, ok: _Optional[_Union[_delivery_pb2.EnqueueResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+
+class RelayEnqueueManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RelayEnqueueItemResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RelayEnqueueItemResult, _Mapping]]] = ...) -> None: ...

@@ -34,15 +34,18 @@ from google.protobuf.message import Message
 from qpc_core.builtin import delivery as delivery_mod
 from qpc_core.client.sdk import ConnectionLost, QpcClient
 from qpc_core.config import FederationConfig, parse_hostport
+from qpc_core.dispatch import MAX_ERROR_MESSAGE
 from qpc_core.errors import (
     BadRequest,
     Forbidden,
+    Internal,
     NotFound,
     RpcError,
     TooLarge,
     Unavailable,
+    error_for_status,
 )
-from qpc_core.framing import FrameError
+from qpc_core.framing import FrameError, Status
 from qpc_core.identity import check_identity_key
 from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
 from qpc_core.rpc import AuthResult, Connection, RpcContext, RpcMethod
@@ -67,6 +70,10 @@ PROXY_RESOLVE_USER = 904
 FEDERATION_HEALTH = 905
 FEDERATION_LOOKUP = 906
 FEDERATION_ANNOUNCE = 907
+RELAY_ENQUEUE_MANY = 908
+#: Items per RelayEnqueueMany, and the request size a batch stays under (the frame is 4 MiB).
+MAX_MANY = 256
+MANY_BUDGET = 3 * 1024 * 1024
 #: Rate-limit group of the federation methods (per peer address; ``rate_limits.federation``).
 RATE_GROUP = "federation"
 #: Routes (identity key -> peer domain) and "hosted by no peer" answers kept at most.
@@ -131,6 +138,8 @@ class Federation:
         self.closed = False
         self._local: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._local_gen = 0  # bumped by every registration / deletion seen here
+        # Relays waiting for the end of this loop turn, per peer (see _relay_one).
+        self._outbox: dict[str, list[tuple[bytes, NewMessage, asyncio.Future[Any]]]] = {}
 
     @property
     def max_connections(self) -> int:
@@ -204,7 +213,38 @@ class Federation:
     async def relay_enqueue(
         self, ctx: RpcContext, req: federation_pb2.RelayEnqueueRequest
     ) -> delivery_pb2.EnqueueResponse:
+        return await self._relay_item(self.origin(ctx, req.origin_domain), req)
+
+    async def relay_enqueue_many(
+        self, ctx: RpcContext, req: federation_pb2.RelayEnqueueManyRequest
+    ) -> federation_pb2.RelayEnqueueManyResponse:
         origin = self.origin(ctx, req.origin_domain)
+        if len(req.items) > MAX_MANY:
+            raise TooLarge(f"at most {MAX_MANY} items per RelayEnqueueMany")
+        ctx.charge(len(req.items) - 1)  # rate limits count relayed messages, not requests
+        results = await asyncio.gather(*(self._relay_item(origin, it) for it in req.items),
+                                       return_exceptions=True)
+        out = federation_pb2.RelayEnqueueManyResponse()
+        for r in results:
+            item = out.results.add()
+            if isinstance(r, delivery_pb2.EnqueueResponse):
+                item.ok.CopyFrom(r)
+                continue
+            if not isinstance(r, RpcError):
+                if not isinstance(r, Exception):
+                    raise r  # cancellation (shutdown): not an item's answer
+                log.error("relayed message failed", exc_info=r)
+                r = Internal("internal error")
+            item.error.code = int(r.status)
+            item.error.name = Status(r.status).name
+            item.error.message = r.message[:MAX_ERROR_MESSAGE]
+            if r.retry_after:
+                item.error.retry_after_ms = max(1, int(r.retry_after * 1000))
+        return out
+
+    async def _relay_item(
+        self, origin: str, req: federation_pb2.RelayEnqueueRequest
+    ) -> delivery_pb2.EnqueueResponse:
         m = req.message
         recipient = check_identity_key(m.recipient_key, "message.recipient_key")
         await self._hosted(recipient)  # first: a server that is not the home says only that
@@ -365,6 +405,8 @@ class Federation:
                                  f.FederationLookupRequest, self.lookup),
             FEDERATION_ANNOUNCE: m(FEDERATION_ANNOUNCE, "FederationAnnounce",
                                    f.FederationAnnounceRequest, self.announce),
+            RELAY_ENQUEUE_MANY: m(RELAY_ENQUEUE_MANY, "RelayEnqueueMany",
+                                  f.RelayEnqueueManyRequest, self.relay_enqueue_many),
         }
 
     # -- origin server side: peer connections ----------------------------------------------------
@@ -583,6 +625,71 @@ class Federation:
                 message_id=m.message_id),
         ), delivery_pb2.BatchEnqueueResponse
 
+    def _relay_one(self, domain: str, sender: bytes, msg: NewMessage) -> asyncio.Future[Any]:
+        """Relay one message to ``domain``: messages to the same peer that are ready in the
+        same loop turn leave together (RelayEnqueueMany), as Enqueues share a commit."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        queue = self._outbox.setdefault(domain, [])
+        queue.append((sender, msg, fut))
+        if len(queue) == 1:
+            loop.call_soon(self._ship, domain)
+        return fut
+
+    def _ship(self, domain: str) -> None:
+        items = self._outbox.pop(domain, [])
+        batch: list[tuple[bytes, NewMessage, asyncio.Future[Any]]] = []
+        size = 0
+        for it in items:
+            n = len(it[1].payload) + 256
+            if batch and (len(batch) >= MAX_MANY or size + n > MANY_BUDGET):
+                self.app.spawn(self._ship_batch(domain, batch), f"federation-relay-{domain}")
+                batch, size = [], 0
+            batch.append(it)
+            size += n
+        if batch:
+            self.app.spawn(self._ship_batch(domain, batch), f"federation-relay-{domain}")
+
+    async def _ship_batch(self, domain: str,
+                          batch: list[tuple[bytes, NewMessage, asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                sender, msg, fut = batch[0]
+                (out,) = await self._send(domain, sender, [msg])
+                if not fut.done():
+                    fut.set_result(out)
+                return
+            req = federation_pb2.RelayEnqueueManyRequest(origin_domain=self.domain)
+            for sender, msg, _fut in batch:
+                one = self._request(sender, [msg])[1]
+                assert isinstance(one, federation_pb2.RelayEnqueueRequest)
+                req.items.append(one)
+            resp = await self.call(domain, RELAY_ENQUEUE_MANY, req,
+                                   federation_pb2.RelayEnqueueManyResponse)
+            if len(resp.results) != len(batch):
+                raise Unavailable(f"federation peer {domain} answered {len(resp.results)} "
+                                  f"results for {len(batch)} messages", retry_after=5.0)
+            ok = 0
+            for (_sender, _msg, fut), r in zip(batch, resp.results, strict=True):
+                if fut.done():
+                    continue
+                if r.HasField("ok"):
+                    ok += 1
+                    fut.set_result(EnqueueOutcome(r.ok.seq, r.ok.duplicate))
+                else:
+                    e = r.error
+                    fut.set_exception(error_for_status(
+                        e.code or Status.INTERNAL, e.message,
+                        e.retry_after_ms / 1000 if e.retry_after_ms else None))
+            self.stats.add(self.stats.relayed, domain, ok)
+        except BaseException as e:
+            for _sender, _msg, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else
+                                      Unavailable("server shutting down", retry_after=1.0))
+            if not isinstance(e, Exception):
+                raise
+
     async def _send(self, domain: str, sender: bytes,
                     msgs: Sequence[NewMessage]) -> list[EnqueueOutcome]:
         method, request, rtype = self._request(sender, msgs)
@@ -609,7 +716,10 @@ class Federation:
                     groups.setdefault(h, []).append(i)
 
             async def to_home(domain: str, idx: list[int]) -> None:
-                outs = await self._send(domain, sender, [messages[i] for i in idx])
+                if len(idx) == 1:
+                    outs = [await self._relay_one(domain, sender, messages[idx[0]])]
+                else:
+                    outs = await self._send(domain, sender, [messages[i] for i in idx])
                 for i, o in zip(idx, outs, strict=True):
                     out[i] = o
 

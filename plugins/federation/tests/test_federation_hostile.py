@@ -20,12 +20,13 @@ from qpc_federation.service import (
     FEDERATION_LOOKUP,
     RELAY_BATCH_ENQUEUE,
     RELAY_ENQUEUE,
+    RELAY_ENQUEUE_MANY,
     Federation,
 )
 
 from qpc_core.client.sdk import QpcClient
 from qpc_core.dispatch import MAX_ERROR_MESSAGE, error_payload
-from qpc_core.errors import BadRequest, Forbidden, TooLarge, Unavailable
+from qpc_core.errors import BadRequest, Forbidden, QuotaExceeded, TooLarge, Unavailable
 from qpc_core.framing import Status, encode_request
 from qpc_core.pb import common_pb2, delivery_pb2, federation_pb2
 from qpc_core.testing import free_udp_port
@@ -239,3 +240,33 @@ async def test_oversize_names_get_short_answers(
         await alice.resolve_user("x" * 100_000 + "@node2.test")
     assert len(e.value.message) < 200
     assert len(error_payload(Status.NOT_FOUND, "y" * 5_000_000)) < MAX_ERROR_MESSAGE + 64
+
+
+async def test_relays_ready_together_share_one_request_and_fail_alone(
+    app_factory: Factory, connect: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    bob, dave = await connect(n2.app), await connect(n2.app)
+    await register_user(n2.app, "bob", bob.identity_key)
+    await register_user(n2.app, "dave", dave.identity_key)
+    alice = await connect(n1.app)
+    for i in range(3):
+        assert (await alice.enqueue(bob.identity_key, b"fills bob's queue")).seq == i + 1
+    n2.app.settings.max_queue_depth = 3
+    calls: list[int] = []
+    real = Federation.call
+
+    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
+        calls.append(method_id)
+        return await real(self, domain, method_id, *a)
+
+    monkeypatch.setattr(Federation, "call", counting)
+    results = await asyncio.gather(
+        alice.enqueue(bob.identity_key, b"refused"),
+        *(alice.enqueue(dave.identity_key, b"d%d" % i) for i in range(3)),
+        return_exceptions=True)
+    assert calls == [RELAY_ENQUEUE_MANY]  # four relays, one request
+    assert isinstance(results[0], QuotaExceeded)
+    assert sorted(r.seq for r in results[1:] if not isinstance(r, BaseException)) == [1, 2, 3]
+    assert sorted(m.data for m in await dave.fetch()) == [b"d0", b"d1", b"d2"]
+    assert n1.fed.stats.relayed[D2] == 6  # the first three, then three of these four
