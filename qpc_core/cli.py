@@ -134,8 +134,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"{tls.certificate.not_valid_after_utc:%Y-%m-%d}, key matches, "
             f"{len(tls.chain)} intermediate(s) sent"
         )
+    checked = app.hooks.check_config(app)
     print(f"config OK: {len(app.plugins)} plugins, {len(app.methods)} RPC methods")
     print(tls_line)
+    for _plugin, line in checked:
+        print(line)
     for p in app.plugins:
         print(f"  {p.order:2d} {p.name:<12} {p.distribution} {p.version}")
     return 0

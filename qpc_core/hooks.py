@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from qpc_core.errors import PluginError
+from qpc_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -149,6 +149,18 @@ class Hooks:
 
     def register_config_sections(self, app: App) -> list[tuple[str, ConfigSection]]:
         return self._collect("register_config_sections", app=app)
+
+    def check_config(self, app: App) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for plugin, fn in self._impls("check_config"):
+            try:
+                lines = fn(app=app) or []
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise PluginError(f"plugin '{plugin}': hook 'check_config' failed: {e}") from e
+            out += [(plugin, line) for line in lines]
+        return out
 
     # -- resolvers -------------------------------------------------------------------------------
     async def open_storage(self, app: App) -> Storage | None:

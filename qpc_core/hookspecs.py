@@ -109,6 +109,15 @@ def register_config_sections(app: App) -> list[ConfigSection]:
     return []
 
 
+@hookspec
+def check_config(app: App) -> list[str]:
+    """``qpc check-config`` only: check the files and resources your configuration names the
+    way start-up would (certificates, keys, directories), without starting anything.  Raise
+    :class:`~qpc_core.errors.ConfigError` naming the config key for a problem; return lines
+    saying what was checked (printed in plugin order)."""
+    return []
+
+
 # --- resolvers -----------------------------------------------------------------------------
 
 

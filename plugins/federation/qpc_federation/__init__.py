@@ -39,6 +39,18 @@ async def startup(app: App) -> None:
 
 
 @hookimpl
+def check_config(app: App) -> list[str]:
+    cfg = app.settings.federation
+    if not cfg.enabled:
+        return ["federation: disabled"]
+    tls = certs.load(cfg)  # what start-up checks: format, key pair, CA, own domain
+    cert = tls.material.certificate
+    return [f"federation: {cfg.domain} on {cfg.listen}, certificate valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d} under {tls.ca.subject.rfc4514_string()}, "
+            f"{len(cfg.peers)} peer(s): {', '.join(p.domain for p in cfg.peers) or 'none'}"]
+
+
+@hookimpl
 async def shutdown(app: App) -> None:
     fed = get(app)
     if fed is not None:

@@ -136,3 +136,30 @@ def test_a_disabled_table_is_not_held_to_the_peer_rules(tmp_path: Path) -> None:
     s = make_settings(tmp_path, federation={"domain": "a.test", "peers": [
         {"domain": "b.test", "address": "h:1"}, {"domain": "b.test", "address": "h:2"}]})
     assert s.federation.enabled is False
+
+
+def test_check_config_checks_the_federation_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qpc_core.cli import main as qpc
+
+    certs.make_ca(tmp_path / "ca")
+    certs.issue(tmp_path / "ca", tmp_path / "n1", D1)
+    certs.issue(tmp_path / "ca", tmp_path / "other", D1)
+    table = fed_settings(tmp_path / "n1", D1, 7001, [(D2, 7002)])
+    lines = ["plugins = [\"federation\"]", "[federation]"]
+    lines += [f'{k} = "{v}"' if isinstance(v, (str, Path)) else f"{k} = {str(v).lower()}"
+              for k, v in table.items() if k != "peers"]
+    lines += ["[[federation.peers]]", f'domain = "{D2}"', 'address = "10.0.1.2:7001"']
+    cfg = tmp_path / "qpc-server.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    args = ["check-config", "--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+    assert qpc(args) == 0
+    out = capsys.readouterr().out
+    assert f"federation: {D1} on 127.0.0.1:7001, certificate valid until" in out
+    assert "1 peer(s): node2.test" in out
+    # A key that is not the certificate's: found before any restart.
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "n1" / certs.NODE_KEY),
+                                           str(tmp_path / "other" / certs.NODE_KEY)))
+    assert qpc(args) == 1
+    assert "federation.federation_key" in capsys.readouterr().err
