@@ -51,8 +51,9 @@ async def resolve_user(ctx: RpcContext, req: pb.ResolveUserRequest) -> pb.Resolv
         plain = unicodedata.normalize("NFKC", username).strip().lstrip("@")
         local, _at, domain = plain.rpartition("@")
         domain = domain.strip().lower().rstrip(".")
+        fed = app.settings.federation
         if local and domain:
-            if domain == app.settings.federation.domain:
+            if fed.enabled and domain == fed.domain:
                 username = local
             else:
                 remote = await app.hooks.resolve_remote_user(app, local, domain)

@@ -137,6 +137,8 @@ def _count(counts: dict[str, int], key: str, delta: int) -> None:
 #: At shutdown, answers not yet acknowledged are waited for only on connections heard from
 #: within this many seconds.
 FLUSH_SILENT_SECS = 2.0
+#: Handshakes in progress a listener with its own ``max_connections`` admits at most.
+OWN_CAP_HALF_OPEN = 256
 #: Pushes (server-opened uni streams) a connection may have unacknowledged; more are dropped.
 MAX_PUSH_BACKLOG = 64
 
@@ -785,8 +787,11 @@ class QuicTransport:
         methods: Mapping[int, tuple[str, RpcMethod]] | None = None,
         peer_certificate_auth: PeerCertificateCheck | None = None,
         max_connections: int | None = None,
+        retry: str | None = None,
     ) -> None:
         self.name = name
+        #: QUIC Retry for this listener ("off" / "on" / "auto"); None: ``quic_retry``.
+        self.retry = retry
         #: A cap of this listener's own (established + mid-handshake), instead of the
         #: server-wide ``max_connections`` over all client connections: a plugin listener
         #: whose clients must not be crowded out by the client port's.
@@ -887,12 +892,12 @@ class QuicTransport:
             self._track(proto)
             return proto
 
-        self._retry_mode = s.quic_retry
+        retry = self._retry_mode = self.retry or s.quic_retry
         self.server = server = await backend.serve(
             host, port, configuration=cfg, create_protocol=factory,
-            retry=s.quic_retry == "on",
+            retry=retry == "on",
         )
-        if s.quic_retry == "auto":
+        if retry == "auto":
             handler = self._retry_handler = retry_handler(backend)
             create_token = handler.create_token
 
@@ -904,7 +909,7 @@ class QuicTransport:
 
             handler.create_token = create_token_noted
             _refuse_bad_tokens_quietly(handler)
-        elif s.quic_retry == "on":
+        elif retry == "on":
             _refuse_bad_tokens_quietly(server._retry)
         assert server._transport is not None
         # Read every datagram already queued per wake-up (see DatagramDrain): requests that
@@ -953,7 +958,14 @@ class QuicTransport:
         s = self.app.settings
         ip = str(addr[0])
         half_open = len(self.pending)
-        if half_open + self._established() >= self._cap():
+        if self.max_connections is not None:
+            # A listener with its own cap: established connections against the cap, and
+            # handshakes in progress apart (forged Initials must not take the slots).
+            crowded = (len(self.protocols) >= self.max_connections
+                       or half_open >= OWN_CAP_HALF_OPEN)
+        else:
+            crowded = half_open + self._established() >= self._cap()
+        if crowded:
             self._refuse(ip, "server at connection limit (established + mid-handshake)")
             return DROP
         total = self._per_ip.get(ip, 0)

@@ -66,7 +66,10 @@ def register_transports(app: App) -> list[Transport]:
     return [QuicTransport(name="federation", listen=fed.cfg.listen, alpn=ALPN,
                           tls=lambda _app: material, methods=fed.methods(),
                           peer_certificate_auth=fed.check_peer,
-                          max_connections=fed.max_connections)]
+                          max_connections=fed.max_connections,
+                          # Address validation before any state: Initials with forged
+                          # sources cannot hold the peers' connection slots.
+                          retry="on")]
 
 
 @hookimpl

@@ -40,9 +40,12 @@ from qpc_core.errors import (
     Forbidden,
     Internal,
     NotFound,
+    ProtocolViolation,
+    RateLimited,
     RpcError,
     TooLarge,
     Unavailable,
+    Unimplemented,
     error_for_status,
 )
 from qpc_core.framing import FrameError, Status
@@ -71,6 +74,8 @@ FEDERATION_HEALTH = 905
 FEDERATION_LOOKUP = 906
 FEDERATION_ANNOUNCE = 907
 RELAY_ENQUEUE_MANY = 908
+#: Keys per FederationAnnounce (registrations come one at a time; a backlog is chunked).
+MAX_ANNOUNCE = 64
 #: Items per RelayEnqueueMany, and the request size a batch stays under (the frame is 4 MiB).
 MAX_MANY = 256
 MANY_BUDGET = 3 * 1024 * 1024
@@ -93,6 +98,19 @@ LOCAL_CACHE_SECS = 10.0
 #: overlap for a moment), and never fewer than the minimum.
 CONNECTIONS_PER_PEER = 8
 MIN_CONNECTIONS = 16
+
+
+async def _reap(attempt: asyncio.Future[QpcClient]) -> None:
+    """Wait for a connect attempt that was given up on, and close what it opened."""
+    try:
+        c = await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        if not attempt.done():
+            raise
+        return  # the attempt itself was cancelled (as it should be): nothing to close
+    except Exception:  # refused, timed out: nothing to close
+        return
+    await c.close()
 
 
 def _ttl(expires_at: float | None, now: float) -> int:
@@ -138,6 +156,11 @@ class Federation:
         self.closed = False
         self._local: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._local_gen = 0  # bumped by every registration / deletion seen here
+        self._fresh: set[str] = set()  # peers whose current connection has not answered yet
+        # Announcements a peer missed (it was unreachable), sent when it answers again.
+        self._unannounced: dict[str, dict[bytes, bool]] = {}
+        self._retrying: set[str] = set()
+        self._reapers: set[asyncio.Future[None]] = set()
         # Relays waiting for the end of this loop turn, per peer (see _relay_one).
         self._outbox: dict[str, list[tuple[bytes, NewMessage, asyncio.Future[Any]]]] = {}
 
@@ -200,14 +223,12 @@ class Federation:
             raise NotFound(f"recipient is not hosted on {self.domain}")
 
     async def _sender(self, origin: str, key: bytes) -> bytes:
-        """A peer names senders of its own: never an identity this server hosts, nor one a
-        route says lives on another peer."""
+        """A peer names senders of its own: never an identity this server hosts.  (Routes
+        to other peers are not used to refuse: they may be stale, and a refusal here is
+        final for the sender.)"""
         sender = check_identity_key(key, "sender_key")
         if await self.hosted_here(sender):
             raise Forbidden("sender_key is a user of this server, not of the origin")
-        home = self.routes.get(sender)
-        if home is not None and home != origin:
-            raise Forbidden("sender_key is a user of another server than the origin")
         return sender
 
     async def relay_enqueue(
@@ -310,8 +331,8 @@ class Federation:
         it only where none points elsewhere (a peer cannot take over another peer's users
         this way) and the key is not a user of this server."""
         origin = self.origin(ctx, req.origin_domain)
-        if len(req.hosted) > MAX_LOOKUP or len(req.gone) > MAX_LOOKUP:
-            raise TooLarge(f"at most {MAX_LOOKUP} keys per list")
+        if len(req.hosted) + len(req.gone) > MAX_ANNOUNCE:
+            raise TooLarge(f"at most {MAX_ANNOUNCE} keys per announcement")
         for k in (*req.hosted, *req.gone):
             check_identity_key(k, "identity key")
         for k in map(bytes, req.gone):
@@ -323,22 +344,49 @@ class Federation:
         return federation_pb2.FederationAnnounceResponse()
 
     def announce_local(self, key: bytes, hosted: bool) -> None:
-        """Tell every peer (in the background, best effort) that ``key`` registered here or
-        left: a peer that remembered "no peer hosts it" would store its messages for
-        ``route_cache_secs`` where the user never fetches."""
-        req = federation_pb2.FederationAnnounceRequest(origin_domain=self.domain)
-        (req.hosted if hosted else req.gone).append(key)
+        """Tell every peer (in the background) that ``key`` registered here or left: a peer
+        that remembered "no peer hosts it" would store its messages for
+        ``route_cache_secs`` where the user never fetches.  A peer that cannot be told now
+        is told when it next answers this server."""
+        for d in self.peers:
+            self.app.spawn(self._tell(d, {key: hosted}), f"federation-announce-{d}")
 
-        async def tell(domain: str) -> None:
+    async def _tell(self, domain: str, changes: dict[bytes, bool]) -> None:
+        items = list(changes.items())
+        for i in range(0, len(items), MAX_ANNOUNCE):
+            chunk = items[i:i + MAX_ANNOUNCE]
+            req = federation_pb2.FederationAnnounceRequest(
+                origin_domain=self.domain, hosted=[k for k, h in chunk if h],
+                gone=[k for k, h in chunk if not h])
             try:
                 await self.call(domain, FEDERATION_ANNOUNCE, req,
                                 federation_pb2.FederationAnnounceResponse)
             except RpcError as e:
-                log.info("federation peer %s was not told of a %s: %s", domain,
-                         "registration" if hosted else "deletion", e.message)
+                log.info("federation peer %s not told of %d registration change(s) yet: %s",
+                         domain, len(items) - i, e.message)
+                later = self._unannounced.setdefault(domain, {})
+                for k, h in items[i:]:
+                    later.setdefault(k, h)  # a newer change already waiting wins
+                while len(later) > MAX_ROUTES:
+                    later.pop(next(iter(later)))
+                if domain not in self._retrying and not self.closed:
+                    self._retrying.add(domain)
+                    self.app.spawn(self._retry_tell(domain), f"federation-announce-{domain}")
+                return
 
-        for d in self.peers:
-            self.app.spawn(tell(d), f"federation-announce-{d}")
+    async def _retry_tell(self, domain: str) -> None:
+        """Keep trying to tell ``domain`` the changes it missed (1 s, doubling to 30 s),
+        until it has been told (or answered anything, which sends them too)."""
+        delay = BACKOFF_FIRST_SECS
+        try:
+            while self._unannounced.get(domain) and not self.closed:
+                await asyncio.sleep(delay)  # pacing retries, not synchronisation
+                pending = self._unannounced.pop(domain, None)
+                if pending:
+                    await self._tell(domain, pending)
+                delay = min(BACKOFF_MAX_SECS, 2 * delay)
+        finally:
+            self._retrying.discard(domain)
 
     async def proxy_fetch_key_package(
         self, ctx: RpcContext, req: federation_pb2.ProxyFetchKeyPackageRequest
@@ -425,17 +473,22 @@ class Federation:
         c = self._clients.get(domain)
         return c is not None and c.protocol.closed_reason is None
 
-    def _drop(self, domain: str) -> None:
-        """Forget the connection to ``domain`` (closed in the background): the next call
-        opens a new one.  A peer that restarted drops packets of connections it no longer
-        knows, so a connection that stopped answering is not reused."""
-        c = self._clients.pop(domain, None)
-        if c is not None:
-            self.app.spawn(c.close(), f"federation-close-{domain}")
+    def _drop(self, domain: str, client: QpcClient | None = None) -> None:
+        """Forget the connection to ``domain`` (only if it is still ``client``, when given;
+        closed in the background): the next call opens a new one.  A peer that restarted
+        drops packets of connections it no longer knows, so a connection that stopped
+        answering is not reused."""
+        c = self._clients.get(domain)
+        if c is None or (client is not None and c is not client):
+            return
+        del self._clients[domain]
+        self._fresh.discard(domain)
+        self.app.spawn(c.close(), f"federation-close-{domain}")
 
     def _back_off(self, domain: str) -> float:
-        """Connecting to ``domain`` failed, or its new connection was closed at once (e.g.
-        it refuses this server's certificate): no new handshake for a while."""
+        """Connecting to ``domain`` failed, or its new connection was closed before it
+        answered anything (e.g. it refuses this server's certificate): no new handshake for
+        a while.  Not for an established connection that ends (a peer restart)."""
         _until, delay = self._backoff.get(domain, (0.0, 0.0))
         delay = min(BACKOFF_MAX_SECS, max(BACKOFF_FIRST_SECS, 2 * delay))
         self._backoff[domain] = (time.monotonic() + delay, delay)
@@ -456,19 +509,32 @@ class Federation:
                 raise Unavailable(f"federation peer {domain} unreachable (retrying in "
                                   f"{until - now:.1f}s)", retry_after=until - now)
             host, port = parse_hostport(self.peers[domain])
+            # The caller waits relay_timeout_secs at most; an attempt given up on finishes
+            # (and is closed) in the background, where the library's closing period runs.
+            attempt = asyncio.ensure_future(QpcClient.connect(
+                host, port, configuration=self.client_configuration(domain),
+                timeout=self.cfg.relay_timeout_secs + 5, quic_backend="aioquic",
+            ))
             try:
-                c = await QpcClient.connect(
-                    host, port, configuration=self.client_configuration(domain),
-                    timeout=self.cfg.relay_timeout_secs, quic_backend="aioquic",
-                )
+                done, _ = await asyncio.wait({attempt}, timeout=self.cfg.relay_timeout_secs)
+                if not done:
+                    attempt.cancel()
+                    # Not an app task: shutdown must not cancel it a second time (the
+                    # library would then skip closing the socket); close() waits for it.
+                    reaper = asyncio.ensure_future(_reap(attempt))
+                    self._reapers.add(reaper)
+                    reaper.add_done_callback(self._reapers.discard)
+                    raise TimeoutError(f"no handshake within {self.cfg.relay_timeout_secs:g}s")
+                c = attempt.result()
             except (OSError, TimeoutError, ConnectionError, RpcError) as e:
                 delay = self._back_off(domain)
                 raise Unavailable(f"federation peer {domain} unreachable: "
-                                  f"{e or type(e).__name__}", retry_after=delay) from None
+                                  f"{str(e) or type(e).__name__}", retry_after=delay) from None
             if self.closed:  # shut down while connecting
                 await c.close()
                 raise Unavailable("server shutting down", retry_after=1.0)
             self._clients[domain] = c
+            self._fresh.add(domain)  # no answer on it yet
             return c
 
     async def call(self, domain: str, method_id: int, request: Message,
@@ -476,14 +542,15 @@ class Federation:
         """One call to peer ``domain``.  The peer's RpcErrors come back as such (NOT_FOUND
         is an answer, not a failure); a peer that cannot be reached or does not answer in
         ``relay_timeout_secs`` raises Unavailable and its connection is replaced."""
+        client: QpcClient | None = None
         try:
             client = await self._client(domain)  # connects within relay_timeout_secs
             async with asyncio.timeout(self.cfg.relay_timeout_secs):
                 resp = await client.call(method_id, request, response_type)
-            self._backoff.pop(domain, None)  # a peer that answers is reachable again
+            self._answered(domain)
             return resp
         except TimeoutError:
-            self._drop(domain)
+            self._drop(domain, client)
             self.stats.add(self.stats.errors, (domain, "unavailable"))
             raise Unavailable(f"federation peer {domain} did not answer within "
                               f"{self.cfg.relay_timeout_secs:g}s", retry_after=5.0) from None
@@ -491,24 +558,38 @@ class Federation:
             raise TooLarge("too large to relay to another server (the federation request "
                            "would exceed the 4 MiB frame limit)") from None
         except NotFound:
+            self._answered(domain)
             raise
         except (Unavailable, ConnectionLost) as e:
             self.stats.add(self.stats.errors, (domain, "unavailable"))
-            if isinstance(e, ConnectionLost) and not self.connected(domain):
-                self._drop(domain)
-                self._back_off(domain)
             if isinstance(e, ConnectionLost):
+                if client is not None and self._clients.get(domain) is client:
+                    if domain in self._fresh:  # closed before any answer: refused
+                        self._back_off(domain)
+                    self._drop(domain, client)
                 raise Unavailable(f"federation peer {domain}: {e.message}",
                                   retry_after=1.0) from None
             raise
         except RpcError:
+            self._answered(domain)
             self.stats.add(self.stats.errors, (domain, "refused"))
             raise
+
+    def _answered(self, domain: str) -> None:
+        """The peer answered: it is reachable, and its connection no longer new.  Messages
+        of announcements it missed go now."""
+        self._backoff.pop(domain, None)
+        self._fresh.discard(domain)
+        pending = self._unannounced.pop(domain, None)
+        if pending and not self.closed:
+            self.app.spawn(self._tell(domain, pending), f"federation-announce-{domain}")
 
     async def close(self) -> None:
         self.closed = True
         clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        if self._reapers:  # connect attempts given up on, still closing their sockets
+            await asyncio.wait(list(self._reapers), timeout=5.0)
 
     # -- origin server side: routing --------------------------------------------------------------
     def _learn(self, key: bytes, domain: str | None) -> None:
@@ -640,9 +721,12 @@ class Federation:
         items = self._outbox.pop(domain, [])
         batch: list[tuple[bytes, NewMessage, asyncio.Future[Any]]] = []
         size = 0
+        # Peers usually share this server's limits; one refusing a batch still gets each
+        # message alone (see _ship_batch).
+        budget = min(MANY_BUDGET, self.app.settings.max_payload_bytes // 2)
         for it in items:
             n = len(it[1].payload) + 256
-            if batch and (len(batch) >= MAX_MANY or size + n > MANY_BUDGET):
+            if batch and (len(batch) >= MAX_MANY or size + n > budget):
                 self.app.spawn(self._ship_batch(domain, batch), f"federation-relay-{domain}")
                 batch, size = [], 0
             batch.append(it)
@@ -664,8 +748,16 @@ class Federation:
                 one = self._request(sender, [msg])[1]
                 assert isinstance(one, federation_pb2.RelayEnqueueRequest)
                 req.items.append(one)
-            resp = await self.call(domain, RELAY_ENQUEUE_MANY, req,
-                                   federation_pb2.RelayEnqueueManyResponse)
+            try:
+                resp = await self.call(domain, RELAY_ENQUEUE_MANY, req,
+                                       federation_pb2.RelayEnqueueManyResponse)
+            except (ProtocolViolation, TooLarge, Unimplemented, RateLimited) as e:
+                # The batch as a whole was refused (a peer with a lower payload limit or rate
+                # limit, or one without 908): each message on its own, concurrently.
+                log.info("federation peer %s refused a batch of %d relays (%s): sending them "
+                         "one by one", domain, len(batch), e.message)
+                await asyncio.gather(*(self._ship_batch(domain, [it]) for it in batch))
+                return
             if len(resp.results) != len(batch):
                 raise Unavailable(f"federation peer {domain} answered {len(resp.results)} "
                                   f"results for {len(batch)} messages", retry_after=5.0)
@@ -677,10 +769,10 @@ class Federation:
                     ok += 1
                     fut.set_result(EnqueueOutcome(r.ok.seq, r.ok.duplicate))
                 else:
-                    e = r.error
+                    err = r.error
                     fut.set_exception(error_for_status(
-                        e.code or Status.INTERNAL, e.message,
-                        e.retry_after_ms / 1000 if e.retry_after_ms else None))
+                        err.code or Status.INTERNAL, err.message,
+                        err.retry_after_ms / 1000 if err.retry_after_ms else None))
             self.stats.add(self.stats.relayed, domain, ok)
         except BaseException as e:
             for _sender, _msg, fut in batch:
@@ -706,27 +798,39 @@ class Federation:
         """The relay_enqueue hook: deliver what peers host, leave the rest (None) here.
         (The messages of one call share payload, channel and message_id.)"""
 
-        async def act(homes: list[str]) -> list[EnqueueOutcome | None] | None:
-            if not any(homes):
-                return None
-            out: list[EnqueueOutcome | None] = [None] * len(messages)
-            groups: dict[str, list[int]] = {}
-            for i, h in enumerate(homes):
-                if h:
-                    groups.setdefault(h, []).append(i)
+        homes = await self.homes([m.recipient_key for m in messages])
+        if not any(homes):
+            return None
+        out: list[EnqueueOutcome | None] = [None] * len(messages)
 
-            async def to_home(domain: str, idx: list[int]) -> None:
-                if len(idx) == 1:
-                    outs = [await self._relay_one(domain, sender, messages[idx[0]])]
-                else:
-                    outs = await self._send(domain, sender, [messages[i] for i in idx])
-                for i, o in zip(idx, outs, strict=True):
-                    out[i] = o
+        async def deliver(domain: str, idx: list[int]) -> None:
+            if len(idx) == 1:
+                outs = [await self._relay_one(domain, sender, messages[idx[0]])]
+            else:
+                outs = await self._send(domain, sender, [messages[i] for i in idx])
+            for i, o in zip(idx, outs, strict=True):
+                out[i] = o
 
-            await _all(to_home(d, idx) for d, idx in groups.items())
-            return out
+        async def to_home(domain: str, idx: list[int]) -> None:
+            try:
+                await deliver(domain, idx)
+            except NotFound:
+                # That home no longer hosts (some of) them: ask again for *these* recipients
+                # only (the other homes' parts are stored), once.
+                keys = [messages[i].recipient_key for i in idx]
+                self._forget(keys)
+                again: dict[str, list[int]] = {}
+                for i, h in zip(idx, await self.homes(keys), strict=True):
+                    if h:
+                        again.setdefault(h, []).append(i)
+                await _all(deliver(d, ix) for d, ix in again.items())
 
-        return await self._with_home([m.recipient_key for m in messages], act)
+        groups: dict[str, list[int]] = {}
+        for i, h in enumerate(homes):
+            if h:
+                groups.setdefault(h, []).append(i)
+        await _all(to_home(d, idx) for d, idx in groups.items())
+        return out
 
     # -- origin server side: key and user lookups ------------------------------------------------
     async def remote_key_package(self, identity_key: bytes) -> bytes | None:

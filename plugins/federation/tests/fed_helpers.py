@@ -84,3 +84,19 @@ def fed_transport(app: App) -> QuicTransport:
         if isinstance(t, QuicTransport) and t.name == "federation":
             return t
     raise AssertionError("no federation transport")
+
+
+async def start_mesh(app_factory: Callable[..., Any], tmp: Path, domains: list[str],
+                     **extra: Any) -> list[Node]:
+    """Every node a peer of every other (config order: the list order)."""
+    certs.make_ca(tmp / "ca")
+    ports = {d: free_udp_port() for d in domains}
+    nodes = []
+    for d in domains:
+        certs.issue(tmp / "ca", tmp / d, d)
+        app = await app_factory(
+            data_dir=tmp / f"data-{d}", plugins=["federation"],
+            federation=fed_settings(tmp / d, d, ports[d],
+                                    [(o, ports[o]) for o in domains if o != d], **extra))
+        nodes.append(Node(app, d, ports[d], tmp / d))
+    return nodes

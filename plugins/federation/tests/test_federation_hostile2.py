@@ -1,0 +1,173 @@
+"""Federation: the second review round's cases (each failed before its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fed_helpers import D1, D2, fed_client, start_mesh, start_pair
+from qpc_federation.service import FEDERATION_HEALTH
+
+from qpc_core.builtin import delivery as delivery_mod
+from qpc_core.errors import BadRequest, Unavailable
+from qpc_core.pb import federation_pb2
+from qpc_core.users import register_user
+
+Factory = Callable[..., Any]
+D3 = "node3.test"
+
+
+async def test_one_call_that_times_out_does_not_lock_the_peer_out(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    """A call that times out replaces the shared connection; the calls in flight on it fail
+    (retryable) but the peer is healthy: the next call goes through at once."""
+    n1, n2 = await start_pair(app_factory, tmp_path, relay_timeout_secs=30.0)
+    bob = await connect(n2.app)
+    await register_user(n2.app, "bob", bob.identity_key)
+    alice = await connect(n1.app)
+    assert (await alice.enqueue(bob.identity_key, b"warm-up")).seq == 1
+    d2 = delivery_mod.get(n2.app)
+    real_store = d2.store
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def held_store(sender: bytes, msgs: list[Any], **kw: Any) -> Any:
+        seen.append(msgs[0].payload)
+        if len(seen) >= 4:
+            arrived.set()
+        await release.wait()
+        return await real_store(sender, msgs, **kw)
+
+    d2.store = held_store  # type: ignore[method-assign]
+    calls = [asyncio.ensure_future(alice.enqueue(bob.identity_key, b"m%d" % i))
+             for i in range(4)]
+    await asyncio.wait_for(arrived.wait(), 10)  # all four are at node2, held there
+    n1.fed.cfg.relay_timeout_secs = 0.2  # a fifth one, held too, times out
+    with pytest.raises(Unavailable, match="did not answer"):
+        await alice.enqueue(bob.identity_key, b"m4")
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    n1.fed.cfg.relay_timeout_secs = 30.0
+    release.set()
+    d2.store = real_store  # type: ignore[method-assign]
+    assert D2 not in n1.fed._backoff  # no connect failed: no back-off
+    assert (await alice.enqueue(bob.identity_key, b"next")).duplicate is False
+    assert len(results) == 4
+
+
+@pytest.mark.parametrize("message_id", [b"", b"i" * 16])
+async def test_a_stale_route_in_a_batch_resends_only_its_own_part(
+    app_factory: Factory, connect: Factory, tmp_path: Path, message_id: bytes
+) -> None:
+    n1, n2, n3 = await start_mesh(app_factory, tmp_path, [D1, D2, D3])
+    bob, eve = await connect(n2.app), await connect(n3.app)
+    await register_user(n2.app, "bob", bob.identity_key)
+    await register_user(n3.app, "eve", eve.identity_key)
+    alice = await connect(n1.app)
+    await alice.batch_enqueue([bob.identity_key, eve.identity_key], b"hello")
+    assert [m.data for m in await bob.fetch()] == [b"hello"]
+    n3.fed.announce_local = lambda *a: None  # type: ignore[method-assign]  # "gone" is lost
+    await eve.delete_account()
+    res = await alice.batch_enqueue([bob.identity_key, eve.identity_key], b"once",
+                                    message_id=message_id)
+    assert [m.data for m in await bob.fetch()] == [b"once"]  # once, not twice
+    assert not res[0].duplicate
+
+
+async def test_a_batch_the_peer_refuses_as_a_whole_goes_item_by_item(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    n2.app.settings.max_payload_bytes = 64 * 1024  # a peer with a lower request limit
+    bob = await connect(n2.app)
+    await register_user(n2.app, "bob", bob.identity_key)
+    alice = await connect(n1.app)
+    await alice.enqueue(bob.identity_key, b"route")
+    sent = await asyncio.gather(*(alice.enqueue(bob.identity_key, bytes([i]) * 20_000)
+                                  for i in range(8)))
+    assert sorted(r.seq for r in sent) == list(range(2, 10))
+    got: list[bytes] = []
+    while len(got) < 9:
+        got += [m.data for m in await bob.fetch()]
+    assert len(got) == 9
+
+
+async def test_a_stale_route_for_the_sender_does_not_refuse_their_messages(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    bob = await connect(n2.app)
+    await register_user(n2.app, "bob", bob.identity_key)
+    alice = await connect(n1.app)
+    n2.fed.routes[alice.identity_key] = D3  # an old home of alice's, not node1
+    assert (await alice.enqueue(bob.identity_key, b"still delivered")).seq == 1
+    assert [m.data for m in await bob.fetch()] == [b"still delivered"]
+
+
+async def test_a_missed_registration_announcement_is_sent_again(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    bob_key = bytes(range(32))
+    alice = await connect(n1.app)
+    await alice.enqueue(bob_key, b"before")  # nobody hosts it: kept on node1
+    assert bob_key in n1.fed.nowhere
+    n2.fed._backoff[D1] = (time.monotonic() + 0.5, 0.5)  # node2 cannot reach node1 now
+    told = asyncio.Event()
+    learn = n1.fed._learn
+
+    def learnt(key: bytes, domain: str | None) -> None:
+        learn(key, domain)
+        if key == bob_key and domain == D2:
+            told.set()
+
+    n1.fed._learn = learnt  # type: ignore[method-assign]
+    await register_user(n2.app, "bob", bob_key)
+    await asyncio.wait_for(told.wait(), 15)  # retried once node1 is reachable again
+    assert bob_key not in n1.fed.nowhere
+
+
+async def test_forged_initials_cannot_take_the_peers_slots(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """The federation port always validates addresses (QUIC Retry) before keeping state,
+    and counts handshakes in progress apart from the peers' connections."""
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    # 40 Initials from two other source addresses that never complete a handshake.
+    initial = bytearray(1200)
+    initial[0] = 0xC0
+    initial[1:5] = b"\x00\x00\x00\x01"
+    initial[5] = 8
+    for i, src in enumerate(["127.0.0.2", "127.0.0.3"] * 20):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((src, 0))
+            initial[6:14] = i.to_bytes(8, "big")
+            initial[14] = 0
+            s.sendto(bytes(initial), ("127.0.0.1", n1.port))
+        finally:
+            s.close()
+    peer = await fed_client(n1.port, D1, n2.cert_dir)
+    try:
+        h = await peer.call(FEDERATION_HEALTH,
+                            federation_pb2.FederationHealthRequest(origin_domain=D2),
+                            federation_pb2.FederationHealthResponse)
+        assert h.domain == D1
+    finally:
+        await peer.close()
+
+
+async def test_a_disabled_federation_reads_name_at_domain_as_before(
+    app_factory: Factory, connect: Factory
+) -> None:
+    app = await app_factory(plugins=["federation"], federation={"domain": "here.test"})
+    carol = await connect(app)
+    await register_user(app, "carol", carol.identity_key)
+    with pytest.raises(BadRequest):
+        await carol.resolve_user("carol@here.test")
