@@ -178,6 +178,17 @@ class _ClientLogic(TurnBatching, _ProtocolBase):
                     fut.set_exception(ConnectionLost(f"connection closed: {self.closed_reason}"))
             self.waiters.clear()
 
+    async def wait_connected(self) -> None:
+        try:
+            await super().wait_connected()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            # Given up on (a connect timeout): the library still fails its handshake waiter
+            # later, which nobody would then read ("exception was never retrieved").
+            waiter = getattr(self, "_connected_waiter", None)
+            if waiter is not None:
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+
     async def roundtrip(self, data: bytes, raw: bool = False) -> Any:
         if self.closed_reason is not None:
             raise ConnectionLost(f"connection closed: {self.closed_reason}")

@@ -139,6 +139,8 @@ def _count(counts: dict[str, int], key: str, delta: int) -> None:
 FLUSH_SILENT_SECS = 2.0
 #: Handshakes in progress a listener with its own ``max_connections`` admits at most.
 OWN_CAP_HALF_OPEN = 256
+#: ... and from one address at most.
+OWN_CAP_HALF_OPEN_PER_IP = 8
 #: Pushes (server-opened uni streams) a connection may have unacknowledged; more are dropped.
 MAX_PUSH_BACKLOG = 64
 
@@ -970,6 +972,11 @@ class QuicTransport:
             return DROP
         total = self._per_ip.get(ip, 0)
         half = self._half_per_ip.get(ip, 0)
+        if self.max_connections is not None and half >= OWN_CAP_HALF_OPEN_PER_IP:
+            # One address (validated by Retry, but silent after it) cannot hold the
+            # listener's whole handshake budget.
+            self._refuse(ip, "per-IP handshakes in progress")
+            return DROP
         cap = s.max_connections_per_ip
         if total - half >= cap:
             self._refuse(ip, "per-IP connection limit")
@@ -1037,9 +1044,9 @@ class QuicTransport:
         return int(self.app.settings.max_connections)
 
     def _established(self) -> int:
-        if self.max_connections is not None:
-            return len(self.protocols)
-        return len(self.app.connections)
+        """This listener's established connections (peer connections of a plugin listener
+        do not take client slots)."""
+        return len(self.protocols)
 
     def _track(self, proto: _ServerConnectionLogic) -> None:
         ip = self._admitting or "unknown"

@@ -19,6 +19,7 @@ message is never stranded on a server its recipient does not use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
@@ -41,7 +42,6 @@ from qpc_core.errors import (
     Internal,
     NotFound,
     ProtocolViolation,
-    RateLimited,
     RpcError,
     TooLarge,
     Unavailable,
@@ -157,10 +157,14 @@ class Federation:
         self._local: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self._local_gen = 0  # bumped by every registration / deletion seen here
         self._fresh: set[str] = set()  # peers whose current connection has not answered yet
-        # Announcements a peer missed (it was unreachable), sent when it answers again.
-        self._unannounced: dict[str, dict[bytes, bool]] = {}
-        self._retrying: set[str] = set()
-        self._reapers: set[asyncio.Future[None]] = set()
+        # Registration changes not yet told to each peer: key -> (hosted, change number).
+        self._changes: dict[str, dict[bytes, tuple[bool, int]]] = {}
+        self._change_seq = 0
+        self._announcers: set[str] = set()
+        self._announce_wake: dict[str, asyncio.Event] = {}
+        self._no_announce: set[str] = set()  # peers that refuse FederationAnnounce
+        self._reapers: set[asyncio.Future[Any]] = set()
+        self._no_many: set[str] = set()  # peers without RelayEnqueueMany (908)
         # Relays waiting for the end of this loop turn, per peer (see _relay_one).
         self._outbox: dict[str, list[tuple[bytes, NewMessage, asyncio.Future[Any]]]] = {}
 
@@ -344,49 +348,59 @@ class Federation:
         return federation_pb2.FederationAnnounceResponse()
 
     def announce_local(self, key: bytes, hosted: bool) -> None:
-        """Tell every peer (in the background) that ``key`` registered here or left: a peer
-        that remembered "no peer hosts it" would store its messages for
-        ``route_cache_secs`` where the user never fetches.  A peer that cannot be told now
-        is told when it next answers this server."""
+        """Tell every peer that ``key`` registered here (``hosted``) or left: a peer that
+        remembered "no peer hosts it" would store its messages for ``route_cache_secs``
+        where the user never fetches.  One sender per peer sends the changes in order
+        (the latest state of each key), and keeps trying, 1 s doubling to 30 s, while the
+        peer cannot be reached; a peer that refuses announcements for good is not asked
+        again."""
+        self._change_seq += 1
         for d in self.peers:
-            self.app.spawn(self._tell(d, {key: hosted}), f"federation-announce-{d}")
+            if d in self._no_announce:
+                continue
+            self._changes.setdefault(d, {})[key] = (hosted, self._change_seq)
+            pending = self._changes[d]
+            while len(pending) > MAX_ROUTES:
+                pending.pop(next(iter(pending)))
+            if d not in self._announcers and not self.closed:
+                self._announcers.add(d)
+                self.app.spawn(self._announcer(d), f"federation-announce-{d}")
 
-    async def _tell(self, domain: str, changes: dict[bytes, bool]) -> None:
-        items = list(changes.items())
-        for i in range(0, len(items), MAX_ANNOUNCE):
-            chunk = items[i:i + MAX_ANNOUNCE]
-            req = federation_pb2.FederationAnnounceRequest(
-                origin_domain=self.domain, hosted=[k for k, h in chunk if h],
-                gone=[k for k, h in chunk if not h])
-            try:
-                await self.call(domain, FEDERATION_ANNOUNCE, req,
-                                federation_pb2.FederationAnnounceResponse)
-            except RpcError as e:
-                log.info("federation peer %s not told of %d registration change(s) yet: %s",
-                         domain, len(items) - i, e.message)
-                later = self._unannounced.setdefault(domain, {})
-                for k, h in items[i:]:
-                    later.setdefault(k, h)  # a newer change already waiting wins
-                while len(later) > MAX_ROUTES:
-                    later.pop(next(iter(later)))
-                if domain not in self._retrying and not self.closed:
-                    self._retrying.add(domain)
-                    self.app.spawn(self._retry_tell(domain), f"federation-announce-{domain}")
-                return
-
-    async def _retry_tell(self, domain: str) -> None:
-        """Keep trying to tell ``domain`` the changes it missed (1 s, doubling to 30 s),
-        until it has been told (or answered anything, which sends them too)."""
+    async def _announcer(self, domain: str) -> None:
         delay = BACKOFF_FIRST_SECS
+        wake = self._announce_wake.setdefault(domain, asyncio.Event())
         try:
-            while self._unannounced.get(domain) and not self.closed:
-                await asyncio.sleep(delay)  # pacing retries, not synchronisation
-                pending = self._unannounced.pop(domain, None)
-                if pending:
-                    await self._tell(domain, pending)
-                delay = min(BACKOFF_MAX_SECS, 2 * delay)
+            while self._changes.get(domain) and not self.closed:
+                pending = self._changes[domain]
+                chunk = list(pending.items())[:MAX_ANNOUNCE]
+                req = federation_pb2.FederationAnnounceRequest(
+                    origin_domain=self.domain, hosted=[k for k, (h, _) in chunk if h],
+                    gone=[k for k, (h, _) in chunk if not h])
+                try:
+                    await self.call(domain, FEDERATION_ANNOUNCE, req,
+                                    federation_pb2.FederationAnnounceResponse)
+                except (Unimplemented, BadRequest, Forbidden, TooLarge) as e:
+                    log.warning("federation peer %s refuses registration announcements (%s): "
+                                "not sent to it again until restart", domain, e.message)
+                    self._no_announce.add(domain)
+                    self._changes.pop(domain, None)
+                    return
+                except RpcError as e:
+                    log.info("federation peer %s not told of %d registration change(s) yet "
+                             "(%s); retrying in %.0fs", domain, len(pending), e.message, delay)
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        # Paced retries; an answer from the peer to any call ends the wait.
+                        await asyncio.wait_for(wake.wait(), delay)
+                    delay = min(BACKOFF_MAX_SECS, 2 * delay)
+                    continue
+                delay = BACKOFF_FIRST_SECS
+                for k, (_h, seq) in chunk:  # sent: unless it changed again meanwhile
+                    if pending.get(k, (None, -1))[1] == seq:
+                        del pending[k]
+            self._changes.pop(domain, None)
         finally:
-            self._retrying.discard(domain)
+            self._announcers.discard(domain)
 
     async def proxy_fetch_key_package(
         self, ctx: RpcContext, req: federation_pb2.ProxyFetchKeyPackageRequest
@@ -483,7 +497,19 @@ class Federation:
             return
         del self._clients[domain]
         self._fresh.discard(domain)
-        self.app.spawn(c.close(), f"federation-close-{domain}")
+        self._background(c.close())  # not an app task (see _give_up)
+
+    def _give_up(self, attempt: asyncio.Future[QpcClient]) -> None:
+        """Cancel a connect attempt and close whatever it opens, outside the app's tasks:
+        shutdown must not cancel that a second time (the library would then skip closing
+        the socket); :meth:`close` waits for it."""
+        attempt.cancel()
+        self._background(_reap(attempt))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     def _back_off(self, domain: str) -> float:
         """Connecting to ``domain`` failed, or its new connection was closed before it
@@ -516,14 +542,14 @@ class Federation:
                 timeout=self.cfg.relay_timeout_secs + 5, quic_backend="aioquic",
             ))
             try:
-                done, _ = await asyncio.wait({attempt}, timeout=self.cfg.relay_timeout_secs)
+                try:
+                    done, _ = await asyncio.wait({attempt},
+                                                 timeout=self.cfg.relay_timeout_secs)
+                except asyncio.CancelledError:
+                    self._give_up(attempt)  # the caller went away (shutdown)
+                    raise
                 if not done:
-                    attempt.cancel()
-                    # Not an app task: shutdown must not cancel it a second time (the
-                    # library would then skip closing the socket); close() waits for it.
-                    reaper = asyncio.ensure_future(_reap(attempt))
-                    self._reapers.add(reaper)
-                    reaper.add_done_callback(self._reapers.discard)
+                    self._give_up(attempt)
                     raise TimeoutError(f"no handshake within {self.cfg.relay_timeout_secs:g}s")
                 c = attempt.result()
             except (OSError, TimeoutError, ConnectionError, RpcError) as e:
@@ -571,18 +597,19 @@ class Federation:
                                   retry_after=1.0) from None
             raise
         except RpcError:
-            self._answered(domain)
+            self._answered(domain, accepted=False)
             self.stats.add(self.stats.errors, (domain, "refused"))
             raise
 
-    def _answered(self, domain: str) -> None:
-        """The peer answered: it is reachable, and its connection no longer new.  Messages
-        of announcements it missed go now."""
+    def _answered(self, domain: str, accepted: bool = True) -> None:
+        """The peer answered: it is reachable, and its connection no longer new.  When it
+        accepted the call, announcements waiting to retry it go now (not after a refusal:
+        a peer limiting this server's rate would be asked again at once)."""
         self._backoff.pop(domain, None)
         self._fresh.discard(domain)
-        pending = self._unannounced.pop(domain, None)
-        if pending and not self.closed:
-            self.app.spawn(self._tell(domain, pending), f"federation-announce-{domain}")
+        wake = self._announce_wake.get(domain)
+        if accepted and wake is not None:
+            wake.set()
 
     async def close(self) -> None:
         self.closed = True
@@ -736,6 +763,12 @@ class Federation:
 
     async def _ship_batch(self, domain: str,
                           batch: list[tuple[bytes, NewMessage, asyncio.Future[Any]]]) -> None:
+        batch = [it for it in batch if not it[2].done()]  # callers that went away: not sent
+        if not batch:
+            return
+        if len(batch) > 1 and domain in self._no_many:
+            await asyncio.gather(*(self._ship_batch(domain, [it]) for it in batch))
+            return
         try:
             if len(batch) == 1:
                 sender, msg, fut = batch[0]
@@ -751,11 +784,14 @@ class Federation:
             try:
                 resp = await self.call(domain, RELAY_ENQUEUE_MANY, req,
                                        federation_pb2.RelayEnqueueManyResponse)
-            except (ProtocolViolation, TooLarge, Unimplemented, RateLimited) as e:
-                # The batch as a whole was refused (a peer with a lower payload limit or rate
-                # limit, or one without 908): each message on its own, concurrently.
+            except (ProtocolViolation, TooLarge, Unimplemented) as e:
+                # The batch as a whole was refused (a peer with a lower payload limit, or one
+                # without 908): each message on its own, concurrently.  (Not after
+                # RATE_LIMITED: that peer asked for less, not for more requests.)
                 log.info("federation peer %s refused a batch of %d relays (%s): sending them "
                          "one by one", domain, len(batch), e.message)
+                if isinstance(e, Unimplemented):
+                    self._no_many.add(domain)
                 await asyncio.gather(*(self._ship_batch(domain, [it]) for it in batch))
                 return
             if len(resp.results) != len(batch):

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fed_helpers import D1, D2, fed_client, start_mesh, start_pair
-from qpc_federation.service import FEDERATION_HEALTH
+from fed_helpers import D1, D2, fed_client, fed_transport, start_mesh, start_pair
+from qpc_federation.service import FEDERATION_ANNOUNCE, FEDERATION_HEALTH, Federation
 
 from qpc_core.builtin import delivery as delivery_mod
 from qpc_core.errors import BadRequest, Unavailable
@@ -171,3 +171,87 @@ async def test_a_disabled_federation_reads_name_at_domain_as_before(
     await register_user(app, "carol", carol.identity_key)
     with pytest.raises(BadRequest):
         await carol.resolve_user("carol@here.test")
+
+
+def _stall_after_retry(port: int, n: int, source: str) -> int:
+    """``n`` handshakes from ``source`` that answer the server's Retry, then go silent."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    validated = 0
+    for _ in range(n):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((source, 0))
+            s.settimeout(1.0)
+            c = QuicConnection(configuration=QuicConfiguration(
+                is_client=True, alpn_protocols=["qpc-fed"], server_name=D1))
+            c.connect(("127.0.0.1", port), now=time.time())
+            for data, _addr in c.datagrams_to_send(now=time.time()):
+                s.sendto(data, ("127.0.0.1", port))
+            try:
+                data, addr = s.recvfrom(65536)  # the Retry
+            except TimeoutError:
+                continue
+            c.receive_datagram(data, addr, now=time.time())
+            for data, _addr in c.datagrams_to_send(now=time.time()):
+                s.sendto(data, ("127.0.0.1", port))  # the Initial with the token; then nothing
+            validated += 1
+    return validated
+
+
+async def test_one_address_cannot_hold_the_federation_ports_handshakes(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    t = fed_transport(n1.app)
+    validated = await asyncio.to_thread(_stall_after_retry, n1.port, 10, "127.0.0.2")
+    assert validated >= 8  # at least as many as one address may hold
+    # The peer's datagrams are read after the attacker's (one socket, in order).
+    h = await n2.fed.call(D1, FEDERATION_HEALTH, federation_pb2.FederationHealthRequest(
+        origin_domain=D2), federation_pb2.FederationHealthResponse)
+    assert h.status == "ok"
+    assert t._half_per_ip.get("127.0.0.2", 0) <= 8
+
+
+async def test_a_peer_without_announcements_is_not_asked_in_a_loop(
+    app_factory: Factory, connect: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    fed_transport(n2.app).dispatcher.methods.pop(FEDERATION_ANNOUNCE)  # an older peer
+    calls: list[int] = []
+    real = Federation.call
+
+    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
+        if method_id == FEDERATION_ANNOUNCE:
+            calls.append(method_id)
+        return await real(self, domain, method_id, *a)
+
+    monkeypatch.setattr(Federation, "call", counting)
+    for name in ("ann", "bea"):
+        await register_user(n1.app, name, bytes([len(calls) + 7]) * 31 + name[:1].encode())
+    await _announcers_done(n1)
+    assert calls == [FEDERATION_ANNOUNCE]  # refused (UNIMPLEMENTED) once, then never again
+    assert D2 in n1.fed._no_announce
+    await register_user(n1.app, "cid", b"\x09" * 32)
+    await _announcers_done(n1)
+    assert calls == [FEDERATION_ANNOUNCE]
+
+
+async def _announcers_done(node: Any) -> None:
+    tasks = [t for t in node.app._tasks if t.get_name().startswith("federation-announce-")]
+    await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+@pytest.mark.parametrize("changes", [(True, False), (False, True)])
+async def test_changes_missed_while_unreachable_arrive_in_their_final_state(
+    app_factory: Factory, connect: Factory, tmp_path: Path, changes: tuple[bool, bool]
+) -> None:
+    """Register then delete (or delete then register) while node1 cannot be reached: node1
+    learns only the final state, whatever order the retries run in."""
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    key = bytes(range(1, 33))
+    n2.fed._backoff[D1] = (time.monotonic() + 0.3, 0.3)  # node1 unreachable for now
+    for hosted in changes:
+        n2.fed.local_changed(key, hosted)
+    await _announcers_done(n2)
+    assert (n1.fed.routes.get(key) == D2) is changes[-1]
