@@ -30,11 +30,25 @@ CORE_KV = "core"
 MAX_USERNAME_INPUT = 128
 
 
-def normalize_username(username: str) -> str:
-    """NFKC + lower case; 2-32 characters of ``a-z 0-9 . _ -`` starting with a letter/digit."""
+def _plain(username: str) -> str:
+    """How every reading of a name starts: the length guard, then NFKC, trimmed, lower
+    case, without the clients' ``@`` prefix."""
     if len(username) > MAX_USERNAME_INPUT:
         raise BadRequest(f"username must be 2-32 characters (got {len(username)})")
-    name = unicodedata.normalize("NFKC", username).strip().lower().lstrip("@")
+    return unicodedata.normalize("NFKC", username).strip().lower().lstrip("@")
+
+
+def split_qualified(username: str) -> tuple[str, str] | None:
+    """``name@domain`` (a user of another server, federation) as ``(name, domain)``; None
+    for a local name (``alice``, ``@alice``) or one with an empty side (``alice@``)."""
+    local, at, domain = _plain(username).rpartition("@")
+    domain = domain.strip().rstrip(".")
+    return (local, domain) if at and local and domain else None
+
+
+def normalize_username(username: str) -> str:
+    """NFKC + lower case; 2-32 characters of ``a-z 0-9 . _ -`` starting with a letter/digit."""
+    name = _plain(username)
     if not USERNAME_RE.match(name):
         raise BadRequest(
             "username must be 2-32 characters of a-z, 0-9, '.', '_', '-' and start with a "

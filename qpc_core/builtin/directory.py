@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import unicodedata
 from typing import TYPE_CHECKING
 
 from qpc_core.errors import BadRequest, NotFound, TooLarge
@@ -24,7 +23,7 @@ from qpc_core.identity import check_identity_key
 from qpc_core.pb import common_pb2
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import RpcContext, RpcMethod
-from qpc_core.users import MAX_USERNAME_INPUT, normalize_username
+from qpc_core.users import normalize_username, split_qualified
 from qpc_core.users import resolve_identity as _resolve_identity
 
 if TYPE_CHECKING:
@@ -43,22 +42,17 @@ def channel_id_for(members: list[bytes]) -> bytes:
 async def resolve_user(ctx: RpcContext, req: pb.ResolveUserRequest) -> pb.ResolveUserResponse:
     app = ctx.app
     username = req.username
-    if "@" in username.lstrip().lstrip("@") and app.hooks.implementers("resolve_remote_user"):
-        # "name@domain": a user of that server (federation).  "@name" is a local name (the
-        # clients' @-prefix).  Read as normalize_username reads names, length first.
-        if len(username) > MAX_USERNAME_INPUT:
-            raise BadRequest(f"username must be 2-32 characters (got {len(username)})")
-        plain = unicodedata.normalize("NFKC", username).strip().lstrip("@")
-        local, _at, domain = plain.rpartition("@")
-        domain = domain.strip().lower().rstrip(".")
+    qualified = (split_qualified(username)
+                 if app.hooks.implementers("resolve_remote_user") else None)
+    if qualified is not None:  # "name@domain": a user of that server (federation)
+        local, domain = qualified
         fed = app.settings.federation
-        if local and domain:
-            if fed.enabled and domain == fed.domain:
-                username = local
-            else:
-                remote = await app.hooks.resolve_remote_user(app, local, domain)
-                if remote is not None:
-                    return remote  # type: ignore[no-any-return]
+        if fed.enabled and domain == fed.domain:
+            username = local
+        else:
+            remote = await app.hooks.resolve_remote_user(app, local, domain)
+            if remote is not None:
+                return remote  # type: ignore[no-any-return]
     name = normalize_username(username)
     user = await ctx.app.storage.get_user_by_name(name)
     if user is None:

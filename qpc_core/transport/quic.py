@@ -481,7 +481,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if not self.listener.accepting:
             self.disconnect("server shutting down", ERR_SHUTDOWN)
             return
-        if self.listener._established() >= self.listener._cap():
+        if len(self.listener.protocols) >= self.listener._cap():
             self.disconnect("server at connection limit", ERR_CONNECTION_LIMIT)
             return
         if self.listener.established_from(self) >= app.settings.max_connections_per_ip:
@@ -966,7 +966,7 @@ class QuicTransport:
             crowded = (len(self.protocols) >= self.max_connections
                        or half_open >= OWN_CAP_HALF_OPEN)
         else:
-            crowded = half_open + self._established() >= self._cap()
+            crowded = half_open + len(self.protocols) >= self._cap()
         if crowded:
             self._refuse(ip, "server at connection limit (established + mid-handshake)")
             return DROP
@@ -1042,11 +1042,6 @@ class QuicTransport:
         if self.max_connections is not None:
             return self.max_connections
         return int(self.app.settings.max_connections)
-
-    def _established(self) -> int:
-        """This listener's established connections (peer connections of a plugin listener
-        do not take client slots)."""
-        return len(self.protocols)
 
     def _track(self, proto: _ServerConnectionLogic) -> None:
         ip = self._admitting or "unknown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +101,32 @@ async def start_mesh(app_factory: Callable[..., Any], tmp: Path, domains: list[s
                                     [(o, ports[o]) for o in domains if o != d], **extra))
         nodes.append(Node(app, d, ports[d], tmp / d))
     return nodes
+
+
+def count_calls(monkeypatch: Any, only: int | None = None) -> list[int]:
+    """The method ids of every call a Federation makes to a peer from now on (those of
+    ``only``, when given), in order."""
+    calls: list[int] = []
+    real = Federation.call
+
+    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
+        if only is None or method_id == only:
+            calls.append(method_id)
+        return await real(self, domain, method_id, *a)
+
+    monkeypatch.setattr(Federation, "call", counting)
+    return calls
+
+
+def route_learnt(node: Node, key: bytes, domain: str) -> asyncio.Event:
+    """Set once ``node`` learns that ``domain`` hosts ``key``."""
+    event = asyncio.Event()
+    learn = node.fed._learn
+
+    def learnt(k: bytes, d: str | None) -> None:
+        learn(k, d)
+        if k == key and d == domain:
+            event.set()
+
+    node.fed._learn = learnt  # type: ignore[method-assign]
+    return event

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fed_helpers import D1, D2, fed_client, start_pair
+from fed_helpers import D1, D2, fed_client, route_learnt, start_pair
 from prometheus_client import generate_latest
 from qpc_federation import certs
 from qpc_federation.service import (
@@ -334,15 +334,7 @@ async def test_a_registration_at_the_peer_ends_a_no_home_answer_at_once(
     alice = await connect(n1.app)
     assert (await alice.enqueue(bob_key, b"early")).seq == 1  # nobody hosts it yet
     assert bob_key in n1.fed.nowhere
-    heard = asyncio.Event()
-    learn = n1.fed._learn
-
-    def learnt(key: bytes, domain: str | None) -> None:
-        learn(key, domain)
-        if key == bob_key and domain == D2:
-            heard.set()
-
-    n1.fed._learn = learnt  # type: ignore[method-assign]
+    heard = route_learnt(n1, bob_key, D2)
     await register_user(n2.app, "bob", bob_key)
     await asyncio.wait_for(heard.wait(), 10)
     assert bob_key not in n1.fed.nowhere

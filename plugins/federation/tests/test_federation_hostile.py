@@ -14,7 +14,7 @@ import pytest
 from aioquic.asyncio import connect as quic_connect
 from aioquic.quic.configuration import QuicConfiguration
 from cryptography.hazmat.primitives.serialization import Encoding
-from fed_helpers import D1, D2, fed_client, fed_transport, start_pair
+from fed_helpers import D1, D2, count_calls, fed_client, fed_transport, start_pair
 from qpc_federation import certs
 from qpc_federation.service import (
     FEDERATION_HEALTH,
@@ -22,7 +22,6 @@ from qpc_federation.service import (
     RELAY_BATCH_ENQUEUE,
     RELAY_ENQUEUE,
     RELAY_ENQUEUE_MANY,
-    Federation,
 )
 
 from qpc_core.client.sdk import QpcClient
@@ -150,14 +149,7 @@ async def test_unknown_recipients_are_looked_up_not_sent_around(
     sent anywhere; a peer with a smaller message limit is never asked to take the payload."""
     n1, n2 = await start_pair(app_factory, tmp_path)
     n2.app.settings.max_message_bytes = 1000
-    calls: list[int] = []
-    real = Federation.call
-
-    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
-        calls.append(method_id)
-        return await real(self, domain, method_id, *a)
-
-    monkeypatch.setattr(Federation, "call", counting)
+    calls = count_calls(monkeypatch)
     alice = await connect(n1.app)
     keys = [os.urandom(32) for _ in range(300)]
     res = await alice.batch_enqueue(keys, os.urandom(32 * 1024))
@@ -259,14 +251,7 @@ async def test_relays_ready_together_share_one_request_and_fail_alone(
     for i in range(3):
         assert (await alice.enqueue(bob.identity_key, b"fills bob's queue")).seq == i + 1
     n2.app.settings.max_queue_depth = 3
-    calls: list[int] = []
-    real = Federation.call
-
-    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
-        calls.append(method_id)
-        return await real(self, domain, method_id, *a)
-
-    monkeypatch.setattr(Federation, "call", counting)
+    calls = count_calls(monkeypatch)
     results = await asyncio.gather(
         alice.enqueue(bob.identity_key, b"refused"),
         *(alice.enqueue(dave.identity_key, b"d%d" % i) for i in range(3)),

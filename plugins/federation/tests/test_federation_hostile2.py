@@ -10,12 +10,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fed_helpers import D1, D2, fed_client, fed_transport, start_mesh, start_pair
-from qpc_federation.service import FEDERATION_ANNOUNCE, FEDERATION_HEALTH, Federation
+from fed_helpers import (
+    D1,
+    D2,
+    count_calls,
+    fed_client,
+    fed_transport,
+    route_learnt,
+    start_mesh,
+    start_pair,
+)
+from qpc_federation.service import (
+    FEDERATION_ANNOUNCE,
+    FEDERATION_HEALTH,
+    FEDERATION_LOOKUP,
+    RELAY_ENQUEUE,
+    RELAY_ENQUEUE_MANY,
+)
 
 from qpc_core.builtin import delivery as delivery_mod
-from qpc_core.errors import BadRequest, Unavailable
-from qpc_core.pb import federation_pb2
+from qpc_core.errors import BadRequest, RpcError, TooLarge, Unavailable
+from qpc_core.framing import Status
+from qpc_core.pb import delivery_pb2, federation_pb2
 from qpc_core.users import register_user
 
 Factory = Callable[..., Any]
@@ -119,15 +135,7 @@ async def test_a_missed_registration_announcement_is_sent_again(
     await alice.enqueue(bob_key, b"before")  # nobody hosts it: kept on node1
     assert bob_key in n1.fed.nowhere
     n2.fed._backoff[D1] = (time.monotonic() + 0.5, 0.5)  # node2 cannot reach node1 now
-    told = asyncio.Event()
-    learn = n1.fed._learn
-
-    def learnt(key: bytes, domain: str | None) -> None:
-        learn(key, domain)
-        if key == bob_key and domain == D2:
-            told.set()
-
-    n1.fed._learn = learnt  # type: ignore[method-assign]
+    told = route_learnt(n1, bob_key, D2)
     await register_user(n2.app, "bob", bob_key)
     await asyncio.wait_for(told.wait(), 15)  # retried once node1 is reachable again
     assert bob_key not in n1.fed.nowhere
@@ -218,15 +226,7 @@ async def test_a_peer_without_announcements_is_not_asked_in_a_loop(
 ) -> None:
     n1, n2 = await start_pair(app_factory, tmp_path)
     fed_transport(n2.app).dispatcher.methods.pop(FEDERATION_ANNOUNCE)  # an older peer
-    calls: list[int] = []
-    real = Federation.call
-
-    async def counting(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
-        if method_id == FEDERATION_ANNOUNCE:
-            calls.append(method_id)
-        return await real(self, domain, method_id, *a)
-
-    monkeypatch.setattr(Federation, "call", counting)
+    calls = count_calls(monkeypatch, only=FEDERATION_ANNOUNCE)
     for name in ("ann", "bea"):
         await register_user(n1.app, name, bytes([len(calls) + 7]) * 31 + name[:1].encode())
     await _announcers_done(n1)
@@ -255,3 +255,51 @@ async def test_changes_missed_while_unreachable_arrive_in_their_final_state(
         n2.fed.local_changed(key, hosted)
     await _announcers_done(n2)
     assert (n1.fed.routes.get(key) == D2) is changes[-1]
+
+
+async def test_malformed_peer_requests_get_clear_errors_and_store_nothing(
+    app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    carol = await connect(n1.app)
+    await register_user(n1.app, "carol", carol.identity_key)
+    f = federation_pb2
+    peer = await fed_client(n1.port, D1, n2.cert_dir)
+    try:
+        cases: list[tuple[int, Any, type[RpcError], str]] = [
+            (RELAY_ENQUEUE, f.RelayEnqueueRequest(
+                origin_domain=D2, sender_key=b"\x01" * 32,
+                message=delivery_pb2.EnqueueRequest(recipient_key=b"\x02" * 31, payload=b"x")),
+             BadRequest, "32 bytes"),
+            (RELAY_ENQUEUE, f.RelayEnqueueRequest(
+                origin_domain=D2, sender_key=b"\x01" * 5,
+                message=delivery_pb2.EnqueueRequest(recipient_key=carol.identity_key,
+                                                    payload=b"x")),
+             BadRequest, "sender_key"),
+            (RELAY_ENQUEUE, f.RelayEnqueueRequest(
+                origin_domain=D2, sender_key=b"\x01" * 32,
+                message=delivery_pb2.EnqueueRequest(recipient_key=carol.identity_key)),
+             BadRequest, "payload"),
+            (FEDERATION_LOOKUP, f.FederationLookupRequest(
+                origin_domain=D2, identity_keys=[bytes([i % 256, i // 256]) * 16
+                                                 for i in range(1001)]),
+             TooLarge, "1000"),
+            (FEDERATION_ANNOUNCE, f.FederationAnnounceRequest(origin_domain=D2,
+                                                              hosted=[b"short"]),
+             BadRequest, "32 bytes"),
+            (RELAY_ENQUEUE_MANY, f.RelayEnqueueManyRequest(
+                origin_domain=D2, items=[f.RelayEnqueueRequest()] * 257),
+             TooLarge, "256"),
+        ]
+        for method, req, err, text in cases:
+            with pytest.raises(err, match=text):
+                await peer.call(method, req, f.FederationHealthResponse)
+        r = await peer.call_raw(RELAY_ENQUEUE, b"\xff\xff\xff")  # not protobuf
+        assert r.status == Status.BAD_REQUEST
+        # and the connection is still good
+        h = await peer.call(FEDERATION_HEALTH, f.FederationHealthRequest(origin_domain=D2),
+                            f.FederationHealthResponse)
+        assert h.status == "ok"
+    finally:
+        await peer.close()
+    assert await carol.fetch() == []
