@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -62,6 +63,15 @@ class AuthResult:
     session_id: bytes | None = None
     expires_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_connection_ids = itertools.count(1)
+
+
+def new_connection_id() -> int:
+    """A process-unique id for a new client connection (``Connection.connection_id``); every
+    transport draws from this one counter, so ids never collide between listeners."""
+    return next(_connection_ids)
 
 
 @dataclass(frozen=True, slots=True)

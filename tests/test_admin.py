@@ -4,16 +4,11 @@ real headless Chromium, and the start-up system check."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 import logging
-import re
 import resource
 import shutil
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +16,6 @@ from plugin_helpers import use_fake_plugins
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
 
 from conftest import quic_transport
 from qpc_core import plugins as plugin_loader
@@ -33,6 +26,7 @@ from qpc_core.admin.testing import admin_url, get, http
 from qpc_core.errors import PluginError, StorageError
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import common_pb2
+from qpc_core.testing_chromium import CHROMIUM, chromium
 
 TOKEN = "admin-token-for-tests-0123456789"
 
@@ -268,162 +262,8 @@ def test_latency_window_p95_over_recent_samples() -> None:
 
 # -- the status page in headless Chromium ---------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--no-proxy-server", "--remote-debugging-port=0",
-]
-DEVTOOLS = re.compile(r"DevTools listening on (ws://\S+)")
-
-
-class Cdp:
-    """A minimal Chrome DevTools Protocol client (flat sessions) over ``websockets``."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._waiters: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
-        self._reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        async for raw in self.ws:
-            msg = json.loads(raw)
-            if "id" in msg:
-                fut = self._pending.pop(msg["id"], None)
-                if fut is not None and not fut.done():
-                    if "error" in msg:
-                        fut.set_exception(RuntimeError(f"CDP error: {msg['error']}"))
-                    else:
-                        fut.set_result(msg.get("result", {}))
-                continue
-            for method, waiter in list(self._waiters):
-                if method == msg.get("method") and not waiter.done():
-                    waiter.set_result(msg.get("params", {}))
-
-    def event(self, method: str) -> asyncio.Future[dict[str, Any]]:
-        """A future for the next ``method`` event (create it before causing the event)."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters.append((method, fut))
-        return fut
-
-    async def call(self, method: str, session: str | None = None, **params: Any) -> Any:
-        mid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[mid] = fut
-        msg: dict[str, Any] = {"id": mid, "method": method, "params": params}
-        if session is not None:
-            msg["sessionId"] = session
-        await self.ws.send(json.dumps(msg))
-        return await asyncio.wait_for(fut, 30)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
-        await self.ws.close()
-
-
-class Page:
-    def __init__(self, cdp: Cdp, session: str) -> None:
-        self.cdp = cdp
-        self.session = session
-
-    async def goto(self, url: str) -> None:
-        loaded = self.cdp.event("Page.loadEventFired")
-        await self.cdp.call("Page.navigate", self.session, url=url)
-        await asyncio.wait_for(loaded, 30)
-
-    async def evaluate(self, expression: str) -> Any:
-        res = await self.cdp.call("Runtime.evaluate", self.session, expression=expression,
-                                  awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in res:
-            details = res["exceptionDetails"]
-            raise AssertionError(details.get("exception", {}).get("description", details))
-        return res["result"].get("value")
-
-    async def wait_for(self, condition: str, timeout_ms: int = 20_000) -> dict[str, str]:
-        """Wait in the page (MutationObserver) until ``condition`` holds; ``T(id)`` is the text
-        of element ``id``.  Returns every figure's text at that moment."""
-        js = """
-new Promise((resolve, reject) => {
-  const T = (id) => document.getElementById(id).textContent;
-  const figures = () => Object.fromEntries(
-    ["version", "state", "uptime", "conn", "maxconn", "queue", "rate1", "rate5", "p95",
-     "handshakes", "inflight", "enqueued", "fetched", "nplugins", "plugins"]
-      .map((id) => [id, T(id)]));
-  let obs = null, timer = null;
-  const check = () => {
-    let ok = false;
-    try { ok = Boolean(__CONDITION__); } catch (e) { ok = false; }
-    if (ok) { if (obs) obs.disconnect(); clearTimeout(timer); resolve(figures()); }
-    return ok;
-  };
-  if (check()) return;
-  obs = new MutationObserver(check);
-  obs.observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
-  timer = setTimeout(() => { obs.disconnect();
-    reject(new Error("timed out waiting for " + __QUOTED__ + ": " + JSON.stringify(figures())));
-  }, __TIMEOUT__);
-})"""
-        js = (js.replace("__CONDITION__", condition).replace("__QUOTED__", json.dumps(condition))
-              .replace("__TIMEOUT__", str(timeout_ms)))
-        result: dict[str, str] = await self.evaluate(js)
-        return result
-
-
-@contextlib.asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[Page]:
-    """Headless Chromium with a DevTools websocket; yields one page (tab)."""
-    proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    stderr = proc.stderr
-    log: list[str] = []
-
-    async def devtools_url() -> str:
-        while True:
-            line = await stderr.readline()
-            if not line:
-                raise AssertionError("chromium exited:\n" + "".join(log))
-            text = line.decode(errors="replace")
-            log.append(text)
-            m = DEVTOOLS.search(text)
-            if m:
-                return m.group(1)
-
-    async def drain() -> None:
-        while await stderr.readline():
-            pass
-
-    drainer: asyncio.Task[None] | None = None
-    cdp: Cdp | None = None
-    try:
-        url = await asyncio.wait_for(devtools_url(), 60)
-        drainer = asyncio.ensure_future(drain())
-        cdp = Cdp(await ws_connect(url, max_size=None))
-        target = await cdp.call("Target.createTarget", url="about:blank")
-        attached = await cdp.call("Target.attachToTarget", targetId=target["targetId"],
-                                  flatten=True)
-        session = attached["sessionId"]
-        await cdp.call("Page.enable", session)
-        await cdp.call("Runtime.enable", session)
-        yield Page(cdp, session)
-    finally:
-        if cdp is not None:
-            with contextlib.suppress(Exception):
-                await cdp.call("Browser.close")
-            await cdp.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        if drainer is not None:
-            await drainer
+STATUS_FIGURES = ("version", "state", "uptime", "conn", "maxconn", "queue", "rate1", "rate5",
+                  "p95", "handshakes", "inflight", "enqueued", "fetched", "nplugins", "plugins")
 
 
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None,
@@ -434,7 +274,8 @@ async def test_status_page_updates_in_headless_chromium(app_factory, connect, tm
         await page.goto(admin_url(app, "/?interval=200"))
         idle = await page.wait_for(
             f"T('version') === {json.dumps(app.version)} && T('conn') === '0' "
-            "&& T('queue') === '0' && T('enqueued') === '0' && T('p95') === 'n/a'"
+            "&& T('queue') === '0' && T('enqueued') === '0' && T('p95') === 'n/a'",
+            STATUS_FIGURES,
         )
         assert idle["state"] == "serving"
         assert idle["maxconn"] == str(app.settings.max_connections)
@@ -447,7 +288,8 @@ async def test_status_page_updates_in_headless_chromium(app_factory, connect, tm
             await alice.enqueue(bob.identity_key, b"message %d" % i)
         busy = await page.wait_for(
             "T('conn') === '2' && T('enqueued') === '6' && T('queue') === '6' "
-            "&& / ms$/.test(T('p95')) && T('handshakes') === '2' && T('rate1') !== '0.00'"
+            "&& / ms$/.test(T('p95')) && T('handshakes') === '2' && T('rate1') !== '0.00'",
+            STATUS_FIGURES,
         )
         assert float(busy["p95"].removesuffix(" ms")) > 0
         assert float(busy["rate1"]) == pytest.approx(6 / 60, abs=0.02)
@@ -455,7 +297,7 @@ async def test_status_page_updates_in_headless_chromium(app_factory, connect, tm
         assert len(await bob.fetch()) == 6
         await alice.close()
         done = await page.wait_for("T('queue') === '0' && T('fetched') === '6' "
-                                   "&& T('conn') === '1'")
+                                   "&& T('conn') === '1'", STATUS_FIGURES)
         assert done["enqueued"] == "6"
         # The sparkline drew the burst: its highest point is above the baseline.
         points = await page.evaluate(

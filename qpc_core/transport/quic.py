@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
@@ -38,7 +37,7 @@ from qpc_core.framing import (
 from qpc_core.framing.frames import REQUEST_HEADER
 from qpc_core.identity import certificate_binding
 from qpc_core.pb import common_pb2
-from qpc_core.rpc import AuthResult, Connection, PeerInfo, RpcMethod
+from qpc_core.rpc import AuthResult, Connection, PeerInfo, RpcMethod, new_connection_id
 from qpc_core.transport.backend import (
     Backend,
     DatagramDrain,
@@ -64,7 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qpc.quic")
 
 ALPN = "qpc"
-_conn_ids = itertools.count(1)
 
 # QUIC application error codes used when closing (0 = no error).
 ERR_NONE = 0
@@ -189,7 +187,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self.listener = listener
         self.dispatcher = listener.dispatcher
         self.streams: dict[int, _Stream] = {}
-        self._connection_id = next(_conn_ids)
+        self._connection_id = new_connection_id()
         self._auth: AuthResult | None = None
         self._request_credential = False  # a request's own Auth field was accepted
         self._identity: bytes | None = None

@@ -1,0 +1,526 @@
+"""The WebSocket listener: browser connections as qpc :class:`~qpc_core.rpc.Connection` objects.
+
+A thin layer between ``websockets`` (HTTP upgrade, framing, ping/pong, close handshake) and
+core's :class:`~qpc_core.dispatch.Dispatcher`: each REQUEST message runs as one call, exactly
+as a request stream does on QUIC, and is answered with a RESPONSE message carrying the same
+``request_id``.  What QUIC gives per stream is done per call here: a bounded number of calls
+in flight per connection (reading stops while it is reached, so TCP pushes back on the
+client), CANCEL instead of a stream reset, the pre-auth message size limit, the auth deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from qpc_core.config import parse_hostport
+from qpc_core.dispatch import Dispatcher, error_response
+from qpc_core.errors import RateLimited, RpcError
+from qpc_core.framing import MAX_PAYLOAD, RequestFrame, Status
+from qpc_core.rpc import AuthResult, PeerInfo, new_connection_id
+from qpc_core.transport.certs import resolve_tls, write_atomic
+from qpc_ws_bridge import wire
+from qpc_ws_bridge.config import WsBridgeConfig
+
+if TYPE_CHECKING:
+    from qpc_core.app import App
+
+log = logging.getLogger("qpc.ws_bridge")
+
+#: What identity proofs on the bridge are bound to, before the host (docs/protocol.md).
+HOST_BINDING_CONTEXT = b"qpc-v1 ws-host\x00"
+#: Pushes a connection may have waiting to be written; more are dropped (pushes are hints).
+MAX_PUSH_BACKLOG = 64
+#: WebSocket close codes used.
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED, CLOSE_POLICY = 1000, 1001, 1003, 1008
+
+
+def host_binding(host: str) -> bytes:
+    """SHA-256 over the context and the ``Host`` the client connected to (lower case): what
+    a browser signs into ProveIdentity instead of the QUIC certificate hash, so a proof made
+    for one server's page cannot be relayed to another server."""
+    return hashlib.sha256(HOST_BINDING_CONTEXT + host.lower().encode()).digest()
+
+
+def _close_reason(reason: str) -> str:
+    """WebSocket close reasons are at most 123 bytes of UTF-8."""
+    data = reason.encode()[:123]
+    return data.decode(errors="ignore")
+
+
+class BridgeConnection:
+    """One browser connection.  Implements :class:`qpc_core.rpc.Connection`."""
+
+    def __init__(self, bridge: WsBridge, ws: ServerConnection, peer: PeerInfo,
+                 binding: bytes) -> None:
+        self.bridge = bridge
+        self.app = bridge.app
+        self.ws = ws
+        self._peer = peer
+        self._connection_id = new_connection_id()
+        self._auth: AuthResult | None = None
+        self._identity: bytes | None = None
+        self._request_credential = False
+        self.challenge: bytes | None = None
+        #: Identity proofs are bound to the host (see :func:`host_binding`).
+        self.tls_binding = binding
+        self._gone = False
+        self._seen_request = False
+        # request_id -> (the call's task, whether the client going away cancels it); a call
+        # leaves this table when answered or cancelled by the client.
+        self.calls: dict[int, tuple[asyncio.Task[None], bool]] = {}
+        self.running: set[asyncio.Task[None]] = set()  # every call task until it ends
+        # Requests read while the calls-in-flight limit was reached, in arrival order.
+        self.waiting: OrderedDict[int, RequestFrame] = OrderedDict()
+        self.waiting_bytes = 0
+        self._slot = asyncio.Event()
+        self._slot.set()
+        self._pushes: set[asyncio.Task[None]] = set()
+        self._auth_timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+
+    # -- Connection protocol ----------------------------------------------------------------
+    @property
+    def connection_id(self) -> int:
+        return self._connection_id
+
+    @property
+    def peer(self) -> PeerInfo:
+        return self._peer
+
+    @property
+    def auth(self) -> AuthResult | None:
+        return self._auth
+
+    @property
+    def identity_key(self) -> bytes | None:
+        return self._identity
+
+    @property
+    def authenticated(self) -> bool:
+        return self._auth is not None or self._identity is not None or self._request_credential
+
+    def bind(self, auth: AuthResult) -> None:
+        if self._gone:
+            return
+        self._auth = auth
+        if auth.identity_key is not None:
+            self.bind_identity(auth.identity_key)
+        self._authenticated()
+
+    def bind_identity(self, identity_key: bytes) -> None:
+        if self._gone or self._identity == identity_key:
+            return
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)
+        self._identity = identity_key
+        self.app.bind_identity(self, identity_key)
+        self._authenticated()
+
+    def unbind(self) -> None:
+        self._auth = None
+        self._request_credential = False
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)
+            self._identity = None
+        self.ws.protocol.max_message_size = self.bridge.preauth_max_message
+        self._arm_auth_deadline()
+
+    def push(self, event_type: int, payload: bytes) -> None:
+        if self._gone:
+            return
+        if len(self._pushes) >= MAX_PUSH_BACKLOG:
+            self.bridge.pushes_dropped += 1
+            log.debug("connection %d: push %d dropped (%d pushes not yet written)",
+                      self._connection_id, event_type, len(self._pushes))
+            return
+        self._track(self._pushes, self._write(wire.push_message(event_type, payload)))
+
+    def disconnect(self, reason: str, code: int = CLOSE_NORMAL) -> None:
+        if not self._gone:
+            self._track(self._pushes, self._close(code, reason))
+
+    # -- internals --------------------------------------------------------------------------
+    def _track(self, tasks: set[asyncio.Task[None]], coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _write(self, message: bytes) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(message)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(code, _close_reason(reason))
+
+    def _authenticated(self) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.ws.protocol.max_message_size = self.bridge.max_message
+
+    def _arm_auth_deadline(self) -> None:
+        if not self._gone and self._auth_timer is None:
+            self._auth_timer = self._loop.call_later(
+                self.app.settings.auth_timeout_secs, self._auth_expired)
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if self._gone or self.authenticated:
+            return
+        secs = self.app.settings.auth_timeout_secs
+        self.disconnect(f"not authenticated within {secs:g} s", CLOSE_POLICY)
+
+    async def serve(self) -> str:
+        """Read messages until the connection ends; returns why it ended.
+
+        Requests beyond the calls-in-flight limit wait here, in order, up to that many
+        and ``max_request_buffer_bytes``; beyond that reading stops (TCP pushes back on the
+        client).  Reading goes on while requests merely wait, so a CANCEL still arrives."""
+        self._arm_auth_deadline()
+        try:
+            while True:
+                while (len(self.waiting) >= self.bridge.calls_per_connection
+                       or self.waiting_bytes >= self.bridge.request_budget):
+                    self._slot.clear()
+                    await self._slot.wait()
+                message = await self.ws.recv()
+                if isinstance(message, str):
+                    await self._close(CLOSE_UNSUPPORTED, "binary messages only (qpc frames)")
+                    return "text message"
+                self._on_message(message)
+        except ConnectionClosed as e:
+            rcvd = e.rcvd
+            return (rcvd.reason or f"closed {rcvd.code}") if rcvd is not None else "connection lost"
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            msg = wire.parse_client(data, self.bridge.max_payload)
+        except wire.WireError as e:
+            self._protocol_error(e.request_id, e.reason, str(e))
+            return
+        if isinstance(msg, RequestFrame):
+            self._seen_request = True
+            if msg.request_id in self.calls or msg.request_id in self.waiting:
+                self._answer_now(error_response(
+                    msg.request_id, Status.BAD_REQUEST,
+                    f"request_id {msg.request_id} is already in flight on this connection"))
+                return
+            if len(self.running) >= self.bridge.calls_per_connection:
+                self.waiting[msg.request_id] = msg
+                self.waiting_bytes += len(msg.payload)
+            else:
+                self._start_call(msg)
+        elif isinstance(msg, wire.Cancel):
+            queued = self.waiting.pop(msg.request_id, None)
+            if queued is not None:
+                self.waiting_bytes -= len(queued.payload)
+                self._slot.set()
+            call = self.calls.pop(msg.request_id, None)
+            if call is not None and call[1]:
+                call[0].cancel()
+        else:  # Auth: only as the first message, as the handshake is on QUIC's first stream
+            if self._seen_request or self.authenticated or self.running:
+                self._protocol_error(0, "auth_late", "the auth message must be the first "
+                                     "message of the connection")
+                return
+            self._seen_request = True
+            self._start(self._handshake(msg.token))
+
+    def _start_call(self, frame: RequestFrame) -> None:
+        entry = self.bridge.dispatcher.methods.get(frame.method_id)
+        task = self._start(self._call(frame))
+        self.calls[frame.request_id] = (task, entry is None or entry[1].cancel_on_disconnect)
+
+    def _start(self, coro: Any) -> asyncio.Task[None]:
+        task = self._loop.create_task(coro)
+        self.running.add(task)
+        self.bridge.calls.add(task)
+        task.add_done_callback(self._call_done)
+        return task
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self.bridge.calls.discard(task)
+        while (self.waiting and not self._gone
+               and len(self.running) < self.bridge.calls_per_connection):
+            _rid, frame = self.waiting.popitem(last=False)
+            self.waiting_bytes -= len(frame.payload)
+            self._start_call(frame)
+        self._slot.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection %d: call failed", self._connection_id,
+                      exc_info=task.exception())
+
+    def _answer_now(self, response: bytes) -> None:
+        self._track(self._pushes, self._write(wire.response_message(response)))
+
+    def _protocol_error(self, request_id: int, reason: str, message: str) -> None:
+        log.debug("connection %d: protocol error (%s): %s", self._connection_id, reason, message)
+        self._answer_now(error_response(request_id, Status.PROTOCOL_ERROR,
+                                        f"protocol error: {message}"))
+
+    async def _call(self, frame: RequestFrame) -> None:
+        task = asyncio.current_task()
+        out = await self.bridge.dispatcher.call(self, frame)
+        call = self.calls.get(frame.request_id)
+        if call is None or call[0] is not task:
+            return  # cancelled by the client: unanswered, as a reset stream on QUIC
+        del self.calls[frame.request_id]
+        if not self.authenticated and out[:1] == bytes([Status.OK]):
+            entry = self.bridge.dispatcher.methods.get(frame.method_id)
+            if entry is not None and entry[1].auth != "none":
+                self._request_credential = True  # a valid Auth field in the request
+                self._authenticated()
+        await self._write(wire.response_message(out))
+
+    async def _handshake(self, token: bytes) -> None:
+        status = Status.OK
+        try:
+            result = await self.bridge.dispatcher.authenticate_token(self, token, 0)
+        except RateLimited:
+            result, status = None, Status.RATE_LIMITED
+        except Exception as e:
+            if not isinstance(e, RpcError):
+                log.exception("authenticate hook failed")
+            result = None
+        if result is None:
+            status = status if status != Status.OK else Status.UNAUTHENTICATED
+        else:
+            self.bind(result)
+        await self._write(wire.auth_reply_message(status))
+
+    def terminated(self, reason: str) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        # The client is gone: long polls stop; other calls finish (unanswered), so a handler
+        # is never stopped between two writes (RpcMethod.cancel_on_disconnect).
+        for task, cancellable in self.calls.values():
+            if cancellable:
+                task.cancel()
+        self.calls.clear()
+        self.waiting.clear()  # never started: nothing of them ran
+        self.waiting_bytes = 0
+        self.app.connection_closed(self, reason)
+
+
+class WsBridge:
+    """The bridge's listener (a :class:`~qpc_core.rpc.Transport`)."""
+
+    name = "ws_bridge"
+
+    def __init__(self, app: App, cfg: WsBridgeConfig) -> None:
+        s = app.settings
+        self.app = app
+        self.cfg = cfg
+        self.dispatcher = Dispatcher(app)
+        self.max_payload = s.max_payload_bytes
+        # Authenticated: up to the protocol's frame maximum, so a payload above the configured
+        # max_payload_bytes is refused on its own call (``oversize``), as on QUIC; beyond
+        # the protocol maximum the message is not read (close 1009, message too big).
+        self.max_message = MAX_PAYLOAD + wire.OVERHEAD
+        self.preauth_max_message = (
+            min(s.max_unauthenticated_payload_bytes, s.max_payload_bytes) + wire.OVERHEAD)
+        self.calls_per_connection = s.max_concurrent_bidi_streams
+        self.request_budget = s.max_request_buffer_bytes
+        self.conns: set[BridgeConnection] = set()
+        self.per_ip: dict[str, int] = {}
+        self.calls: set[asyncio.Task[None]] = set()
+        self.pushes_dropped = 0
+        self.refused: dict[str, int] = {}
+        self.address: tuple[str, int] | None = None
+        self.accepting = False
+        self._server: Server | None = None
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
+        self._client_js: bytes | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self, app: App) -> None:
+        host, port = parse_hostport(self.cfg.listen)
+        if self.cfg.serve_client_js:
+            self._client_js = (resources.files("qpc_ws_bridge") / "static" / "qpc.js").read_bytes()
+        keepalive = app.settings.keepalive_interval_secs or None
+        self._server = await serve(
+            self._handle, host, port,
+            ssl=self._ssl_context() if self.cfg.tls else None,
+            process_request=self._admit,
+            subprotocols=[wire.SUBPROTOCOL],  # type: ignore[list-item]
+            compression=None,  # ciphertext does not compress; no deflate state per connection
+            max_size=self.preauth_max_message,
+            max_queue=4,
+            open_timeout=app.settings.handshake_timeout_secs,
+            ping_interval=keepalive, ping_timeout=keepalive,
+            close_timeout=5,
+            server_header=None,
+        )
+        sock = next(iter(self._server.sockets))
+        self.address = sock.getsockname()[:2]
+        self.accepting = True
+        scheme = "wss" if self.cfg.tls else "ws"
+        log.info("WebSocket bridge listening on %s://%s:%d%s", scheme, self.address[0],
+                 self.address[1], self.cfg.path)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        s = self.app.settings
+        tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        out = self.app.data_dir / "ws_bridge"
+        out.mkdir(mode=0o700, exist_ok=True)
+        cert = out / "cert.pem"
+        key = out / "key.pem"
+        chain = b"".join(c.public_bytes(Encoding.PEM) for c in (tls.certificate, *tls.chain))
+        write_atomic(cert, chain, 0o644)
+        write_atomic(key, tls.private_key.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), 0o600)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(Path(cert), Path(key))
+        return ctx
+
+    async def stop_accepting(self) -> None:
+        self.accepting = False
+        if self._server is not None:
+            self._server.server.close()  # the listening socket only; connections go on
+
+    async def flush(self, timeout: float) -> None:
+        """Until answers of calls that finished are written (or ``timeout``)."""
+        pending = [t for c in self.conns for t in (*c.running, *c._pushes)]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, timeout))
+
+    async def close(self, reason: str) -> None:
+        self.accepting = False
+        if self._server is None:
+            return
+        self._server.close(close_connections=True, code=CLOSE_GOING_AWAY,
+                           reason=_close_reason(reason))
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), 10)
+        except TimeoutError:
+            log.warning("WebSocket bridge: connections still open after 10 s of closing")
+        self._server = None
+
+    # -- admission --------------------------------------------------------------------------
+    def client_address(self, ws: ServerConnection, headers: Headers) -> str:
+        host = str(ws.remote_address[0]) if ws.remote_address else "unknown"
+        if not self._proxies or not self._trusted(host):
+            return host
+        forwarded = [a.strip() for v in headers.get_all("X-Forwarded-For") for a in v.split(",")]
+        for addr in reversed(forwarded):
+            if not addr:
+                continue
+            if not self._trusted(addr):
+                return addr
+            host = addr
+        return host
+
+    def _trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxies)
+
+    def _refuse(self, ws: ServerConnection, status: int, why: str) -> Response:
+        self.refused[why.split(":")[0]] = self.refused.get(why.split(":")[0], 0) + 1
+        log.debug("WebSocket upgrade refused (%d): %s", status, why)
+        return ws.respond(status, why + "\n")
+
+    def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        base = self.cfg.path
+        if self._client_js is not None and path == base.rstrip("/") + "/qpc.js":
+            return Response(200, "OK", Headers([
+                ("Content-Type", "text/javascript; charset=utf-8"),
+                ("Content-Length", str(len(self._client_js))),
+                ("Cache-Control", "no-cache"),
+                ("X-Content-Type-Options", "nosniff"),
+            ]), self._client_js)
+        if path != base:
+            return self._refuse(ws, 404, f"not found: the WebSocket endpoint is {base}")
+        host = (request.headers.get("Host") or "").lower()
+        if self.cfg.public_hosts and host not in self.cfg.public_hosts:
+            return self._refuse(ws, 421, f"host: this bridge does not serve {host!r}")
+        origin = request.headers.get("Origin")
+        allowed = self.cfg.allowed_origins
+        # No Origin header: not a browser (browsers always send one on a WebSocket upgrade).
+        if allowed is not None and origin is not None and origin not in allowed:
+            return self._refuse(ws, 403, f"origin: pages of {origin!r} may not connect here")
+        if not self.accepting or self.app.draining:
+            return self._refuse(ws, 503, "shutting down: server shutting down")
+        offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
+                   for p in v.split(",")]
+        if wire.SUBPROTOCOL not in offered:
+            return self._refuse(ws, 400, f"subprotocol: offer the subprotocol "
+                                f"{wire.SUBPROTOCOL!r} (Sec-WebSocket-Protocol)")
+        if len(self.conns) >= self.cfg.max_connections:
+            return self._refuse(ws, 503, "connection limit: too many WebSocket connections")
+        ip = self.client_address(ws, request.headers)
+        if self.per_ip.get(ip, 0) >= self.app.settings.max_connections_per_ip:
+            return self._refuse(ws, 503, "per-IP connection limit: too many connections "
+                                "from this address")
+        return None
+
+    # -- connections ------------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        t0 = time.perf_counter()
+        assert ws.request is not None
+        headers = ws.request.headers
+        ip = self.client_address(ws, headers)
+        port = int(ws.remote_address[1]) if ws.remote_address else 0
+        # Admission ran before the upgrade; connections that completed it since count now.
+        if (len(self.conns) >= self.cfg.max_connections
+                or self.per_ip.get(ip, 0) >= self.app.settings.max_connections_per_ip):
+            await ws.close(CLOSE_POLICY, "connection limit")
+            return
+        conn = BridgeConnection(self, ws, PeerInfo(ip, port),
+                                host_binding(headers.get("Host") or ""))
+        self.conns.add(conn)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        app = self.app
+        app.connection_opened(conn)
+        app.hooks.on_handshake_completed(app, conn, time.perf_counter() - t0)
+        reason = "connection lost"
+        try:
+            reason = await conn.serve()
+        finally:
+            conn.terminated(reason)
+            self.conns.discard(conn)
+            n = self.per_ip.get(ip, 1) - 1
+            if n > 0:
+                self.per_ip[ip] = n
+            else:
+                self.per_ip.pop(ip, None)
+            # Answers of calls still running go out if the socket still takes them; the
+            # handler returning would close it under them.
+            if conn.running or conn._pushes:
+                await asyncio.wait([*conn.running, *conn._pushes], timeout=5)

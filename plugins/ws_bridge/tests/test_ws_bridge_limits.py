@@ -1,0 +1,207 @@
+"""Who the bridge lets in and how it bounds them: origins, hosts, subprotocol, connection caps,
+the pre-auth message size, the auth deadline, calls in flight per connection, proxies,
+wss://, production checks, and shutdown losing nothing acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from types import SimpleNamespace
+
+import pytest
+import qpc_ws_bridge
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from qpc_ws_bridge import wire
+from qpc_ws_bridge.client import WsClient
+from qpc_ws_bridge.config import WsBridgeConfig
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from ws_helpers import bridge, bridge_settings, until, ws_url
+
+from qpc_core.app import App
+from qpc_core.errors import ConfigError, RpcError
+from qpc_core.framing import Status
+from qpc_core.pb import common_pb2
+from qpc_core.testing import TEST_TOKEN, make_settings
+
+
+async def status_of(url: str, **kw) -> int:
+    with pytest.raises(InvalidStatus) as e:
+        async with ws_connect(url, **kw):
+            pass
+    return e.value.response.status_code
+
+
+async def test_origins_hosts_paths_and_subprotocol(app_factory) -> None:
+    app = await app_factory(**bridge_settings(allowed_origins=["http://good.example"]))
+    url = ws_url(app)
+    sub = {"subprotocols": [wire.SUBPROTOCOL]}
+    assert await status_of(url, origin="http://evil.example", **sub) == 403
+    ok = await WsClient.connect(url, token=TEST_TOKEN, origin="http://good.example")
+    await ok.close()
+    nobrowser = await WsClient.connect(url, token=TEST_TOKEN)  # no Origin: not a browser
+    await nobrowser.close()
+    assert await status_of(url) == 400  # no qpc.v1 subprotocol offered
+    assert await status_of(ws_url(app, "/elsewhere"), **sub) == 404
+    # Only the hosts the operator names (set here after start: the port is ephemeral).
+    port = bridge(app).address[1]
+    bridge(app).cfg.public_hosts = [f"localhost:{port}"]
+    assert await status_of(url, **sub) == 421  # Host 127.0.0.1:port
+    c = await WsClient.connect(ws_url(app, host="localhost"), token=TEST_TOKEN,
+                               identity=Ed25519PrivateKey.generate())
+    await c.close()
+    assert bridge(app).refused == {"origin": 1, "host": 1, "not found": 1, "subprotocol": 1}
+
+
+async def test_client_library_is_served(app_factory) -> None:
+    import http.client
+
+    app = await app_factory(**bridge_settings())
+    host, port = bridge(app).address
+
+    def get() -> tuple[int, str, bytes]:
+        h = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            h.request("GET", "/v1/ws/qpc.js")
+            r = h.getresponse()
+            return r.status, r.getheader("Content-Type") or "", r.read()
+        finally:
+            h.close()
+
+    status, ctype, body = await asyncio.to_thread(get)
+    assert status == 200 and ctype.startswith("text/javascript")
+    assert b"root.Qpc = {" in body and b'"qpc.v1"' in body
+
+
+async def test_connection_caps(app_factory) -> None:
+    app = await app_factory(**bridge_settings(max_connections=2))
+    url = ws_url(app)
+    a = await WsClient.connect(url, token=TEST_TOKEN)
+    b = await WsClient.connect(url, token=TEST_TOKEN)
+    assert await status_of(url, subprotocols=[wire.SUBPROTOCOL]) == 503
+    await a.close()
+    await until(lambda: len(bridge(app).conns) == 1)
+    c = await WsClient.connect(url, token=TEST_TOKEN)  # room again
+    await asyncio.gather(b.close(), c.close())
+
+    app2 = await app_factory(data_dir=app.data_dir.parent / "d2", max_connections_per_ip=1,
+                             **bridge_settings())
+    d = await WsClient.connect(ws_url(app2), token=TEST_TOKEN)
+    assert await status_of(ws_url(app2), subprotocols=[wire.SUBPROTOCOL]) == 503
+    await d.close()
+
+
+async def test_pre_auth_message_size_and_auth_deadline(app_factory) -> None:
+    app = await app_factory(auth_timeout_secs=0.5, max_unauthenticated_payload_bytes=2048,
+                            max_payload_bytes=100_000, **bridge_settings())
+    url = ws_url(app)
+    # Unauthenticated: a message above the pre-auth limit is not read (1009, too big).
+    c = await WsClient.connect(url)
+    await c.send_raw(wire.request_message(802, 1, b"\0" * 5000))
+    await asyncio.wait_for(c.closed, 10)
+    assert c.ws.close_code == 1009
+    # Authenticated: the same message is read and answered (here: not a HealthRequest).
+    d = await WsClient.connect(url, token=TEST_TOKEN)
+    frame = await d.call_raw(802, b"\0" * 5000)
+    assert frame.status == Status.BAD_REQUEST
+    # Above max_payload_bytes but within the protocol: refused on its own call.
+    frame = await d.call_raw(200, b"\0" * (app.settings.max_payload_bytes + 1))
+    assert frame.status == Status.PROTOCOL_ERROR
+    assert "exceeds the limit" in common_pb2.Error.FromString(frame.payload).message
+    # Never authenticated: closed at the deadline with a policy-violation code.
+    e = await WsClient.connect(url)
+    await asyncio.wait_for(e.closed, 10)
+    assert e.ws.close_code == 1008 and "not authenticated" in (e.ws.close_reason or "")
+    assert not d.closed.done()  # the authenticated one stays
+    await d.close()
+
+
+async def test_calls_in_flight_per_connection_are_bounded(app_factory) -> None:
+    app = await app_factory(max_concurrent_bidi_streams=3, **bridge_settings())
+    c = await WsClient.connect(ws_url(app), token=TEST_TOKEN,
+                               identity=Ed25519PrivateKey.generate())
+    conn = next(iter(bridge(app).conns))
+    waits = [asyncio.ensure_future(c.fetch_wait(30_000)) for _ in range(3)]
+    await until(lambda: len(conn.running) == 3)
+    health = asyncio.ensure_future(
+        c.call(802, common_pb2.HealthRequest(), common_pb2.HealthResponse))
+    await until(lambda: len(conn.waiting) == 1)  # read, but not started: it waits its turn
+    assert len(conn.running) == 3 and not health.done()
+    waits[0].cancel()  # CANCEL still arrives while requests wait, and frees a slot
+    assert (await asyncio.wait_for(health, 10)).status == "ok"
+    for w in waits[1:]:
+        w.cancel()
+    await asyncio.gather(*waits, return_exceptions=True)
+    await c.close()
+
+
+async def test_trusted_proxy_sets_the_client_address(app_factory) -> None:
+    app = await app_factory(**bridge_settings(trusted_proxies=["127.0.0.0/8"]))
+    c = await WsClient.connect(ws_url(app), token=TEST_TOKEN,
+                               additional_headers={"X-Forwarded-For": "198.51.100.9, 127.0.0.2"})
+    assert {x.peer.host for x in bridge(app).conns} == {"198.51.100.9"}
+    await c.close()
+    app2 = await app_factory(data_dir=app.data_dir.parent / "d2", **bridge_settings())
+    d = await WsClient.connect(ws_url(app2), token=TEST_TOKEN,
+                               additional_headers={"X-Forwarded-For": "198.51.100.9"})
+    assert {x.peer.host for x in bridge(app2).conns} == {"127.0.0.1"}  # not a trusted proxy
+    await d.close()
+
+
+async def test_wss_with_the_servers_certificate(app_factory) -> None:
+    app = await app_factory(**bridge_settings(tls=True))
+    ctx = ssl.create_default_context(cafile=str(app.settings.data_dir / "ca-cert.pem"))
+    ctx.check_hostname = False  # the development certificate names localhost
+    port = bridge(app).address[1]
+    c = await WsClient.connect(f"wss://localhost:{port}/v1/ws", token=TEST_TOKEN,
+                               identity=Ed25519PrivateKey.generate(), ssl_context=ctx)
+    r = await c.enqueue(c.identity_key, b"over tls")
+    assert [m.seq for m in await c.fetch()] == [r.seq]
+    await c.close()
+    with pytest.raises(ssl.SSLError):  # not trusted without the CA
+        await WsClient.connect(f"wss://localhost:{port}/v1/ws",
+                               ssl_context=ssl.create_default_context())
+
+
+def test_config_errors_and_production_rules(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"ws_bridge\.listen"):
+        App(make_settings(tmp_path, **bridge_settings(listen="nowhere")))
+    for bad in ({"path": "v1"}, {"allowed_origins": ["good.example"]},
+                {"trusted_proxies": ["proxy"]}, {"max_connections": 0}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            WsBridgeConfig(**bad)
+    prod = SimpleNamespace(settings=SimpleNamespace(production=True))
+    problems = qpc_ws_bridge._problems(prod, WsBridgeConfig(listen="0.0.0.0:7002"))
+    assert any("ws_bridge.public_hosts" in p for p in problems)
+    assert any("ws_bridge.tls" in p for p in problems)
+    assert qpc_ws_bridge._problems(prod, WsBridgeConfig(public_hosts=["chat.example"])) == []
+    assert qpc_ws_bridge._problems(prod, WsBridgeConfig(
+        listen="0.0.0.0:443", tls=True, public_hosts=["chat.example"])) == []
+
+
+async def test_shutdown_loses_no_acknowledged_message(app_factory, connect, tmp_path) -> None:
+    data = tmp_path / "shared"
+    app = await app_factory(data_dir=data, **bridge_settings())
+    rx = Ed25519PrivateKey.generate()
+    c = await WsClient.connect(ws_url(app), token=TEST_TOKEN,
+                               identity=Ed25519PrivateKey.generate())
+    acked: list[int] = []
+    refused = 0
+
+    async def one(i: int) -> None:
+        nonlocal refused
+        try:
+            r = await c.enqueue(rx.public_key().public_bytes_raw(), b"m%d" % i)
+            acked.append(r.seq)
+        except (RpcError, ConnectionError, ConnectionClosed):
+            refused += 1
+
+    sends = [asyncio.ensure_future(one(i)) for i in range(300)]
+    await until(lambda: len(acked) >= 50)
+    await app.stop()  # mid-stream: the rest are answered UNAVAILABLE or never sent
+    await asyncio.gather(*sends)
+    assert acked and len(acked) + refused == 300
+    again: App = await app_factory(data_dir=data, **bridge_settings())
+    r = await connect(again, identity=rx)
+    stored = {m.seq for m in await r.fetch()}
+    assert set(acked) <= stored  # every acknowledged message survived the shutdown
