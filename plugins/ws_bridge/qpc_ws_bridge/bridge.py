@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -35,9 +35,11 @@ from websockets.http11 import Request, Response
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
 from qpc_core.errors import RateLimited, RpcError
-from qpc_core.framing import MAX_PAYLOAD, RequestFrame, Status
+from qpc_core.framing import PushEvent, RequestFrame, Status
+from qpc_core.pb import common_pb2
 from qpc_core.rpc import AuthResult, PeerInfo, new_connection_id
 from qpc_core.transport.certs import resolve_tls, write_atomic
+from qpc_core.transport.quic import OWN_CAP_HALF_OPEN, OWN_CAP_HALF_OPEN_PER_IP
 from qpc_ws_bridge import wire
 from qpc_ws_bridge.config import WsBridgeConfig
 
@@ -50,6 +52,11 @@ log = logging.getLogger("qpc.ws_bridge")
 HOST_BINDING_CONTEXT = b"qpc-v1 ws-host\x00"
 #: Pushes a connection may have waiting to be written; more are dropped (pushes are hints).
 MAX_PUSH_BACKLOG = 64
+#: Error answers a connection may have waiting to be written before reading it stops.
+WRITE_BACKLOG = 64
+#: TCP connections in the opening handshake at most, and from one address at most.
+HALF_OPEN_MAX = OWN_CAP_HALF_OPEN
+HALF_OPEN_PER_IP = OWN_CAP_HALF_OPEN_PER_IP
 #: WebSocket close codes used.
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED, CLOSE_POLICY = 1000, 1001, 1003, 1008
 
@@ -59,6 +66,12 @@ def host_binding(host: str) -> bytes:
     a browser signs into ProveIdentity instead of the QUIC certificate hash, so a proof made
     for one server's page cannot be relayed to another server."""
     return hashlib.sha256(HOST_BINDING_CONTEXT + host.lower().encode()).digest()
+
+
+def _one(headers: Headers, name: str) -> str:
+    """The header's value ('' when absent; admission refused it when repeated)."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else ""
 
 
 def _close_reason(reason: str) -> str:
@@ -94,7 +107,12 @@ class BridgeConnection:
         self.waiting_bytes = 0
         self._slot = asyncio.Event()
         self._slot.set()
-        self._pushes: set[asyncio.Task[None]] = set()
+        self._pushes: set[asyncio.Task[None]] = set()  # pushes being written (bounded)
+        # Other writes (error answers, refusals, closes): reading stops while too many wait,
+        # so a client that sends without reading cannot make the server queue without end.
+        self._writes: set[asyncio.Task[None]] = set()
+        self._stall_size: int | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -158,13 +176,18 @@ class BridgeConnection:
 
     def disconnect(self, reason: str, code: int = CLOSE_NORMAL) -> None:
         if not self._gone:
-            self._track(self._pushes, self._close(code, reason))
+            self._track(self._writes, self._close(code, reason))
 
     # -- internals --------------------------------------------------------------------------
     def _track(self, tasks: set[asyncio.Task[None]], coro: Any) -> None:
         task = self._loop.create_task(coro)
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            self._slot.set()
+
+        task.add_done_callback(done)
 
     async def _write(self, message: bytes) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -185,6 +208,25 @@ class BridgeConnection:
             self._auth_timer = self._loop.call_later(
                 self.app.settings.auth_timeout_secs, self._auth_expired)
 
+    def _arm_stall_check(self) -> None:
+        self._stall_timer = self._loop.call_later(
+            self.app.settings.request_receive_timeout_secs, self._stall_check)
+
+    def _stall_check(self) -> None:
+        """A message whose first fragments arrived but which made no progress for
+        ``request_receive_timeout_secs`` (a stalled sender holding its buffer): close.  A
+        slow sender that keeps sending is not cut off, as on QUIC."""
+        self._stall_timer = None
+        if self._gone:
+            return
+        size: int | None = getattr(self.ws.protocol, "current_size", None)
+        if size is not None and size == self._stall_size:
+            secs = self.app.settings.request_receive_timeout_secs
+            self.disconnect(f"message stalled: no bytes for {secs:g} s", CLOSE_POLICY)
+            return
+        self._stall_size = size
+        self._arm_stall_check()
+
     def _auth_expired(self) -> None:
         self._auth_timer = None
         if self._gone or self.authenticated:
@@ -196,13 +238,15 @@ class BridgeConnection:
         """Read messages until the connection ends; returns why it ended.
 
         Requests beyond the calls-in-flight limit wait here, in order, up to that many
-        and ``max_request_buffer_bytes``; beyond that reading stops (TCP pushes back on the
-        client).  Reading goes on while requests merely wait, so a CANCEL still arrives."""
+        and ``max_request_buffer_bytes``; beyond that they are refused (``UNAVAILABLE``,
+        busy), so reading never stops for them and a CANCEL or a pong always arrives.
+        Reading stops only while the client leaves the server's answers unread (more than
+        :data:`WRITE_BACKLOG` error answers waiting to be written)."""
         self._arm_auth_deadline()
+        self._arm_stall_check()
         try:
             while True:
-                while (len(self.waiting) >= self.bridge.calls_per_connection
-                       or self.waiting_bytes >= self.bridge.request_budget):
+                while len(self._writes) >= WRITE_BACKLOG:
                     self._slot.clear()
                     await self._slot.wait()
                 message = await self.ws.recv()
@@ -228,8 +272,17 @@ class BridgeConnection:
                     f"request_id {msg.request_id} is already in flight on this connection"))
                 return
             if len(self.running) >= self.bridge.calls_per_connection:
+                size = len(msg.payload)
+                if (len(self.waiting) >= self.bridge.calls_per_connection
+                        or self.waiting_bytes + size > self.bridge.request_budget):
+                    self._answer_now(error_response(
+                        msg.request_id, Status.UNAVAILABLE,
+                        f"busy: {len(self.running)} calls of this connection are running "
+                        f"and {len(self.waiting)} waiting; send it again (keep fewer calls "
+                        "in flight)", retry_after=0.05))
+                    return
                 self.waiting[msg.request_id] = msg
-                self.waiting_bytes += len(msg.payload)
+                self.waiting_bytes += size
             else:
                 self._start_call(msg)
         elif isinstance(msg, wire.Cancel):
@@ -274,7 +327,7 @@ class BridgeConnection:
                       exc_info=task.exception())
 
     def _answer_now(self, response: bytes) -> None:
-        self._track(self._pushes, self._write(wire.response_message(response)))
+        self._track(self._writes, self._write(wire.response_message(response)))
 
     def _protocol_error(self, request_id: int, reason: str, message: str) -> None:
         log.debug("connection %d: protocol error (%s): %s", self._connection_id, reason, message)
@@ -315,9 +368,10 @@ class BridgeConnection:
         if self._gone:
             return
         self._gone = True
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
-            self._auth_timer = None
+        for timer in (self._auth_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._auth_timer = self._stall_timer = None
         # The client is gone: long polls stop; other calls finish (unanswered), so a handler
         # is never stopped between two writes (RpcMethod.cancel_on_disconnect).
         for task, cancellable in self.calls.values():
@@ -340,10 +394,9 @@ class WsBridge:
         self.cfg = cfg
         self.dispatcher = Dispatcher(app)
         self.max_payload = s.max_payload_bytes
-        # Authenticated: up to the protocol's frame maximum, so a payload above the configured
-        # max_payload_bytes is refused on its own call (``oversize``), as on QUIC; beyond
-        # the protocol maximum the message is not read (close 1009, message too big).
-        self.max_message = MAX_PAYLOAD + wire.OVERHEAD
+        # A bigger message is not read (close 1009, message too big): a connection holds at
+        # most one message in progress of this size.
+        self.max_message = s.max_payload_bytes + wire.OVERHEAD
         self.preauth_max_message = (
             min(s.max_unauthenticated_payload_bytes, s.max_payload_bytes) + wire.OVERHEAD)
         self.calls_per_connection = s.max_concurrent_bidi_streams
@@ -358,7 +411,8 @@ class WsBridge:
         self._server: Server | None = None
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
         self._client_js: bytes | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self.half_open: dict[str, int] = {}  # TCP connections not yet upgraded, per IP
+        self.half_open_total = 0
 
     @property
     def ready(self) -> bool:
@@ -372,6 +426,7 @@ class WsBridge:
         keepalive = app.settings.keepalive_interval_secs or None
         self._server = await serve(
             self._handle, host, port,
+            create_connection=self._connection_factory(),
             ssl=self._ssl_context() if self.cfg.tls else None,
             process_request=self._admit,
             subprotocols=[wire.SUBPROTOCOL],  # type: ignore[list-item]
@@ -407,18 +462,28 @@ class WsBridge:
         return ctx
 
     async def stop_accepting(self) -> None:
+        """Refuse new connections and tell connected clients the server is going away."""
         self.accepting = False
         if self._server is not None:
             self._server.server.close()  # the listening socket only; connections go on
+        data = common_pb2.ServerShuttingDownEvent(reason="server shutting down")
+        for conn in list(self.conns):
+            conn.push(PushEvent.SERVER_SHUTTING_DOWN, data.SerializeToString())
 
     async def flush(self, timeout: float) -> None:
         """Until answers of calls that finished are written (or ``timeout``)."""
-        pending = [t for c in self.conns for t in (*c.running, *c._pushes)]
+        pending = [t for c in self.conns for t in (*c.running, *c._writes, *c._pushes)]
         if pending:
             await asyncio.wait(pending, timeout=max(0.0, timeout))
 
     async def close(self, reason: str) -> None:
         self.accepting = False
+        # Calls still running after the drain: stopped now, before storage closes under them.
+        calls = list(self.calls)
+        for task in calls:
+            task.cancel()
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
         if self._server is None:
             return
         self._server.close(close_connections=True, code=CLOSE_GOING_AWAY,
@@ -430,6 +495,49 @@ class WsBridge:
         self._server = None
 
     # -- admission --------------------------------------------------------------------------
+    def _connection_factory(self) -> type[ServerConnection]:
+        """websockets' connection class, counting TCP connections not yet upgraded: beyond
+        :data:`HALF_OPEN_MAX` in all, or :data:`HALF_OPEN_PER_IP` from one address (not a
+        trusted proxy), a new one is dropped at once instead of being held until
+        ``handshake_timeout_secs``."""
+        bridge = self
+
+        class Counted(ServerConnection):
+            upgrading_ip: str | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                peer = transport.get_extra_info("peername")
+                ip = str(peer[0]) if peer else "unknown"
+                per_ip = bridge.half_open.get(ip, 0)
+                if (bridge.half_open_total >= HALF_OPEN_MAX
+                        or (per_ip >= HALF_OPEN_PER_IP and not bridge._trusted(ip))):
+                    bridge.refused["handshakes"] = bridge.refused.get("handshakes", 0) + 1
+                    cast(asyncio.Transport, transport).abort()
+                    return
+                self.upgrading_ip = ip
+                bridge.half_open[ip] = per_ip + 1
+                bridge.half_open_total += 1
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                bridge.upgraded(self)
+                super().connection_lost(exc)
+
+        return Counted
+
+    def upgraded(self, ws: ServerConnection) -> None:
+        """``ws`` left the opening handshake (upgraded, refused or gone)."""
+        ip = getattr(ws, "upgrading_ip", None)
+        if ip is None:
+            return
+        ws.upgrading_ip = None  # type: ignore[attr-defined]
+        self.half_open_total -= 1
+        n = self.half_open.get(ip, 1) - 1
+        if n > 0:
+            self.half_open[ip] = n
+        else:
+            self.half_open.pop(ip, None)
+
     def client_address(self, ws: ServerConnection, headers: Headers) -> str:
         host = str(ws.remote_address[0]) if ws.remote_address else "unknown"
         if not self._proxies or not self._trusted(host):
@@ -456,6 +564,9 @@ class WsBridge:
         return ws.respond(status, why + "\n")
 
     def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
+        for name in ("Host", "Origin"):
+            if len(request.headers.get_all(name)) > 1:
+                return self._refuse(ws, 400, f"bad request: more than one {name} header")
         path = request.path.split("?", 1)[0]
         base = self.cfg.path
         if self._client_js is not None and path == base.rstrip("/") + "/qpc.js":
@@ -467,10 +578,10 @@ class WsBridge:
             ]), self._client_js)
         if path != base:
             return self._refuse(ws, 404, f"not found: the WebSocket endpoint is {base}")
-        host = (request.headers.get("Host") or "").lower()
+        host = _one(request.headers, "Host").lower()
         if self.cfg.public_hosts and host not in self.cfg.public_hosts:
             return self._refuse(ws, 421, f"host: this bridge does not serve {host!r}")
-        origin = request.headers.get("Origin")
+        origin = _one(request.headers, "Origin") or None
         allowed = self.cfg.allowed_origins
         # No Origin header: not a browser (browsers always send one on a WebSocket upgrade).
         if allowed is not None and origin is not None and origin not in allowed:
@@ -492,6 +603,7 @@ class WsBridge:
 
     # -- connections ------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        self.upgraded(ws)
         t0 = time.perf_counter()
         assert ws.request is not None
         headers = ws.request.headers
@@ -503,7 +615,7 @@ class WsBridge:
             await ws.close(CLOSE_POLICY, "connection limit")
             return
         conn = BridgeConnection(self, ws, PeerInfo(ip, port),
-                                host_binding(headers.get("Host") or ""))
+                                host_binding(_one(headers, "Host")))
         self.conns.add(conn)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         app = self.app
@@ -520,7 +632,3 @@ class WsBridge:
                 self.per_ip[ip] = n
             else:
                 self.per_ip.pop(ip, None)
-            # Answers of calls still running go out if the socket still takes them; the
-            # handler returning would close it under them.
-            if conn.running or conn._pushes:
-                await asyncio.wait([*conn.running, *conn._pushes], timeout=5)

@@ -47,7 +47,9 @@ class WsClient:
         ws = await connect(url, subprotocols=[wire.SUBPROTOCOL],  # type: ignore[list-item]
                            origin=origin, ssl=ssl_context, compression=None,  # type: ignore[arg-type]
                            max_size=None, **kw)
-        c = cls(ws, urlsplit(url).netloc)
+        # What proofs are bound to: the Host header this connection sent (websockets leaves
+        # out a default port and any user info, as browsers do).
+        c = cls(ws, ws.request.headers["Host"] if ws.request is not None else urlsplit(url).netloc)
         try:
             if token is not None:
                 await c.authenticate(token.encode())

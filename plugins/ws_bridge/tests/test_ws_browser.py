@@ -123,6 +123,26 @@ async def test_browser_client_through_the_bridge(app_factory, connect, tmp_path)
             assert aborted == "user left"
             await until(lambda: not conn.running)
 
+            # Calls that cannot be answered fail at once instead of hanging.
+            edge = await page.evaluate(f"""(async () => {{
+                const out = {{}};
+                try {{ Qpc.pbEncode([[4, -1]]); out.negative = "encoded"; }}
+                catch (e) {{ out.negative = e.name; }}
+                const s2 = await Qpc.QpcSocket.connect({url});
+                await s2.health();
+                try {{ await s2.authenticate("devtoken"); out.late = "ok"; }}
+                catch (e) {{ out.late = e.code; }}
+                try {{ await s2.authenticate("x".repeat(70000)); out.long = "ok"; }}
+                catch (e) {{ out.long = e.code; }}
+                s2.close();
+                await s2.closed;
+                try {{ await s2.health(); out.closed = "answered"; }}
+                catch (e) {{ out.closed = e.code; }}
+                return out;
+            }})()""")
+            assert edge == {"negative": "RangeError", "late": "PROTOCOL_ERROR",
+                            "long": "BAD_REQUEST", "closed": "CLOSED"}
+
             # A page of an origin the bridge does not allow cannot connect.
             await page.goto(other_origin + "/index.html")
             refused = await page.evaluate(f"""(async () => {{

@@ -49,6 +49,10 @@
         size += head.length + bytes.length;
       } else {
         const n = typeof value === "boolean" ? (value ? 1 : 0) : value;
+        if (typeof n === "number" ? !Number.isSafeInteger(n) || n < 0
+            : typeof n !== "bigint" || n < 0n || n >= 1n << 64n) {
+          throw new RangeError("field " + no + ": a varint must be an integer in 0..2^64-1");
+        }
         if (!n) continue;
         pushVarint(head, (no << 3) | 0);
         pushVarint(head, n);
@@ -174,6 +178,12 @@
 
     authenticate(token) {
       const t = utf8.encode(token);
+      if (t.length > 0xffff) {
+        return Promise.reject(new QpcError(0, "BAD_REQUEST", "token longer than 65535 bytes"));
+      }
+      if (this.ws.readyState !== WebSocket.OPEN) {
+        return Promise.reject(new QpcError(0, "CLOSED", "connection closed"));
+      }
       const msg = new Uint8Array(3 + t.length);
       msg[0] = KIND_AUTH;
       new DataView(msg.buffer).setUint16(1, t.length);
@@ -200,7 +210,15 @@
         const status = buf[1], rid = view.getUint32(2), len = view.getUint32(6);
         const payload = buf.subarray(10, 10 + len);
         const p = this.pending.get(rid);
-        if (!p) return;
+        if (!p) {
+          // A protocol error about the auth message (request id 0) while it waits.
+          if (rid === 0 && status !== 0 && this._authWaiter) {
+            const w = this._authWaiter;
+            this._authWaiter = null;
+            w.reject(decodeError(status, payload));
+          }
+          return;
+        }
         this.pending.delete(rid);
         if (status === 0) p.resolve(payload); else p.reject(decodeError(status, payload));
       } else if (buf[0] === KIND_PUSH && buf.length >= 7) {
@@ -224,16 +242,27 @@
       msg.set(body, 11);
       return new Promise((resolve, reject) => {
         if (signal && signal.aborted) { reject(signal.reason); return; }
-        this.pending.set(rid, { resolve, reject });
+        if (this.ws.readyState !== WebSocket.OPEN) {
+          reject(new QpcError(0, "CLOSED", "connection closed"));
+          return;
+        }
+        let onAbort = null;
+        const settle = (fn) => (value) => {
+          if (onAbort) signal.removeEventListener("abort", onAbort);
+          fn(value);
+        };
+        this.pending.set(rid, { resolve: settle(resolve), reject: settle(reject) });
         if (signal) {
-          signal.addEventListener("abort", () => {
+          onAbort = () => {
             if (!this.pending.delete(rid)) return;
             const cancel = new Uint8Array(5);
             cancel[0] = KIND_CANCEL;
             new DataView(cancel.buffer).setUint32(1, rid);
             if (this.ws.readyState === WebSocket.OPEN) this.ws.send(cancel);
+            signal.removeEventListener("abort", onAbort);
             reject(signal.reason);
-          }, { once: true });
+          };
+          signal.addEventListener("abort", onAbort);
         }
         this.ws.send(msg);
       });
