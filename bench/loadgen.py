@@ -6,6 +6,7 @@ Modes (every loop is bounded by a count and by time):
   handshake COUNT QUIC handshakes at concurrency C -> handshakes/s, latency p50/p95
   idle      open N connections (qpc: authenticated + identity proven), hold until stdin closes
   login     COUNT OPAQUE logins (new connection each) at concurrency C -> logins/s
+  ws_deliver  enqueue -> delivery in pairs over the WebSocket bridge (--ws-url), closed loop
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import asyncio
 import json
 import os
 import resource
+import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "ws_bridge"))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -183,8 +186,83 @@ async def mode_login(a: argparse.Namespace) -> dict[str, Any]:
                            "p95": round(percentile(lat, 95), 3)}}
 
 
+async def mode_ws_deliver(a: argparse.Namespace) -> dict[str, Any]:
+    """``deliver``'s closed loop over the WebSocket bridge: pairs of WsClient, the sender with
+    ``window`` Enqueues in flight, the receiver one FetchWait at a time."""
+    from qpc_ws_bridge.client import WsClient
+
+    pairs = []
+    for _ in range(a.clients // 2):
+        tx = await WsClient.connect(a.ws_url, token=a.token, identity=Ed25519PrivateKey.generate())
+        rx = await WsClient.connect(a.ws_url, token=a.token, identity=Ed25519PrivateKey.generate())
+        pairs.append((tx, rx))
+    per_sender = max(1, a.count // len(pairs))
+    total = per_sender * len(pairs)
+    deadline = time.monotonic() + a.seconds
+    lat: list[float] = []
+    delivered = errors = 0
+    done = asyncio.Event()
+    pad = b"\0" * (a.size - 8)
+
+    async def receive(rx: WsClient) -> None:
+        nonlocal delivered
+        got = 0
+        while got < per_sender and time.monotonic() < deadline and not done.is_set():
+            msgs = await rx.fetch_wait(1000)
+            now = time.time()
+            for m in msgs:
+                lat.append((now - struct.unpack_from(">d", m.data)[0]) * 1000.0)
+            got += len(msgs)
+            delivered += len(msgs)
+            if delivered >= total:
+                done.set()
+
+    async def send(tx: WsClient, to: bytes) -> None:
+        nonlocal errors
+        sem = asyncio.Semaphore(a.window)
+
+        async def one() -> None:
+            nonlocal errors
+            try:
+                await tx.enqueue(to, struct.pack(">d", time.time()) + pad)
+            except Exception:
+                errors += 1
+            finally:
+                sem.release()
+
+        tasks = []
+        for _ in range(per_sender):
+            if time.monotonic() >= deadline:
+                break
+            await sem.acquire()
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    receivers = [asyncio.ensure_future(receive(rx)) for _tx, rx in pairs]
+    await asyncio.gather(*(send(tx, rx.identity_key or b"") for tx, rx in pairs))
+    try:
+        await asyncio.wait_for(done.wait(), max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        pass
+    el = time.perf_counter() - t0
+    client_cpu = time.process_time() - c0
+    done.set()
+    for r in receivers:
+        r.cancel()
+    await asyncio.gather(*receivers, return_exceptions=True)
+    await asyncio.gather(*(c.close() for p in pairs for c in p), return_exceptions=True)
+    lat.sort()
+    return {"mode": "ws_deliver", "clients": a.clients, "sent": total, "delivered": delivered,
+            "errors": errors, "seconds": round(el, 3), "client_cpu_s": round(client_cpu, 3),
+            "msgs_per_sec": round(delivered / el, 1), "leftover": 0,
+            "latency_ms": {"p50": round(percentile(lat, 50), 3),
+                           "p99": round(percentile(lat, 99), 3)}}
+
+
 MODES = {"echo": mode_echo, "deliver": mode_deliver, "handshake": mode_handshake,
-         "idle": mode_idle, "login": mode_login}
+         "idle": mode_idle, "login": mode_login, "ws_deliver": mode_ws_deliver}
 
 
 def main() -> None:
@@ -203,6 +281,7 @@ def main() -> None:
     p.add_argument("--receiver-port", type=int, default=None,
                    help="deliver: receivers use this server (registered there with OPAQUE)")
     p.add_argument("--receiver-ca", default=None)
+    p.add_argument("--ws-url", default=None, help="ws_deliver: the bridge's ws:// URL")
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--quic-backend", choices=("aioquic", "qh3"), default="aioquic",
                    help="the clients' QUIC library")

@@ -202,6 +202,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._last_activity = time.monotonic()
         self._last_heard = self._last_activity  # any datagram from the client
         self._keepalive: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # the bound session's end
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
         if not set_stream_limits(
@@ -264,9 +265,28 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if auth.identity_key is not None:
             self.bind_identity(auth.identity_key)
         self._authenticated()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if auth.expires_at is not None:
+            # The session ends on its own: unbound then (no more pushes to its identity), and
+            # the connection must authenticate again within auth_timeout_secs.
+            delay = max(0.0, auth.expires_at - time.time())
+            self._expiry = self._loop.call_later(delay, self._session_expired, auth)
+
+    def _session_expired(self, auth: AuthResult) -> None:
+        self._expiry = None
+        if self._auth is not auth or self._gone:
+            return
+        revoked = common_pb2.SessionRevokedEvent(reason="session expired")
+        self.push(PushEvent.SESSION_REVOKED, revoked.SerializeToString())
+        self.unbind()
 
     def unbind(self) -> None:
         """Forget the connection's credential and identity (logout, account deletion)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._auth = None
         self._request_credential = False
         if self._identity is not None:
@@ -528,10 +548,12 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if self._gone:
             return
         self._gone = True
-        for timer in (self._keepalive, self._handshake_timer, self._auth_timer, self._sweep):
+        for timer in (self._keepalive, self._handshake_timer, self._auth_timer, self._sweep,
+                      self._expiry):
             if timer is not None:
                 timer.cancel()
         self._keepalive = self._handshake_timer = self._auth_timer = self._sweep = None
+        self._expiry = None
         for st in self.streams.values():
             if st.task is not None:
                 self._cancel_call(st)
@@ -710,8 +732,11 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
 
     async def _call(self, sid: int, frame: Any) -> None:
         try:
+            unauthenticated = not self.authenticated
             out = await self.dispatcher.call(self, frame)
-            if not self.authenticated and out[:1] == bytes([Status.OK]):
+            # Without a credential of the connection before and after the call: the request's
+            # own Auth field was accepted (not a Logout that just unbound the connection).
+            if unauthenticated and not self.authenticated and out[:1] == bytes([Status.OK]):
                 self._note_request_credential(frame.method_id)
             if self._owns(sid) and self._send(sid, out):
                 self.send_soon()

@@ -59,6 +59,7 @@ HALF_OPEN_MAX = OWN_CAP_HALF_OPEN
 HALF_OPEN_PER_IP = OWN_CAP_HALF_OPEN_PER_IP
 #: WebSocket close codes used.
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_UNSUPPORTED, CLOSE_POLICY = 1000, 1001, 1003, 1008
+CLOSE_INTERNAL = 1011
 
 
 def host_binding(host: str) -> bytes:
@@ -66,6 +67,23 @@ def host_binding(host: str) -> bytes:
     a browser signs into ProveIdentity instead of the QUIC certificate hash, so a proof made
     for one server's page cannot be relayed to another server."""
     return hashlib.sha256(HOST_BINDING_CONTEXT + host.lower().encode()).digest()
+
+
+def _canonical_ip(text: str) -> str | None:
+    """``text`` as an IP address in canonical form (IPv4-mapped IPv6 as IPv4; a port as in
+    ``1.2.3.4:5`` or ``[::1]:5`` dropped), or None when it is not one."""
+    t = text.strip()
+    if t.startswith("["):
+        t = t[1:].split("]", 1)[0]
+    elif t.count(":") == 1:
+        t = t.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(t)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _one(headers: Headers, name: str) -> str:
@@ -111,8 +129,9 @@ class BridgeConnection:
         # Other writes (error answers, refusals, closes): reading stops while too many wait,
         # so a client that sends without reading cannot make the server queue without end.
         self._writes: set[asyncio.Task[None]] = set()
-        self._stall_size: int | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closing = False
         self._auth_timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -139,15 +158,31 @@ class BridgeConnection:
         return self._auth is not None or self._identity is not None or self._request_credential
 
     def bind(self, auth: AuthResult) -> None:
-        if self._gone:
+        if self._gone or self._closing:
             return
         self._auth = auth
         if auth.identity_key is not None:
             self.bind_identity(auth.identity_key)
         self._authenticated()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if auth.expires_at is not None:
+            # The session ends on its own: unbound then (no more pushes to its identity), and
+            # the connection must authenticate again within auth_timeout_secs.
+            delay = max(0.0, auth.expires_at - time.time())
+            self._expiry = self._loop.call_later(delay, self._session_expired, auth)
+
+    def _session_expired(self, auth: AuthResult) -> None:
+        self._expiry = None
+        if self._auth is not auth or self._gone:
+            return
+        revoked = common_pb2.SessionRevokedEvent(reason="session expired")
+        self.push(PushEvent.SESSION_REVOKED, revoked.SerializeToString())
+        self.unbind()
 
     def bind_identity(self, identity_key: bytes) -> None:
-        if self._gone or self._identity == identity_key:
+        if self._gone or self._closing or self._identity == identity_key:
             return
         if self._identity is not None:
             self.app.unbind_identity(self, self._identity)
@@ -156,6 +191,9 @@ class BridgeConnection:
         self._authenticated()
 
     def unbind(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._auth = None
         self._request_credential = False
         if self._identity is not None:
@@ -175,8 +213,26 @@ class BridgeConnection:
         self._track(self._pushes, self._write(wire.push_message(event_type, payload)))
 
     def disconnect(self, reason: str, code: int = CLOSE_NORMAL) -> None:
-        if not self._gone:
-            self._track(self._writes, self._close(code, reason))
+        """Close the connection.  From now on nothing it sends runs (the close handshake
+        may take the client a while): waiting requests are dropped, long polls stopped,
+        and the identity no longer gets pushes."""
+        if self._gone or self._closing:
+            return
+        self._closing = True
+        self._drop_calls()
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)
+        self._track(self._writes, self._close(code, reason))
+
+    def _drop_calls(self) -> None:
+        """The client is gone or going: long polls stop; other calls finish (unanswered), so
+        a handler is never stopped between two writes (RpcMethod.cancel_on_disconnect)."""
+        for task, cancellable in self.calls.values():
+            if cancellable:
+                task.cancel()
+        self.calls.clear()
+        self.waiting.clear()  # never started: nothing of them ran
+        self.waiting_bytes = 0
 
     # -- internals --------------------------------------------------------------------------
     def _track(self, tasks: set[asyncio.Task[None]], coro: Any) -> None:
@@ -209,22 +265,37 @@ class BridgeConnection:
                 self.app.settings.auth_timeout_secs, self._auth_expired)
 
     def _arm_stall_check(self) -> None:
-        self._stall_timer = self._loop.call_later(
-            self.app.settings.request_receive_timeout_secs, self._stall_check)
+        s = self.app.settings
+        period = s.request_receive_timeout_secs
+        if s.keepalive_interval_secs > 0:
+            period = min(period, s.keepalive_interval_secs)
+        self._stall_timer = self._loop.call_later(period / 2, self._stall_check)
+
+    def _partly_received(self) -> bool:
+        """A frame or a fragmented message has begun and not ended."""
+        proto = self.ws.protocol
+        reader = getattr(proto, "reader", None)
+        return (getattr(proto, "current_size", None) is not None
+                or bool(reader is not None and getattr(reader, "buffer", b"")))
 
     def _stall_check(self) -> None:
-        """A message whose first fragments arrived but which made no progress for
-        ``request_receive_timeout_secs`` (a stalled sender holding its buffer): close.  A
-        slow sender that keeps sending is not cut off, as on QUIC."""
+        """Liveness by bytes received, as QUIC's idle and receive timers: a message begun and
+        then without a byte for ``request_receive_timeout_secs`` (a stalled sender holding
+        its buffer) closes the connection (1008), and so does silence for two keep-alive
+        intervals, pongs included (1011).  A slow sender that keeps sending is never cut
+        off, even while one big frame delays its pongs."""
         self._stall_timer = None
-        if self._gone:
+        if self._gone or self._closing:
             return
-        size: int | None = getattr(self.ws.protocol, "current_size", None)
-        if size is not None and size == self._stall_size:
-            secs = self.app.settings.request_receive_timeout_secs
-            self.disconnect(f"message stalled: no bytes for {secs:g} s", CLOSE_POLICY)
+        s = self.app.settings
+        quiet = time.monotonic() - getattr(self.ws, "last_received", time.monotonic())
+        if quiet >= s.request_receive_timeout_secs and self._partly_received():
+            self.disconnect(f"message stalled: no bytes for {s.request_receive_timeout_secs:g} s",
+                            CLOSE_POLICY)
             return
-        self._stall_size = size
+        if s.keepalive_interval_secs > 0 and quiet >= 2 * s.keepalive_interval_secs:
+            self.disconnect("keepalive timeout: nothing received", CLOSE_INTERNAL)
+            return
         self._arm_stall_check()
 
     def _auth_expired(self) -> None:
@@ -259,6 +330,8 @@ class BridgeConnection:
             return (rcvd.reason or f"closed {rcvd.code}") if rcvd is not None else "connection lost"
 
     def _on_message(self, data: bytes) -> None:
+        if self._closing:
+            return  # closed by the server: the client's close reply is all that counts now
         try:
             msg = wire.parse_client(data, self.bridge.max_payload)
         except wire.WireError as e:
@@ -336,12 +409,15 @@ class BridgeConnection:
 
     async def _call(self, frame: RequestFrame) -> None:
         task = asyncio.current_task()
+        unauthenticated = not self.authenticated
         out = await self.bridge.dispatcher.call(self, frame)
         call = self.calls.get(frame.request_id)
         if call is None or call[0] is not task:
             return  # cancelled by the client: unanswered, as a reset stream on QUIC
         del self.calls[frame.request_id]
-        if not self.authenticated and out[:1] == bytes([Status.OK]):
+        # Succeeded without a credential of the connection, before and after the call: the
+        # request's own Auth field was accepted (not a Logout that just unbound it).
+        if unauthenticated and not self.authenticated and out[:1] == bytes([Status.OK]):
             entry = self.bridge.dispatcher.methods.get(frame.method_id)
             if entry is not None and entry[1].auth != "none":
                 self._request_credential = True  # a valid Auth field in the request
@@ -368,18 +444,11 @@ class BridgeConnection:
         if self._gone:
             return
         self._gone = True
-        for timer in (self._auth_timer, self._stall_timer):
+        for timer in (self._auth_timer, self._stall_timer, self._expiry):
             if timer is not None:
                 timer.cancel()
-        self._auth_timer = self._stall_timer = None
-        # The client is gone: long polls stop; other calls finish (unanswered), so a handler
-        # is never stopped between two writes (RpcMethod.cancel_on_disconnect).
-        for task, cancellable in self.calls.values():
-            if cancellable:
-                task.cancel()
-        self.calls.clear()
-        self.waiting.clear()  # never started: nothing of them ran
-        self.waiting_bytes = 0
+        self._auth_timer = self._stall_timer = self._expiry = None
+        self._drop_calls()
         self.app.connection_closed(self, reason)
 
 
@@ -428,13 +497,19 @@ class WsBridge:
             self._handle, host, port,
             create_connection=self._connection_factory(),
             ssl=self._ssl_context() if self.cfg.tls else None,
+            # asyncio counts a connection only after its TLS handshake: that stage is bounded
+            # by this timeout (and the listen backlog), not by the half-open caps.
+            ssl_handshake_timeout=min(app.settings.handshake_timeout_secs, 10.0)
+            if self.cfg.tls else None,
             process_request=self._admit,
             subprotocols=[wire.SUBPROTOCOL],  # type: ignore[list-item]
             compression=None,  # ciphertext does not compress; no deflate state per connection
             max_size=self.preauth_max_message,
             max_queue=4,
             open_timeout=app.settings.handshake_timeout_secs,
-            ping_interval=keepalive, ping_timeout=keepalive,
+            # Pings keep idle connections open through NATs and proxies; liveness is judged by
+            # any bytes received (_stall_check), since a pong waits behind a frame in progress.
+            ping_interval=keepalive, ping_timeout=None,
             close_timeout=5,
             server_header=None,
         )
@@ -504,6 +579,11 @@ class WsBridge:
 
         class Counted(ServerConnection):
             upgrading_ip: str | None = None
+            last_received = 0.0
+
+            def data_received(self, data: bytes) -> None:
+                self.last_received = time.monotonic()
+                super().data_received(data)
 
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
@@ -516,6 +596,7 @@ class WsBridge:
                     cast(asyncio.Transport, transport).abort()
                     return
                 self.upgrading_ip = ip
+                self.last_received = time.monotonic()
                 bridge.half_open[ip] = per_ip + 1
                 bridge.half_open_total += 1
 
@@ -539,24 +620,29 @@ class WsBridge:
             self.half_open.pop(ip, None)
 
     def client_address(self, ws: ServerConnection, headers: Headers) -> str:
-        host = str(ws.remote_address[0]) if ws.remote_address else "unknown"
+        """The client's IP (canonical text): the TCP peer, or behind trusted proxies the last
+        ``X-Forwarded-For`` entry that is not one of them.  An entry that is not an address
+        (``ip:port`` forms are accepted) ends the walk at the last trusted hop."""
+        peer = ws.remote_address[0] if ws.remote_address else None
+        host = _canonical_ip(str(peer)) if peer is not None else None
+        if host is None:
+            return "unknown"
         if not self._proxies or not self._trusted(host):
             return host
         forwarded = [a.strip() for v in headers.get_all("X-Forwarded-For") for a in v.split(",")]
-        for addr in reversed(forwarded):
-            if not addr:
-                continue
+        for entry in reversed(forwarded):
+            addr = _canonical_ip(entry)
+            if addr is None:
+                break
             if not self._trusted(addr):
                 return addr
             host = addr
         return host
 
     def _trusted(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._proxies)
+        ip = _canonical_ip(addr)
+        return ip is not None and any(
+            ipaddress.ip_address(ip) in net for net in self._proxies)
 
     def _refuse(self, ws: ServerConnection, status: int, why: str) -> Response:
         self.refused[why.split(":")[0]] = self.refused.get(why.split(":")[0], 0) + 1

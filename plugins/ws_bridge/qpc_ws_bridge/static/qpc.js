@@ -22,7 +22,10 @@
   const HOST_CONTEXT = "qpc-v1 ws-host\u0000";
   const METHOD = { ENQUEUE: 200, FETCH: 201, FETCH_WAIT: 202, PEEK: 203, ACK: 204,
                    AUTH_CHALLENGE: 104, PROVE_IDENTITY: 105, WHOAMI: 106, HEALTH: 802 };
-  const EVENT = { NEW_MESSAGE: 1 };
+  const EVENT = { NEW_MESSAGE: 1, SESSION_REVOKED: 2, SERVER_SHUTTING_DOWN: 3 };
+  const STATUS = ["OK", "BAD_REQUEST", "UNAUTHENTICATED", "FORBIDDEN", "NOT_FOUND", "CONFLICT",
+                  "TOO_LARGE", "RATE_LIMITED", "UNIMPLEMENTED", "UNAVAILABLE", "INTERNAL",
+                  "PROTOCOL_ERROR", "QUOTA_EXCEEDED"];
   const utf8 = new TextEncoder();
   const fromUtf8 = new TextDecoder();
 
@@ -191,7 +194,9 @@
       return new Promise((resolve, reject) => {
         this._authWaiter = {
           resolve: (status) => status === 0 ? resolve() :
-            reject(new QpcError(status, "UNAUTHENTICATED", "auth message refused")),
+            reject(new QpcError(status, STATUS[status] || "ERROR",
+                                status === 7 ? "too many refused tokens from this address; retry later"
+                                             : "auth message refused")),
           reject,
         };
         this.ws.send(msg);
