@@ -30,18 +30,24 @@ from bench.run_all import Server  # noqa: E402
 
 
 def run(work: Path, rounds: int, counts: dict[int, int]) -> list[dict[str, Any]]:
-    ws_port = free_tcp_port()
+    ws_port, wss_port = free_tcp_port(), free_tcp_port()
     qpc = Server("qpc", work, top='plugins = ["ws_bridge"]\n',
                  tables=f'[ws_bridge]\nlisten = "127.0.0.1:{ws_port}"\n')
+    # The same over TLS (wss://, the server's development certificate): what a browser
+    # connecting directly uses; plain ws:// is what a TLS reverse proxy forwards.
+    tls = Server("qpc", work, top='plugins = ["ws_bridge"]\n',
+                 tables=f'[ws_bridge]\nlisten = "127.0.0.1:{wss_port}"\ntls = true\n')
     echo = Server("echo", work)
     url = f"ws://127.0.0.1:{ws_port}/v1/ws"
+    tls_url = f"wss://localhost:{wss_port}/v1/ws"
+    tls_ca = str(tls.dir / "data" / "ca-cert.pem")
     rows: list[dict[str, Any]] = []
     try:
         for clients, count in counts.items():
-            per: dict[str, list[dict[str, Any]]] = {"echo": [], "quic": [], "ws": []}
+            per: dict[str, list[dict[str, Any]]] = {"echo": [], "quic": [], "ws": [], "wss": []}
             for i in range(rounds):
-                order = ["echo", "quic", "ws"]
-                order = order[i % 3:] + order[:i % 3]
+                order = ["echo", "quic", "ws", "wss"]
+                order = order[i % 4:] + order[:i % 4]
                 for kind in order:
                     base = ["--clients", str(clients), "--count", str(count), "--window", "4",
                             "--seconds", "20"]
@@ -52,8 +58,12 @@ def run(work: Path, rounds: int, counts: dict[int, int]) -> list[dict[str, Any]]
                     elif kind == "quic":
                         r = qpc.measured("deliver", *base)
                         r["per_sec"], n = r["msgs_per_sec"], r["delivered"]
-                    else:
+                    elif kind == "ws":
                         r = qpc.measured("ws_deliver", *base, "--ws-url", url)
+                        r["per_sec"], n = r["msgs_per_sec"], r["delivered"]
+                    else:
+                        r = tls.measured("ws_deliver", *base, "--ws-url", tls_url,
+                                         "--ws-ca", tls_ca)
                         r["per_sec"], n = r["msgs_per_sec"], r["delivered"]
                     r["cpu_ms"] = 1000 * r["server_cpu_s"] / max(1, n)
                     per[kind].append(r)
@@ -61,7 +71,7 @@ def run(work: Path, rounds: int, counts: dict[int, int]) -> list[dict[str, Any]]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
-        for s in (qpc, echo):
+        for s in (qpc, tls, echo):
             s.stop()
     return rows
 
@@ -79,6 +89,7 @@ def summarize(clients: int, per: dict[str, list[dict[str, Any]]]) -> dict[str, A
         return latency
 
     ws_vs_quic = ratios("ws", "quic")
+    wss_vs_quic = ratios("wss", "quic")
     return {
         "figure": "ws_bridge", "clients": clients,
         "echo_req_per_sec": round(med("echo", "per_sec"), 1),
@@ -87,28 +98,36 @@ def summarize(clients: int, per: dict[str, list[dict[str, Any]]]) -> dict[str, A
         "ws_vs_quic": round(statistics.median(ws_vs_quic), 2),
         "ws_vs_quic_rounds": [round(x, 2) for x in ws_vs_quic],
         "ws_vs_echo": round(statistics.median(ratios("ws", "echo")), 2),
+        "wss_msgs_per_sec": round(med("wss", "per_sec"), 1),
+        "wss_vs_quic": round(statistics.median(wss_vs_quic), 2),
+        "wss_vs_quic_rounds": [round(x, 2) for x in wss_vs_quic],
+        "wss_vs_echo": round(statistics.median(ratios("wss", "echo")), 2),
         "quic_vs_echo": round(statistics.median(ratios("quic", "echo")), 2),
         "cpu_ms_per_msg": {k: round(med(k, "cpu_ms"), 3) for k in per},
-        "ws_latency_ms": p99("ws"), "quic_latency_ms": p99("quic"),
+        "ws_latency_ms": p99("ws"), "wss_latency_ms": p99("wss"),
+        "quic_latency_ms": p99("quic"),
         "delivered_of_sent": {k: [f"{r['delivered']}/{r['sent']}" for r in per[k]]
-                              for k in ("quic", "ws")},
-        "ws_errors": sum(r["errors"] for r in per["ws"]),
+                              for k in ("quic", "ws", "wss")},
+        "ws_errors": sum(r["errors"] for r in per["ws"] + per["wss"]),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ("| clients | echo req/s | QUIC msg/s | WebSocket msg/s | WS / QUIC | per round "
-           "| WS / echo | QUIC / echo | server CPU ms/msg QUIC / WS (echo ms/req) "
-           "| WS p50 / p99 ms | QUIC p50 / p99 ms |\n"
-           "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    out = ("| clients | echo req/s | QUIC msg/s | ws:// msg/s | wss:// msg/s | ws / QUIC "
+           "| wss / QUIC (rounds) | QUIC / echo | ws / echo | wss / echo "
+           "| server CPU ms/msg QUIC / ws / wss (echo ms/req) | p50 / p99 ms QUIC, ws, wss |\n"
+           "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
-        w, q, c = r["ws_latency_ms"], r["quic_latency_ms"], r["cpu_ms_per_msg"]
+        c = r["cpu_ms_per_msg"]
+        lat = ", ".join(f"{r[k]['p50']:.1f} / {r[k]['p99']:.1f}"
+                        for k in ("quic_latency_ms", "ws_latency_ms", "wss_latency_ms"))
         out += (f"| {r['clients']} | {r['echo_req_per_sec']:.0f} | "
                 f"{r['quic_msgs_per_sec']:.0f} | {r['ws_msgs_per_sec']:.0f} | "
-                f"{r['ws_vs_quic']:.2f} | {', '.join(f'{x:.2f}' for x in r['ws_vs_quic_rounds'])}"
-                f" | {r['ws_vs_echo']:.2f} | {r['quic_vs_echo']:.2f} | {c['quic']:.3f} / "
-                f"{c['ws']:.3f} ({c['echo']:.3f}) | {w['p50']:.1f} / {w['p99']:.1f} | "
-                f"{q['p50']:.1f} / {q['p99']:.1f} |\n")
+                f"{r['wss_msgs_per_sec']:.0f} | {r['ws_vs_quic']:.2f} | {r['wss_vs_quic']:.2f} "
+                f"({', '.join(f'{x:.2f}' for x in r['wss_vs_quic_rounds'])}) | "
+                f"{r['quic_vs_echo']:.2f} | {r['ws_vs_echo']:.2f} | {r['wss_vs_echo']:.2f} | "
+                f"{c['quic']:.3f} / {c['ws']:.3f} / {c['wss']:.3f} ({c['echo']:.3f}) | "
+                f"{lat} |\n")
     return out
 
 

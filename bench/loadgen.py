@@ -191,10 +191,16 @@ async def mode_ws_deliver(a: argparse.Namespace) -> dict[str, Any]:
     ``window`` Enqueues in flight, the receiver one FetchWait at a time."""
     from qpc_ws_bridge.client import WsClient
 
+    ctx = None
+    if a.ws_ca:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=a.ws_ca)
     pairs = []
     for _ in range(a.clients // 2):
-        tx = await WsClient.connect(a.ws_url, token=a.token, identity=Ed25519PrivateKey.generate())
-        rx = await WsClient.connect(a.ws_url, token=a.token, identity=Ed25519PrivateKey.generate())
+        tx, rx = [await WsClient.connect(a.ws_url, token=a.token, ssl_context=ctx,
+                                         identity=Ed25519PrivateKey.generate())
+                  for _ in range(2)]
         pairs.append((tx, rx))
     per_sender = max(1, a.count // len(pairs))
     total = per_sender * len(pairs)
@@ -282,6 +288,7 @@ def main() -> None:
                    help="deliver: receivers use this server (registered there with OPAQUE)")
     p.add_argument("--receiver-ca", default=None)
     p.add_argument("--ws-url", default=None, help="ws_deliver: the bridge's ws:// URL")
+    p.add_argument("--ws-ca", default=None, help="ws_deliver: CA file for a wss:// URL")
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--quic-backend", choices=("aioquic", "qh3"), default="aioquic",
                    help="the clients' QUIC library")

@@ -524,7 +524,8 @@ def postgres_summary(pgres: dict[Any, Any]) -> str:
 def plugin_benches(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """KT, blob and store-copy figures, when those benchmark scripts exist."""
     res: dict[str, Any] = {}
-    for name in ("bench_kt.py", "bench_blobs.py", "bench_copy.py", "bench_federation.py"):
+    for name in ("bench_kt.py", "bench_blobs.py", "bench_copy.py", "bench_federation.py",
+                 "bench_ws.py"):
         script = ROOT / "bench" / name
         if not script.exists() or QUICK:
             continue
@@ -725,6 +726,10 @@ def main() -> None:
     if fed and fed["returncode"] == 0:
         text += ("\n## 10. Federation: a relayed message against a local one "
                  "(bench_federation.py)\n\n" + fed["tail"])
+    ws = others.get("bench_ws.py")
+    if ws and ws["returncode"] == 0:
+        text += ("\n## 11. Browsers: enqueue -> delivery over the WebSocket bridge "
+                 "(bench_ws.py)\n\n" + ws["tail"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.md").write_text(text + "\n")
     chart(tp, RESULTS / "chart.png")
