@@ -126,7 +126,13 @@ class Dispatcher:
         auth = conn.auth
         payload = frame.payload
         if self.request_auth and _AUTH_TAG in payload:
-            auth = await self._request_auth(conn, payload) or auth
+            accepted = await self._request_auth(conn, payload)
+            if accepted is not None:
+                # The connection counts as authenticated from now (the transport limits, the
+                # auth deadline) while this credential is valid: also while this call runs.
+                if conn.auth is None:
+                    conn.note_request_credential(accepted)
+                auth = accepted
         if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
             if method.auth != "none":
                 raise Unauthenticated("session expired: log in again")

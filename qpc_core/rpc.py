@@ -103,6 +103,13 @@ class Connection(Protocol):
     def unbind(self) -> None:
         """Forget the credential and identity (the connection becomes unauthenticated)."""
 
+    def note_request_credential(self, auth: AuthResult) -> None:
+        """A request's own ``Auth`` field was accepted (called by the dispatcher): the
+        connection counts as authenticated while that credential is valid."""
+
+    def forget_credential(self, session_id: bytes) -> None:
+        """Session ``session_id`` was revoked: drop it, whether bound or per-request."""
+
     def push(self, event_type: int, payload: bytes) -> None:
         """Send a push frame on a new server-opened unidirectional stream."""
 

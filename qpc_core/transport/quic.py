@@ -56,6 +56,7 @@ from qpc_core.transport.backend import (
     uni_stream_credit,
 )
 from qpc_core.transport.certs import TlsMaterial, resolve_tls
+from qpc_core.transport.credentials import ConnectionCredentials
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -173,7 +174,7 @@ else:
     _ProtocolBase = object
 
 
-class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
+class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase):
     """One client connection.  Implements :class:`qpc_core.rpc.Connection`.
 
     Written against the asyncio protocol API that aioquic and qh3 share; the concrete classes
@@ -188,9 +189,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self.dispatcher = listener.dispatcher
         self.streams: dict[int, _Stream] = {}
         self._connection_id = new_connection_id()
-        self._auth: AuthResult | None = None
-        self._request_credential = False  # a request's own Auth field was accepted
-        self._identity: bytes | None = None
+        self._init_credentials()
         self.challenge: bytes | None = None
         self._peer: PeerInfo | None = None
         self._opened = False
@@ -202,7 +201,6 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         self._last_activity = time.monotonic()
         self._last_heard = self._last_activity  # any datagram from the client
         self._keepalive: asyncio.TimerHandle | None = None
-        self._expiry: asyncio.TimerHandle | None = None  # the bound session's end
         # Transport parameters are sent in the handshake, after this constructor: the
         # configured stream concurrency is what the client is allowed (RFC 9000 §4.6).
         if not set_stream_limits(
@@ -241,78 +239,12 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         return self._peer
 
     @property
-    def auth(self) -> AuthResult | None:
-        return self._auth
-
-    @property
-    def identity_key(self) -> bytes | None:
-        return self._identity
-
-    @property
     def tls_binding(self) -> bytes:
         """SHA-256 of the server certificate this connection's handshake presented."""
         return self.listener.tls_binding
 
-    @property
-    def authenticated(self) -> bool:
-        """Has a credential or a proven identity (what lifts the pre-auth limits)."""
-        return self._auth is not None or self._identity is not None or self._request_credential
-
-    def bind(self, auth: AuthResult) -> None:
-        if self._gone:  # a call that finished after its connection ended binds nothing
-            return
-        self._auth = auth
-        if auth.identity_key is not None:
-            self.bind_identity(auth.identity_key)
-        self._authenticated()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if auth.expires_at is not None:
-            # The session ends on its own: unbound then (no more pushes to its identity), and
-            # the connection must authenticate again within auth_timeout_secs.
-            delay = max(0.0, auth.expires_at - time.time())
-            self._expiry = self._loop.call_later(delay, self._session_expired, auth)
-
-    def _session_expired(self, auth: AuthResult) -> None:
-        self._expiry = None
-        if self._auth is not auth or self._gone:
-            return
-        revoked = common_pb2.SessionRevokedEvent(reason="session expired")
-        self.push(PushEvent.SESSION_REVOKED, revoked.SerializeToString())
-        self.unbind()
-
-    def unbind(self) -> None:
-        """Forget the connection's credential and identity (logout, account deletion)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self._auth = None
-        self._request_credential = False
-        if self._identity is not None:
-            self.app.unbind_identity(self, self._identity)
-            self._identity = None
+    def _unauthenticated(self) -> None:
         self._arm_auth_deadline()
-
-    def bind_identity(self, identity_key: bytes) -> None:
-        if self._gone:
-            return
-        if self._identity == identity_key:
-            return
-        if self._identity is not None:
-            self.app.unbind_identity(self, self._identity)
-        self._identity = identity_key
-        self.app.bind_identity(self, identity_key)
-        self._authenticated()
-
-    def _note_request_credential(self, method_id: int) -> None:
-        """A method that needs a credential succeeded on a connection without one: the
-        request carried a valid ``Auth`` field (per-request auth, which does not bind the
-        connection).  Such a client counts as authenticated for the transport limits."""
-        entry = self.dispatcher.methods.get(method_id)
-        if entry is not None and entry[1].auth != "none":
-            self._request_credential = True
-            self._authenticated()
 
     def _authenticated(self) -> None:
         if self._auth_timer is not None:
@@ -548,12 +480,11 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
         if self._gone:
             return
         self._gone = True
-        for timer in (self._keepalive, self._handshake_timer, self._auth_timer, self._sweep,
-                      self._expiry):
+        for timer in (self._keepalive, self._handshake_timer, self._auth_timer, self._sweep):
             if timer is not None:
                 timer.cancel()
         self._keepalive = self._handshake_timer = self._auth_timer = self._sweep = None
-        self._expiry = None
+        self._stop_expiry()
         for st in self.streams.values():
             if st.task is not None:
                 self._cancel_call(st)
@@ -732,12 +663,7 @@ class _ServerConnectionLogic(TurnBatching, _ProtocolBase):
 
     async def _call(self, sid: int, frame: Any) -> None:
         try:
-            unauthenticated = not self.authenticated
             out = await self.dispatcher.call(self, frame)
-            # Without a credential of the connection before and after the call: the request's
-            # own Auth field was accepted (not a Logout that just unbound the connection).
-            if unauthenticated and not self.authenticated and out[:1] == bytes([Status.OK]):
-                self._note_request_credential(frame.method_id)
             if self._owns(sid) and self._send(sid, out):
                 self.send_soon()
         finally:

@@ -421,9 +421,9 @@ class OpaqueService:
             cauth = conn.auth
             if cauth is not None and cauth.session_id == auth.session_id and conn is not ctx.conn:
                 conn.push(PushEvent.SESSION_REVOKED, revoked)
-                conn.unbind()
-        if ctx.conn.auth is not None and ctx.conn.auth.session_id == auth.session_id:
-            ctx.conn.unbind()
+            # Bound to the session, or holding it from a request's Auth field (the caller's
+            # Logout may have come that way): the connection no longer has it.
+            conn.forget_credential(auth.session_id)
         return common_pb2.LogoutResponse()
 
     async def forget(self, username: str | None) -> None:

@@ -37,8 +37,9 @@ from qpc_core.dispatch import Dispatcher, error_response
 from qpc_core.errors import RateLimited, RpcError
 from qpc_core.framing import PushEvent, RequestFrame, Status
 from qpc_core.pb import common_pb2
-from qpc_core.rpc import AuthResult, PeerInfo, new_connection_id
+from qpc_core.rpc import PeerInfo, new_connection_id
 from qpc_core.transport.certs import resolve_tls, write_atomic
+from qpc_core.transport.credentials import ConnectionCredentials
 from qpc_core.transport.quic import OWN_CAP_HALF_OPEN, OWN_CAP_HALF_OPEN_PER_IP
 from qpc_ws_bridge import wire
 from qpc_ws_bridge.config import WsBridgeConfig
@@ -98,8 +99,9 @@ def _close_reason(reason: str) -> str:
     return data.decode(errors="ignore")
 
 
-class BridgeConnection:
-    """One browser connection.  Implements :class:`qpc_core.rpc.Connection`."""
+class BridgeConnection(ConnectionCredentials):
+    """One browser connection.  Implements :class:`qpc_core.rpc.Connection` (credentials as
+    on QUIC: :class:`~qpc_core.transport.credentials.ConnectionCredentials`)."""
 
     def __init__(self, bridge: WsBridge, ws: ServerConnection, peer: PeerInfo,
                  binding: bytes) -> None:
@@ -108,9 +110,7 @@ class BridgeConnection:
         self.ws = ws
         self._peer = peer
         self._connection_id = new_connection_id()
-        self._auth: AuthResult | None = None
-        self._identity: bytes | None = None
-        self._request_credential = False
+        self._init_credentials()
         self.challenge: bytes | None = None
         #: Identity proofs are bound to the host (see :func:`host_binding`).
         self.tls_binding = binding
@@ -130,7 +130,6 @@ class BridgeConnection:
         # so a client that sends without reading cannot make the server queue without end.
         self._writes: set[asyncio.Task[None]] = set()
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._expiry: asyncio.TimerHandle | None = None
         self._closing = False
         self._auth_timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
@@ -145,60 +144,10 @@ class BridgeConnection:
     def peer(self) -> PeerInfo:
         return self._peer
 
-    @property
-    def auth(self) -> AuthResult | None:
-        return self._auth
+    def _accepting_credentials(self) -> bool:
+        return not self._gone and not self._closing
 
-    @property
-    def identity_key(self) -> bytes | None:
-        return self._identity
-
-    @property
-    def authenticated(self) -> bool:
-        return self._auth is not None or self._identity is not None or self._request_credential
-
-    def bind(self, auth: AuthResult) -> None:
-        if self._gone or self._closing:
-            return
-        self._auth = auth
-        if auth.identity_key is not None:
-            self.bind_identity(auth.identity_key)
-        self._authenticated()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if auth.expires_at is not None:
-            # The session ends on its own: unbound then (no more pushes to its identity), and
-            # the connection must authenticate again within auth_timeout_secs.
-            delay = max(0.0, auth.expires_at - time.time())
-            self._expiry = self._loop.call_later(delay, self._session_expired, auth)
-
-    def _session_expired(self, auth: AuthResult) -> None:
-        self._expiry = None
-        if self._auth is not auth or self._gone:
-            return
-        revoked = common_pb2.SessionRevokedEvent(reason="session expired")
-        self.push(PushEvent.SESSION_REVOKED, revoked.SerializeToString())
-        self.unbind()
-
-    def bind_identity(self, identity_key: bytes) -> None:
-        if self._gone or self._closing or self._identity == identity_key:
-            return
-        if self._identity is not None:
-            self.app.unbind_identity(self, self._identity)
-        self._identity = identity_key
-        self.app.bind_identity(self, identity_key)
-        self._authenticated()
-
-    def unbind(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        self._auth = None
-        self._request_credential = False
-        if self._identity is not None:
-            self.app.unbind_identity(self, self._identity)
-            self._identity = None
+    def _unauthenticated(self) -> None:
         self.ws.protocol.max_message_size = self.bridge.preauth_max_message
         self._arm_auth_deadline()
 
@@ -266,7 +215,7 @@ class BridgeConnection:
 
     def _arm_stall_check(self) -> None:
         s = self.app.settings
-        period = s.request_receive_timeout_secs
+        period = min(s.request_receive_timeout_secs, s.max_idle_timeout_secs)
         if s.keepalive_interval_secs > 0:
             period = min(period, s.keepalive_interval_secs)
         self._stall_timer = self._loop.call_later(period / 2, self._stall_check)
@@ -295,6 +244,9 @@ class BridgeConnection:
             return
         if s.keepalive_interval_secs > 0 and quiet >= 2 * s.keepalive_interval_secs:
             self.disconnect("keepalive timeout: nothing received", CLOSE_INTERNAL)
+            return
+        if quiet >= s.max_idle_timeout_secs:  # as QUIC's idle timeout, with or without pings
+            self.disconnect(f"idle for {s.max_idle_timeout_secs:g} s", CLOSE_GOING_AWAY)
             return
         self._arm_stall_check()
 
@@ -409,19 +361,11 @@ class BridgeConnection:
 
     async def _call(self, frame: RequestFrame) -> None:
         task = asyncio.current_task()
-        unauthenticated = not self.authenticated
         out = await self.bridge.dispatcher.call(self, frame)
         call = self.calls.get(frame.request_id)
         if call is None or call[0] is not task:
             return  # cancelled by the client: unanswered, as a reset stream on QUIC
         del self.calls[frame.request_id]
-        # Succeeded without a credential of the connection, before and after the call: the
-        # request's own Auth field was accepted (not a Logout that just unbound it).
-        if unauthenticated and not self.authenticated and out[:1] == bytes([Status.OK]):
-            entry = self.bridge.dispatcher.methods.get(frame.method_id)
-            if entry is not None and entry[1].auth != "none":
-                self._request_credential = True  # a valid Auth field in the request
-                self._authenticated()
         await self._write(wire.response_message(out))
 
     async def _handshake(self, token: bytes) -> None:
@@ -444,10 +388,11 @@ class BridgeConnection:
         if self._gone:
             return
         self._gone = True
-        for timer in (self._auth_timer, self._stall_timer, self._expiry):
+        for timer in (self._auth_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._auth_timer = self._stall_timer = self._expiry = None
+        self._auth_timer = self._stall_timer = None
+        self._stop_expiry()
         self._drop_calls()
         self.app.connection_closed(self, reason)
 
