@@ -130,8 +130,9 @@ class Dispatcher:
             if accepted is not None:
                 # The connection counts as authenticated from now (the transport limits, the
                 # auth deadline) while this credential is valid: also while this call runs.
-                if conn.auth is None:
-                    conn.note_request_credential(accepted)
+                note = getattr(conn, "note_request_credential", None)  # older transports
+                if note is not None:
+                    note(accepted)
                 auth = accepted
         if auth is not None and auth.expires_at is not None and auth.expires_at <= time.time():
             if method.auth != "none":

@@ -107,8 +107,12 @@ class Connection(Protocol):
         """A request's own ``Auth`` field was accepted (called by the dispatcher): the
         connection counts as authenticated while that credential is valid."""
 
-    def forget_credential(self, session_id: bytes) -> None:
-        """Session ``session_id`` was revoked: drop it, whether bound or per-request."""
+    def forget_credential(
+        self, session_id: bytes | None = None, *, identity_key: bytes | None = None
+    ) -> None:
+        """A session (Logout) or an identity's account (DeleteAccount) was revoked: drop the
+        credentials it made, bound or per-request.  (Optional for transports written before
+        it; core calls it when present.)"""
 
     def push(self, event_type: int, payload: bytes) -> None:
         """Send a push frame on a new server-opened unidirectional stream."""

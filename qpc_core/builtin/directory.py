@@ -109,6 +109,11 @@ async def delete_account(
             conn.push(PushEvent.SESSION_REVOKED, payload)
             conn.disconnect("account deleted")
     ctx.conn.unbind()  # the caller's connection no longer speaks for the deleted identity
+    # Connections that used the account's sessions only in requests' Auth fields.
+    for conn in list(app.connections):
+        forget = getattr(conn, "forget_credential", None)
+        if forget is not None:
+            forget(identity_key=me)
     return pb.DeleteAccountResponse()
 
 

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 MAX_EXPIRY_TIMER_SECS = 3600.0
 
 
+def _key(auth: AuthResult) -> object:
+    """What identifies a per-request credential: its session, else its kind (a token)."""
+    return auth.session_id if auth.session_id is not None else ("kind", auth.kind)
+
+
 class ConnectionCredentials:
     app: App
     _loop: asyncio.AbstractEventLoop
@@ -35,9 +40,9 @@ class ConnectionCredentials:
     def _init_credentials(self) -> None:
         self._auth: AuthResult | None = None
         self._identity: bytes | None = None
-        # A request's own Auth field that the dispatcher accepted on a connection bound to
-        # no credential: the connection counts as authenticated while it is valid.
-        self._request_auth: AuthResult | None = None
+        # Requests' own Auth fields the dispatcher accepted (one per session): the connection
+        # counts as authenticated while any of them is valid.
+        self._request_auths: dict[object, AuthResult] = {}
         self._expiry: asyncio.TimerHandle | None = None
 
     # -- provided by the transport --------------------------------------------------------------
@@ -66,8 +71,7 @@ class ConnectionCredentials:
     @property
     def authenticated(self) -> bool:
         """Has a credential or a proven identity (what lifts the pre-auth limits)."""
-        return (self._auth is not None or self._identity is not None
-                or self._request_auth is not None)
+        return self._auth is not None or self._identity is not None or bool(self._request_auths)
 
     def bind(self, auth: AuthResult) -> None:
         if not self._accepting_credentials():  # e.g. a call that finished after the end
@@ -88,63 +92,87 @@ class ConnectionCredentials:
         self._authenticated()
 
     def unbind(self) -> None:
-        """Forget every credential and the identity (logout, account deletion, expiry)."""
+        """Forget every credential and the identity (the caller's Logout or DeleteAccount)."""
         self._auth = None
-        self._request_auth = None
-        if self._identity is not None:
-            self.app.unbind_identity(self, self._identity)  # type: ignore[arg-type]
-            self._identity = None
+        self._request_auths.clear()
+        self._drop_identity()
         self._watch_expiry()
         self._unauthenticated()
 
     def note_request_credential(self, auth: AuthResult) -> None:
         """The dispatcher accepted a request's own ``Auth`` field (before running the call)."""
-        if not self._accepting_credentials() or self._auth is not None:
+        if not self._accepting_credentials():
             return
-        self._request_auth = auth
+        self._request_auths[_key(auth)] = auth
         self._authenticated()
         self._watch_expiry()
 
-    def forget_credential(self, session_id: bytes) -> None:
-        """Session ``session_id`` was revoked: drop it, bound or per-request."""
-        if self._auth is not None and self._auth.session_id == session_id:
-            self.unbind()
-        elif self._request_auth is not None and self._request_auth.session_id == session_id:
-            self._request_auth = None
+    def forget_credential(
+        self, session_id: bytes | None = None, *, identity_key: bytes | None = None
+    ) -> None:
+        """A session was revoked (``session_id``: Logout) or an identity's account deleted
+        (``identity_key``): drop the credentials it made, bound or per-request; others stay
+        (the connection stays authenticated while one is left)."""
+
+        def revoked(a: AuthResult) -> bool:
+            return ((session_id is not None and a.session_id == session_id)
+                    or (identity_key is not None and a.identity_key == identity_key))
+
+        changed = False
+        if self._auth is not None and revoked(self._auth):
+            self._auth = None
+            self._drop_identity()
+            changed = True
+        elif identity_key is not None and self._identity == identity_key:
+            self._drop_identity()  # proven with a credential that names no identity
+            changed = True
+        for k, a in list(self._request_auths.items()):
+            if revoked(a):
+                del self._request_auths[k]
+                changed = True
+        if changed:
             self._watch_expiry()
             if not self.authenticated:
                 self._unauthenticated()
+
+    def _drop_identity(self) -> None:
+        if self._identity is not None:
+            self.app.unbind_identity(self, self._identity)  # type: ignore[arg-type]
+            self._identity = None
 
     # -- session expiry -------------------------------------------------------------------------
     def _watch_expiry(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        ends = [a.expires_at for a in (self._auth, self._request_auth)
+        ends = [a.expires_at for a in (self._auth, *self._request_auths.values())
                 if a is not None and a.expires_at is not None]
         if ends and not self._gone:
             delay = min(max(0.0, min(ends) - time.time()), MAX_EXPIRY_TIMER_SECS)
             self._expiry = self._loop.call_later(delay, self._check_expiry)
 
     def _check_expiry(self) -> None:
-        """A session ended on its own: a bound one is unbound with SESSION_REVOKED ("session
-        expired"; no more pushes to its identity), a per-request one forgotten; with no
+        """A session ended on its own: a bound one is dropped with SESSION_REVOKED ("session
+        expired"; no more pushes to its identity), per-request ones forgotten; with no
         credential left the connection must authenticate again within auth_timeout_secs."""
         self._expiry = None
         if self._gone:
             return
         now = time.time()
+        changed = False
         auth = self._auth
         if auth is not None and auth.expires_at is not None and auth.expires_at <= now:
             revoked = common_pb2.SessionRevokedEvent(reason="session expired")
             self.push(PushEvent.SESSION_REVOKED, revoked.SerializeToString())
-            self.unbind()
-            return
-        req = self._request_auth
-        if req is not None and req.expires_at is not None and req.expires_at <= now:
-            self._request_auth = None
-            if not self.authenticated:
-                self._unauthenticated()
+            self._auth = None
+            self._drop_identity()
+            changed = True
+        for k, a in list(self._request_auths.items()):
+            if a.expires_at is not None and a.expires_at <= now:
+                del self._request_auths[k]
+                changed = True
+        if changed and not self.authenticated:
+            self._unauthenticated()
         self._watch_expiry()
 
     def _stop_expiry(self) -> None:

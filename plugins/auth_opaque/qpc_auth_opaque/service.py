@@ -423,7 +423,11 @@ class OpaqueService:
                 conn.push(PushEvent.SESSION_REVOKED, revoked)
             # Bound to the session, or holding it from a request's Auth field (the caller's
             # Logout may have come that way): the connection no longer has it.
-            conn.forget_credential(auth.session_id)
+            forget = getattr(conn, "forget_credential", None)  # transports before 0.1
+            if forget is not None:
+                forget(auth.session_id)
+            elif cauth is not None and cauth.session_id == auth.session_id:
+                conn.unbind()
         return common_pb2.LogoutResponse()
 
     async def forget(self, username: str | None) -> None:

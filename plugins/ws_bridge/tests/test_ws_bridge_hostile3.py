@@ -98,8 +98,8 @@ async def test_a_request_credential_ends_with_its_session(app_factory, connect) 
     assert out.status == Status.OK
     conn = next(iter(bridge(app).conns))
     proto = next(p for p in quic_transport(app).protocols if p.identity_key == q.identity_key)
-    assert conn.authenticated and conn._request_auth is not None
-    await until(lambda: conn._request_auth is None)  # at the session's end
+    assert conn.authenticated and conn._request_auths
+    await until(lambda: not conn._request_auths)  # at the session's end
     assert not conn.authenticated and conn._auth_timer is not None
     assert conn.ws.protocol.max_message_size == bridge(app).preauth_max_message
     await until(lambda: proto.auth is None)  # the QUIC login's session ended too
