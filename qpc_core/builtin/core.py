@@ -65,7 +65,7 @@ async def prove_identity(ctx: RpcContext, req: pb.ProveIdentityRequest) -> pb.Pr
     if not verify_signature(key, req.signature, prove_identity_message(nonce, key, binding)):
         raise Unauthenticated(
             "identity proof signature does not verify (signed for this challenge, this key "
-            "and this server's certificate?)")
+            "and this server's certificate, or on the WebSocket bridge its host?)")
     if ctx.conn.auth is None:
         ctx.conn.bind(ctx.auth)
     ctx.conn.bind_identity(key)

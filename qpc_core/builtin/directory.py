@@ -108,12 +108,15 @@ async def delete_account(
         if conn is not ctx.conn:
             conn.push(PushEvent.SESSION_REVOKED, payload)
             conn.disconnect("account deleted")
-    ctx.conn.unbind()  # the caller's connection no longer speaks for the deleted identity
-    # Connections that used the account's sessions only in requests' Auth fields.
+    # Every connection (the caller's too) drops what the account gave it: its sessions,
+    # bound or used in requests' Auth fields, and the proven identity; other credentials
+    # (the operator token, another account's session) stay.
     for conn in list(app.connections):
         forget = getattr(conn, "forget_credential", None)
         if forget is not None:
             forget(identity_key=me)
+        elif conn is ctx.conn:  # a transport written before forget_credential
+            conn.unbind()
     return pb.DeleteAccountResponse()
 
 

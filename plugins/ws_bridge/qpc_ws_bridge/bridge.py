@@ -4,8 +4,9 @@ A thin layer between ``websockets`` (HTTP upgrade, framing, ping/pong, close han
 core's :class:`~qpc_core.dispatch.Dispatcher`: each REQUEST message runs as one call, exactly
 as a request stream does on QUIC, and is answered with a RESPONSE message carrying the same
 ``request_id``.  What QUIC gives per stream is done per call here: a bounded number of calls
-in flight per connection (reading stops while it is reached, so TCP pushes back on the
-client), CANCEL instead of a stream reset, the pre-auth message size limit, the auth deadline.
+in flight per connection (beyond it a bounded waiting queue, then "busy" refusals; reading
+stops only while the client leaves too many answers unread), CANCEL instead of a stream
+reset, the pre-auth message size limit, the auth deadline.
 """
 
 from __future__ import annotations
@@ -537,7 +538,8 @@ class WsBridge:
                 per_ip = bridge.half_open.get(ip, 0)
                 if (bridge.half_open_total >= HALF_OPEN_MAX
                         or (per_ip >= HALF_OPEN_PER_IP and not bridge._trusted(ip))):
-                    bridge.refused["handshakes"] = bridge.refused.get("handshakes", 0) + 1
+                    bridge.refused["handshake limit"] = (
+                        bridge.refused.get("handshake limit", 0) + 1)
                     cast(asyncio.Transport, transport).abort()
                     return
                 self.upgrading_ip = ip
@@ -597,7 +599,7 @@ class WsBridge:
     def _admit(self, ws: ServerConnection, request: Request) -> Response | None:
         for name in ("Host", "Origin"):
             if len(request.headers.get_all(name)) > 1:
-                return self._refuse(ws, 400, f"bad request: more than one {name} header")
+                return self._refuse(ws, 400, f"repeated header: more than one {name} header")
         path = request.path.split("?", 1)[0]
         base = self.cfg.path
         if self._client_js is not None and path == base.rstrip("/") + "/qpc.js":

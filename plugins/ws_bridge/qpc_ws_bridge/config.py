@@ -63,23 +63,30 @@ class WsBridgeConfig(BaseModel):
     @field_validator("public_hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
+        """As browsers send ``Host``: lower case; a default port (80, 443) left out."""
         out = []
         for h in v:
             h = h.strip().lower()
-            if not h or "/" in h or " " in h:
+            if not h or "/" in h or " " in h or "@" in h:
                 raise ValueError(f"{h!r} is not a host or host:port")
-            out.append(h)
+            out.append(h.removesuffix(":80").removesuffix(":443"))
         return out
 
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, v: list[str] | None) -> list[str] | None:
+        """As browsers send ``Origin``: lower case, no default port, no path."""
         if v is None:
             return None
+        out = []
         for o in v:
-            if not o.startswith(("http://", "https://")) or o.count("/") != 2:
+            o = o.strip().lower()
+            scheme, sep, host = o.partition("://")
+            if scheme not in ("http", "https") or not sep or not host or "/" in host:
                 raise ValueError(f"{o!r} is not an origin (scheme://host[:port], no path)")
-        return v
+            default = ":80" if scheme == "http" else ":443"
+            out.append(f"{scheme}://{host.removesuffix(default)}")
+        return out
 
     @field_validator("trusted_proxies")
     @classmethod

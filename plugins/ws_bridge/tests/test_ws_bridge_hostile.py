@@ -79,7 +79,7 @@ async def test_idle_tcp_connections_are_capped_before_the_upgrade(app_factory):
     host, port = bridge(app).address
     b = bridge(app)
     conns = [await asyncio.open_connection(host, port) for _ in range(HALF_OPEN_PER_IP + 20)]
-    await until(lambda: b.refused.get("handshakes", 0) >= 20)
+    await until(lambda: b.refused.get("handshake limit", 0) >= 20)
     assert b.half_open_total == HALF_OPEN_PER_IP
     # The dropped ones see their connection end at once (not after handshake_timeout_secs).
     ended = 0
@@ -126,7 +126,7 @@ async def test_repeated_host_or_origin_headers_are_refused(app_factory):
         status = await asyncio.wait_for(r.readline(), 10)
         w.close()
         assert status.startswith(b"HTTP/1.1 400"), status
-    assert bridge(app).refused == {"bad request": 2}
+    assert bridge(app).refused == {"repeated header": 2}
 
 
 async def test_shutdown_stops_calls_before_storage_closes(app_factory):

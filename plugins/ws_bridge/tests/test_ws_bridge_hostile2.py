@@ -45,19 +45,28 @@ async def test_a_connection_the_server_closed_runs_nothing_more(app_factory) -> 
     assert a.ws.close_reason == "account deleted"
 
 
-async def test_delete_account_leaves_the_caller_unauthenticated(app_factory, connect) -> None:
-    app = await app_factory(auth_timeout_secs=0.5, **bridge_settings())
-    a = await WsClient.connect(ws_url(app), token=TEST_TOKEN,
-                               identity=Ed25519PrivateKey.generate())
+async def test_delete_account_drops_what_the_account_gave_the_caller(app_factory,
+                                                                    connect) -> None:
+    settings = bridge_settings()
+    settings["plugins"] = ["auth_opaque", "ws_bridge"]
+    app = await app_factory(auth_opaque={"ksf": "identity"}, auth_timeout_secs=0.5, **settings)
+    # Operator token + a proven identity: the identity goes, the operator token stays (the
+    # OK answer is not read as a credential either).
+    key = Ed25519PrivateKey.generate()
+    a = await WsClient.connect(ws_url(app), token=TEST_TOKEN, identity=key)
     await a.call(950, directory_pb2.DeleteAccountRequest(), directory_pb2.DeleteAccountResponse)
     conn = next(iter(bridge(app).conns))
-    assert not conn.authenticated  # the OK answer is not read as a request credential
-    await asyncio.wait_for(a.closed, 10)  # closed at the auth deadline
-    assert a.ws.close_code == 1008 and "not authenticated" in (a.ws.close_reason or "")
-    # The same on QUIC.
-    q = await connect(app)
+    assert conn.identity_key is None and key.public_key().public_bytes_raw() not in app.by_identity
+    assert conn.auth is not None and conn.auth.identity_key is None
+    who = await a.call(106, common_pb2.WhoAmIRequest(), common_pb2.WhoAmIResponse)
+    assert who.authenticated and not who.identity_key
+    # A session of the deleted account was the connection's only credential: unauthenticated,
+    # closed at the auth deadline (QUIC here; the bridge shares the code).
+    q = await connect(app, token=None, identity=Ed25519PrivateKey.generate())
+    await oc.register(q, "carol", "pw", ksf=FAST)
+    await oc.login(q, "carol", "pw", ksf=FAST)
+    proto = next(p for p in quic_transport(app).protocols if p.identity_key == q.identity_key)
     await q.delete_account()
-    proto = next(iter(quic_transport(app).protocols))
     assert not proto.authenticated
     await asyncio.wait_for(proto._closed.wait(), 10)
 

@@ -172,6 +172,12 @@ def test_config_errors_and_production_rules(tmp_path) -> None:
                 {"trusted_proxies": ["proxy"]}, {"max_connections": 0}, {"unknown": 1}):
         with pytest.raises(ValueError):
             WsBridgeConfig(**bad)
+    # Normalised as browsers send them (lower case, no default port).
+    cfg = WsBridgeConfig(allowed_origins=["https://Chat.Example.com:443", "http://x:80",
+                                          "http://x:8080"],
+                         public_hosts=["Chat.Example.com:443", "x:80", "x:8080"])
+    assert cfg.allowed_origins == ["https://chat.example.com", "http://x", "http://x:8080"]
+    assert cfg.public_hosts == ["chat.example.com", "x", "x:8080"]
     prod = SimpleNamespace(settings=SimpleNamespace(production=True))
     problems = qpc_ws_bridge._problems(prod, WsBridgeConfig(listen="0.0.0.0:7002"))
     assert any("ws_bridge.public_hosts" in p for p in problems)
