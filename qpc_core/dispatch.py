@@ -174,6 +174,23 @@ class Dispatcher:
             raise Unauthenticated("access token belongs to another identity than the connection")
         return result
 
+    async def handshake(self, conn: Connection, token: bytes) -> int:
+        """The connection auth handshake (QUIC's first stream, the bridge's AUTH message):
+        the token is resolved, bound to ``conn`` when accepted, and the status to answer is
+        returned (OK, UNAUTHENTICATED, or RATE_LIMITED while the address guesses tokens)."""
+        try:
+            result = await self.authenticate_token(conn, token, 0)
+        except RateLimited:
+            return Status.RATE_LIMITED
+        except Exception as e:  # Unauthenticated from a plugin, or a plugin bug
+            if not isinstance(e, RpcError):
+                log.exception("authenticate hook failed")
+            return Status.UNAUTHENTICATED
+        if result is None:
+            return Status.UNAUTHENTICATED
+        conn.bind(result)
+        return Status.OK
+
     async def authenticate_token(
         self, conn: Connection, token: bytes, method_id: int
     ) -> AuthResult | None:

@@ -379,12 +379,7 @@ class QpcClient:
 
     async def call(self, method_id: int, request: Message, response_type: type[M]) -> M:
         frame = await self.call_raw(method_id, request.SerializeToString())
-        if frame.status != Status.OK:
-            raise decode_error(frame)
-        try:
-            return response_type.FromString(frame.payload)
-        except DecodeError as e:
-            raise Internal(f"malformed {response_type.__name__} from server: {e}") from None
+        return parse_response(frame, response_type)
 
     # -- core -------------------------------------------------------------------------------------
     async def health(self) -> common_pb2.HealthResponse:
@@ -634,6 +629,16 @@ class QpcClient:
         await self.call(
             950, directory_pb2.DeleteAccountRequest(), directory_pb2.DeleteAccountResponse
         )
+
+
+def parse_response(frame: ResponseFrame, response_type: type[M]) -> M:
+    """An answer as its message, or the error it carries raised (any transport's client)."""
+    if frame.status != Status.OK:
+        raise decode_error(frame)
+    try:
+        return response_type.FromString(frame.payload)
+    except DecodeError as e:
+        raise Internal(f"malformed {response_type.__name__} from server: {e}") from None
 
 
 def decode_error(frame: ResponseFrame) -> RpcError:

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
-from qpc_core.errors import RateLimited, RpcError
 from qpc_core.framing import (
     AUTH_MAGIC,
     MAX_PAYLOAD,
@@ -673,21 +672,8 @@ class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase)
 
     async def _handshake(self, sid: int, token: bytes) -> None:
         try:
-            status = Status.OK
-            try:
-                # Refused tokens count against the IP's 'auth' budget (RATE_LIMITED beyond).
-                result = await self.dispatcher.authenticate_token(self, token, 0)
-            except RateLimited:
-                result = None
-                status = Status.RATE_LIMITED
-            except Exception as e:  # Unauthenticated from a plugin, or a plugin bug
-                if not isinstance(e, RpcError):
-                    log.exception("authenticate hook failed")
-                result = None
-            if result is None:
-                status = status if status != Status.OK else Status.UNAUTHENTICATED
-            else:
-                self.bind(result)
+            # Refused tokens count against the IP's 'auth' budget (RATE_LIMITED beyond).
+            status = await self.dispatcher.handshake(self, token)
             if self._owns(sid) and self._send(sid, encode_auth_reply(status)):
                 self.send_soon()
         finally:

@@ -35,7 +35,6 @@ from websockets.http11 import Request, Response
 
 from qpc_core.config import parse_hostport
 from qpc_core.dispatch import Dispatcher, error_response
-from qpc_core.errors import RateLimited, RpcError
 from qpc_core.framing import PushEvent, RequestFrame, Status
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import PeerInfo, new_connection_id
@@ -370,19 +369,7 @@ class BridgeConnection(ConnectionCredentials):
         await self._write(wire.response_message(out))
 
     async def _handshake(self, token: bytes) -> None:
-        status = Status.OK
-        try:
-            result = await self.bridge.dispatcher.authenticate_token(self, token, 0)
-        except RateLimited:
-            result, status = None, Status.RATE_LIMITED
-        except Exception as e:
-            if not isinstance(e, RpcError):
-                log.exception("authenticate hook failed")
-            result = None
-        if result is None:
-            status = status if status != Status.OK else Status.UNAUTHENTICATED
-        else:
-            self.bind(result)
+        status = await self.bridge.dispatcher.handshake(self, token)
         await self._write(wire.auth_reply_message(status))
 
     def terminated(self, reason: str) -> None:

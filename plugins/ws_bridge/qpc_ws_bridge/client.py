@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from websockets.asyncio.client import ClientConnection, connect
 
-from qpc_core.client.sdk import decode_error
-from qpc_core.errors import Internal, error_for_status
+from qpc_core.client.sdk import parse_response
+from qpc_core.errors import error_for_status
 from qpc_core.framing import PushFrame, ResponseFrame, Status
 from qpc_core.identity import prove_identity_message, public_bytes
 from qpc_core.pb import common_pb2, delivery_pb2
@@ -118,12 +118,7 @@ class WsClient:
 
     async def call(self, method_id: int, request: Message, response_type: type[M]) -> M:
         frame = await self.call_raw(method_id, request.SerializeToString())
-        if frame.status != Status.OK:
-            raise decode_error(frame)
-        try:
-            return response_type.FromString(frame.payload)
-        except DecodeError as e:
-            raise Internal(f"malformed {response_type.__name__}: {e}") from None
+        return parse_response(frame, response_type)
 
     async def prove_identity(self, identity: Ed25519PrivateKey) -> None:
         key = public_bytes(identity)
