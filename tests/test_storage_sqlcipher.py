@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -524,6 +525,51 @@ async def test_migration_3_repairs_rows_left_by_an_old_restore(db_path: Path) ->
         await st.close()
 
 
+async def test_migration_4_gives_every_inbox_an_epoch(db_path: Path) -> None:
+    """A schema-3 file opens with its inboxes rebuilt around an ``epoch`` column: messages,
+    seqs and depths intact, the depth trigger working, each inbox its own epoch, and a new
+    inbox of the same name (after DeleteAccount) another one."""
+    scripts = dict(sqlcipher_mod.MIGRATIONS)
+    with closing(sqlcipher3.connect(str(db_path), isolation_level=None)) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        for v in (1, 2, 3):
+            for stmt in sqlcipher_mod._split_sql(scripts[v]):
+                conn.execute(stmt)
+        conn.execute(f"PRAGMA application_id = {sqlcipher_mod.APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 3")
+        conn.execute("INSERT INTO inboxes VALUES (?, x'', 3, 2)", (ALICE,))
+        conn.execute("INSERT INTO inboxes VALUES (?, x'', 5, 0)", (BOB,))
+        for seq in (1, 2):
+            conn.execute(
+                "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,"
+                " payload) VALUES (?, x'', ?, NULL, 0, ?)", (ALICE, seq, b"a%d" % seq))
+
+    def epochs() -> dict[bytes, int]:
+        with closing(sqlcipher3.connect(str(db_path))) as conn:
+            conn.execute(OPERATOR_KEY_SQL)
+            return dict(conn.execute("SELECT recipient_key, epoch FROM inboxes").fetchall())
+
+    st = await open_store(db_path)
+    try:
+        assert await st.queue_depth(ALICE, b"") == 2
+        got = await st.fetch(ALICE, b"", 1, now=time.time())
+        assert [(m.seq, m.payload) for m in got] == [(1, b"a1")]
+        assert await st.queue_depth(ALICE, b"") == 1  # the trigger, created again, counts
+        (t,) = await st.enqueue([msg(BOB, b"b5")], max_depth=BIG, dedup_since=0.0,
+                                take=[(BOB, b"")])
+        assert (t.seq, t.taken) == (5, True)  # next_seq carried over
+        before = epochs()
+        assert before[BOB] == t.inbox_epoch and before[ALICE] != before[BOB]
+        assert await st.delete_account(BOB) is None
+        assert (await enqueue_one(st, msg(BOB, b"again"))).seq == 1
+        assert epochs()[BOB] != before[BOB]  # another incarnation
+    finally:
+        await st.close()
+    with closing(sqlcipher3.connect(str(db_path))) as conn:
+        conn.execute(OPERATOR_KEY_SQL)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 # -- group commit ---------------------------------------------------------------------------------
 
 
@@ -893,7 +939,7 @@ async def test_restore_puts_a_taken_message_back_in_order(store: SqlCipherStorag
     (t,) = await store.enqueue([m], max_depth=BIG, dedup_since=0.0, take=[(ALICE, CHAN)])
     assert t.taken
     later = await enqueue_one(store, msg(ALICE, b"later", CHAN))
-    await store.restore([(m, t.seq)])
+    await store.restore([(m, t)])
     assert await store.queue_depth(ALICE, CHAN) == 2
     got = await store.fetch(ALICE, CHAN, 0, now=time.time())
     assert [(x.seq, x.payload) for x in got] == [(t.seq, b"undelivered"), (later.seq, b"later")]
@@ -1001,7 +1047,7 @@ async def test_taken_messages_leave_the_inbox_known_empty_until_restored(
     assert t.taken
     assert await store.fetch(ALICE, b"", 0, now=time.time()) == []
     assert reads.jobs == []  # the hand-over proved the inbox empty
-    await store.restore([(m, t.seq)])
+    await store.restore([(m, t)])
     got = await store.fetch(ALICE, b"", 0, now=time.time())
     assert got == [StoredMessage(t.seq, b"handed over")]
 
@@ -1049,9 +1095,9 @@ async def test_forget_taken_removes_only_that_seqs_dedup_record(store: SqlCipher
     m = msg(ALICE, b"handed over", message_id=mid)
     (t,) = await store.enqueue([m], max_depth=BIG, dedup_since=0.0, take=[(ALICE, b"")])
     assert t.taken
-    await store.forget_taken([(m, t.seq + 1)])  # not its seq: the record stays
+    await store.forget_taken([(m, replace(t, seq=t.seq + 1))])  # not its seq: the record stays
     assert (await enqueue_one(store, m)).duplicate
-    await store.forget_taken([(m, t.seq)])
+    await store.forget_taken([(m, t)])
     again = await enqueue_one(store, m)
     assert (again.duplicate, again.taken) == (False, False) and again.seq > t.seq
     assert [x.payload for x in await store.fetch(ALICE, b"", 0, now=time.time())] == [

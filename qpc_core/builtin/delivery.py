@@ -123,7 +123,7 @@ class Claim:
         self.count = 0  # messages offered (joined) so far
         self.size = 0
         self.sharers = 0
-        self.taken: list[tuple[NewMessage, int]] = []
+        self.taken: list[tuple[NewMessage, EnqueueOutcome]] = []
         self.settled: asyncio.Future[None] = waiter.fut.get_loop().create_future()
 
 
@@ -254,7 +254,7 @@ class Delivery:
                         c.restored = True  # now stored: wake/notify as for stored ones
                 else:
                     c.waiter.fut.set_result(
-                        sorted((StoredMessage(q, m.payload) for m, q in c.taken),
+                        sorted((StoredMessage(o.seq, m.payload) for m, o in c.taken),
                                key=lambda x: x.seq)
                     )
             except BaseException as e:
@@ -266,7 +266,7 @@ class Delivery:
         else:
             await asyncio.shield(c.settled)
 
-    async def _put_back(self, taken: list[tuple[NewMessage, int]]) -> None:
+    async def _put_back(self, taken: list[tuple[NewMessage, EnqueueOutcome]]) -> None:
         """Store messages a departed FetchWait was handed.  If that fails, their Enqueues
         answer with the error, and the dedup records the hand-off committed are removed
         first: otherwise a retry would be answered "duplicate" for a message never kept."""
@@ -347,7 +347,7 @@ class Delivery:
             )
             for msg, out in zip(messages, outcomes, strict=True):
                 if out.taken:
-                    joined[(msg.recipient_key, msg.channel_id)].taken.append((msg, out.seq))
+                    joined[(msg.recipient_key, msg.channel_id)].taken.append((msg, out))
         except QueueFull as e:
             raise QuotaExceeded(
                 f"recipient queue is full ({e.depth} messages; max_queue_depth="

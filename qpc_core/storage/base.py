@@ -79,6 +79,10 @@ class EnqueueOutcome:
     #: True when the message was handed straight to a waiting reader instead of being
     #: stored (see ``take`` in :meth:`Storage.enqueue`).
     taken: bool = False
+    #: For a taken message: which incarnation of its inbox gave out ``seq`` (an opaque
+    #: value of the backend; an inbox deleted by DeleteAccount and created again is another
+    #: incarnation).  :meth:`Storage.restore` puts the message back only into that one.
+    inbox_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,19 +182,25 @@ class Storage(ABC):
         (and dedup record) as usual and come back with ``taken=True``, i.e. the append and a
         destructive fetch of exactly those messages happen in the same transaction.  The
         caller then owns them and must hand them out or give them back with :meth:`restore`.
+        A taken outcome carries the ``inbox_epoch`` of the inbox it was taken from.
         """
 
     @abstractmethod
-    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+    async def restore(self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
         """Store messages that ``enqueue(take=...)`` returned as taken but that could not be
-        handed out, under the seq they were given (FIFO order is kept)."""
+        handed out, each with the outcome ``enqueue`` gave it, under that outcome's seq
+        (FIFO order is kept).  A message is not stored when its inbox is no longer the
+        incarnation that took it (``inbox_epoch``: the account was deleted meanwhile, and
+        maybe the inbox created again with its seqs restarted), nor over a stored seq."""
 
     @abstractmethod
-    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+    async def forget_taken(
+        self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]
+    ) -> None:
         """Remove the dedup records of taken messages that could be neither handed out nor
         restored (the restore failed), so a retry with the same ``message_id`` stores the
         message instead of being answered "duplicate" for a message that was never kept.
-        Only a record that still maps the id to the given seq is removed."""
+        Only a record that still maps the id to the outcome's seq is removed."""
 
     @abstractmethod
     async def fetch(

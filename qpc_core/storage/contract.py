@@ -29,6 +29,7 @@ import pytest
 
 from qpc_core.storage.base import (
     AlreadyExists,
+    EnqueueOutcome,
     LogMoved,
     NewMessage,
     QueueFull,
@@ -53,6 +54,12 @@ async def put(st: Storage, *ms: NewMessage, max_depth: int = BIG, since: float =
     """Enqueue one call; (seq, duplicate, taken) per message."""
     outs = await st.enqueue(list(ms), max_depth=max_depth, dedup_since=since, take=take)
     return [(o.seq, o.duplicate, o.taken) for o in outs]
+
+
+async def take(st: Storage, *ms: NewMessage) -> list[EnqueueOutcome]:
+    """Enqueue one call with a reader waiting on every inbox it names; the outcomes."""
+    inboxes = tuple({(m.recipient_key, m.channel_id) for m in ms})
+    return await st.enqueue(list(ms), max_depth=BIG, dedup_since=0.0, take=inboxes)
 
 
 def seqs(messages: list[StoredMessage]) -> list[int]:
@@ -155,13 +162,13 @@ class StorageContract:
         self, store: Storage
     ) -> None:
         await put(store, msg(R2, b"waiting"))
-        out = await put(store, msg(payload=b"handed"), msg(R2, b"stored"),
-                        take=((R1, b""), (R2, b"")))
-        assert out == [(1, False, True), (2, False, False)]
+        out = await take(store, msg(payload=b"handed"), msg(R2, b"stored"))
+        assert [(o.seq, o.duplicate, o.taken) for o in out] == [(1, False, True),
+                                                                (2, False, False)]
         now = time.time()
         assert await store.peek(R1, b"", 0, now=now) == []  # handed over, not stored
         # A hand-over whose reader left is put back under its seq, before later messages.
-        await store.restore([(msg(payload=b"handed"), 1)])
+        await store.restore([(msg(payload=b"handed"), out[0])])
         await put(store, msg(payload=b"next"))
         assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"handed"),
                                                            StoredMessage(2, b"next")]
@@ -172,33 +179,59 @@ class StorageContract:
         """A hand-over whose reader left after the recipient deleted the account is not put
         back: its inbox is gone, and a new inbox of the same name (seqs restarted) takes no
         stale seq either, so its enqueues keep working."""
-        assert await put(store, msg(payload=b"handed"), take=((R1, b""),)) == [
-            (1, False, True)]
+        (handed,) = await take(store, msg(payload=b"handed"))
+        assert (handed.seq, handed.taken) == (1, True)
         assert await store.delete_account(R1) is None  # no user record: inbox data only
-        await store.restore([(msg(payload=b"handed"), 1)])
+        await store.restore([(msg(payload=b"handed"), handed)])
         now = time.time()
         assert await store.peek(R1, b"", 0, now=now) == []
         assert await store.total_queue_depth() == 0
         assert await put(store, msg(payload=b"new"), msg(R2, b"other")) == [
             (1, False, False), (1, False, False)]
         # Seq 1 is the new inbox's own message, seq 2 it has not given out.
-        await store.restore([(msg(payload=b"stale"), 1), (msg(payload=b"stale"), 2)])
+        await store.restore([(msg(payload=b"stale"), handed),
+                             (msg(payload=b"stale"), EnqueueOutcome(2, False, True,
+                                                                    handed.inbox_epoch))])
         assert await put(store, msg(payload=b"next")) == [(2, False, False)]
         assert await store.queue_depth(R1, b"") == 2
         assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"new"),
                                                            StoredMessage(2, b"next")]
+
+    async def test_contract_restore_never_stores_into_a_recreated_inbox(
+        self, store: Storage
+    ) -> None:
+        """The account was deleted and its inbox created again, which gave out (and
+        delivered) the old message's seq before the put-back ran: the old message is not
+        stored under a seq its reader already had, nor anywhere else in the new inbox.  A
+        hand-over of the new inbox itself is put back as usual."""
+        (old,) = await take(store, msg(payload=b"old"))
+        assert await store.delete_account(R1) is None
+        assert await put(store, msg(payload=b"new"), msg(payload=b"new2")) == [
+            (1, False, False), (2, False, False)]
+        now = time.time()
+        assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(1, b"new"),
+                                                           StoredMessage(2, b"new2")]
+        await store.restore([(msg(payload=b"old"), old)])
+        assert await store.peek(R1, b"", 0, now=now) == []
+        assert await store.queue_depth(R1, b"") == 0
+        (mine,) = await take(store, msg(payload=b"mine"))
+        assert (mine.seq, mine.taken) == (3, True)
+        await store.restore([(msg(payload=b"old"), old), (msg(payload=b"mine"), mine)])
+        assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(3, b"mine")]
 
     async def test_contract_forget_taken_drops_only_that_seqs_dedup_record(
         self, store: Storage
     ) -> None:
         mid = b"t" * 16
         now = time.time()
-        assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY,
-                         take=((R1, b""),)) == [(1, False, True)]
-        await store.forget_taken([(msg(payload=b"x", mid=mid), 99)])  # another seq: kept
+        (out,) = await store.enqueue([msg(payload=b"x", mid=mid)], max_depth=BIG,
+                                     dedup_since=now - DAY, take=((R1, b""),))
+        assert (out.seq, out.duplicate, out.taken) == (1, False, True)
+        other = EnqueueOutcome(99, False, True, out.inbox_epoch)
+        await store.forget_taken([(msg(payload=b"x", mid=mid), other)])  # another seq: kept
         assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY) == [
             (1, True, False)]
-        await store.forget_taken([(msg(payload=b"x", mid=mid), 1)])
+        await store.forget_taken([(msg(payload=b"x", mid=mid), out)])
         assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY) == [
             (2, False, False)]
 

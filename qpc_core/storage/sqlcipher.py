@@ -28,6 +28,9 @@ Schema notes
     (migration 2): the inbox order is the table's own order, so an enqueue writes one
     b-tree instead of a table and a separate unique index (every page a commit touches is
     encrypted and authenticated once more; see bench/README.md).
+    ``inboxes.epoch`` (migration 4) is drawn at random when an inbox row is created: it tells
+    an inbox that DeleteAccount removed from the one a later enqueue created again, so a
+    taken message is put back only where it was taken from (``restore``).
 """
 
 from __future__ import annotations
@@ -240,12 +243,39 @@ UPDATE inboxes SET
         WHERE m.recipient_key = inboxes.recipient_key AND m.channel_id = inboxes.channel_id);
 """
 
+# Inbox incarnations: ``epoch`` is drawn when an inbox row is created (random 64-bit), so an
+# inbox that DeleteAccount removed and a later enqueue created again is told apart from the
+# old one: a message taken from the old one is never put back into the new one, whose seqs
+# restarted (it could land on a seq the new inbox already delivered).  SQLite cannot add a
+# column with a non-constant default, so the table is rebuilt (the trigger that names it
+# first dropped, then created again).
+_V4 = """
+CREATE TABLE inboxes_v4 (
+    recipient_key BLOB NOT NULL,
+    channel_id    BLOB NOT NULL,
+    next_seq      INTEGER NOT NULL,
+    depth         INTEGER NOT NULL DEFAULT 0,
+    epoch         INTEGER NOT NULL DEFAULT (random()),
+    PRIMARY KEY (recipient_key, channel_id)
+) WITHOUT ROWID;
+INSERT INTO inboxes_v4 (recipient_key, channel_id, next_seq, depth)
+    SELECT recipient_key, channel_id, next_seq, depth FROM inboxes;
+DROP TRIGGER messages_depth_delete;
+DROP TABLE inboxes;
+ALTER TABLE inboxes_v4 RENAME TO inboxes;
+CREATE TRIGGER messages_depth_delete AFTER DELETE ON messages BEGIN
+    UPDATE inboxes SET depth = depth - 1
+    WHERE recipient_key = OLD.recipient_key AND channel_id = OLD.channel_id;
+END;
+"""
+
 #: Numbered migrations, applied in order, each in its own transaction.  Never edit a shipped
 #: entry: append a new one.  ``PRAGMA user_version`` records the last one applied.
 MIGRATIONS: Final[list[tuple[int, str]]] = [
     (1, _V1),
     (2, _V2),
     (3, _V3),
+    (4, _V4),
 ]
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
@@ -267,12 +297,12 @@ _INBOX_UNRESERVE = (
     " WHERE recipient_key = ?1 AND channel_id = ?2"
 )
 # The same for an inbox a reader waits on: when it is empty, the ?3 new messages are handed
-# over instead of stored, so its depth stays 0.  Returns (first seq, depth after).
+# over instead of stored, so its depth stays 0.  Returns (first seq, depth after, epoch).
 _INBOX_RESERVE_TAKE = (
     "INSERT INTO inboxes (recipient_key, channel_id, next_seq, depth) VALUES (?1, ?2, 1 + ?3, 0)"
     " ON CONFLICT (recipient_key, channel_id) DO UPDATE"
     " SET next_seq = next_seq + ?3, depth = CASE WHEN depth = 0 THEN 0 ELSE depth + ?3 END"
-    " RETURNING next_seq - ?3, depth"
+    " RETURNING next_seq - ?3, depth, epoch"
 )
 _INBOX_RESTORE_DEPTH = (
     "UPDATE inboxes SET depth = depth + 1 WHERE recipient_key = ? AND channel_id = ?"
@@ -285,12 +315,12 @@ _MESSAGE_INSERT = (
     "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
-# A taken message put back (restore), only into its inbox if that still exists and gave out
-# that seq, and not over a stored message.
+# A taken message put back (restore), only into the incarnation of its inbox that took it
+# (?7) if that still exists and gave out that seq, and not over a stored message.
 _MESSAGE_RESTORE = (
     "INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)"
     " SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM inboxes"
-    " WHERE recipient_key = ?1 AND channel_id = ?2 AND next_seq > ?3)"
+    " WHERE recipient_key = ?1 AND channel_id = ?2 AND next_seq > ?3 AND epoch = ?7)"
     " ON CONFLICT (recipient_key, channel_id, seq) DO NOTHING"
 )
 # Claim a message id for an inbox: inserts, or replaces a record older than the window
@@ -450,8 +480,9 @@ def _enqueue_one(
     now = time.time()
     execute = conn.execute
     recipient, channel, mid = m.recipient_key, m.channel_id, m.message_id
+    epoch = 0
     if take_it:
-        first, after = execute(_INBOX_RESERVE_TAKE, (recipient, channel, 1)).fetchall()[0]
+        first, after, epoch = execute(_INBOX_RESERVE_TAKE, (recipient, channel, 1)).fetchall()[0]
         taken = after == 0
         depth = 0 if taken else after - 1
     else:
@@ -473,7 +504,7 @@ def _enqueue_one(
             raise QueueFull(recipient, channel, live)
     if not taken:
         execute(_MESSAGE_INSERT, (recipient, channel, first, m.expires_at, now, m.payload))
-    return EnqueueOutcome(first, False, taken)
+    return EnqueueOutcome(first, False, True, epoch) if taken else EnqueueOutcome(first, False)
 
 
 class _NotFresh(Exception):
@@ -568,17 +599,18 @@ def _enqueue_tx(
         else:
             idxs.append(i)
 
-    taken: set[tuple[bytes, bytes]] = set()
+    taken: dict[tuple[bytes, bytes], int] = {}  # inbox -> its epoch
     reserved: list[tuple[bytes, bytes, int, int]] = []  # (recipient, channel, seqs, depth added)
     for inbox, idxs in fresh.items():
         recipient, channel = inbox
         k = len(idxs)
         if inbox in take:
-            first, after = execute(_INBOX_RESERVE_TAKE, (recipient, channel, k)).fetchall()[0]
+            first, after, epoch = execute(
+                _INBOX_RESERVE_TAKE, (recipient, channel, k)).fetchall()[0]
             if after == 0:
                 # A reader is waiting on this empty inbox: the messages are handed over
                 # instead of stored (seq and dedup are kept; the queue stays empty).
-                taken.add(inbox)
+                taken[inbox] = epoch
                 reserved.append((recipient, channel, k, 0))
                 for off, i in enumerate(idxs):
                     seqs[i] = first + off
@@ -626,21 +658,25 @@ def _enqueue_tx(
         dup[i] = True
     if not taken:
         return [EnqueueOutcome(s, d) for s, d in zip(seqs, dup, strict=True)]
-    return [
-        EnqueueOutcome(s, d, not d and (m.recipient_key, m.channel_id) in taken)
-        for s, d, m in zip(seqs, dup, msgs, strict=True)
-    ]
+    outcomes = []
+    for s_, d, m in zip(seqs, dup, msgs, strict=True):
+        epoch = None if d else taken.get((m.recipient_key, m.channel_id))
+        outcomes.append(EnqueueOutcome(s_, d) if epoch is None
+                        else EnqueueOutcome(s_, False, True, epoch))
+    return outcomes
 
 
-def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
-    """Put taken messages back; one whose inbox is gone (DeleteAccount meanwhile), whose seq
-    the inbox has not given out (a new inbox of the same name) or is stored again is not
-    stored: a message row without its inbox would make every later enqueue to it fail."""
+def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
+    """Put taken messages back; one whose inbox is gone (DeleteAccount meanwhile), is another
+    incarnation (created again since), has not given out its seq or stores it already is not
+    stored: a message row without its inbox would make every later enqueue to it fail, and
+    one in a new incarnation could land on a seq that inbox already delivered."""
     now = time.time()
     dropped = 0
-    for m, seq in items:
+    for m, out in items:
         if conn.execute(
-            _MESSAGE_RESTORE, (m.recipient_key, m.channel_id, seq, m.expires_at, now, m.payload)
+            _MESSAGE_RESTORE, (m.recipient_key, m.channel_id, out.seq, m.expires_at, now,
+                               m.payload, out.inbox_epoch)
         ).rowcount == 1:
             conn.execute(_INBOX_RESTORE_DEPTH, (m.recipient_key, m.channel_id))
         else:
@@ -650,10 +686,11 @@ def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
                  " (DeleteAccount) meanwhile", dropped)
 
 
-def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, int]]) -> None:
+def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
     conn.executemany(
         _DEDUP_FORGET,
-        [(m.recipient_key, m.channel_id, m.message_id, seq) for m, seq in items if m.message_id],
+        [(m.recipient_key, m.channel_id, m.message_id, out.seq)
+         for m, out in items if m.message_id],
     )
 
 
@@ -1734,14 +1771,16 @@ class SqlCipherStorage(Storage):
                     self._empties.observed_empty(inbox, stamps[inbox])
         return outcomes
 
-    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+    async def restore(self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
         if messages:
             fut = self._write(_restore_tx, list(messages))
-            self._adding(fut, {(m.recipient_key, m.channel_id) for m, _seq in messages})
+            self._adding(fut, {(m.recipient_key, m.channel_id) for m, _out in messages})
             await fut
 
-    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
-        if any(m.message_id for m, _seq in messages):
+    async def forget_taken(
+        self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]
+    ) -> None:
+        if any(m.message_id for m, _out in messages):
             await self._write(_forget_taken_tx, list(messages))
 
     def _adding(

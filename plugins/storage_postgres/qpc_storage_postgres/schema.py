@@ -13,7 +13,7 @@ at commit) so other servers wake their long polls and push to their connections.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 NOTIFY_CHANNEL = "qpc_arrivals"
 
 _V1 = r"""
@@ -909,4 +909,117 @@ UPDATE inboxes AS i SET depth = t.n
       AND i.depth <> t.n;
 """
 
-MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5)]
+# Schema 6: inbox incarnations.  DeleteAccount removes an inbox and a later enqueue creates it
+# again with its seqs restarted; a put-back (restore) of a message the old inbox had handed to
+# a reader that left could then land in the new inbox, possibly on a seq the new inbox had
+# already delivered (another node can delete, re-create and deliver between the hand-over's
+# commit and the put-back).  Every inbox row now gets an ``epoch`` from a sequence when it is
+# created (also by a node still on schema 5: it is the column's default);
+# ``enqueue_calls_v6`` returns it for taken messages, and restore_messages with epochs puts a
+# message back only into the incarnation that took it.  The schema-5 signature of
+# restore_messages (nodes not yet upgraded) keeps its old behaviour.
+_V6 = r"""
+CREATE SEQUENCE inbox_epochs;
+ALTER TABLE inboxes ADD COLUMN epoch bigint NOT NULL DEFAULT nextval('inbox_epochs');
+
+-- enqueue_calls_v4's rows, each taken one with the epoch of the inbox it was taken from (read
+-- in the same transaction, under the row lock the enqueue holds).  Rows come per call, in
+-- message order; a call that failed has one row with o_full or o_error and no messages.
+CREATE FUNCTION enqueue_calls_v6(
+    p_bounds int[], p_recipients bytea[], p_channels bytea[], p_mids bytea[],
+    p_payloads bytea[], p_expires double precision[], p_now double precision,
+    p_since double precision[], p_max_depth bigint[], p_take_call int[], p_take_r bytea[],
+    p_take_c bytea[], p_node text
+) RETURNS TABLE (o_call int, o_seq bigint, o_duplicate boolean, o_taken boolean,
+                 o_full bigint, o_full_inbox text, o_error text, o_epoch bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    rec record;
+    at_call int := 0;
+    pos int := 0;
+BEGIN
+    FOR rec IN SELECT * FROM enqueue_calls_v4(p_bounds, p_recipients, p_channels, p_mids,
+            p_payloads, p_expires, p_now, p_since, p_max_depth, p_take_call, p_take_r,
+            p_take_c, p_node) LOOP
+        IF rec.o_call <> at_call THEN
+            at_call := rec.o_call;
+            pos := p_bounds[at_call];
+        END IF;
+        o_call := rec.o_call; o_seq := rec.o_seq; o_duplicate := rec.o_duplicate;
+        o_taken := rec.o_taken; o_full := rec.o_full; o_full_inbox := rec.o_full_inbox;
+        o_error := rec.o_error; o_epoch := NULL;
+        IF rec.o_taken THEN
+            SELECT i.epoch INTO o_epoch FROM inboxes AS i
+                WHERE i.recipient_key = p_recipients[pos] AND i.channel_id = p_channels[pos];
+        END IF;
+        pos := pos + 1;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
+-- Schema 5's put-back, plus p_epochs: a message goes back only into the incarnation of its
+-- inbox that took it (a NULL epoch: any, as before).
+CREATE FUNCTION restore_messages(
+    p_r bytea[], p_c bytea[], p_seqs bigint[], p_expires double precision[],
+    p_payloads bytea[], p_now double precision, p_node text, p_epochs bigint[]
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    lk_r bytea[];
+    lk_c bytea[];
+    lk_n bigint[];
+    lk_e bigint[];
+    put_r bytea[];
+    put_c bytea[];
+    put_s bigint[];
+BEGIN
+    SELECT array_agg(l.recipient_key ORDER BY l.recipient_key, l.channel_id),
+           array_agg(l.channel_id ORDER BY l.recipient_key, l.channel_id),
+           array_agg(l.next_seq ORDER BY l.recipient_key, l.channel_id),
+           array_agg(l.epoch ORDER BY l.recipient_key, l.channel_id)
+        INTO lk_r, lk_c, lk_n, lk_e
+        FROM (SELECT i.recipient_key, i.channel_id, i.next_seq, i.epoch FROM inboxes AS i
+              WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(p_r, p_c))
+              ORDER BY i.recipient_key, i.channel_id FOR UPDATE) AS l;
+    IF lk_r IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH put AS (
+        INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at, payload)
+            SELECT v.r, v.c, v.s, v.e, p_now, v.p
+            FROM unnest(p_r, p_c, p_seqs, p_expires, p_payloads, p_epochs)
+                AS v(r, c, s, e, p, ep)
+            JOIN unnest(lk_r, lk_c, lk_n, lk_e) AS k(r, c, n, ep) ON k.r = v.r AND k.c = v.c
+            WHERE v.s < k.n AND (v.ep IS NULL OR v.ep = k.ep)
+            ON CONFLICT (recipient_key, channel_id, seq) DO NOTHING
+            RETURNING recipient_key, channel_id, seq)
+    SELECT array_agg(put.recipient_key), array_agg(put.channel_id), array_agg(put.seq)
+        INTO put_r, put_c, put_s FROM put;
+    IF put_s IS NULL THEN
+        RETURN 0;
+    END IF;
+    UPDATE inboxes AS i SET depth = i.depth + d.n
+        FROM (SELECT a.r, a.c, count(*) AS n FROM unnest(put_r, put_c) AS a(r, c)
+              GROUP BY a.r, a.c) AS d
+        WHERE i.recipient_key = d.r AND i.channel_id = d.c;
+    PERFORM pg_notify('qpc_arrivals',
+                      p_node || ' ' || encode(q.r, 'hex') || ' ' || encode(q.c, 'hex') || ' '
+                      || q.s)
+        FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(put_r, put_c, put_s) AS a(r, c, s)
+              GROUP BY a.r, a.c) AS q;
+    RETURN cardinality(put_s);
+END $$;
+
+-- The schema-5 signature (a node not yet upgraded): the same, without an epoch check.
+CREATE OR REPLACE FUNCTION restore_messages(
+    p_r bytea[], p_c bytea[], p_seqs bigint[], p_expires double precision[],
+    p_payloads bytea[], p_now double precision, p_node text
+) RETURNS bigint
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+    SELECT restore_messages(p_r, p_c, p_seqs, p_expires, p_payloads, p_now, p_node,
+                            array_fill(NULL::bigint, ARRAY[cardinality(p_seqs)]));
+$$;
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5),
+                                  (6, _V6)]

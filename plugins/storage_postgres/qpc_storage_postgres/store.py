@@ -431,9 +431,9 @@ class PostgresStorage(Storage):
                 [c.max_depth for c in calls], take_call, take_r, take_c, self.node_id)
         try:
             rows = await _rerun_if_rolled_back(lambda: self._pool.fetch(
-                "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox, o_error"
-                " FROM enqueue_calls_v4($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                " $13)",
+                "SELECT o_call, o_seq, o_duplicate, o_taken, o_full, o_full_inbox, o_error,"
+                " o_epoch FROM enqueue_calls_v6($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                " $12, $13)",
                 *args,
             ))
         except _DB_ERRORS as e:
@@ -460,7 +460,8 @@ class PostgresStorage(Storage):
             else:
                 out = results[k]
                 assert isinstance(out, list)
-                out.append(EnqueueOutcome(int(r[1]), bool(r[2]), bool(r[3])))
+                out.append(EnqueueOutcome(int(r[1]), bool(r[2]), True, int(r[7])) if r[3]
+                           else EnqueueOutcome(int(r[1]), bool(r[2])))
         for call, result in zip(calls, results, strict=True):
             if call.fut.done():
                 continue
@@ -469,24 +470,28 @@ class PostgresStorage(Storage):
             else:
                 call.fut.set_result(result)
 
-    async def restore(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
+    async def restore(self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
         if not messages:
             return
         # One statement (restore_messages): the inboxes are locked before anything is
-        # written, and a message whose inbox was deleted meanwhile is not stored.
+        # written, and a message whose inbox was deleted meanwhile (and maybe created again:
+        # another epoch) is not stored.
         args = ([m.recipient_key for m, _ in messages], [m.channel_id for m, _ in messages],
-                [seq for _, seq in messages], [m.expires_at for m, _ in messages],
-                [m.payload for m, _ in messages], time.time(), self.node_id)
+                [out.seq for _, out in messages], [m.expires_at for m, _ in messages],
+                [m.payload for m, _ in messages], time.time(), self.node_id,
+                [out.inbox_epoch for _, out in messages])
         async with _errors("restore"):
             stored = await _rerun_if_rolled_back(lambda: self._pool.fetchval(
-                "SELECT restore_messages($1, $2, $3, $4, $5, $6, $7)", *args))
+                "SELECT restore_messages($1, $2, $3, $4, $5, $6, $7, $8)", *args))
         if int(stored) < len(messages):
             log.info("%d handed-over message(s) not put back: their inbox was deleted"
                      " (DeleteAccount) meanwhile", len(messages) - stored)
 
-    async def forget_taken(self, messages: Sequence[tuple[NewMessage, int]]) -> None:
-        rows = [(m.recipient_key, m.channel_id, m.message_id, seq)
-                for m, seq in messages if m.message_id]
+    async def forget_taken(
+        self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]
+    ) -> None:
+        rows = [(m.recipient_key, m.channel_id, m.message_id, out.seq)
+                for m, out in messages if m.message_id]
         if rows:
             async with _errors("forget_taken"):
                 await self._pool.executemany(

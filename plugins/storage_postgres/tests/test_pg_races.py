@@ -79,11 +79,12 @@ async def test_a_message_put_back_while_another_node_fetches_is_not_lost(nodes: 
     and returned only seq 2: an acknowledged message lost."""
     a, b, holder, probe = nodes
     handed = msg(b"handed over, then put back")
-    assert await put(a, handed, take=((R1, b""),)) == [EnqueueOutcome(1, False, True)]
+    [taken] = await put(a, handed, take=((R1, b""),))
+    assert (taken.seq, taken.duplicate, taken.taken) == (1, False, True)
     assert await put(b, msg(b"second")) == [EnqueueOutcome(2, False, False)]
     async with holder.transaction():
         await holder.execute("SELECT 1 FROM inboxes WHERE recipient_key = $1 FOR UPDATE", R1)
-        restore = start(a.restore([(handed, 1)]))
+        restore = start(a.restore([(handed, taken)]))
         await blocked(probe, 1, restore)
         fetch = start(b.fetch(R1, b"", 0, now=time.time()))
         await blocked(probe, 2, restore, fetch)

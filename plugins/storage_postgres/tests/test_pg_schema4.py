@@ -139,7 +139,7 @@ async def test_restore_after_delete_account_leaves_the_turns_enqueues_working(
         [o] = await put(st, handed, take=((R1, b""),))
         assert o.taken
         await st.delete_account(R1)
-        await st.restore([(handed, o.seq)])
+        await st.restore([(handed, o)])
         assert await st._pool.fetchval("SELECT count(*) FROM messages") == 0
         outs = await asyncio.gather(put(st, msg(R1, b"new")), put(st, msg(R2, b"unrelated")))
         assert list(outs) == [[EnqueueOutcome(1, False, False)], [EnqueueOutcome(1, False, False)]]

@@ -133,7 +133,7 @@ async def test_a_restore_whose_inbox_was_replaced_while_it_waited_stores_nothing
     [o] = await put(st, handed, take=((A, b""),))
     assert o.taken and o.seq == 3
     async with inbox_replaced(pg_dsn, A, next_seq=5):
-        restoring = asyncio.ensure_future(st.restore([(handed, o.seq)]))
+        restoring = asyncio.ensure_future(st.restore([(handed, o)]))
         await wait_for_lock_wait(probe, restoring, "transactionid")
     await restoring
     assert await st._pool.fetchval("SELECT count(*) FROM messages") == 0
@@ -148,7 +148,7 @@ async def test_a_restore_stores_into_the_inboxes_it_locked(st: PostgresStorage) 
     outs = [(await put(st, m, take=((m.recipient_key, b""),)))[0] for m in handed]
     assert all(o.taken and o.seq == 1 for o in outs)
     await st.delete_account(B)
-    await st.restore([(m, o.seq) for m, o in zip(handed, outs, strict=True)])
+    await st.restore(list(zip(handed, outs, strict=True)))
     now = time.time()
     assert await st.peek(A, b"", 0, now=now) == [StoredMessage(1, b"for a")]
     assert await st.peek(B, b"", 0, now=now) == []

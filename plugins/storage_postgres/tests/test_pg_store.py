@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -310,7 +311,7 @@ async def test_take_hands_over_from_an_empty_inbox_only(store: PostgresStorage) 
     (o,) = await store.enqueue([msg(payload=b"c")], max_depth=BIG, dedup_since=0,
                                take=[(R1, b"")])
     assert (o.seq, o.taken) == (4, False)  # not empty: stored, FIFO kept
-    await store.restore([(msg(payload=b"a"), 1)])
+    await store.restore([(msg(payload=b"a"), out[0])])
     assert [m.seq for m in await store.fetch(R1, b"", 0, now=time.time())] == [1, 3, 4]
 
 
@@ -318,10 +319,10 @@ async def test_forget_taken_removes_only_matching_records(store: PostgresStorage
     mid = os.urandom(16)
     (o,) = await store.enqueue([msg(mid=mid)], max_depth=BIG, dedup_since=0, take=[(R1, b"")])
     assert o.taken
-    await store.forget_taken([(msg(mid=mid), o.seq + 1)])  # wrong seq: kept
+    await store.forget_taken([(msg(mid=mid), replace(o, seq=o.seq + 1))])  # wrong seq: kept
     (dup,) = await put(store, msg(mid=mid))
     assert dup.duplicate
-    await store.forget_taken([(msg(mid=mid), o.seq)])
+    await store.forget_taken([(msg(mid=mid), o)])
     (again,) = await put(store, msg(mid=mid))
     assert not again.duplicate
 
@@ -474,7 +475,7 @@ async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
         conn = await asyncpg.connect(pg_dsn)
         try:
             version = await conn.fetchval("SELECT max(version) FROM qpc.schema_version")
-            assert version == SCHEMA_VERSION == 5
+            assert version == SCHEMA_VERSION == 6
         finally:
             await conn.close()
     finally:
