@@ -58,6 +58,7 @@ class App:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop_requested: asyncio.Event | None = None
+        self._reload_lock = asyncio.Lock()
         #: Process exit status for ``qpc run``: 1 when the server stopped because of a failure.
         self.exit_code = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -263,6 +264,10 @@ class App:
             await self._close_storage()
             raise
         self.started = True
+        for _plugin, transport in self.transports:
+            cert = getattr(transport, "tls_certificate", None)
+            if cert is not None:
+                self.hooks.on_tls_certificate(self, transport.name, cert)
         loop = asyncio.get_running_loop()
         log.info("qpc %s started with plugins: %s (event loop: %s)", self.version,
                  ", ".join(p.name for p in self.plugins), type(loop).__module__)
@@ -274,6 +279,43 @@ class App:
         log.critical("storage failed for good (%s): stopping the server so that its supervisor "
                      "restarts it; no call was acknowledged without its data committed", error)
         self.request_stop()
+
+    async def reload_tls(self) -> dict[str, str | None]:
+        """Read every listener's certificate and key files again (SIGHUP): new connections
+        get the new pair, established ones keep theirs.  A listener whose files are bad
+        keeps its old pair and logs why.  Returns listener name -> error (None: reloaded);
+        listeners without anything to reload are left out.  Reloads run one after the other
+        (a second SIGHUP during one reads the files again after it)."""
+        results: dict[str, str | None] = {}
+        async with self._reload_lock:
+            for _plugin, transport in self.transports:
+                reload = getattr(transport, "reload_tls", None)
+                if reload is None or self.draining:
+                    continue
+                try:
+                    cert = await reload()
+                except ConfigError as e:
+                    results[transport.name] = str(e)
+                    log.error("listener '%s': certificate not reloaded, still serving the old "
+                              "one: %s", transport.name, e)
+                except Exception as e:
+                    results[transport.name] = f"{type(e).__name__}: {e}"
+                    log.exception("listener '%s': certificate reload failed, still serving the "
+                                  "old one", transport.name)
+                else:
+                    if cert is None:
+                        continue
+                    results[transport.name] = None
+                    log.info("listener '%s': certificate reloaded (subject %s, expires %s); "
+                             "new connections get it", transport.name,
+                             cert.subject.rfc4514_string(), f"{cert.not_valid_after_utc:%Y-%m-%d}")
+                    self.hooks.on_tls_certificate(self, transport.name, cert)
+                self.hooks.on_tls_reload(self, transport.name, results[transport.name])
+        return results
+
+    def _reload_signal(self) -> None:
+        log.info("SIGHUP: reloading TLS certificates")
+        self.spawn(self.reload_tls(), "tls-reload")
 
     def request_stop(self) -> None:
         if self._stop_requested is not None:
@@ -288,13 +330,20 @@ class App:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
                 pass
+        try:
+            # Before start-up: a SIGHUP's default action would end the process (a reload
+            # during start-up reloads the listeners already started; the others read the
+            # files when they start).
+            loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-main thread
+            pass
         await self.start()
         try:
             await self._stop_requested.wait()
         finally:
             log.info("shutting down: draining in-flight requests")
             await self.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 try:
                     loop.remove_signal_handler(sig)
                 except (NotImplementedError, RuntimeError):  # pragma: no cover

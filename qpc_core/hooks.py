@@ -17,6 +17,8 @@ import pluggy
 from qpc_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from qpc_core.app import App
     from qpc_core.plugins import PluginInfo
     from qpc_core.rpc import (
@@ -247,6 +249,12 @@ class Hooks:
 
     def on_storage_operation(self, app: App, operation: str, seconds: float) -> None:
         self._notify("on_storage_operation", app=app, operation=operation, seconds=seconds)
+
+    def on_tls_certificate(self, app: App, listener: str, certificate: x509.Certificate) -> None:
+        self._notify("on_tls_certificate", app=app, listener=listener, certificate=certificate)
+
+    def on_tls_reload(self, app: App, listener: str, error: str | None) -> None:
+        self._notify("on_tls_reload", app=app, listener=listener, error=error)
 
     async def on_user_registered(self, app: App, username: str, identity_key: bytes) -> None:
         await self._anotify("on_user_registered", app=app, username=username,

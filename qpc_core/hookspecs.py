@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from qpc_core.app import App
     from qpc_core.rpc import (
         AuthResult,
@@ -258,6 +260,18 @@ def on_rate_limited(
 @hookspec
 def on_storage_operation(app: App, operation: str, seconds: float) -> None:
     """The storage backend finished ``operation`` (e.g. ``commit``, ``fetch``) in ``seconds``."""
+
+
+@hookspec
+def on_tls_certificate(app: App, listener: str, certificate: x509.Certificate) -> None:
+    """Listener ``listener`` serves ``certificate`` to new connections: once at start-up for
+    every listener with TLS, and again after each successful reload (SIGHUP)."""
+
+
+@hookspec
+def on_tls_reload(app: App, listener: str, error: str | None) -> None:
+    """A certificate reload of ``listener`` finished: ``error`` None means the new files are
+    in use; otherwise it says what was wrong with them, and the old pair stays in use."""
 
 
 @hookspec

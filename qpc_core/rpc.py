@@ -256,7 +256,14 @@ class ConfigSection:
 
 
 class Transport(Protocol):
-    """A listener the App starts and stops (the QUIC server, the admin HTTP app, ...)."""
+    """A listener the App starts and stops (the QUIC server, the admin HTTP app, ...).
+
+    A listener that serves TLS may also have a ``tls_certificate`` attribute (the
+    ``x509.Certificate`` new connections get; the App reports it through the
+    ``on_tls_certificate`` hook) and an ``async reload_tls() -> x509.Certificate | None``
+    method: read its certificate files again and serve them to new connections (None: it
+    has nothing to reload), raising :class:`~qpc_core.errors.ConfigError` and keeping the
+    old pair when they are bad.  :meth:`App.reload_tls` (SIGHUP) calls it."""
 
     name: str
 

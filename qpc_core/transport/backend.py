@@ -43,6 +43,14 @@ class Backend:
     def configuration(self, tls: TlsMaterial, **kwargs: Any) -> Any:
         """A server QuicConfiguration with qpc's TLS material."""
         cfg = self.configuration_class(is_client=False, **kwargs)
+        self.apply_tls(cfg, tls)
+        return cfg
+
+    def apply_tls(self, cfg: Any, tls: TlsMaterial) -> None:
+        """Put ``tls`` (certificate, chain, key) into a server configuration.  Both libraries
+        read them when a connection's TLS context is created, at its first datagram, so a
+        listener whose configuration changes serves the new pair to new connections while
+        established ones keep theirs (certificate reload)."""
         if self.name == "qh3":
             from cryptography.hazmat.primitives import serialization
 
@@ -59,7 +67,6 @@ class Backend:
             cfg.certificate = tls.certificate
             cfg.certificate_chain = list(tls.chain)
             cfg.private_key = tls.private_key
-        return cfg
 
     def bind(self, logic: type[Any]) -> type[Any]:
         """``logic`` (a protocol mixin written against the asyncio API aioquic and qh3 1.x

@@ -190,6 +190,9 @@ class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase)
         self._connection_id = new_connection_id()
         self._init_credentials()
         self.challenge: bytes | None = None
+        # The certificate this connection's handshake presents is the listener's at the
+        # connection's first datagram, i.e. now (a reload changes it for later ones only).
+        self._tls_binding = listener.tls_binding
         self._peer: PeerInfo | None = None
         self._opened = False
         self._gone = False
@@ -240,7 +243,7 @@ class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase)
     @property
     def tls_binding(self) -> bytes:
         """SHA-256 of the server certificate this connection's handshake presented."""
-        return self.listener.tls_binding
+        return self._tls_binding
 
     def _unauthenticated(self) -> None:
         self._arm_auth_deadline()
@@ -756,6 +759,9 @@ class QuicTransport:
         self.window_unauthenticated = 256 * 1024
         #: SHA-256 of the server's TLS certificate (what identity proofs are bound to).
         self.tls_binding = b""
+        #: The certificate new connections are served (changed by :meth:`reload_tls`).
+        self.tls_certificate: x509.Certificate | None = None
+        self._cfg: Any = None  # the library's server configuration, shared by connections
         #: Running calls (their tasks), also those whose connection has ended.
         self.calls: set[asyncio.Task[None]] = set()
         self.initials_refused = 0
@@ -793,11 +799,9 @@ class QuicTransport:
         s = app.settings
         backend = backend or load_backend("aioquic")
         self._windows(s)
-        if self._tls is not None:
-            tls = self._tls(app)
-        else:
-            tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        tls = self._load_tls(app)
         self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
+        self.tls_certificate = tls.certificate
         cfg = backend.configuration(
             tls,
             alpn_protocols=[self.alpn],
@@ -811,6 +815,31 @@ class QuicTransport:
             cfg.secrets_log_file = open(keylog, "a")  # noqa: SIM115 - lives with the server
         return cfg
 
+    def _load_tls(self, app: App) -> TlsMaterial:
+        if self._tls is not None:
+            return self._tls(app)
+        s = app.settings
+        return resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+
+    async def reload_tls(self) -> x509.Certificate | None:
+        """Read the certificate and key files again (``tls_cert``/``tls_key``, with the
+        checks of start-up) and serve them to new connections; established connections
+        keep the pair they were served.  A listener with TLS material of its own (a
+        plugin's, e.g. federation) is not reloaded: None.  Raises ConfigError (the old pair
+        stays in use) when the files are missing, unreadable or do not match."""
+        if self._tls is not None or self._cfg is None or self.backend is None:
+            return None
+        app = self.app
+        s = app.settings
+        # File reads and parsing off the event loop; the swap itself is one loop step, so a
+        # connection's certificate and its tls_binding always agree.
+        tls = await asyncio.to_thread(
+            resolve_tls, s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        self.backend.apply_tls(self._cfg, tls)
+        self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
+        self.tls_certificate = tls.certificate
+        return tls.certificate
+
     async def start(self, app: App) -> None:
         self.dispatcher = Dispatcher(app, self._methods, request_auth=self.token_auth)
         self.app = app
@@ -819,7 +848,7 @@ class QuicTransport:
         mutual = self.peer_certificate_auth is not None
         # Client certificates: aioquic only (see request_client_certificate).
         backend = self.backend = load_backend("aioquic" if mutual else s.quic_backend)
-        cfg = self.configuration(app, backend)
+        cfg = self._cfg = self.configuration(app, backend)
         cls = connection_class(backend)
 
         def factory(*args: Any, **kwargs: Any) -> _ServerConnectionLogic:

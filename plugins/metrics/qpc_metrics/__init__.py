@@ -18,6 +18,8 @@ from qpc_core.rpc import ConfigSection
 from qpc_metrics.config import MetricsConfig
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from qpc_core.app import App
     from qpc_core.rpc import Connection, MessageEnqueued, MessagesFetched, PeerInfo
     from qpc_metrics.collector import QpcMetrics
@@ -135,3 +137,17 @@ def on_storage_operation(app: App, operation: str, seconds: float) -> None:
     m = _m(app)
     if m is not None:
         m.storage_operation(operation, seconds)
+
+
+@hookimpl
+def on_tls_certificate(app: App, listener: str, certificate: x509.Certificate) -> None:
+    m = _m(app)
+    if m is not None:
+        m.tls_certificate(listener, certificate.not_valid_after_utc.timestamp())
+
+
+@hookimpl
+def on_tls_reload(app: App, listener: str, error: str | None) -> None:
+    m = _m(app)
+    if m is not None:
+        m.tls_reload(listener, error is None)

@@ -97,6 +97,12 @@ METRICS: tuple[MetricDoc, ...] = (
               "Payload bytes of the messages counted in fetched_messages_total.", ("method",)),
     MetricDoc("qpc_info", "gauge", "Always 1; the labels carry the server version.",
               ("version",)),
+    MetricDoc("tls_certificate_expiry_timestamp_seconds", "gauge",
+              "When the certificate a listener serves to new connections expires (unix "
+              "seconds), by listener; follows certificate reloads (SIGHUP).", ("listener",)),
+    MetricDoc("tls_reloads_total", "counter",
+              "Certificate reloads (SIGHUP) by listener and result (ok, or error: the old "
+              "certificate stays in use).", ("listener", "result")),
 )
 DOCS = {m.name: m for m in METRICS}
 FETCH_METHODS = ("fetch", "fetch_wait", "peek")
@@ -189,6 +195,8 @@ class QpcMetrics:
         self.rpc_duration: dict[str, Histogram] = {}
         self.storage: dict[str, Histogram] = {}
         self._operation = BoundedLabel()
+        self.cert_expiry: dict[str, float] = {}  # listener -> not-after (unix seconds)
+        self.tls_reloads: dict[tuple[str, str], int] = {}  # (listener, result) -> count
 
     @property
     def queue_depth(self) -> int:
@@ -228,6 +236,13 @@ class QpcMetrics:
                 self.fetch += 1
             elif method == "FetchWait":
                 self.fetch_wait += 1
+
+    def tls_certificate(self, listener: str, not_after: float) -> None:
+        self.cert_expiry[listener] = not_after
+
+    def tls_reload(self, listener: str, ok: bool) -> None:
+        key = (listener, "ok" if ok else "error")
+        self.tls_reloads[key] = self.tls_reloads.get(key, 0) + 1
 
     def storage_operation(self, operation: str, seconds: float) -> None:
         op = self._operation(operation)
@@ -286,6 +301,17 @@ class QpcMetrics:
         info = GaugeMetricFamily("qpc_info", DOCS["qpc_info"].help, labels=["version"])
         info.add_metric([self.version], 1)
         yield info
+
+        name = "tls_certificate_expiry_timestamp_seconds"
+        expiry = GaugeMetricFamily(name, DOCS[name].help, labels=["listener"])
+        for listener, not_after in sorted(self.cert_expiry.items()):
+            expiry.add_metric([listener], not_after)
+        yield expiry
+        reloads = CounterMetricFamily("tls_reloads_total", DOCS["tls_reloads_total"].help,
+                                      labels=["listener", "result"])
+        for (listener, result), n in sorted(self.tls_reloads.items()):
+            reloads.add_metric([listener, result], n)
+        yield reloads
 
     @staticmethod
     def _histograms(name: str, label: str, by: dict[str, Histogram]) -> HistogramMetricFamily:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -411,6 +412,9 @@ class WsBridge:
         self.address: tuple[str, int] | None = None
         self.accepting = False
         self._server: Server | None = None
+        self._ssl: ssl.SSLContext | None = None  # wss:// only
+        #: The certificate new wss:// connections get (None with plain ws://).
+        self.tls_certificate: x509.Certificate | None = None
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
         self._client_js: bytes | None = None
         self.half_open: dict[str, int] = {}  # TCP connections not yet upgraded, per IP
@@ -429,7 +433,7 @@ class WsBridge:
         self._server = await serve(
             self._handle, host, port,
             create_connection=self._connection_factory(),
-            ssl=self._ssl_context() if self.cfg.tls else None,
+            ssl=self._ssl_context(self._tls_files()) if self.cfg.tls else None,
             # asyncio counts a connection only after its TLS handshake: that stage is bounded
             # by this timeout (and the listen backlog), not by the half-open caps.
             ssl_handshake_timeout=min(app.settings.handshake_timeout_secs, 10.0)
@@ -453,7 +457,9 @@ class WsBridge:
         log.info("WebSocket bridge listening on %s://%s:%d%s", scheme, self.address[0],
                  self.address[1], self.cfg.path)
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _tls_files(self) -> tuple[Path, Path, x509.Certificate]:
+        """The server's certificate and key (``tls_cert``/``tls_key``, checked as at
+        start-up), written as PEM files the ``ssl`` module can load."""
         s = self.app.settings
         tls = resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
         out = self.app.data_dir / "ws_bridge"
@@ -464,10 +470,25 @@ class WsBridge:
         write_atomic(cert, chain, 0o644)
         write_atomic(key, tls.private_key.private_bytes(
             Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), 0o600)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        return cert, key, tls.certificate
+
+    def _ssl_context(self, files: tuple[Path, Path, x509.Certificate]) -> ssl.SSLContext:
+        cert, key, self.tls_certificate = files
+        ctx = self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(Path(cert), Path(key))
+        ctx.load_cert_chain(cert, key)
         return ctx
+
+    async def reload_tls(self) -> x509.Certificate | None:
+        """``wss://``: serve the server's certificate files, read again, to new connections
+        (the context's pair is replaced; established connections keep theirs).  ConfigError,
+        and the old pair, when they are bad."""
+        if self._ssl is None:
+            return None
+        cert, key, certificate = await asyncio.to_thread(self._tls_files)
+        self._ssl.load_cert_chain(cert, key)
+        self.tls_certificate = certificate
+        return certificate
 
     async def stop_accepting(self) -> None:
         """Refuse new connections and tell connected clients the server is going away."""

@@ -23,6 +23,7 @@ from qpc_core.errors import ConfigError, RpcError
 from qpc_core.framing import Status
 from qpc_core.pb import common_pb2
 from qpc_core.testing import TEST_TOKEN, make_settings
+from qpc_core.transport.certs import generate_self_signed
 
 
 async def status_of(url: str, **kw) -> int:
@@ -163,6 +164,49 @@ async def test_wss_with_the_servers_certificate(app_factory) -> None:
     with pytest.raises(ssl.SSLError):  # not trusted without the CA
         await WsClient.connect(f"wss://localhost:{port}/v1/ws",
                                ssl_context=ssl.create_default_context())
+
+
+async def test_wss_serves_a_reloaded_certificate_to_new_connections(app_factory,
+                                                                      tmp_path) -> None:
+    """SIGHUP's reload (App.reload_tls): new wss:// connections get the certificate now in
+    tls_cert/tls_key; an established one keeps its own and goes on working."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        generate_self_signed(d)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(d) -> None:
+        cert.write_bytes((d / "server-cert.pem").read_bytes())
+        key.write_bytes((d / "server-key.pem").read_bytes())
+
+    def trusting(d) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
+        ctx.check_hostname = False
+        return ctx
+
+    def served(c: WsClient) -> bytes:
+        return c.ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+
+    def leaf(d) -> bytes:
+        return (d / "server-cert.der").read_bytes()
+
+    install(a)
+    app = await app_factory(tls_cert=cert, tls_key=key, **bridge_settings(tls=True))
+    url = f"wss://localhost:{bridge(app).address[1]}/v1/ws"
+    old = await WsClient.connect(url, token=TEST_TOKEN, identity=Ed25519PrivateKey.generate(),
+                                 ssl_context=trusting(a))
+    assert served(old) == leaf(a)
+    install(b)
+    assert await app.reload_tls() == {"quic": None, "ws_bridge": None}
+    new = await WsClient.connect(url, token=TEST_TOKEN, identity=Ed25519PrivateKey.generate(),
+                                 ssl_context=trusting(b))
+    assert served(new) == leaf(b)
+    r = await old.enqueue(new.identity_key, b"over the old session")
+    assert [m.seq for m in await new.fetch()] == [r.seq]
+    with pytest.raises(ssl.SSLError):  # A's CA alone no longer fits what is served
+        await WsClient.connect(url, ssl_context=trusting(a))
+    await old.close()
+    await new.close()
 
 
 def test_config_errors_and_production_rules(tmp_path) -> None:
