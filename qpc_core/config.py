@@ -91,6 +91,9 @@ class FederationConfig(_Section):
     federation_cert: Path | None = None
     federation_key: Path | None = None
     federation_ca: Path | None = None
+    # The federation CA's certificate revocation list (qpc-federation-certs revoke): peers
+    # whose certificates it names are refused; read again on SIGHUP.
+    federation_crl: Path | None = None
     peers: list[FederationPeer] = Field(default_factory=list)
     # How long one relayed call to a peer may take before the client's call fails
     # (UNAVAILABLE, retryable).

@@ -705,7 +705,9 @@ class QuicTransport:
     built-in ``core`` plugin) on ``listen``, ALPN ``qpc``, serving ``app.methods``.
 
     Plugins may start more (public API): ``listen`` (host:port), ``alpn``, ``tls`` (a function
-    returning the listener's :class:`~qpc_core.transport.certs.TlsMaterial`), ``methods``
+    returning the listener's :class:`~qpc_core.transport.certs.TlsMaterial`; called at start
+    and again, in a worker thread, on each certificate reload: re-read files there, or raise
+    ConfigError to keep the old material), ``methods``
     (the method table served, ``{id: (plugin, RpcMethod)}``) and ``peer_certificate_auth``
     (mutual TLS: the client must present a certificate, which this function checks after the
     handshake; its :class:`~qpc_core.rpc.AuthResult` is bound to the connection, and the
@@ -822,19 +824,16 @@ class QuicTransport:
         return resolve_tls(s.data_dir, s.tls_cert, s.tls_key, production=s.production)
 
     async def reload_tls(self) -> x509.Certificate | None:
-        """Read the certificate and key files again (``tls_cert``/``tls_key``, with the
-        checks of start-up) and serve them to new connections; established connections
-        keep the pair they were served.  A listener with TLS material of its own (a
-        plugin's, e.g. federation) is not reloaded: None.  Raises ConfigError (the old pair
-        stays in use) when the files are missing, unreadable or do not match."""
-        if self._tls is not None or self._cfg is None or self.backend is None:
+        """Read the certificate and key files again (``tls_cert``/``tls_key`` with the
+        checks of start-up, or the listener's own ``tls`` function) and serve them to new
+        connections; established connections keep the pair they were served.  Raises
+        ConfigError (the old pair stays in use) when the files are missing, unreadable or do
+        not match.  None before the listener started."""
+        if self._cfg is None or self.backend is None:
             return None
-        app = self.app
-        s = app.settings
         # File reads and parsing off the event loop; the swap itself is one loop step, so a
         # connection's certificate and its tls_binding always agree.
-        tls = await asyncio.to_thread(
-            resolve_tls, s.data_dir, s.tls_cert, s.tls_key, production=s.production)
+        tls = await asyncio.to_thread(self._load_tls, self.app)
         self.backend.apply_tls(self._cfg, tls)
         self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         self.tls_certificate = tls.certificate

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from qpc_core.rpc import Transport
 
 STATE = "federation"
+LISTENER = "federation"
 
 
 def get(app: App) -> Federation | None:
@@ -62,14 +63,23 @@ def register_transports(app: App) -> list[Transport]:
     fed = get(app)
     if fed is None:
         return []
-    material = fed.tls.material
-    return [QuicTransport(name="federation", listen=fed.cfg.listen, alpn=ALPN,
-                          tls=lambda _app: material, methods=fed.methods(),
-                          peer_certificate_auth=fed.check_peer,
-                          max_connections=fed.max_connections,
-                          # Address validation before any state: Initials with forged
-                          # sources cannot hold the peers' connection slots.
-                          retry="on")]
+    fed.listener = QuicTransport(
+        name=LISTENER, listen=fed.cfg.listen, alpn=ALPN,
+        # Read at start-up and again on SIGHUP (certificate, key, CA, revocation list).
+        tls=fed.load_tls, methods=fed.methods(),
+        peer_certificate_auth=fed.check_peer,
+        max_connections=fed.max_connections,
+        # Address validation before any state: Initials with forged sources cannot hold
+        # the peers' connection slots.
+        retry="on")
+    return [fed.listener]
+
+
+@hookimpl
+def on_tls_reload(app: App, listener: str, error: str | None) -> None:
+    fed = get(app)
+    if fed is not None and listener == LISTENER and error is None:
+        fed.drop_revoked()
 
 
 @hookimpl

@@ -10,6 +10,12 @@ CA and names the domain its requests claim (checked with ``cryptography``'s X.50
 ``qpc-federation-certs issue --ca-dir DIR --domain node1.chat.example.com --out DIR`` writes
 ``federation-cert.der``, ``federation-key.der`` and a copy of ``federation-ca.der``: the three
 files the scaling guide's ``[federation]`` example names.
+
+``qpc-federation-certs revoke --ca-dir DIR --cert FILE`` (or ``--serial HEX``) adds a node
+certificate to the CA's certificate revocation list ``federation-crl.der`` (signed by the CA;
+each run keeps the serials already listed).  Nodes that name it as ``federation_crl`` refuse
+those certificates, as peers and as servers they call; SIGHUP reads it again and closes the
+connections of certificates it now lists.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +45,16 @@ from qpc_core.transport.certs import (
     write_atomic,
 )
 
+log = logging.getLogger("qpc.federation")
+
 CA_CERT = "federation-ca.der"
 CA_KEY = "federation-ca-key.der"
 NODE_CERT = "federation-cert.der"
 NODE_KEY = "federation-key.der"
+CRL = "federation-crl.der"
+#: How long a CRL written by ``revoke`` is current (its nextUpdate); a node keeps using a
+#: CRL past it (a stale list still names what it names) and logs a warning.
+CRL_DAYS = 30
 
 
 def _usage(*, ca: bool) -> x509.KeyUsage:
@@ -134,20 +147,99 @@ def issue(
     return out / NODE_CERT
 
 
+def _ca_signer(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = load_certificate(ca_dir / CA_CERT, "federation CA certificate")
+    ca_key = load_private_key(ca_dir / CA_KEY, "federation CA key")
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_dir / CA_KEY}: expected an EC private key")
+    return ca_cert, ca_key
+
+
+def _load_crl_file(path: Path, what: str) -> x509.CertificateRevocationList:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config: {what}: file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"config: {what}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as e:
+        raise ConfigError(f"config: {what}: {path} is not a certificate revocation list "
+                          f"(DER or PEM): {e}") from None
+
+
+def revoke(ca_dir: Path, *, serial: int, days: int = CRL_DAYS) -> Path:
+    """Add ``serial`` to the CA's revocation list (``ca_dir/federation-crl.der``, created on
+    first use; the serials already in it are kept) and sign it again."""
+    ca_cert, ca_key = _ca_signer(ca_dir)
+    path = ca_dir / CRL
+    listed: dict[int, dt.datetime] = {}
+    if path.exists():
+        old = _load_crl_file(path, "revoke")
+        if old.issuer != ca_cert.subject or not old.is_signature_valid(ca_key.public_key()):
+            raise ConfigError(f"revoke: {path} was not issued by the CA in {ca_dir}")
+        listed = {r.serial_number: r.revocation_date_utc for r in old}
+    now = dt.datetime.now(dt.UTC)
+    listed.setdefault(serial, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for number, when in sorted(listed.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(number).revocation_date(when)
+            .build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    write_atomic(path, crl.public_bytes(serialization.Encoding.DER), 0o644)
+    return path
+
+
+def load_crl(path: Path, ca: x509.Certificate) -> frozenset[int]:
+    """The serials ``path`` revokes; it must be signed by the federation CA ``ca``."""
+    what = "federation.federation_crl"
+    crl = _load_crl_file(path, what)
+    public = ca.public_key()
+    if crl.issuer != ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) or \
+            not crl.is_signature_valid(public):
+        raise ConfigError(f"config: {what}: {path} is not signed by federation.federation_ca")
+    if crl.next_update_utc is not None and crl.next_update_utc < dt.datetime.now(dt.UTC):
+        log.warning("%s: %s was due to be replaced on %s: still used (its revocations stand); "
+                    "issue a current one with qpc-federation-certs revoke", what, path,
+                    crl.next_update_utc)
+    return frozenset(r.serial_number for r in crl)
+
+
+class Revoked(ValueError):
+    """A certificate the federation's revocation list names."""
+
+
 @dataclass(frozen=True)
 class FederationTls:
-    """This node's federation certificate and key, and the federation CA."""
+    """This node's federation certificate and key, the federation CA, and the serials its
+    revocation list names (``federation_crl``; empty without one)."""
 
     material: TlsMaterial
     ca: x509.Certificate
     ca_pem: bytes
     key_pem: bytes
     cert_pem: bytes
+    revoked: frozenset[int] = frozenset()
+
+    def check_revoked(self, chain: list[x509.Certificate]) -> None:
+        if chain and chain[0].serial_number in self.revoked:
+            raise Revoked(f"certificate serial {chain[0].serial_number:x} is revoked "
+                          "(federation.federation_crl)")
 
     def verify_peer(self, chain: list[x509.Certificate]) -> set[str]:
         """Check a peer's client certificate chain against the federation CA; return the DNS
         names it holds (its domains).  Raises ``VerificationError`` when it does not chain
-        to the CA, is expired, or is not for client authentication."""
+        to the CA, is expired, or is not for client authentication, and :class:`Revoked`
+        when the revocation list names it."""
         verifier = (
             verification.PolicyBuilder()
             .store(verification.Store([self.ca]))
@@ -155,6 +247,7 @@ class FederationTls:
             .build_client_verifier()
         )
         verified = verifier.verify(chain[0], chain[1:])
+        self.check_revoked(chain)
         return {n.value.lower() for n in verified.subjects or () if isinstance(n, x509.DNSName)}
 
 
@@ -168,6 +261,7 @@ def load(cfg: FederationConfig) -> FederationTls:
     check_key_matches(chain, key, cfg.federation_cert, cfg.federation_key,
                       ("federation.federation_cert", "federation.federation_key"))
     ca = load_certificate(cfg.federation_ca, "federation.federation_ca")
+    revoked = load_crl(cfg.federation_crl, ca) if cfg.federation_crl else frozenset()
     pem = serialization.Encoding.PEM
     tls = FederationTls(
         material=TlsMaterial(chain[0], key, cfg.federation_cert, tuple(chain[1:])),
@@ -176,9 +270,15 @@ def load(cfg: FederationConfig) -> FederationTls:
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()),
         cert_pem=b"".join(c.public_bytes(pem) for c in chain),
+        revoked=revoked,
     )
     try:
         names = tls.verify_peer(chain)
+    except Revoked:
+        raise ConfigError(
+            f"config: federation.federation_cert: {cfg.federation_cert} is revoked by "
+            f"federation.federation_crl ({cfg.federation_crl}): issue this node a new one"
+        ) from None
     except verification.VerificationError as e:
         raise ConfigError(
             f"config: federation.federation_cert: {cfg.federation_cert} is not a valid "
@@ -205,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     iss.add_argument("--ip", action="append", default=[], help="also valid for this address")
     iss.add_argument("--out", type=Path, required=True)
     iss.add_argument("--days", type=int, default=825)
+    rev = sub.add_parser("revoke", help="add a node certificate to the CA's revocation list")
+    rev.add_argument("--ca-dir", type=Path, required=True)
+    which = rev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert", type=Path, help="the node certificate to revoke")
+    which.add_argument("--serial", help="its serial number (hex)")
+    rev.add_argument("--days", type=int, default=CRL_DAYS,
+                     help="how long the list is current (its nextUpdate)")
     a = p.parse_args(argv)
     if not 1 <= a.days <= 36500:
         print("qpc-federation-certs: --days must be between 1 and 36500", file=sys.stderr)
@@ -213,6 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "ca":
             path = make_ca(a.out, days=a.days)
             print(f"wrote {path} and {a.out / CA_KEY} (keep the key offline)")
+        elif a.cmd == "revoke":
+            if a.cert is not None:
+                serial = load_certificate(a.cert, "revoke --cert").serial_number
+            else:
+                try:
+                    serial = int(a.serial.removeprefix("0x").replace(":", ""), 16)
+                except ValueError:
+                    raise ConfigError(f"revoke: --serial {a.serial!r} is not hexadecimal") \
+                        from None
+            path = revoke(a.ca_dir, serial=serial, days=a.days)
+            print(f"revoked serial {serial:x}: wrote {path}; copy it to every node "
+                  "(federation_crl) and send them SIGHUP")
         else:
             path = issue(a.ca_dir, a.out, a.domain, ips=tuple(a.ip), days=a.days)
             print(f"wrote {path}, {a.out / NODE_KEY} and {a.out / CA_CERT}")

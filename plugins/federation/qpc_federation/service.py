@@ -53,8 +53,12 @@ from qpc_core.identity import check_identity_key
 from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
 from qpc_core.rpc import AuthResult, Connection, RpcContext, RpcMethod
 from qpc_core.storage.base import EnqueueOutcome, NewMessage
+from qpc_core.transport.backend import peer_certificates
+from qpc_core.transport.certs import TlsMaterial
+from qpc_core.transport.quic import ERR_PEER_CERTIFICATE, QuicTransport
 from qpc_core.users import normalize_username, resolve_identity, resolve_username
-from qpc_federation.certs import FederationTls
+from qpc_federation import certs
+from qpc_federation.certs import FederationTls, Revoked
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -144,6 +148,7 @@ class Federation:
         self.app = app
         self.cfg = cfg
         self.tls = tls
+        self.listener: QuicTransport | None = None  # the federation port (register_transports)
         self.domain = cfg.domain
         self.peers = {p.domain: p.address for p in cfg.peers}  # config order
         self._rank = {d: i for i, d in enumerate(self.peers)}
@@ -471,6 +476,36 @@ class Federation:
                                   f.RelayEnqueueManyRequest, self.relay_enqueue_many),
         }
 
+    # -- certificates ------------------------------------------------------------------------------
+    def load_tls(self, app: App) -> TlsMaterial:
+        """The federation listener's TLS material, read from the files again: at start-up
+        and on each reload (SIGHUP, in a worker thread).  The CA and revocation list read
+        with it apply to new connections at once; ConfigError keeps the old ones."""
+        self.tls = certs.load(self.cfg)
+        return self.tls.material
+
+    def drop_revoked(self) -> int:
+        """After a reload: end the connections, both ways, of peers whose certificate the
+        revocation list now names.  Returns how many."""
+        n = 0
+        listener = self.listener
+        for proto in list(listener.protocols) if listener is not None else ():
+            try:
+                self.tls.check_revoked(peer_certificates(proto._quic))
+            except Revoked as e:
+                log.warning("federation: closing a peer connection from %s: %s",
+                            proto.peer.host, e)
+                proto.disconnect("certificate revoked", ERR_PEER_CERTIFICATE)
+                n += 1
+        for domain, client in list(self._clients.items()):
+            try:
+                self.tls.check_revoked(peer_certificates(client.protocol._quic))
+            except Revoked as e:
+                log.warning("federation: closing the connection to %s: %s", domain, e)
+                self._drop(domain, client)
+                n += 1
+        return n
+
     # -- origin server side: peer connections ----------------------------------------------------
     def client_configuration(self, domain: str) -> QuicConfiguration:
         cfg = QuicConfiguration(
@@ -559,6 +594,14 @@ class Federation:
             if self.closed:  # shut down while connecting
                 await c.close()
                 raise Unavailable("server shutting down", retry_after=1.0)
+            try:  # the peer's server certificate: chained to the CA (library), not revoked
+                self.tls.check_revoked(peer_certificates(c.protocol._quic))
+            except Revoked as e:
+                await c.close()
+                delay = self._back_off(domain)
+                log.warning("federation peer %s presents a revoked certificate: %s", domain, e)
+                raise Unavailable(f"federation peer {domain} presents a revoked certificate",
+                                  retry_after=delay) from None
             self._clients[domain] = c
             self._fresh.add(domain)  # no answer on it yet
             return c

@@ -48,8 +48,10 @@ def fed_settings(cert_dir: Path, domain: str, port: int,
 async def start_pair(app_factory: Callable[..., Any], tmp: Path, *,
                      extra_peers: list[tuple[str, int]] = (),  # type: ignore[assignment]
                      **extra: Any) -> tuple[Node, Node]:
-    """node1 and node2, each the other's peer (node1 also gets ``extra_peers``)."""
-    certs.make_ca(tmp / "ca")
+    """node1 and node2, each the other's peer (node1 also gets ``extra_peers``); their
+    certificates from the CA in ``tmp/ca`` (made unless it exists)."""
+    if not (tmp / "ca" / certs.CA_CERT).exists():
+        certs.make_ca(tmp / "ca")
     p1, p2 = free_udp_port(), free_udp_port()
     nodes = []
     for domain, port, peers in ((D1, p1, [(D2, p2), *extra_peers]), (D2, p2, [(D1, p1)])):
