@@ -216,8 +216,33 @@ class StorageContract:
         assert await store.queue_depth(R1, b"") == 0
         (mine,) = await take(store, msg(payload=b"mine"))
         assert (mine.seq, mine.taken) == (3, True)
-        await store.restore([(msg(payload=b"old"), old), (msg(payload=b"mine"), mine)])
+        # A seq this incarnation has not given out is not stored either, epoch or not.
+        unseen = EnqueueOutcome(mine.seq + 1, False, True, mine.inbox_epoch)
+        await store.restore([(msg(payload=b"old"), old), (msg(payload=b"mine"), mine),
+                             (msg(payload=b"ahead"), unseen)])
         assert await store.fetch(R1, b"", 0, now=now) == [StoredMessage(3, b"mine")]
+        assert [o.seq for o in await take(store, msg(payload=b"next"))] == [4]
+
+    async def test_contract_hand_overs_of_concurrent_calls_go_back_to_their_inboxes(
+        self, store: Storage
+    ) -> None:
+        """Two calls at once (one commit on a batching backend), three inboxes (one of them
+        created before), every message handed over: each outcome names its own inbox's
+        incarnation, so every put-back lands where it belongs."""
+        await put(store, msg(R3, b"earlier"))
+        await store.fetch(R3, b"", 0, now=time.time())
+        first = [msg(R3, b"a3"), msg(R1, b"a1"), msg(R2, b"a2")]
+        second = [msg(R2, b"b2"), msg(R1, b"b1")]
+        waiting = ((R1, b""), (R2, b""), (R3, b""))
+        o1, o2 = await asyncio.gather(
+            store.enqueue(first, max_depth=BIG, dedup_since=0.0, take=waiting),
+            store.enqueue(second, max_depth=BIG, dedup_since=0.0, take=waiting))
+        assert all(o.taken for o in (*o1, *o2))
+        await store.restore(list(zip([*first, *second], [*o1, *o2], strict=True)))
+        now = time.time()
+        assert {r: [m.payload for m in await store.peek(r, b"", 0, now=now)]
+                for r in (R1, R2, R3)} == {R1: [b"a1", b"b1"], R2: [b"a2", b"b2"],
+                                           R3: [b"a3"]}
 
     async def test_contract_forget_taken_drops_only_that_seqs_dedup_record(
         self, store: Storage
@@ -234,6 +259,22 @@ class StorageContract:
         await store.forget_taken([(msg(payload=b"x", mid=mid), out)])
         assert await put(store, msg(payload=b"x", mid=mid), since=now - DAY) == [
             (2, False, False)]
+
+    async def test_contract_forget_taken_leaves_a_new_incarnations_record(
+        self, store: Storage
+    ) -> None:
+        """The old inbox's put-back failed after the account was deleted and the same id
+        was sent again to the new inbox (same seq 1): forgetting the old hand-over must not
+        remove the new inbox's record, or the next retry would be stored twice."""
+        mid = b"n" * 16
+        (old,) = await store.enqueue([msg(payload=b"x", mid=mid)], max_depth=BIG,
+                                     dedup_since=0.0, take=((R1, b""),))
+        assert (old.seq, old.taken) == (1, True)
+        assert await store.delete_account(R1) is None
+        assert await put(store, msg(payload=b"x", mid=mid)) == [(1, False, False)]
+        await store.forget_taken([(msg(payload=b"x", mid=mid), old)])
+        assert await put(store, msg(payload=b"x", mid=mid)) == [(1, True, False)]
+        assert await store.queue_depth(R1, b"") == 1
 
     # -- keys, users, channels, sessions, accounts --------------------------------------------
     async def test_contract_key_packages_are_fifo_and_single_use(

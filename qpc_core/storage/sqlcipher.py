@@ -333,8 +333,12 @@ _DEDUP_CLAIM = (
 _DEDUP_DELETE = (
     "DELETE FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ?"
 )
+# Only the record of the incarnation (?5) that took the message: a new inbox of the same
+# name may have given the same id the same seq.
 _DEDUP_FORGET = (
-    "DELETE FROM dedup WHERE recipient_key = ? AND channel_id = ? AND message_id = ? AND seq = ?"
+    "DELETE FROM dedup WHERE recipient_key = ?1 AND channel_id = ?2 AND message_id = ?3"
+    " AND seq = ?4 AND EXISTS (SELECT 1 FROM inboxes"
+    " WHERE recipient_key = ?1 AND channel_id = ?2 AND epoch = ?5)"
 )
 _DEDUP_UPSERT = (
     "INSERT INTO dedup (recipient_key, channel_id, message_id, seq, created_at)"
@@ -689,7 +693,7 @@ def _restore_tx(conn: Conn, items: Sequence[tuple[NewMessage, EnqueueOutcome]]) 
 def _forget_taken_tx(conn: Conn, items: Sequence[tuple[NewMessage, EnqueueOutcome]]) -> None:
     conn.executemany(
         _DEDUP_FORGET,
-        [(m.recipient_key, m.channel_id, m.message_id, out.seq)
+        [(m.recipient_key, m.channel_id, m.message_id, out.seq, out.inbox_epoch)
          for m, out in items if m.message_id],
     )
 

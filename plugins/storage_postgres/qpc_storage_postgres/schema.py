@@ -913,18 +913,100 @@ UPDATE inboxes AS i SET depth = t.n
 # again with its seqs restarted; a put-back (restore) of a message the old inbox had handed to
 # a reader that left could then land in the new inbox, possibly on a seq the new inbox had
 # already delivered (another node can delete, re-create and deliver between the hand-over's
-# commit and the put-back).  Every inbox row now gets an ``epoch`` from a sequence when it is
-# created (also by a node still on schema 5: it is the column's default);
-# ``enqueue_calls_v6`` returns it for taken messages, and restore_messages with epochs puts a
-# message back only into the incarnation that took it.  The schema-5 signature of
-# restore_messages (nodes not yet upgraded) keeps its old behaviour.
+# commit and the put-back).  Every inbox row created from now on gets an ``epoch``: the id of
+# the transaction that created it (the column's default, so also for a node still on schema
+# 5; no sequence shared by every enqueue of every node).  Rows from before read as epoch 0;
+# the column is added without a default first, so the migration does not rewrite the table.
+# enqueue_batch_v6 / enqueue_calls_v6 are schema 1's enqueue_batch and schema 4's
+# enqueue_calls_v4 (append-only migrations: copied, not edited) that also return the epoch of
+# a taken message's inbox from the upsert that locked it; restore_messages with epochs puts a
+# message back only into that incarnation.  The schema-5 signature of restore_messages
+# (nodes not yet upgraded) keeps its old behaviour.
 _V6 = r"""
-CREATE SEQUENCE inbox_epochs;
-ALTER TABLE inboxes ADD COLUMN epoch bigint NOT NULL DEFAULT nextval('inbox_epochs');
+ALTER TABLE inboxes ADD COLUMN epoch bigint;
+ALTER TABLE inboxes ALTER COLUMN epoch SET DEFAULT pg_current_xact_id()::text::bigint;
 
--- enqueue_calls_v4's rows, each taken one with the epoch of the inbox it was taken from (read
--- in the same transaction, under the row lock the enqueue holds).  Rows come per call, in
--- message order; a call that failed has one row with o_full or o_error and no messages.
+CREATE FUNCTION enqueue_batch_v6(
+    p_recipients bytea[], p_channels bytea[], p_mids bytea[], p_payloads bytea[],
+    p_expires double precision[], p_now double precision, p_since double precision,
+    p_max_depth bigint, p_take_r bytea[], p_take_c bytea[], p_node text
+) RETURNS TABLE (o_seq bigint, o_duplicate boolean, o_taken boolean, o_epoch bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    i int;
+    r bytea;
+    c bytea;
+    mid bytea;
+    s bigint;
+    d bigint;
+    in_take boolean;
+    taken boolean;
+    n int;
+    live bigint;
+    ep bigint;
+    stored_r bytea[] := '{}';
+    stored_c bytea[] := '{}';
+    stored_s bigint[] := '{}';
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_recipients, 1), 0) LOOP
+        r := p_recipients[i];
+        c := p_channels[i];
+        mid := p_mids[i];
+        in_take := EXISTS (SELECT 1 FROM unnest(p_take_r, p_take_c) AS t(tr, tc)
+                           WHERE t.tr = r AND t.tc = c);
+        INSERT INTO inboxes AS b (recipient_key, channel_id, next_seq, depth)
+            VALUES (r, c, 2, CASE WHEN in_take THEN 0 ELSE 1 END)
+            ON CONFLICT (recipient_key, channel_id) DO UPDATE
+            SET next_seq = b.next_seq + 1,
+                depth = b.depth + CASE WHEN in_take AND b.depth = 0 THEN 0 ELSE 1 END
+            RETURNING b.next_seq - 1, b.depth, coalesce(b.epoch, 0) INTO s, d, ep;
+        taken := in_take AND d = 0;
+        IF length(mid) > 0 THEN
+            INSERT INTO dedup AS x (recipient_key, channel_id, message_id, seq, created_at)
+                VALUES (r, c, mid, s, p_now)
+                ON CONFLICT (recipient_key, channel_id, message_id) DO UPDATE
+                SET seq = excluded.seq, created_at = excluded.created_at
+                WHERE x.created_at < p_since;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n = 0 THEN
+                UPDATE inboxes SET next_seq = next_seq - 1,
+                                   depth = depth - CASE WHEN taken THEN 0 ELSE 1 END
+                    WHERE recipient_key = r AND channel_id = c;
+                SELECT x.seq INTO s FROM dedup AS x
+                    WHERE x.recipient_key = r AND x.channel_id = c AND x.message_id = mid;
+                o_seq := s; o_duplicate := true; o_taken := false; o_epoch := NULL;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        IF NOT taken THEN
+            IF d > p_max_depth THEN
+                SELECT count(*) INTO live FROM messages AS m
+                    WHERE m.recipient_key = r AND m.channel_id = c
+                    AND (m.expires_at IS NULL OR m.expires_at > p_now);
+                IF live + 1 > p_max_depth THEN
+                    RAISE EXCEPTION USING ERRCODE = 'QP001', MESSAGE = live::text,
+                        DETAIL = encode(r, 'hex') || ' ' || encode(c, 'hex');
+                END IF;
+            END IF;
+            INSERT INTO messages (recipient_key, channel_id, seq, expires_at, created_at,
+                                  payload)
+                VALUES (r, c, s, p_expires[i], p_now, p_payloads[i]);
+            stored_r := stored_r || r;
+            stored_c := stored_c || c;
+            stored_s := stored_s || s;
+        END IF;
+        o_seq := s; o_duplicate := false; o_taken := taken;
+        o_epoch := CASE WHEN taken THEN ep END;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM pg_notify('qpc_arrivals',
+                      p_node || ' ' || encode(q.r, 'hex') || ' ' || encode(q.c, 'hex') || ' '
+                      || q.s)
+        FROM (SELECT a.r, a.c, max(a.s) AS s FROM unnest(stored_r, stored_c, stored_s)
+              AS a(r, c, s) GROUP BY a.r, a.c) AS q;
+END $$;
+
 CREATE FUNCTION enqueue_calls_v6(
     p_bounds int[], p_recipients bytea[], p_channels bytea[], p_mids bytea[],
     p_payloads bytea[], p_expires double precision[], p_now double precision,
@@ -934,26 +1016,59 @@ CREATE FUNCTION enqueue_calls_v6(
                  o_full bigint, o_full_inbox text, o_error text, o_epoch bigint)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
-    rec record;
-    at_call int := 0;
-    pos int := 0;
+    k int;
+    n_calls int := coalesce(array_length(p_bounds, 1), 0);
+    lo int;
+    hi int;
+    i int;
+    seqs bigint[];
+    dups boolean[];
+    takens boolean[];
+    epochs bigint[];
+    detail text;
 BEGIN
-    FOR rec IN SELECT * FROM enqueue_calls_v4(p_bounds, p_recipients, p_channels, p_mids,
-            p_payloads, p_expires, p_now, p_since, p_max_depth, p_take_call, p_take_r,
-            p_take_c, p_node) LOOP
-        IF rec.o_call <> at_call THEN
-            at_call := rec.o_call;
-            pos := p_bounds[at_call];
-        END IF;
-        o_call := rec.o_call; o_seq := rec.o_seq; o_duplicate := rec.o_duplicate;
-        o_taken := rec.o_taken; o_full := rec.o_full; o_full_inbox := rec.o_full_inbox;
-        o_error := rec.o_error; o_epoch := NULL;
-        IF rec.o_taken THEN
-            SELECT i.epoch INTO o_epoch FROM inboxes AS i
-                WHERE i.recipient_key = p_recipients[pos] AND i.channel_id = p_channels[pos];
-        END IF;
-        pos := pos + 1;
-        RETURN NEXT;
+    INSERT INTO inboxes AS b (recipient_key, channel_id, next_seq, depth)
+        SELECT DISTINCT x.r, x.c, 1, 0 FROM unnest(p_recipients, p_channels) AS x(r, c)
+        ORDER BY x.r, x.c
+        ON CONFLICT (recipient_key, channel_id) DO UPDATE SET next_seq = b.next_seq;
+    FOR k IN 1 .. n_calls LOOP
+        lo := p_bounds[k];
+        hi := CASE WHEN k < n_calls THEN p_bounds[k + 1] - 1
+                   ELSE array_length(p_recipients, 1) END;
+        o_call := k;
+        o_full := NULL; o_full_inbox := NULL; o_error := NULL;
+        BEGIN
+            SELECT array_agg(e.s ORDER BY e.ord), array_agg(e.d ORDER BY e.ord),
+                   array_agg(e.t ORDER BY e.ord), array_agg(e.ep ORDER BY e.ord)
+              INTO seqs, dups, takens, epochs
+              FROM enqueue_batch_v6(
+                    p_recipients[lo:hi], p_channels[lo:hi], p_mids[lo:hi],
+                    p_payloads[lo:hi], p_expires[lo:hi], p_now, p_since[k], p_max_depth[k],
+                    ARRAY(SELECT t.r FROM unnest(p_take_call, p_take_r) AS t(c, r)
+                          WHERE t.c = k),
+                    ARRAY(SELECT t.ch FROM unnest(p_take_call, p_take_c) AS t(c, ch)
+                          WHERE t.c = k),
+                    p_node) WITH ORDINALITY AS e(s, d, t, ep, ord);
+        EXCEPTION
+            WHEN SQLSTATE 'QP001' THEN
+                GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+                o_seq := 0; o_duplicate := false; o_taken := false; o_epoch := NULL;
+                o_full := SQLERRM::bigint; o_full_inbox := detail;
+                RETURN NEXT;
+                CONTINUE;
+            WHEN serialization_failure OR deadlock_detected THEN
+                RAISE;
+            WHEN OTHERS THEN
+                o_seq := 0; o_duplicate := false; o_taken := false; o_epoch := NULL;
+                o_error := SQLSTATE || ' ' || SQLERRM;
+                RETURN NEXT;
+                CONTINUE;
+        END;
+        FOR i IN 1 .. coalesce(array_length(seqs, 1), 0) LOOP
+            o_seq := seqs[i]; o_duplicate := dups[i]; o_taken := takens[i];
+            o_epoch := epochs[i];
+            RETURN NEXT;
+        END LOOP;
     END LOOP;
 END $$;
 
@@ -978,7 +1093,8 @@ BEGIN
            array_agg(l.next_seq ORDER BY l.recipient_key, l.channel_id),
            array_agg(l.epoch ORDER BY l.recipient_key, l.channel_id)
         INTO lk_r, lk_c, lk_n, lk_e
-        FROM (SELECT i.recipient_key, i.channel_id, i.next_seq, i.epoch FROM inboxes AS i
+        FROM (SELECT i.recipient_key, i.channel_id, i.next_seq, coalesce(i.epoch, 0) AS epoch
+              FROM inboxes AS i
               WHERE (i.recipient_key, i.channel_id) IN (SELECT * FROM unnest(p_r, p_c))
               ORDER BY i.recipient_key, i.channel_id FOR UPDATE) AS l;
     IF lk_r IS NULL THEN

@@ -490,13 +490,16 @@ class PostgresStorage(Storage):
     async def forget_taken(
         self, messages: Sequence[tuple[NewMessage, EnqueueOutcome]]
     ) -> None:
-        rows = [(m.recipient_key, m.channel_id, m.message_id, out.seq)
+        rows = [(m.recipient_key, m.channel_id, m.message_id, out.seq, out.inbox_epoch)
                 for m, out in messages if m.message_id]
         if rows:
             async with _errors("forget_taken"):
                 await self._pool.executemany(
+                    # Only in the incarnation that took it (see restore).
                     "DELETE FROM dedup WHERE recipient_key = $1 AND channel_id = $2"
-                    " AND message_id = $3 AND seq = $4", rows,
+                    " AND message_id = $3 AND seq = $4 AND EXISTS (SELECT 1 FROM inboxes"
+                    " WHERE recipient_key = $1 AND channel_id = $2"
+                    " AND coalesce(epoch, 0) = $5)", rows,
                 )
 
     async def _take(self, recipient: bytes, channel: bytes, limit: int, now: float,

@@ -72,9 +72,10 @@ async def test_a_put_back_skips_an_inbox_another_node_created_again(
 async def test_upgrade_from_schema_5_and_a_node_still_on_it(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inboxes written under schema 5 get distinct epochs; afterwards a schema-5 node's
-    statements (enqueue_calls_v4, the 7-argument restore_messages) still run, and inboxes it
-    creates get epochs too."""
+    """Inboxes written under schema 5 keep working (their epoch reads as 0: a hand-over from
+    one goes back into it); afterwards a schema-5 node's statements (enqueue_calls_v4, the
+    7-argument restore_messages, which still checks the seq was given out) run, and inboxes
+    it creates get epochs."""
     import qpc_storage_postgres.store as store_mod
 
     enqueue_v5 = ("SELECT o_seq, o_taken FROM enqueue_calls_v4($1, $2, $3, $4, $5, $6, $7, $8,"
@@ -102,20 +103,24 @@ async def test_upgrade_from_schema_5_and_a_node_still_on_it(
             assert await conn.fetchval("SELECT max(version) FROM schema_version") == (
                 SCHEMA_VERSION)
             epochs = dict(await conn.fetch("SELECT recipient_key, epoch FROM inboxes"))
-            assert set(epochs) == {A, B} and epochs[A] != epochs[B]
+            assert epochs == {A: None, B: None}  # added without rewriting the table
+            now = time.time()
+            assert await st.fetch(A, b"", 0, now=now) == [StoredMessage(1, b"a1")]
+            [legacy] = await put(st, msg(A, b"a2"), take=((A, b""),))
+            assert (legacy.seq, legacy.taken, legacy.inbox_epoch) == (2, True, 0)
+            await st.restore([(msg(A, b"a2"), legacy)])
+            assert await st.fetch(A, b"", 0, now=now) == [StoredMessage(2, b"a2")]
             # The old node, after the upgrade: its enqueue and its put-back still work.
             await st.delete_account(B)
             assert await enqueue_old(conn, B, b"b-new", take=True) == (1, True)
             new_b = await conn.fetchval("SELECT epoch FROM inboxes WHERE recipient_key = $1",
                                         B)
-            assert new_b not in epochs.values()
-            stored = await conn.fetchval(
-                "SELECT restore_messages($1, $2, $3, $4, $5, $6, $7)", [B], [b""], [1],
-                [None], [b"b-new"], time.time(), "old-node")
-            assert stored == 1
-            now = time.time()
+            assert new_b is not None and new_b != 0
+            restore_v5 = "SELECT restore_messages($1, $2, $3, $4, $5, $6, $7)"
+            assert await conn.fetchval(restore_v5, [B, B], [b"", b""], [1, 2], [None, None],
+                                       [b"b-new", b"never given out"], time.time(),
+                                       "old-node") == 1
             assert await st.fetch(B, b"", 0, now=now) == [StoredMessage(1, b"b-new")]
-            assert await st.fetch(A, b"", 0, now=now) == [StoredMessage(1, b"a1")]
         finally:
             await st.close()
     finally:
