@@ -21,9 +21,10 @@ from quic_raw import until
 
 from qpc_core.admin.testing import Scrape, get
 from qpc_core.client.sdk import QpcClient
+from qpc_core.identity import certificate_binding
 from qpc_core.testing import TEST_TOKEN, ServerProcess, quic_port, quic_transport
 from qpc_core.transport.backend import peer_certificate_der
-from qpc_core.transport.certs import generate_self_signed
+from qpc_core.transport.certs import generate_self_signed, resolve_tls
 
 BACKENDS = ("aioquic", "qh3")
 
@@ -201,3 +202,181 @@ async def _eventually(check: Callable[[], Any], attempts: int = 100) -> bool:
             pass
         await asyncio.sleep(0.05)
     return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_binding_is_the_certificate_the_handshake_presented(
+    app_factory: Callable[..., Any], pairs: tuple[Pair, Pair, Path], backend: str
+) -> None:
+    """The client's first Initial does not decrypt (damaged on the way): the connection
+    exists, but the library sets up its TLS context again for the retransmitted Initial.
+    A reload in between makes that handshake present B: the connection's tls_binding (what
+    identity proofs are checked against) must be B's, not the A its first datagram saw."""
+    a, b, live = pairs
+    cert, key = install(a, live)
+    app = await app_factory(tls_cert=cert, tls_key=key, quic_backend=backend)
+    t = quic_transport(app)
+    server = t.server
+    receive = server.datagram_received
+    damaged: list[bytes] = []
+
+    def damage_first_initial(data: bytes, addr: Any) -> None:
+        if not damaged and data[0] & 0x80:
+            bad = bytearray(data)
+            bad[200] ^= 0xFF  # inside the protected payload: decryption fails
+            damaged.append(bytes(bad))
+            receive(bytes(bad), addr)
+            # The reload's swap, done here so it surely falls between the two Initials.
+            install(b, live)
+            assert t.backend is not None
+            t.backend.apply_tls(t._cfg, resolve_tls(app.data_dir, cert, key, production=False))
+            return
+        receive(data, addr)
+
+    server.datagram_received = damage_first_initial
+    # An aioquic client: its Initial's protected payload covers byte 200 of the datagram
+    # (qh3's client pads after the packet, where a flipped byte changes nothing).
+    c = await client(quic_port(app), b.ca)  # proves its identity against B
+    try:
+        assert damaged and served(c) == b.der
+        (conn,) = t.protocols
+        assert conn.tls_binding == certificate_binding(b.der)
+        await c.prove_identity()
+    finally:
+        await c.close()
+
+
+def ed448_pair(root: Path) -> tuple[Path, Path]:
+    """A self-signed Ed448 certificate for localhost: valid X.509 that cryptography (and so
+    qpc's checks) accepts, but whose key qh3 cannot load."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.asymmetric import ed448
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from cryptography.x509.oid import NameOID
+
+    root.mkdir()
+    key = ed448.Ed448PrivateKey.generate()
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed448")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, None))
+    (root / "cert.pem").write_bytes(cert.public_bytes(Encoding.PEM))
+    (root / "key.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                     NoEncryption()))
+    return root / "cert.pem", root / "key.pem"
+
+
+async def test_a_pair_qh3_cannot_load_leaves_the_old_one_whole(
+    app_factory: Callable[..., Any], pairs: tuple[Pair, Pair, Path], tmp_path: Path
+) -> None:
+    """qh3 sets the certificate before it parses the key: a key type it cannot load must not
+    leave the new certificate beside the old key (every handshake would fail)."""
+    a, _b, live = pairs
+    cert, key = install(a, live)
+    app = await app_factory(tls_cert=cert, tls_key=key, quic_backend="qh3")
+    new_cert, new_key = ed448_pair(tmp_path / "ed448")
+    shutil.copyfile(new_cert, cert)
+    shutil.copyfile(new_key, key)
+    (err,) = (await app.reload_tls()).values()
+    assert err is not None and "qh3" in err
+    assert quic_transport(app).tls_certificate == a.leaf
+    c = await client(quic_port(app), a.ca, "qh3")
+    try:
+        assert served(c) == a.der
+    finally:
+        await c.close()
+
+
+async def test_a_chain_file_cut_short_is_refused(
+    app_factory: Callable[..., Any], pairs: tuple[Pair, Pair, Path]
+) -> None:
+    """A fullchain file read while an ACME client rewrites it in place: the leaf is whole,
+    the intermediate cut off.  Served as is, clients missing the intermediate would fail."""
+    a, b, live = pairs
+    cert, key = install(a, live)
+    app = await app_factory(tls_cert=cert, tls_key=key)
+    install(b, live)
+    chain = cert.read_bytes()
+    assert chain.count(b"-----BEGIN CERTIFICATE-----") == 2  # leaf, then its CA
+    cert.write_bytes(chain[: len(chain) - 100])
+    (err,) = (await app.reload_tls()).values()
+    assert err is not None and "2 certificate blocks but only 1" in err
+    assert quic_transport(app).tls_certificate == a.leaf
+
+
+def _ignores_sighup(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+async def test_a_sighup_during_start_up_does_not_end_the_server(tmp_path: Path) -> None:
+    """`systemctl reload` racing a start: the signal arrives while `qpc run` still imports and
+    reads its configuration.  The server ignores SIGHUP from its first statement until its
+    handler exists (systemd would not restart a unit that died of SIGHUP)."""
+    import sys
+
+    port = _free_udp_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; from qpc_core.launch import main; sys.exit(main())",
+        "run", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={"PATH": os.environ.get("PATH", ""), "QPC_DB_KEY": "k",
+             "QPC_METRICS_ENABLED": "false"})
+    try:
+        await until(lambda: _ignores_sighup(proc.pid), timeout=15,
+                    what="qpc run never ignored SIGHUP")
+        proc.send_signal(signal.SIGHUP)  # long before the listener starts
+        assert proc.stdout is not None
+        seen = b""
+        while b"QUIC listening on" not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, f"the server ended: {seen.decode()}"
+            seen += line
+        assert proc.returncode is None
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+async def test_a_certificate_not_valid_now_is_not_loaded(
+    app_factory: Callable[..., Any], pairs: tuple[Pair, Pair, Path], tmp_path: Path, when: str
+) -> None:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from cryptography.x509.oid import NameOID
+
+    a, _b, live = pairs
+    cert, key = install(a, live)
+    app = await app_factory(tls_cert=cert, tls_key=key)
+    k = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    start = now - dt.timedelta(days=60) if when == "expired" else now + dt.timedelta(days=2)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, when)])
+    bad = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(k.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(start).not_valid_after(start + dt.timedelta(days=30))
+           .sign(k, hashes.SHA256()))
+    cert.write_bytes(bad.public_bytes(Encoding.PEM))
+    key.write_bytes(k.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    (err,) = (await app.reload_tls()).values()
+    assert err is not None and ("expired on" if when == "expired" else "not valid before") in err
+    assert quic_transport(app).tls_certificate == a.leaf

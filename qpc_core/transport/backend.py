@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from qpc_core.errors import ConfigError
+
 if TYPE_CHECKING:
     from qpc_core.transport.certs import TlsMaterial
 
@@ -50,7 +52,8 @@ class Backend:
         """Put ``tls`` (certificate, chain, key) into a server configuration.  Both libraries
         read them when a connection's TLS context is created, at its first datagram, so a
         listener whose configuration changes serves the new pair to new connections while
-        established ones keep theirs (certificate reload)."""
+        established ones keep theirs (certificate reload).  All or nothing: a pair the
+        library cannot load leaves ``cfg`` as it was (ConfigError)."""
         if self.name == "qh3":
             from cryptography.hazmat.primitives import serialization
 
@@ -62,7 +65,18 @@ class Backend:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            cfg.load_cert_chain(cert_pem, key_pem)
+            # qh3 parses into its own types and sets the certificate before it parses the
+            # key: load into a scratch configuration, then take all three at once.
+            scratch = self.configuration_class(is_client=False)
+            try:
+                scratch.load_cert_chain(cert_pem, key_pem)
+            except Exception as e:
+                raise ConfigError(
+                    f"config: tls_cert/tls_key: the QUIC library (qh3) cannot use this "
+                    f"certificate and key: {e}"
+                ) from None
+            cfg.certificate, cfg.certificate_chain, cfg.private_key = (
+                scratch.certificate, scratch.certificate_chain, scratch.private_key)
         else:
             cfg.certificate = tls.certificate
             cfg.certificate_chain = list(tls.chain)
@@ -514,7 +528,17 @@ def peer_certificate_der(quic: Any) -> bytes | None:
     """DER of the certificate the peer presented in this connection's TLS handshake (client
     side: the server's), or None when there is none (yet)."""
     tls = getattr(quic, "tls", None)
-    cert = getattr(tls, "_peer_certificate", None) if tls is not None else None
+    return _der(getattr(tls, "_peer_certificate", None) if tls is not None else None)
+
+
+def own_certificate_der(quic: Any) -> bytes | None:
+    """DER of the certificate this side presents in the connection's TLS handshake (server
+    side: the server's own), or None before the connection's TLS context exists."""
+    tls = getattr(quic, "tls", None)
+    return _der(getattr(tls, "certificate", None) if tls is not None else None)
+
+
+def _der(cert: Any) -> bytes | None:
     if cert is None:
         return None
     try:  # cryptography's x509.Certificate (aioquic)

@@ -189,7 +189,28 @@ def load_certificate_chain(path: Path, what: str = "tls_cert") -> list[x509.Cert
         raise ConfigError(
             f"config: {what}: {path} is not a DER or PEM certificate: {e}"
         ) from None
+    # The PEM reader skips a block it cannot finish: a chain file caught while being written
+    # would lose its intermediates without a word.
+    begun = data.count(b"-----BEGIN CERTIFICATE-----")
+    if b"-----BEGIN" in data and begun != len(certs):
+        raise ConfigError(
+            f"config: {what}: {path} holds {begun} certificate blocks but only {len(certs)} "
+            "could be read (cut short or damaged)"
+        )
     return certs
+
+
+def check_valid_now(certificate: x509.Certificate, what: str = "tls_cert") -> None:
+    """ConfigError unless ``certificate`` is valid now.  For a reload: the pair in use stays
+    rather than being replaced by one every client would refuse (start-up serves what it
+    has and logs it, see resolve_tls)."""
+    now = dt.datetime.now(dt.UTC)
+    if certificate.not_valid_before_utc > now:
+        raise ConfigError(f"config: {what}: the certificate is not valid before "
+                          f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if certificate.not_valid_after_utc < now:
+        raise ConfigError(f"config: {what}: the certificate expired on "
+                          f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
 
 def load_private_key(path: Path, what: str = "tls_key") -> CertificateIssuerPrivateKeyTypes:

@@ -45,6 +45,7 @@ from qpc_core.transport.backend import (
     cap_receive_windows,
     load_backend,
     local_uni_streams,
+    own_certificate_der,
     peer_address,
     peer_certificates,
     receive_buffered,
@@ -54,7 +55,7 @@ from qpc_core.transport.backend import (
     set_stream_limits,
     uni_stream_credit,
 )
-from qpc_core.transport.certs import TlsMaterial, resolve_tls
+from qpc_core.transport.certs import TlsMaterial, check_valid_now, resolve_tls
 from qpc_core.transport.credentials import ConnectionCredentials
 
 if TYPE_CHECKING:
@@ -190,9 +191,7 @@ class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase)
         self._connection_id = new_connection_id()
         self._init_credentials()
         self.challenge: bytes | None = None
-        # The certificate this connection's handshake presents is the listener's at the
-        # connection's first datagram, i.e. now (a reload changes it for later ones only).
-        self._tls_binding = listener.tls_binding
+        self._tls_binding: bytes | None = None  # see tls_binding
         self._peer: PeerInfo | None = None
         self._opened = False
         self._gone = False
@@ -242,8 +241,19 @@ class _ServerConnectionLogic(ConnectionCredentials, TurnBatching, _ProtocolBase)
 
     @property
     def tls_binding(self) -> bytes:
-        """SHA-256 of the server certificate this connection's handshake presented."""
-        return self._tls_binding
+        """SHA-256 of the server certificate this connection's handshake presented: read
+        from the connection's own TLS context (a certificate reload changes what later
+        handshakes present, and the library re-creates the context for every Initial until
+        one decrypts), fixed once the handshake is complete."""
+        if self._tls_binding is not None:
+            return self._tls_binding
+        der = own_certificate_der(self._quic)
+        if der is None:
+            return self.listener.tls_binding
+        binding = certificate_binding(der)
+        if self._opened:  # handshake complete: its certificate can no longer change
+            self._tls_binding = binding
+        return binding
 
     def _unauthenticated(self) -> None:
         self._arm_auth_deadline()
@@ -834,6 +844,7 @@ class QuicTransport:
         # File reads and parsing off the event loop; the swap itself is one loop step, so a
         # connection's certificate and its tls_binding always agree.
         tls = await asyncio.to_thread(self._load_tls, self.app)
+        check_valid_now(tls.certificate)
         self.backend.apply_tls(self._cfg, tls)
         self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         self.tls_certificate = tls.certificate

@@ -39,7 +39,7 @@ from qpc_core.dispatch import Dispatcher, error_response
 from qpc_core.framing import PushEvent, RequestFrame, Status
 from qpc_core.pb import common_pb2
 from qpc_core.rpc import PeerInfo, new_connection_id
-from qpc_core.transport.certs import resolve_tls, write_atomic
+from qpc_core.transport.certs import check_valid_now, resolve_tls, write_atomic
 from qpc_core.transport.credentials import ConnectionCredentials
 from qpc_core.transport.quic import OWN_CAP_HALF_OPEN, OWN_CAP_HALF_OPEN_PER_IP
 from qpc_ws_bridge import wire
@@ -412,7 +412,8 @@ class WsBridge:
         self.address: tuple[str, int] | None = None
         self.accepting = False
         self._server: Server | None = None
-        self._ssl: ssl.SSLContext | None = None  # wss:// only
+        self._ssl: ssl.SSLContext | None = None  # wss:// only: the listening context
+        self._current_ssl: ssl.SSLContext | None = None  # the newest (see _ssl_context)
         #: The certificate new wss:// connections get (None with plain ws://).
         self.tls_certificate: x509.Certificate | None = None
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
@@ -472,21 +473,39 @@ class WsBridge:
             Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), 0o600)
         return cert, key, tls.certificate
 
-    def _ssl_context(self, files: tuple[Path, Path, x509.Certificate]) -> ssl.SSLContext:
-        cert, key, self.tls_certificate = files
-        ctx = self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    @staticmethod
+    def _new_context(cert: Path, key: Path) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(cert, key)
         return ctx
 
+    def _ssl_context(self, files: tuple[Path, Path, x509.Certificate]) -> ssl.SSLContext:
+        """The listening context.  A reload builds a whole new context (loading a pair into
+        a context that has one adds it beside the old when the key types differ: clients
+        would still be served the old certificate) and this one's server-name callback,
+        which OpenSSL runs on every ClientHello, with or without SNI, hands each new
+        connection to the newest context."""
+        cert, key, self.tls_certificate = files
+        ctx = self._ssl = self._current_ssl = self._new_context(cert, key)
+
+        def newest(sslobj: ssl.SSLObject, _name: str | None, current: ssl.SSLContext) -> None:
+            newest_ctx = self._current_ssl
+            if newest_ctx is not None and newest_ctx is not current:
+                sslobj.context = newest_ctx
+
+        ctx.sni_callback = newest
+        return ctx
+
     async def reload_tls(self) -> x509.Certificate | None:
         """``wss://``: serve the server's certificate files, read again, to new connections
-        (the context's pair is replaced; established connections keep theirs).  ConfigError,
-        and the old pair, when they are bad."""
+        (established connections keep theirs).  ConfigError, and the old pair, when they
+        are bad or not valid now."""
         if self._ssl is None:
             return None
         cert, key, certificate = await asyncio.to_thread(self._tls_files)
-        self._ssl.load_cert_chain(cert, key)
+        check_valid_now(certificate)
+        self._current_ssl = await asyncio.to_thread(self._new_context, cert, key)
         self.tls_certificate = certificate
         return certificate
 

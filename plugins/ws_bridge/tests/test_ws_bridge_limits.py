@@ -209,6 +209,64 @@ async def test_wss_serves_a_reloaded_certificate_to_new_connections(app_factory,
     await new.close()
 
 
+def rsa_pair(root) -> tuple[bytes, bytes, bytes]:
+    """A self-signed RSA certificate for localhost and 127.0.0.1: (cert PEM, key PEM, DER)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(Encoding.PEM)
+    (root / "rsa-ca.pem").write_bytes(pem)
+    return pem, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), \
+        cert.public_bytes(Encoding.DER)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])  # with SNI, and without
+async def test_wss_reload_to_another_key_type_serves_the_new_certificate(
+    app_factory, tmp_path, host
+) -> None:
+    """ECDSA (the development pair) to RSA: a context that gets a second pair keeps both
+    (one per key type) and goes on serving the old one to ECDSA-capable clients."""
+    generate_self_signed(tmp_path / "a")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes((tmp_path / "a" / "server-cert.pem").read_bytes())
+    key.write_bytes((tmp_path / "a" / "server-key.pem").read_bytes())
+    app = await app_factory(tls_cert=cert, tls_key=key, **bridge_settings(tls=True))
+    new_cert, new_key, new_der = rsa_pair(tmp_path)
+    cert.write_bytes(new_cert)
+    key.write_bytes(new_key)
+    assert await app.reload_tls() == {"quic": None, "ws_bridge": None}
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "rsa-ca.pem"))
+    ctx.check_hostname = False
+    c = await WsClient.connect(f"wss://{host}:{bridge(app).address[1]}/v1/ws",
+                               token=TEST_TOKEN, ssl_context=ctx)
+    try:
+        assert c.ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True) == (
+            new_der)
+    finally:
+        await c.close()
+
+
 def test_config_errors_and_production_rules(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"ws_bridge\.listen"):
         App(make_settings(tmp_path, **bridge_settings(listen="nowhere")))
