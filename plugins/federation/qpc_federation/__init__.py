@@ -44,11 +44,19 @@ def check_config(app: App) -> list[str]:
     cfg = app.settings.federation
     if not cfg.enabled:
         return ["federation: disabled"]
-    tls = certs.load(cfg)  # what start-up checks: format, key pair, CA, own domain
+    tls = certs.load(cfg)  # what start-up checks: format, key pair, CA, own domain, list
     cert = tls.material.certificate
-    return [f"federation: {cfg.domain} on {cfg.listen}, certificate valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d} under {tls.ca.subject.rfc4514_string()}, "
-            f"{len(cfg.peers)} peer(s): {', '.join(p.domain for p in cfg.peers) or 'none'}"]
+    lines = [f"federation: {cfg.domain} on {cfg.listen}, certificate valid until "
+             f"{cert.not_valid_after_utc:%Y-%m-%d} under {tls.ca.subject.rfc4514_string()}, "
+             f"{len(cfg.peers)} peer(s): {', '.join(p.domain for p in cfg.peers) or 'none'}"]
+    if tls.crl is None:
+        lines.append("federation: no revocation list (federation_crl): set one from the "
+                     "start (qpc-federation-certs crl) so that a revocation needs no restart")
+    else:
+        nxt = f"{tls.crl.next_update:%Y-%m-%d}" if tls.crl.next_update else "not set"
+        lines.append(f"federation: revocation list number {tls.crl.number}, "
+                     f"{len(tls.crl.serials)} certificate(s) revoked, next update {nxt}")
+    return lines
 
 
 @hookimpl
@@ -78,8 +86,8 @@ def register_transports(app: App) -> list[Transport]:
 @hookimpl
 def on_tls_reload(app: App, listener: str, error: str | None) -> None:
     fed = get(app)
-    if fed is not None and listener == LISTENER and error is None:
-        fed.drop_revoked()
+    if fed is not None and listener == LISTENER:
+        fed.reloaded(error)
 
 
 @hookimpl

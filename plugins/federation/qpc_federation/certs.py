@@ -11,9 +11,10 @@ CA and names the domain its requests claim (checked with ``cryptography``'s X.50
 ``federation-cert.der``, ``federation-key.der`` and a copy of ``federation-ca.der``: the three
 files the scaling guide's ``[federation]`` example names.
 
-``qpc-federation-certs revoke --ca-dir DIR --cert FILE`` (or ``--serial HEX``) adds a node
-certificate to the CA's certificate revocation list ``federation-crl.der`` (signed by the CA;
-each run keeps the serials already listed).  Nodes that name it as ``federation_crl`` refuse
+``qpc-federation-certs crl --ca-dir DIR`` writes the CA's certificate revocation list
+``federation-crl.der`` again (signed, numbered, current for ``--days``; the first time naming
+no one); ``revoke --ca-dir DIR --cert FILE`` (or ``--serial HEX``) adds a node certificate to
+it (each run keeps the serials already listed).  Nodes that name it as ``federation_crl`` refuse
 those certificates, as peers and as servers they call; SIGHUP reads it again and closes the
 connections of certificates it now lists.
 """
@@ -22,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import ipaddress
 import logging
+import os
+import string
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
@@ -171,47 +177,147 @@ def _load_crl_file(path: Path, what: str) -> x509.CertificateRevocationList:
                           f"(DER or PEM): {e}") from None
 
 
-def revoke(ca_dir: Path, *, serial: int, days: int = CRL_DAYS) -> Path:
-    """Add ``serial`` to the CA's revocation list (``ca_dir/federation-crl.der``, created on
-    first use; the serials already in it are kept) and sign it again."""
+@dataclass(frozen=True)
+class RevocationList:
+    """A federation CA's certificate revocation list, checked: the serials it revokes (of
+    certificates the CA issued itself), its number (higher = newer) and dates."""
+
+    serials: frozenset[int]
+    number: int
+    last_update: dt.datetime
+    next_update: dt.datetime | None
+
+
+def _check_crl(crl: x509.CertificateRevocationList, ca: x509.Certificate, path: Path,
+               what: str) -> RevocationList:
+    """Signed by ``ca``, a complete list (not a delta), no critical extension this code does
+    not know, not issued in the future."""
+    try:
+        signed = crl.issuer == ca.subject and crl.is_signature_valid(
+            ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        signed = False
+    if not signed:
+        raise ConfigError(f"config: {what}: {path} is not signed by federation.federation_ca")
+    number = 0
+    for ext in crl.extensions:
+        if isinstance(ext.value, x509.DeltaCRLIndicator):
+            raise ConfigError(f"config: {what}: {path} is a delta list; a complete one is "
+                              "needed (qpc-federation-certs crl)")
+        if isinstance(ext.value, x509.CRLNumber):
+            number = ext.value.crl_number
+        elif ext.critical:
+            raise ConfigError(f"config: {what}: {path} has a critical extension qpc does not "
+                              f"know ({ext.oid.dotted_string})")
+    now = dt.datetime.now(dt.UTC)
+    if crl.last_update_utc > now + dt.timedelta(minutes=10):
+        raise ConfigError(f"config: {what}: {path} was issued in the future "
+                          f"({crl.last_update_utc:%Y-%m-%d %H:%M} UTC): check the clocks")
+    return RevocationList(frozenset(r.serial_number for r in crl), number,
+                          crl.last_update_utc, crl.next_update_utc)
+
+
+def _lock(ca_dir: Path) -> int:
+    """An exclusive lock on the CA's revocation list, for one read-change-write."""
+    fd = os.open(ca_dir / ".federation-crl.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def write_crl(ca_dir: Path, *, add: int | None = None, days: int = CRL_DAYS) -> Path:
+    """Write the CA's revocation list ``ca_dir/federation-crl.der`` again: the serials it
+    holds (none on first use) plus ``add``, under the next list number, current for
+    ``days``.  Runs one at a time (a lock beside the list)."""
     ca_cert, ca_key = _ca_signer(ca_dir)
     path = ca_dir / CRL
-    listed: dict[int, dt.datetime] = {}
-    if path.exists():
-        old = _load_crl_file(path, "revoke")
-        if old.issuer != ca_cert.subject or not old.is_signature_valid(ca_key.public_key()):
-            raise ConfigError(f"revoke: {path} was not issued by the CA in {ca_dir}")
-        listed = {r.serial_number: r.revocation_date_utc for r in old}
-    now = dt.datetime.now(dt.UTC)
-    listed.setdefault(serial, now)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        .next_update(now + dt.timedelta(days=days))
-    )
-    for number, when in sorted(listed.items()):
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(number).revocation_date(when)
-            .build())
-    crl = builder.sign(ca_key, hashes.SHA256())
-    write_atomic(path, crl.public_bytes(serialization.Encoding.DER), 0o644)
+    fd = _lock(ca_dir)
+    try:
+        listed: dict[int, dt.datetime] = {}
+        number = 0
+        if path.exists():
+            old = _load_crl_file(path, "crl")
+            try:
+                current = _check_crl(old, ca_cert, path, "crl")
+            except ConfigError as e:
+                raise ConfigError(f"{path} was not issued by the CA in {ca_dir}, or is not a "
+                                  f"list this tool writes ({e}); not changed") from None
+            listed = {r.serial_number: r.revocation_date_utc for r in old}
+            number = current.number
+        now = dt.datetime.now(dt.UTC)
+        if add is not None:
+            listed.setdefault(add, now)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=days))
+            .add_extension(x509.CRLNumber(number + 1), critical=False)
+        )
+        for serial, when in sorted(listed.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+                .build())
+        crl = builder.sign(ca_key, hashes.SHA256())
+        write_atomic(path, crl.public_bytes(serialization.Encoding.DER), 0o644)
+    finally:
+        os.close(fd)  # releases the lock
     return path
 
 
-def load_crl(path: Path, ca: x509.Certificate) -> frozenset[int]:
-    """The serials ``path`` revokes; it must be signed by the federation CA ``ca``."""
+def revoke(ca_dir: Path, *, serial: int, days: int = CRL_DAYS) -> Path:
+    """Add ``serial`` (a certificate the CA issued) to the CA's revocation list."""
+    if not 1 <= serial < 2**159:
+        raise ConfigError("revoke: a serial number is between 1 and 2^159 - 1")
+    return write_crl(ca_dir, add=serial, days=days)
+
+
+def revoke_certificate(ca_dir: Path, cert_path: Path, *, days: int = CRL_DAYS) -> int:
+    """Revoke the node certificate in ``cert_path``; it must be one the CA issued (the CA's
+    own certificate cannot be revoked this way).  Returns its serial."""
+    ca_cert, _key = _ca_signer(ca_dir)
+    cert = load_certificate(cert_path, "revoke --cert")
+    if cert == ca_cert:
+        raise ConfigError("revoke: that is the federation CA itself; a compromised CA is "
+                          "replaced (a new CA, every node issued again), not revoked")
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(f"revoke: {cert_path} was not issued by the CA in {ca_dir}: "
+                          "revoking it would change nothing") from None
+    revoke(ca_dir, serial=cert.serial_number, days=days)
+    return cert.serial_number
+
+
+def parse_serial(text: str) -> int:
+    """A serial number as ``openssl x509 -serial`` or the log print it: hex, optionally with
+    ``0x`` and colons."""
+    t = text.strip()
+    if t[:2] in ("0x", "0X"):
+        t = t[2:]
+    t = t.replace(":", "")
+    if not t or any(ch not in string.hexdigits for ch in t):
+        raise ConfigError(f"revoke: --serial {text!r} is not a hexadecimal serial number")
+    return int(t, 16)
+
+
+def load_crl(path: Path, ca: x509.Certificate) -> RevocationList:
+    """The revocation list in ``path``, checked (signed by the federation CA ``ca``, ...)."""
     what = "federation.federation_crl"
-    crl = _load_crl_file(path, what)
-    public = ca.public_key()
-    if crl.issuer != ca.subject or not isinstance(public, ec.EllipticCurvePublicKey) or \
-            not crl.is_signature_valid(public):
-        raise ConfigError(f"config: {what}: {path} is not signed by federation.federation_ca")
-    if crl.next_update_utc is not None and crl.next_update_utc < dt.datetime.now(dt.UTC):
+    crl = _check_crl(_load_crl_file(path, what), ca, path, what)
+    if crl.next_update is not None and crl.next_update < dt.datetime.now(dt.UTC):
         log.warning("%s: %s was due to be replaced on %s: still used (its revocations stand); "
-                    "issue a current one with qpc-federation-certs revoke", what, path,
-                    crl.next_update_utc)
-    return frozenset(r.serial_number for r in crl)
+                    "write a current one with qpc-federation-certs crl", what, path,
+                    crl.next_update)
+    return crl
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Signed by ``ca``'s key (not just naming it: two CAs may share a name)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 class Revoked(ValueError):
@@ -220,26 +326,31 @@ class Revoked(ValueError):
 
 @dataclass(frozen=True)
 class FederationTls:
-    """This node's federation certificate and key, the federation CA, and the serials its
-    revocation list names (``federation_crl``; empty without one)."""
+    """This node's federation certificate and key, the federation CA, and its revocation
+    list (``federation_crl``; None without one)."""
 
     material: TlsMaterial
     ca: x509.Certificate
     ca_pem: bytes
     key_pem: bytes
     cert_pem: bytes
-    revoked: frozenset[int] = frozenset()
+    crl: RevocationList | None = None
 
-    def check_revoked(self, chain: list[x509.Certificate]) -> None:
-        if chain and chain[0].serial_number in self.revoked:
-            raise Revoked(f"certificate serial {chain[0].serial_number:x} is revoked "
-                          "(federation.federation_crl)")
+    def check_revoked(self, chain: Sequence[x509.Certificate]) -> None:
+        """Revoked when the list names a certificate of ``chain`` that the CA issued (the
+        list is the CA's: it speaks of the CA's own serials only)."""
+        if self.crl is None:
+            return
+        for cert in chain:
+            if cert.serial_number in self.crl.serials and _issued_by(cert, self.ca):
+                raise Revoked(f"certificate serial {cert.serial_number:x} is revoked "
+                              "(federation.federation_crl)")
 
     def verify_peer(self, chain: list[x509.Certificate]) -> set[str]:
         """Check a peer's client certificate chain against the federation CA; return the DNS
         names it holds (its domains).  Raises ``VerificationError`` when it does not chain
         to the CA, is expired, or is not for client authentication, and :class:`Revoked`
-        when the revocation list names it."""
+        when the revocation list names it (or a CA-issued certificate of its chain)."""
         verifier = (
             verification.PolicyBuilder()
             .store(verification.Store([self.ca]))
@@ -247,21 +358,23 @@ class FederationTls:
             .build_client_verifier()
         )
         verified = verifier.verify(chain[0], chain[1:])
-        self.check_revoked(chain)
+        self.check_revoked(verified.chain)
         return {n.value.lower() for n in verified.subjects or () if isinstance(n, x509.DNSName)}
 
 
-def load(cfg: FederationConfig) -> FederationTls:
+def load(cfg: FederationConfig, *, own_revoked_fatal: bool = True) -> FederationTls:
     """Load and check ``federation_cert`` / ``federation_key`` / ``federation_ca`` (DER or
-    PEM): the key must belong to the certificate, and the certificate must be valid under
-    the CA for this node's ``domain`` (else peers would refuse it)."""
+    PEM) and ``federation_crl``: the key must belong to the certificate, and the certificate
+    must be valid under the CA for this node's ``domain`` (else peers would refuse it) and,
+    with ``own_revoked_fatal``, not revoked (a reload applies the list all the same: peers
+    refuse this node anyway, and the node must still refuse the others it names)."""
     assert cfg.federation_cert and cfg.federation_key and cfg.federation_ca
     chain = load_certificate_chain(cfg.federation_cert, "federation.federation_cert")
     key = load_private_key(cfg.federation_key, "federation.federation_key")
     check_key_matches(chain, key, cfg.federation_cert, cfg.federation_key,
                       ("federation.federation_cert", "federation.federation_key"))
     ca = load_certificate(cfg.federation_ca, "federation.federation_ca")
-    revoked = load_crl(cfg.federation_crl, ca) if cfg.federation_crl else frozenset()
+    crl = load_crl(cfg.federation_crl, ca) if cfg.federation_crl else None
     pem = serialization.Encoding.PEM
     tls = FederationTls(
         material=TlsMaterial(chain[0], key, cfg.federation_cert, tuple(chain[1:])),
@@ -270,15 +383,18 @@ def load(cfg: FederationConfig) -> FederationTls:
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()),
         cert_pem=b"".join(c.public_bytes(pem) for c in chain),
-        revoked=revoked,
+        crl=crl,
     )
     try:
-        names = tls.verify_peer(chain)
+        names = replace(tls, crl=None).verify_peer(chain)
+        tls.check_revoked(chain)
     except Revoked:
-        raise ConfigError(
-            f"config: federation.federation_cert: {cfg.federation_cert} is revoked by "
-            f"federation.federation_crl ({cfg.federation_crl}): issue this node a new one"
-        ) from None
+        msg = (f"config: federation.federation_cert: {cfg.federation_cert} is revoked by "
+               f"federation.federation_crl ({cfg.federation_crl}): issue this node a new one")
+        if own_revoked_fatal:
+            raise ConfigError(msg) from None
+        log.critical("%s (peers refuse it; the list still applies to them)", msg)
+        return tls
     except verification.VerificationError as e:
         raise ConfigError(
             f"config: federation.federation_cert: {cfg.federation_cert} is not a valid "
@@ -305,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     iss.add_argument("--ip", action="append", default=[], help="also valid for this address")
     iss.add_argument("--out", type=Path, required=True)
     iss.add_argument("--days", type=int, default=825)
+    crl = sub.add_parser("crl", help="write the CA's revocation list again (current for "
+                         "--days; the first time: one naming no certificate)")
+    crl.add_argument("--ca-dir", type=Path, required=True)
+    crl.add_argument("--days", type=int, default=CRL_DAYS)
     rev = sub.add_parser("revoke", help="add a node certificate to the CA's revocation list")
     rev.add_argument("--ca-dir", type=Path, required=True)
     which = rev.add_mutually_exclusive_group(required=True)
@@ -320,17 +440,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "ca":
             path = make_ca(a.out, days=a.days)
             print(f"wrote {path} and {a.out / CA_KEY} (keep the key offline)")
+        elif a.cmd == "crl":
+            path = write_crl(a.ca_dir, days=a.days)
+            print(f"wrote {path}; copy it to every node (federation_crl) and send them SIGHUP")
         elif a.cmd == "revoke":
             if a.cert is not None:
-                serial = load_certificate(a.cert, "revoke --cert").serial_number
+                serial = revoke_certificate(a.ca_dir, a.cert, days=a.days)
             else:
-                try:
-                    serial = int(a.serial.removeprefix("0x").replace(":", ""), 16)
-                except ValueError:
-                    raise ConfigError(f"revoke: --serial {a.serial!r} is not hexadecimal") \
-                        from None
-            path = revoke(a.ca_dir, serial=serial, days=a.days)
-            print(f"revoked serial {serial:x}: wrote {path}; copy it to every node "
+                serial = parse_serial(a.serial)
+                path = revoke(a.ca_dir, serial=serial, days=a.days)
+            print(f"revoked serial {serial:x}: wrote {a.ca_dir / CRL}; copy it to every node "
                   "(federation_crl) and send them SIGHUP")
         else:
             path = issue(a.ca_dir, a.out, a.domain, ips=tuple(a.ip), days=a.days)

@@ -44,6 +44,16 @@ class FederationCollector:
         yield received
         yield errors
         yield connected
+        crl = fed.tls.crl
+        if crl is not None:
+            if crl.next_update is not None:
+                yield GaugeMetricFamily(
+                    "federation_crl_next_update_timestamp_seconds",
+                    "When the revocation list in use is due to be replaced (unix seconds); "
+                    "past it the list is still used", value=crl.next_update.timestamp())
+            yield GaugeMetricFamily("federation_crl_revoked_certificates",
+                                    "Certificates the revocation list in use revokes",
+                                    value=len(crl.serials))
         yield GaugeMetricFamily("federation_routes",
                                 "Identity keys whose home server (a peer) is known",
                                 value=len(fed.routes))

@@ -26,7 +26,7 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -38,6 +38,7 @@ from qpc_core.config import FederationConfig, parse_hostport
 from qpc_core.dispatch import MAX_ERROR_MESSAGE
 from qpc_core.errors import (
     BadRequest,
+    ConfigError,
     Forbidden,
     Internal,
     NotFound,
@@ -149,6 +150,10 @@ class Federation:
         self.cfg = cfg
         self.tls = tls
         self.listener: QuicTransport | None = None  # the federation port (register_transports)
+        self._tls_loaded = False
+        # Prepared by a reload in its worker thread, put in place by reloaded() on the loop.
+        self._next_tls: FederationTls | None = None
+        self._next_crl: certs.RevocationList | None = None
         self.domain = cfg.domain
         self.peers = {p.domain: p.address for p in cfg.peers}  # config order
         self._rank = {d: i for i, d in enumerate(self.peers)}
@@ -478,20 +483,66 @@ class Federation:
 
     # -- certificates ------------------------------------------------------------------------------
     def load_tls(self, app: App) -> TlsMaterial:
-        """The federation listener's TLS material, read from the files again: at start-up
-        and on each reload (SIGHUP, in a worker thread).  The CA and revocation list read
-        with it apply to new connections at once; ConfigError keeps the old ones."""
-        self.tls = certs.load(self.cfg)
-        return self.tls.material
+        """The federation listener's TLS material.  At start-up (on the event loop) read and
+        checked as :func:`certs.load` does.  On each reload (SIGHUP; a worker thread) read
+        again but only prepared: :meth:`reloaded`, on the event loop, puts it in place (the
+        CA and list for new connections both ways) once the listener took the pair.  A list
+        older than the one in use is refused; when the node's own files fail their checks,
+        a valid list is still prepared for the peers (ConfigError all the same)."""
+        if not self._tls_loaded:
+            self.tls = certs.load(self.cfg)
+            self._tls_loaded = True
+            return self.tls.material
+        self._next_tls = self._next_crl = None
+        current = self.tls.crl
+        try:
+            tls = certs.load(self.cfg, own_revoked_fatal=False)
+        except ConfigError:
+            if self.cfg.federation_crl is not None:
+                crl = certs.load_crl(self.cfg.federation_crl, self.tls.ca)
+                self._check_newer(current, crl)
+                self._next_crl = crl
+            raise
+        self._check_newer(current, tls.crl)
+        self._next_tls = tls
+        return tls.material
+
+    @staticmethod
+    def _check_newer(current: certs.RevocationList | None,
+                     new: certs.RevocationList | None) -> None:
+        if current is not None and new is not None and (
+                new.number < current.number or new.last_update < current.last_update):
+            raise ConfigError(
+                f"config: federation.federation_crl: list number {new.number} is older than "
+                f"the one in use ({current.number}): refused (it could re-admit revoked "
+                "certificates)")
+
+    def reloaded(self, error: str | None) -> None:
+        """After a reload attempt of the federation listener (on the event loop): put what
+        :meth:`load_tls` prepared in place, then end the connections, both ways, of
+        certificates the list in use names."""
+        if error is None and self._next_tls is not None:
+            self.tls = self._next_tls
+        elif self._next_crl is not None:
+            self.tls = replace(self.tls, crl=self._next_crl)
+            log.warning("federation: the revocation list was applied although this node's "
+                        "own files were refused (%s)", error)
+        self._next_tls = self._next_crl = None
+        if self.cfg.federation_crl is None:
+            log.warning("federation: no federation_crl configured: a revocation list takes "
+                        "effect only once it is set (then restart); see qpc-federation-certs "
+                        "crl")
+        self.drop_revoked()
 
     def drop_revoked(self) -> int:
         """After a reload: end the connections, both ways, of peers whose certificate the
         revocation list now names.  Returns how many."""
         n = 0
         listener = self.listener
+        tls = self.tls
         for proto in list(listener.protocols) if listener is not None else ():
             try:
-                self.tls.check_revoked(peer_certificates(proto._quic))
+                tls.check_revoked(peer_certificates(proto._quic))
             except Revoked as e:
                 log.warning("federation: closing a peer connection from %s: %s",
                             proto.peer.host, e)
@@ -499,7 +550,7 @@ class Federation:
                 n += 1
         for domain, client in list(self._clients.items()):
             try:
-                self.tls.check_revoked(peer_certificates(client.protocol._quic))
+                tls.check_revoked(peer_certificates(client.protocol._quic))
             except Revoked as e:
                 log.warning("federation: closing the connection to %s: %s", domain, e)
                 self._drop(domain, client)
@@ -508,14 +559,15 @@ class Federation:
 
     # -- origin server side: peer connections ----------------------------------------------------
     def client_configuration(self, domain: str) -> QuicConfiguration:
+        tls = self.tls  # one read: a reload replaces it as a whole
         cfg = QuicConfiguration(
             is_client=True, alpn_protocols=[ALPN], server_name=domain,
             idle_timeout=self.app.settings.max_idle_timeout_secs, verify_mode=ssl.CERT_REQUIRED,
         )
-        cfg.load_verify_locations(cadata=self.tls.ca_pem)
-        cfg.certificate = self.tls.material.certificate
-        cfg.certificate_chain = list(self.tls.material.chain)
-        cfg.private_key = self.tls.material.private_key
+        cfg.load_verify_locations(cadata=tls.ca_pem)
+        cfg.certificate = tls.material.certificate
+        cfg.certificate_chain = list(tls.material.chain)
+        cfg.private_key = tls.material.private_key
         return cfg
 
     def connected(self, domain: str) -> bool:

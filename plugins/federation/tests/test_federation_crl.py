@@ -43,19 +43,31 @@ def test_revoke_writes_a_signed_list_that_keeps_earlier_serials(tmp_path: Path,
     assert certs.main(["revoke", "--ca-dir", str(ca), "--cert",
                        str(tmp_path / "n1" / certs.NODE_CERT)]) == 0
     assert f"revoked serial {serial(tmp_path / 'n1'):x}" in capsys.readouterr().out
-    assert certs.load_crl(ca / certs.CRL, ca_cert) == {serial(tmp_path / "n1")}
+    assert certs.load_crl(ca / certs.CRL, ca_cert).serials == {serial(tmp_path / "n1")}
     assert certs.main(["revoke", "--ca-dir", str(ca), "--serial",
                        f"{serial(tmp_path / 'n2'):x}"]) == 0
-    assert certs.load_crl(ca / certs.CRL, ca_cert) == {serial(tmp_path / "n1"),
-                                                       serial(tmp_path / "n2")}
-    assert certs.main(["revoke", "--ca-dir", str(ca), "--serial", "zz"]) == 1
-    assert "not hexadecimal" in capsys.readouterr().err
+    second = certs.load_crl(ca / certs.CRL, ca_cert)
+    assert second.serials == {serial(tmp_path / "n1"), serial(tmp_path / "n2")}
+    assert second.number == 2  # one more per list written
+    for bad in ("zz", "0x0x1f", "", "0", "-1", "1" * 41):
+        assert certs.main(["revoke", "--ca-dir", str(ca), "--serial", bad]) == 1, bad
+        err = capsys.readouterr().err
+        assert err.startswith("qpc-federation-certs: revoke:") and "Traceback" not in err
+    assert certs.parse_serial("0X1F:2a") == 0x1F2A
+    # Only certificates this CA issued, and never the CA itself.
+    assert certs.main(["revoke", "--ca-dir", str(ca), "--cert", str(ca / certs.CA_CERT)]) == 1
+    assert "the federation CA itself" in capsys.readouterr().err
     # A list from another CA is refused, by the node and by revoke.
     other = tmp_path / "other"
     certs.make_ca(other)
     certs.revoke(other, serial=7)
     with pytest.raises(ConfigError, match=r"not signed by federation\.federation_ca"):
         certs.load_crl(other / certs.CRL, ca_cert)
+    certs.issue(other, tmp_path / "stranger", D2)
+    assert certs.main(["revoke", "--ca-dir", str(ca), "--cert",
+                       str(tmp_path / "stranger" / certs.NODE_CERT)]) == 1
+    assert "was not issued by the CA" in capsys.readouterr().err
+    assert certs.load_crl(ca / certs.CRL, ca_cert).serials == second.serials
     (ca / certs.CRL).write_bytes((other / certs.CRL).read_bytes())
     with pytest.raises(ConfigError, match="was not issued by the CA"):
         certs.revoke(ca, serial=8)
@@ -83,7 +95,7 @@ async def test_reload_refuses_and_cuts_off_a_revoked_peer(
     ca = tmp_path / "ca"
     crl = ca / certs.CRL
     certs.make_ca(ca)
-    certs.revoke(ca, serial=1)  # a list that names no node yet
+    assert certs.main(["crl", "--ca-dir", str(ca)]) == 0  # a list naming no one, from day one
     n1, n2 = await start_pair(app_factory, tmp_path, federation_crl=crl)
     # node2 reaches node1's listener, node1 reaches node2's: both connections established.
     inbound = await fed_client(n1.port, D1, n2.cert_dir)
@@ -122,3 +134,90 @@ async def test_reload_refuses_and_cuts_off_a_revoked_peer(
         assert n1.app.transports[-1][1].peers_refused >= 1
     finally:
         await inbound.close()
+
+
+def test_concurrent_revocations_are_all_kept(tmp_path: Path) -> None:
+    """Every run reads, adds and writes the list under a lock: none is lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ca = tmp_path / "ca"
+    certs.make_ca(ca)
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda s: certs.revoke(ca, serial=s), range(101, 107)))
+    crl = certs.load_crl(ca / certs.CRL, load_certificate(ca / certs.CA_CERT))
+    assert crl.serials == set(range(101, 107)) and crl.number == 6
+
+
+def test_only_certificates_the_ca_issued_are_matched(tmp_path: Path) -> None:
+    """The list speaks of the CA's own serials: a certificate of another issuer with the
+    same serial is not revoked by it (it may be an intermediate's leaf)."""
+    ca = tmp_path / "ca"
+    certs.make_ca(ca)
+    certs.issue(ca, tmp_path / "n1", D1)
+    other = tmp_path / "other"
+    certs.make_ca(other)
+    certs.issue(other, tmp_path / "x", D2)
+    foreign = load_certificate(tmp_path / "x" / certs.NODE_CERT)
+    mine = load_certificate(tmp_path / "n1" / certs.NODE_CERT)
+    certs.revoke(ca, serial=foreign.serial_number)
+    certs.revoke(ca, serial=mine.serial_number)
+    cfg = FederationConfig(
+        enabled=True, domain=D1, federation_cert=tmp_path / "n1" / certs.NODE_CERT,
+        federation_key=tmp_path / "n1" / certs.NODE_KEY,
+        federation_ca=tmp_path / "n1" / certs.CA_CERT, federation_crl=ca / certs.CRL)
+    tls = certs.load(cfg, own_revoked_fatal=False)
+    tls.check_revoked([foreign])  # another issuer: not this list's business
+    with pytest.raises(certs.Revoked):
+        tls.check_revoked([mine])
+
+
+async def test_a_list_naming_this_node_too_still_cuts_off_the_others(
+    app_factory: Factory, tmp_path: Path, caplog: Any
+) -> None:
+    """Both nodes' keys revoked, the list sent everywhere: node1 must still refuse node2
+    (its own revocation is for the peers to enforce; it is logged as critical)."""
+    ca = tmp_path / "ca"
+    certs.make_ca(ca)
+    certs.write_crl(ca)
+    n1, n2 = await start_pair(app_factory, tmp_path, federation_crl=ca / certs.CRL)
+    inbound = await fed_client(n1.port, D1, n2.cert_dir)
+    try:
+        assert await health(inbound) == "ok"
+        certs.revoke(ca, serial=serial(n1.cert_dir))
+        certs.revoke(ca, serial=serial(n2.cert_dir))
+        assert (await n1.app.reload_tls())["federation"] is None
+        assert "is revoked by federation.federation_crl" in caplog.text
+        with pytest.raises((ConnectionLost, Unavailable)):
+            await health(inbound)
+    finally:
+        await inbound.close()
+
+
+async def test_an_older_list_is_refused_on_reload(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """A stale copy (a backup, configuration management) must not re-admit a revoked
+    certificate: a list with a lower number than the one in use is refused."""
+    ca = tmp_path / "ca"
+    crl = ca / certs.CRL
+    certs.make_ca(ca)
+    certs.write_crl(ca)
+    n1, n2 = await start_pair(app_factory, tmp_path, federation_crl=crl)
+    before = crl.read_bytes()  # number 1: names no one
+    certs.revoke(ca, serial=serial(n2.cert_dir))
+    assert (await n1.app.reload_tls())["federation"] is None
+    crl.write_bytes(before)
+    err = (await n1.app.reload_tls())["federation"]
+    assert err is not None and "older than the one in use" in err
+    again = await fed_client(n1.port, D1, n2.cert_dir)
+    try:
+        with pytest.raises((ConnectionLost, Unavailable)):
+            await health(again)
+    finally:
+        await again.close()
+    from qpc_federation.metrics import FederationCollector
+
+    gauges = {m.name: m.samples[0].value for m in FederationCollector(n1.fed).collect()
+              if m.name.startswith("federation_crl")}
+    assert gauges["federation_crl_revoked_certificates"] == 1
+    assert gauges["federation_crl_next_update_timestamp_seconds"] > 0
