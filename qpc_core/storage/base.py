@@ -200,7 +200,8 @@ class Storage(ABC):
         """Remove the dedup records of taken messages that could be neither handed out nor
         restored (the restore failed), so a retry with the same ``message_id`` stores the
         message instead of being answered "duplicate" for a message that was never kept.
-        Only a record that still maps the id to the outcome's seq is removed."""
+        Only a record that still maps the id to the outcome's seq, in the inbox incarnation
+        the outcome names, is removed."""
 
     @abstractmethod
     async def fetch(
