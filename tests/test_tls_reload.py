@@ -380,3 +380,16 @@ async def test_a_certificate_not_valid_now_is_not_loaded(
     (err,) = (await app.reload_tls()).values()
     assert err is not None and ("expired on" if when == "expired" else "not valid before") in err
     assert quic_transport(app).tls_certificate == a.leaf
+
+
+def test_the_legacy_x509_certificate_label_still_counts(pairs: tuple[Pair, Pair, Path]) -> None:
+    """The cut-short check counts the blocks the PEM reader takes: "X509 CERTIFICATE" too."""
+    from qpc_core.transport.certs import load_certificate_chain
+
+    a, _b, live = pairs
+    chain = a.cert_pem.read_bytes().replace(b"-----BEGIN CERTIFICATE-----\n",
+                                            b"-----BEGIN X509 CERTIFICATE-----\n", 1)
+    chain = chain.replace(b"-----END CERTIFICATE-----\n", b"-----END X509 CERTIFICATE-----\n", 1)
+    live.mkdir()
+    (live / "legacy.pem").write_bytes(chain)
+    assert len(load_certificate_chain(live / "legacy.pem")) == 2

@@ -20,6 +20,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,7 @@ def load_certificate_chain(path: Path, what: str = "tls_cert") -> list[x509.Cert
         ) from None
     # The PEM reader skips a block it cannot finish: a chain file caught while being written
     # would lose its intermediates without a word.
-    begun = data.count(b"-----BEGIN CERTIFICATE-----")
+    begun = len(re.findall(rb"-----BEGIN (?:X509 )?CERTIFICATE-----", data))
     if b"-----BEGIN" in data and begun != len(certs):
         raise ConfigError(
             f"config: {what}: {path} holds {begun} certificate blocks but only {len(certs)} "

@@ -36,6 +36,7 @@ async def startup(app: App) -> None:
     cfg = app.settings.federation
     if cfg.enabled:
         fed = app.state[STATE] = Federation(app, cfg, certs.load(cfg))
+        await fed.check_list_number()
         metrics_registry(app).register(FederationCollector(fed))
 
 

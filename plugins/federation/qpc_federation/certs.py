@@ -268,6 +268,11 @@ def revoke(ca_dir: Path, *, serial: int, days: int = CRL_DAYS) -> Path:
     """Add ``serial`` (a certificate the CA issued) to the CA's revocation list."""
     if not 1 <= serial < 2**159:
         raise ConfigError("revoke: a serial number is between 1 and 2^159 - 1")
+    ca_cert, _key = _ca_signer(ca_dir)
+    if serial == ca_cert.serial_number:
+        raise ConfigError("revoke: that is the serial of the federation CA itself; a "
+                          "compromised CA is replaced (a new CA, every node issued again), "
+                          "not revoked")
     return write_crl(ca_dir, add=serial, days=days)
 
 
@@ -298,6 +303,20 @@ def parse_serial(text: str) -> int:
     if not t or any(ch not in string.hexdigits for ch in t):
         raise ConfigError(f"revoke: --serial {text!r} is not a hexadecimal serial number")
     return int(t, 16)
+
+
+def check_not_older(new: RevocationList | None, current: RevocationList | None) -> None:
+    """ConfigError when ``new`` (of the same CA) is older than ``current``: its number
+    decides (dates only between equal numbers: lists written on another machine may carry a
+    slightly slower clock)."""
+    if current is None or new is None:
+        return
+    if new.number < current.number or (
+            new.number == current.number and new.last_update < current.last_update):
+        raise ConfigError(
+            f"config: federation.federation_crl: list number {new.number} is older than the "
+            f"one in use ({current.number}): refused (it could re-admit revoked "
+            "certificates)")
 
 
 def load_crl(path: Path, ca: x509.Certificate) -> RevocationList:
@@ -342,6 +361,8 @@ class FederationTls:
         if self.crl is None:
             return
         for cert in chain:
+            if cert == self.ca:  # the root of the chain is not the list's to revoke
+                continue
             if cert.serial_number in self.crl.serials and _issued_by(cert, self.ca):
                 raise Revoked(f"certificate serial {cert.serial_number:x} is revoked "
                               "(federation.federation_crl)")
@@ -387,6 +408,12 @@ def load(cfg: FederationConfig, *, own_revoked_fatal: bool = True) -> Federation
     )
     try:
         names = replace(tls, crl=None).verify_peer(chain)
+        if cfg.domain not in names:
+            raise ConfigError(
+                f"config: federation.domain: {cfg.domain!r} is not among the names of "
+                f"{cfg.federation_cert} ({', '.join(sorted(names)) or 'none'}): peers would "
+                "refuse this node"
+            )
         tls.check_revoked(chain)
     except Revoked:
         msg = (f"config: federation.federation_cert: {cfg.federation_cert} is revoked by "
@@ -400,12 +427,6 @@ def load(cfg: FederationConfig, *, own_revoked_fatal: bool = True) -> Federation
             f"config: federation.federation_cert: {cfg.federation_cert} is not a valid "
             f"client certificate under federation.federation_ca ({cfg.federation_ca}): {e}"
         ) from None
-    if cfg.domain not in names:
-        raise ConfigError(
-            f"config: federation.domain: {cfg.domain!r} is not among the names of "
-            f"{cfg.federation_cert} ({', '.join(sorted(names)) or 'none'}): peers would refuse "
-            "this node"
-        )
     return tls
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aioquic.quic.configuration import QuicConfiguration
+from cryptography.hazmat.primitives import hashes
 from google.protobuf.message import Message
 
 from qpc_core.builtin import delivery as delivery_mod
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from qpc_core.app import App
 
 log = logging.getLogger("qpc.federation")
+#: Store namespace: the highest revocation-list number used, per federation CA.
+CRL_NAMESPACE = "federation-crl"
 T = TypeVar("T")
 
 ALPN = "qpc-fed"
@@ -496,26 +499,17 @@ class Federation:
         self._next_tls = self._next_crl = None
         current = self.tls.crl
         try:
-            tls = certs.load(self.cfg, own_revoked_fatal=False)
+            tls = certs.load(self.cfg)
         except ConfigError:
             if self.cfg.federation_crl is not None:
                 crl = certs.load_crl(self.cfg.federation_crl, self.tls.ca)
-                self._check_newer(current, crl)
+                certs.check_not_older(crl, current)
                 self._next_crl = crl
             raise
-        self._check_newer(current, tls.crl)
+        if tls.ca == self.tls.ca:  # a new CA starts its own numbering
+            certs.check_not_older(tls.crl, current)
         self._next_tls = tls
         return tls.material
-
-    @staticmethod
-    def _check_newer(current: certs.RevocationList | None,
-                     new: certs.RevocationList | None) -> None:
-        if current is not None and new is not None and (
-                new.number < current.number or new.last_update < current.last_update):
-            raise ConfigError(
-                f"config: federation.federation_crl: list number {new.number} is older than "
-                f"the one in use ({current.number}): refused (it could re-admit revoked "
-                "certificates)")
 
     def reloaded(self, error: str | None) -> None:
         """After a reload attempt of the federation listener (on the event loop): put what
@@ -527,12 +521,41 @@ class Federation:
             self.tls = replace(self.tls, crl=self._next_crl)
             log.warning("federation: the revocation list was applied although this node's "
                         "own files were refused (%s)", error)
+        if self.tls.crl is not None:
+            self.app.spawn(self.remember_list(), "federation-crl-number")
         self._next_tls = self._next_crl = None
         if self.cfg.federation_crl is None:
             log.warning("federation: no federation_crl configured: a revocation list takes "
                         "effect only once it is set (then restart); see qpc-federation-certs "
                         "crl")
         self.drop_revoked()
+
+    async def check_list_number(self) -> None:
+        """Start-up: a list older than one this node used before (a stale copy put back by a
+        backup or configuration management) would re-admit revoked certificates: refused.
+        The highest number seen per CA is kept in the store."""
+        crl = self.tls.crl
+        if crl is None:
+            return
+        seen = await self.app.storage.kv_get(CRL_NAMESPACE, self._ca_id())
+        if seen is not None and crl.number < int(seen):
+            raise ConfigError(
+                f"config: federation.federation_crl: list number {crl.number} is older than "
+                f"number {int(seen)}, which this node used before: refused (it could re-admit "
+                "revoked certificates); install the current list")
+        await self.remember_list()
+
+    async def remember_list(self) -> None:
+        crl = self.tls.crl
+        if crl is None:
+            return
+        key = self._ca_id()
+        seen = await self.app.storage.kv_get(CRL_NAMESPACE, key)
+        if seen is None or crl.number > int(seen):
+            await self.app.storage.kv_put(CRL_NAMESPACE, key, str(crl.number).encode())
+
+    def _ca_id(self) -> bytes:
+        return self.tls.ca.fingerprint(hashes.SHA256())
 
     def drop_revoked(self) -> int:
         """After a reload: end the connections, both ways, of peers whose certificate the

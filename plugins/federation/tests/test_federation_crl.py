@@ -57,6 +57,9 @@ def test_revoke_writes_a_signed_list_that_keeps_earlier_serials(tmp_path: Path,
     # Only certificates this CA issued, and never the CA itself.
     assert certs.main(["revoke", "--ca-dir", str(ca), "--cert", str(ca / certs.CA_CERT)]) == 1
     assert "the federation CA itself" in capsys.readouterr().err
+    assert certs.main(["revoke", "--ca-dir", str(ca), "--serial",
+                       f"{ca_cert.serial_number:x}"]) == 1
+    assert "the federation CA itself" in capsys.readouterr().err
     # A list from another CA is refused, by the node and by revoke.
     other = tmp_path / "other"
     certs.make_ca(other)
@@ -185,8 +188,9 @@ async def test_a_list_naming_this_node_too_still_cuts_off_the_others(
         assert await health(inbound) == "ok"
         certs.revoke(ca, serial=serial(n1.cert_dir))
         certs.revoke(ca, serial=serial(n2.cert_dir))
-        assert (await n1.app.reload_tls())["federation"] is None
-        assert "is revoked by federation.federation_crl" in caplog.text
+        err = (await n1.app.reload_tls())["federation"]
+        assert err is not None and "is revoked by federation.federation_crl" in err
+        assert "the revocation list was applied" in caplog.text
         with pytest.raises((ConnectionLost, Unavailable)):
             await health(inbound)
     finally:
@@ -221,3 +225,84 @@ async def test_an_older_list_is_refused_on_reload(
               if m.name.startswith("federation_crl")}
     assert gauges["federation_crl_revoked_certificates"] == 1
     assert gauges["federation_crl_next_update_timestamp_seconds"] > 0
+
+
+async def test_list_numbers_across_reloads_restarts_and_a_new_ca(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """The number decides (a list written on a machine with a slower clock is newer all the
+    same); a new CA starts its own numbering; a restart keeps refusing an older list."""
+    import asyncio
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from fed_helpers import fed_settings
+
+    from qpc_core.errors import PluginError
+
+    ca = tmp_path / "ca"
+    crl = ca / certs.CRL
+    certs.make_ca(ca)
+    certs.write_crl(ca)
+    certs.write_crl(ca)  # number 2
+    n1, n2 = await start_pair(app_factory, tmp_path, federation_crl=crl)
+    stale = crl.read_bytes()
+    # Number 3, revoking node2, but dated before number 2 (its writer's clock was slow).
+    ca_cert, ca_key = certs._ca_signer(ca)
+    earlier = x509.load_der_x509_crl(stale).last_update_utc - dt.timedelta(minutes=2)
+    newer = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+             .last_update(earlier).next_update(earlier + dt.timedelta(days=30))
+             .add_extension(x509.CRLNumber(3), critical=False)
+             .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                      .serial_number(serial(n2.cert_dir))
+                                      .revocation_date(earlier).build())
+             .sign(ca_key, hashes.SHA256()))
+    crl.write_bytes(newer.public_bytes(Encoding.DER))
+    assert (await n1.app.reload_tls())["federation"] is None
+    assert n1.fed.tls.crl is not None and n1.fed.tls.crl.number == 3
+
+    async def remembered() -> int:
+        v = await n1.app.storage.kv_get("federation-crl", ca_cert.fingerprint(hashes.SHA256()))
+        return int(v) if v else 0
+
+    for _ in range(500):  # the reload stores the number in the background (bounded poll)
+        if await remembered() == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert await remembered() == 3
+    # node1 restarted with the stale list put back: refused at start-up.
+    await n1.app.stop()
+    crl.write_bytes(stale)
+    with pytest.raises((ConfigError, PluginError), match="which this node used before"):
+        await app_factory(data_dir=n1.app.settings.data_dir, plugins=["federation"],
+                          federation=fed_settings(n1.cert_dir, D1, n1.port, [(D2, n2.port)],
+                                                  federation_crl=crl))
+    # A new CA (every node issued again): its first list is number 1, and it is taken.
+    ca2 = tmp_path / "ca2"
+    certs.make_ca(ca2)
+    certs.write_crl(ca2)
+    certs.issue(ca2, n2.cert_dir, D2)
+    crl.write_bytes((ca2 / certs.CRL).read_bytes())
+    assert (await n2.app.reload_tls())["federation"] is None
+    assert n2.fed.tls.ca == load_certificate(ca2 / certs.CA_CERT)
+
+
+async def test_a_node_revoked_on_reload_keeps_its_old_pair_and_its_domain(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """Reload with a new certificate for another domain that the list also revokes: the
+    node's files are refused (old pair kept), the list still applies."""
+    ca = tmp_path / "ca"
+    certs.make_ca(ca)
+    certs.write_crl(ca)
+    n1, n2 = await start_pair(app_factory, tmp_path, federation_crl=ca / certs.CRL)
+    old = n1.fed.tls.material.certificate
+    certs.issue(ca, n1.cert_dir, "wrong.example")
+    certs.revoke(ca, serial=serial(n1.cert_dir))
+    certs.revoke(ca, serial=serial(n2.cert_dir))
+    err = (await n1.app.reload_tls())["federation"]
+    assert err is not None and "wrong.example" in err
+    assert n1.fed.tls.material.certificate == old
+    assert n1.fed.tls.crl is not None and serial(n2.cert_dir) in n1.fed.tls.crl.serials
