@@ -138,6 +138,12 @@ BIN = Path(sys.executable).parent
 READY = re.compile(r"QUIC listening on ([\d.]+):(\d+)")
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_core.admin.testing import get, scrape
 from qpc_core.client import QpcClient
 from qpc_core.errors import RateLimited
-from qpc_core.testing import BIN, ServerProcess
+from qpc_core.testing import BIN, ServerProcess, free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "docs" / "operations"
@@ -233,12 +232,6 @@ async def test_every_metric_the_kit_uses_is_on_metrics(app_factory, connect) -> 
 
 
 # -- the guide's commands against a real `qpc-server` process ------------------------------------
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_http(url: str) -> None:

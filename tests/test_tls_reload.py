@@ -22,7 +22,14 @@ from quic_raw import until
 from qpc_core.admin.testing import Scrape, get
 from qpc_core.client.sdk import QpcClient
 from qpc_core.identity import certificate_binding
-from qpc_core.testing import TEST_TOKEN, ServerProcess, quic_port, quic_transport
+from qpc_core.testing import (
+    TEST_TOKEN,
+    ServerProcess,
+    free_tcp_port,
+    free_udp_port,
+    quic_port,
+    quic_transport,
+)
 from qpc_core.transport.backend import peer_certificate_der
 from qpc_core.transport.certs import generate_self_signed, resolve_tls
 
@@ -129,7 +136,7 @@ async def test_sighup_reloads_a_running_server(pairs: tuple[Pair, Pair, Path]) -
     certificate, and /metrics shows its expiry and the reloads' results."""
     a, b, live = pairs
     cert, key = install(a, live)
-    metrics_port = _free_tcp_port()
+    metrics_port = free_tcp_port()
     srv = ServerProcess(
         live.parent / "data", args=["--plugins", "metrics"],
         env={"QPC_TLS_CERT": str(cert), "QPC_TLS_KEY": str(key),
@@ -182,13 +189,6 @@ async def test_sighup_reloads_a_running_server(pairs: tuple[Pair, Pair, Path]) -
     finally:
         assert await srv.terminate() == 0
 
-
-def _free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _eventually(check: Callable[[], Any], attempts: int = 100) -> bool:
@@ -322,7 +322,7 @@ async def test_a_sighup_during_start_up_does_not_end_the_server(tmp_path: Path) 
     handler exists (systemd would not restart a unit that died of SIGHUP)."""
     import sys
 
-    port = _free_udp_port()
+    port = free_udp_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import sys; from qpc_core.launch import main; sys.exit(main())",
         "run", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
@@ -344,13 +344,6 @@ async def test_a_sighup_during_start_up_does_not_end_the_server(tmp_path: Path) 
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 30) == 0
 
-
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("when", ["expired", "not yet valid"])

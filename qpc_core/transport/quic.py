@@ -769,8 +769,6 @@ class QuicTransport:
         self.address: tuple[str, int] | None = None
         self.window_authenticated = 16 * 1024 * 1024
         self.window_unauthenticated = 256 * 1024
-        #: SHA-256 of the server's TLS certificate (what identity proofs are bound to).
-        self.tls_binding = b""
         #: The certificate new connections are served (changed by :meth:`reload_tls`).
         self.tls_certificate: x509.Certificate | None = None
         self._cfg: Any = None  # the library's server configuration, shared by connections
@@ -788,6 +786,13 @@ class QuicTransport:
     @property
     def ready(self) -> bool:
         return self.server is not None and self.accepting
+
+    @property
+    def tls_binding(self) -> bytes:
+        """SHA-256 of the certificate new connections are served (what identity proofs made
+        on them are bound to); b"" before the listener has one."""
+        cert = self.tls_certificate
+        return certificate_binding(cert.public_bytes(Encoding.DER)) if cert is not None else b""
 
     @staticmethod
     def stream_window(s: Any) -> int:
@@ -812,7 +817,6 @@ class QuicTransport:
         backend = backend or load_backend("aioquic")
         self._windows(s)
         tls = self._load_tls(app)
-        self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         self.tls_certificate = tls.certificate
         cfg = backend.configuration(
             tls,
@@ -846,7 +850,6 @@ class QuicTransport:
         tls = await asyncio.to_thread(self._load_tls, self.app)
         check_valid_now(tls.certificate)
         self.backend.apply_tls(self._cfg, tls)
-        self.tls_binding = certificate_binding(tls.certificate.public_bytes(Encoding.DER))
         self.tls_certificate = tls.certificate
         return tls.certificate
 
