@@ -14,7 +14,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from qpc_core import __version__
-from qpc_core.config import Settings, default_rate_limits, validation_error_to_config_error
+from qpc_core.config import (
+    CORE_RELOADABLE,
+    ConfigReload,
+    Settings,
+    apply_log_level,
+    changed_settings,
+    default_rate_limits,
+    is_reloadable,
+    merge_settings,
+    validation_error_to_config_error,
+)
 from qpc_core.errors import ConfigError, PluginError, StorageError
 from qpc_core.hooks import Hooks
 from qpc_core.plugins import PluginInfo, create_plugin_manager, load_plugins
@@ -66,8 +76,17 @@ class App:
         self.by_identity: dict[bytes, set[Connection]] = {}
         self.state: dict[str, Any] = {}  # plugins keep their per-App state here, by name
         self._drain_callbacks: list[Callable[[], None]] = []
+        #: ``() -> Settings``: reads the configuration again (file, environment, the command
+        #: line's flags) for :meth:`reload_config`; ``qpc run`` sets it.  None: SIGHUP
+        #: reloads certificates only.
+        self.config_source: Callable[[], Settings] | None = None
+        #: Changed settings that wait for a restart (see :meth:`reload_config`).
+        self.config_restart_pending: tuple[str, ...] = ()
+        self._config_sections = self.hooks.register_config_sections(self)
         self.validate_config()
         self._collect_methods()
+        self.reloadable_settings: frozenset[str] = CORE_RELOADABLE | frozenset(
+            key for _plugin, key in self.hooks.register_reloadable_settings(self))
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -76,7 +95,11 @@ class App:
 
     def validate_config(self) -> None:
         """Validate production rules and every plugin's config table; raise ConfigError."""
-        s = self.settings
+        self._plugin_config = self._validated(self.settings)
+
+    def _validated(self, s: Settings) -> dict[str, Any]:
+        """Check ``s`` as start-up does (production rules, the federation plugin, every
+        plugin's table); return the validated plugin tables.  Raises ConfigError."""
         if s.production:
             problems = s.production_problems()
             if problems:
@@ -89,28 +112,28 @@ class App:
                 "add it to --plugins (it is the distribution qpc-federation)"
             )
         tables = s.plugin_tables
-        claimed: set[str] = set()
+        validated: dict[str, Any] = {}
         owners: dict[str, str] = {}
-        for plugin, section in self.hooks.register_config_sections(self):
+        for plugin, section in self._config_sections:
             if section.name in owners:
                 raise PluginError(f"config table [{section.name}] is claimed by both plugin "
                                   f"'{owners[section.name]}' and plugin '{plugin}'")
             owners[section.name] = plugin
-            claimed.add(section.name)
             raw = tables.get(section.name, {})
             if not isinstance(raw, dict):
                 raise ConfigError(f"config: {section.name}: expected a table")
             try:
                 model = section.model
                 if isinstance(model, type) and issubclass(model, BaseModel):
-                    self._plugin_config[section.name] = model.model_validate(raw)
+                    validated[section.name] = model.model_validate(raw)
                 else:
-                    self._plugin_config[section.name] = model(**raw)
+                    validated[section.name] = model(**raw)
             except ValidationError as e:
                 raise validation_error_to_config_error(e, prefix=section.name) from None
         for name in tables:
-            if name not in claimed:
+            if name not in owners:
                 log.warning("config: table [%s] is not used by any loaded plugin", name)
+        return validated
 
     def plugin_config(self, name: str) -> Any:
         """The validated config model of the table ``name`` (see register_config_sections)."""
@@ -131,15 +154,15 @@ class App:
                     "messages sent with Enqueue/BatchEnqueue); choose another group"
                 )
             self.methods[method.method_id] = (plugin, method)
-        self._check_rate_groups()
+        self._check_rate_groups(self.settings)
 
-    def _check_rate_groups(self) -> None:
+    def _check_rate_groups(self, settings: Settings) -> None:
         """A ``[rate_limits.<group>]`` the operator added must name a group some loaded
         method uses (or ``default`` / ``enqueue``): a misspelt group applied no limit at
         all, silently.  (The built-in defaults may name groups of plugins not loaded.)"""
         used = {m.group for _plugin, m in self.methods.values()}
         used |= {"default", *RESERVED_RATE_GROUPS}
-        added = set(self.settings.rate_limits) - set(default_rate_limits())
+        added = set(settings.rate_limits) - set(default_rate_limits())
         known = ", ".join(sorted(used))
         for g in sorted(added - used):
             near = difflib.get_close_matches(g, sorted(used), 1)
@@ -286,36 +309,93 @@ class App:
         keeps its old pair and logs why.  Returns listener name -> error (None: reloaded);
         listeners without anything to reload are left out.  Reloads run one after the other
         (a second SIGHUP during one reads the files again after it)."""
-        results: dict[str, str | None] = {}
         async with self._reload_lock:
-            for _plugin, transport in self.transports:
-                reload = getattr(transport, "reload_tls", None)
-                if reload is None or self.draining:
+            return await self._reload_tls()
+
+    async def _reload_tls(self) -> dict[str, str | None]:
+        results: dict[str, str | None] = {}
+        for _plugin, transport in self.transports:
+            reload = getattr(transport, "reload_tls", None)
+            if reload is None or self.draining:
+                continue
+            try:
+                cert = await reload()
+            except ConfigError as e:
+                results[transport.name] = str(e)
+                log.error("listener '%s': certificate not reloaded, still serving the old "
+                          "one: %s", transport.name, e)
+            except Exception as e:
+                results[transport.name] = f"{type(e).__name__}: {e}"
+                log.exception("listener '%s': certificate reload failed, still serving the "
+                              "old one", transport.name)
+            else:
+                if cert is None:
                     continue
-                try:
-                    cert = await reload()
-                except ConfigError as e:
-                    results[transport.name] = str(e)
-                    log.error("listener '%s': certificate not reloaded, still serving the old "
-                              "one: %s", transport.name, e)
-                except Exception as e:
-                    results[transport.name] = f"{type(e).__name__}: {e}"
-                    log.exception("listener '%s': certificate reload failed, still serving the "
-                                  "old one", transport.name)
-                else:
-                    if cert is None:
-                        continue
-                    results[transport.name] = None
-                    log.info("listener '%s': certificate reloaded (subject %s, expires %s); "
-                             "new connections get it", transport.name,
-                             cert.subject.rfc4514_string(), f"{cert.not_valid_after_utc:%Y-%m-%d}")
-                    self.hooks.on_tls_certificate(self, transport.name, cert)
-                self.hooks.on_tls_reload(self, transport.name, results[transport.name])
+                results[transport.name] = None
+                log.info("listener '%s': certificate reloaded (subject %s, expires %s); "
+                         "new connections get it", transport.name,
+                         cert.subject.rfc4514_string(), f"{cert.not_valid_after_utc:%Y-%m-%d}")
+                self.hooks.on_tls_certificate(self, transport.name, cert)
+            self.hooks.on_tls_reload(self, transport.name, results[transport.name])
         return results
 
+    async def reload_config(self) -> ConfigReload:
+        """Read the configuration again (:attr:`config_source`) and apply what can change
+        while running: the settings in :attr:`reloadable_settings` take their new values,
+        every other changed setting keeps the value it started with and is named in the
+        result (and the log) as waiting for a restart.  A configuration that start-up would
+        refuse changes nothing.  Then ``on_config_reload`` (plugins apply their part)."""
+        async with self._reload_lock:
+            return await self._reload_config()
+
+    async def _reload_config(self) -> ConfigReload:
+        old = self.settings
+        if self.config_source is None or self.draining:
+            return ConfigReload(old)
+        try:
+            read = await asyncio.to_thread(self.config_source)
+            self._validated(read)  # the whole file as start-up would take it
+            self._check_rate_groups(read)
+            changed = changed_settings(old, read)
+            live = [k for k in changed if is_reloadable(k, self.reloadable_settings)]
+            restart = [k for k in changed if k not in live]
+            new = merge_settings(old, read, live) if live else old
+            plugin_config = self._validated(new)
+        except (ConfigError, PluginError) as e:
+            result = ConfigReload(old, error=str(e),
+                                  restart_pending=self.config_restart_pending)
+            log.error("configuration not reloaded, the running one stays: %s", e)
+        else:
+            self.settings = new
+            self._plugin_config = plugin_config
+            self.config_restart_pending = tuple(restart)
+            if "rate_limits" in live or "rate_limit_ip_factor" in live:
+                self.rate_limiter.configure(new.rate_limits, ip_factor=new.rate_limit_ip_factor)
+            if "log_level" in live:
+                apply_log_level(new.log_level)
+            result = ConfigReload(old, applied=tuple(live), restart_pending=tuple(restart))
+            if live:
+                log.info("configuration reloaded: applied %s", ", ".join(live))
+            else:
+                log.info("configuration reloaded: no setting that applies while running "
+                         "changed")
+            if restart:
+                log.warning("configuration: changed but applied only by a restart (the "
+                            "running values stay until then): %s", ", ".join(restart))
+        await self.hooks.on_config_reload(self, result)
+        return result
+
+    async def reload(self) -> tuple[ConfigReload, dict[str, str | None]]:
+        """SIGHUP: :meth:`reload_config`, then :meth:`reload_tls` (certificate paths may
+        have changed).  One reload at a time."""
+        async with self._reload_lock:
+            config = await self._reload_config()
+            tls = await self._reload_tls()
+        return config, tls
+
     def _reload_signal(self) -> None:
-        log.info("SIGHUP: reloading TLS certificates")
-        self.spawn(self.reload_tls(), "tls-reload")
+        log.info("SIGHUP: reloading the configuration and TLS certificates")
+        self.spawn(self.reload(), "reload")
 
     def request_stop(self) -> None:
         if self._stop_requested is not None:

@@ -84,23 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
+    from qpc_core.config import apply_log_level
+
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # aioquic logs every connection's negotiation at INFO: too chatty for operators.
-    logging.getLogger("quic").setLevel(max(logging.WARNING, logging.getLogger().level))
+    apply_log_level(level)
 
 
 def _make_app(args: argparse.Namespace) -> Any:
     from qpc_core.app import App
     from qpc_core.config import load_config
 
-    settings = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    settings = load_config(args.config, overrides)
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise ConfigError(f"config: data_dir: {settings.data_dir} exists and is not a directory")
     _setup_logging(settings.log_level)
-    return App(settings)
+    app = App(settings)
+    # SIGHUP reads the same sources again: the file, the environment, these flags.
+    app.config_source = lambda: load_config(args.config, overrides)
+    return app
 
 
 def cmd_run(args: argparse.Namespace) -> int:

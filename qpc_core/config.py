@@ -16,6 +16,7 @@ import logging
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -337,6 +338,119 @@ class Settings(BaseSettings):
         return problems
 
 
+#: Core settings a running server applies when the configuration is read again (SIGHUP,
+#: :meth:`App.reload_config`): each is read where it is used, or applied by the App (rate
+#: limits, log level).  Every other core setting needs a restart.  Plugins add theirs with
+#: the ``register_reloadable_settings`` hook.
+CORE_RELOADABLE: frozenset[str] = frozenset({
+    "rate_limits", "rate_limit_ip_factor", "log_level",
+    "max_message_bytes", "max_queue_depth", "max_fetch_wait_ms", "dedup_window_secs",
+    "auth_token", "admin_token", "drain_timeout_secs",
+    # Read by every TLS listener when it reloads its certificate (after the configuration).
+    "tls_cert", "tls_key",
+})
+
+
+@dataclass(frozen=True)
+class ConfigReload:
+    """What one configuration reload did (:meth:`App.reload_config`, hook
+    ``on_config_reload``).  ``old``: the settings before it (``app.settings`` holds the new
+    ones); ``applied``: the keys that took their new values; ``restart_pending``: keys whose
+    value in the configuration differs from the running one until a restart (after a failed
+    reload, those of the last successful one); ``error``: why the configuration was refused
+    (nothing changed)."""
+
+    old: Settings
+    applied: tuple[str, ...] = ()
+    restart_pending: tuple[str, ...] = ()
+    error: str | None = None
+
+    def changed(self, prefix: str) -> bool:
+        """Did a key of table ``prefix`` (e.g. ``"federation"``), or ``prefix`` itself,
+        take a new value?"""
+        return any(k == prefix or k.startswith(prefix + ".") for k in self.applied)
+
+
+def apply_log_level(level: str) -> None:
+    """Set the server's log level (the root logger; aioquic's chatty ``quic`` logger stays
+    at WARNING or above)."""
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("quic").setLevel(max(logging.WARNING, root.level))
+
+
+def _unwrap(v: Any) -> Any:
+    return v.get_secret_value() if isinstance(v, SecretStr) else v
+
+
+def _differs(a: Any, b: Any) -> bool:
+    return bool(_unwrap(a) != _unwrap(b))
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """The config keys whose values differ between ``old`` and ``new``, dotted one level
+    into tables (``federation.peers``, ``blobs.max_blob_bytes``); a core setting whose value
+    is a mapping (``rate_limits``) counts as one key.  Sorted."""
+    out: list[str] = []
+    for name in type(old).model_fields:
+        a, b = getattr(old, name), getattr(new, name)
+        if isinstance(a, BaseModel) and isinstance(b, BaseModel):
+            out += [f"{name}.{k}" for k in type(a).model_fields
+                    if _differs(getattr(a, k), getattr(b, k))]
+        elif _differs(a, b):
+            out.append(name)
+    ta, tb = old.plugin_tables, new.plugin_tables
+    for table in ta.keys() | tb.keys():
+        a, b = ta.get(table, {}), tb.get(table, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if _differs(a, b):
+                out.append(table)
+            continue
+        out += [f"{table}.{k}" for k in a.keys() | b.keys() if _differs(a.get(k), b.get(k))]
+    return sorted(out)
+
+
+def is_reloadable(key: str, reloadable: frozenset[str] | set[str]) -> bool:
+    """``key`` (as :func:`changed_settings` names it) is applied live: it, or a table it
+    is in, was declared reloadable."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in reloadable for i in range(1, len(parts) + 1))
+
+
+def merge_settings(old: Settings, new: Settings, keys: Sequence[str]) -> Settings:
+    """``old`` with the values of ``keys`` (as :func:`changed_settings` names them) taken
+    from ``new``, validated again as a whole (a live value may not contradict a setting
+    that keeps its old value until a restart).  Raises ConfigError."""
+    data: dict[str, Any] = {name: getattr(old, name) for name in type(old).model_fields}
+    data.update({k: dict(v) if isinstance(v, dict) else v
+                 for k, v in old.plugin_tables.items()})
+    new_tables = new.plugin_tables
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if head in type(old).model_fields:
+            if rest:
+                data[head] = data[head].model_copy(update={rest: getattr(getattr(new, head), rest)})
+            else:
+                data[head] = getattr(new, head)
+        elif not rest or not isinstance(new_tables.get(head, {}), dict):
+            if head in new_tables:
+                data[head] = new_tables[head]
+            else:
+                data.pop(head, None)
+        else:
+            table = data.setdefault(head, {})
+            if rest in new_tables.get(head, {}):
+                table[rest] = new_tables[head][rest]
+            else:
+                table.pop(rest, None)
+    dumped: dict[str, Any] = {k: (v.model_dump() if isinstance(v, BaseModel) else v)
+                              for k, v in data.items()}
+    try:
+        return _FrozenSettings(**dumped)
+    except ValidationError as e:
+        raise validation_error_to_config_error(e) from None
+
+
 def format_loc(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
@@ -477,14 +591,20 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 __all__ = [
+    "CORE_RELOADABLE",
     "DEFAULT_CONFIG_FILE",
     "DEV_AUTH_TOKEN",
+    "ConfigReload",
     "FederationConfig",
     "FederationPeer",
     "RateLimit",
     "Settings",
+    "apply_log_level",
+    "changed_settings",
     "format_loc",
+    "is_reloadable",
     "load_config",
+    "merge_settings",
     "parse_hostport",
     "read_config_file",
     "validation_error_to_config_error",

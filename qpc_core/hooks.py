@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
     from qpc_core.plugins import PluginInfo
     from qpc_core.rpc import (
         AuthResult,
@@ -152,6 +153,26 @@ class Hooks:
     def register_config_sections(self, app: App) -> list[tuple[str, ConfigSection]]:
         return self._collect("register_config_sections", app=app)
 
+    def register_reloadable_settings(self, app: App) -> list[tuple[str, str]]:
+        from pydantic import BaseModel
+
+        from qpc_core.config import Settings
+
+        out = self._collect("register_reloadable_settings", app=app)
+        for plugin, key in out:
+            if not isinstance(key, str) or not key or "" in key.split("."):
+                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: "
+                                  f"expected dotted config keys, got {key!r}")
+            head = key.split(".")[0]
+            field = Settings.model_fields.get(head)
+            if field is not None and not (
+                    isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                    and "." in key):
+                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
+                                  "is a core setting; core decides whether it applies while "
+                                  "running")
+        return out
+
     def check_config(self, app: App) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         for plugin, fn in self._impls("check_config"):
@@ -255,6 +276,9 @@ class Hooks:
 
     def on_tls_reload(self, app: App, listener: str, error: str | None) -> None:
         self._notify("on_tls_reload", app=app, listener=listener, error=error)
+
+    async def on_config_reload(self, app: App, reload: ConfigReload) -> None:
+        await self._anotify("on_config_reload", app=app, reload=reload)
 
     async def on_user_registered(self, app: App, username: str, identity_key: bytes) -> None:
         await self._anotify("on_user_registered", app=app, username=username,

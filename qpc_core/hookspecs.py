@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
     from qpc_core.rpc import (
         AuthResult,
         ConfigSection,
@@ -108,6 +109,16 @@ def register_config_sections(app: App) -> list[ConfigSection]:
 
     Validated before start-up (and by ``qpc check-config``); the parsed model is available as
     ``app.plugin_config(name)``.  Errors name the path (``blobs.max_blob_bytes: ...``)."""
+    return []
+
+
+@hookspec
+def register_reloadable_settings(app: App) -> list[str]:
+    """Return the config keys this plugin applies while running, when the configuration is
+    read again (SIGHUP): ``"blobs.max_blob_bytes"`` for one key, ``"blobs"`` for a whole
+    table.  Keys of core's own settings cannot be declared (core decides those), except in
+    the tables core validates for plugins (``federation.*``).  A changed key nobody declared
+    keeps its running value until a restart.  Apply the change in ``on_config_reload``."""
     return []
 
 
@@ -272,6 +283,15 @@ def on_tls_certificate(app: App, listener: str, certificate: x509.Certificate) -
 def on_tls_reload(app: App, listener: str, error: str | None) -> None:
     """A certificate reload of ``listener`` finished: ``error`` None means the new files are
     in use; otherwise it says what was wrong with them, and the old pair stays in use."""
+
+
+@hookspec
+@_async
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    """The configuration was read again (SIGHUP).  When ``reload.error`` is None,
+    ``app.settings`` / ``app.plugin_config(...)`` hold the new values of the keys in
+    ``reload.applied`` (the old ones are in ``reload.old``): apply yours
+    (``reload.changed("blobs")``).  Awaited in plugin order; a failure is logged."""
 
 
 @hookspec

@@ -55,6 +55,12 @@ class RateLimiter:
         self._last_gc = clock()
         self._entries: dict[tuple[str, str, object], _Window] = {}
 
+    def configure(self, limits: Mapping[str, LimitSpec], *, ip_factor: float) -> None:
+        """New limits (a configuration reload).  What each key used in its current window
+        still counts: a reload does not hand out a fresh allowance."""
+        self.limits = dict(limits)
+        self.ip_factor = ip_factor
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -386,3 +386,28 @@ def test_the_legacy_x509_certificate_label_still_counts(pairs: tuple[Pair, Pair,
     live.mkdir()
     (live / "legacy.pem").write_bytes(chain)
     assert len(load_certificate_chain(live / "legacy.pem")) == 2
+
+
+async def test_changed_certificate_paths_apply_with_the_reload(
+    app_factory: Callable[..., Any], settings_factory: Callable[..., Any],
+    pairs: tuple[Pair, Pair, Path]
+) -> None:
+    """SIGHUP (``App.reload``) reads the configuration first: ``tls_cert`` / ``tls_key``
+    pointing at other files are served from then on."""
+    a, b, _live = pairs
+    cfg: dict[str, Any] = {"tls_cert": a.cert_pem, "tls_key": a.key_pem}
+    app = await app_factory(**cfg)
+    app.config_source = lambda: settings_factory(**cfg)
+    cfg.update(tls_cert=b.cert_pem, tls_key=b.key_pem)
+    config, tls = await app.reload()
+    assert config.applied == ("tls_cert", "tls_key") and tls == {"quic": None}
+    c = await client(quic_port(app), b.ca)
+    try:
+        assert served(c) == b.der
+    finally:
+        await c.close()
+    cfg["tls_key"] = a.key_pem  # B's certificate with A's key: the pair is refused
+    config, tls = await app.reload()
+    assert config.applied == ("tls_key",)
+    assert tls["quic"] is not None and "is not the private key" in tls["quic"]
+    assert quic_transport(app).tls_certificate == b.leaf

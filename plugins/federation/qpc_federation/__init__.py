@@ -19,6 +19,7 @@ from qpc_federation.service import ALPN, Federation
 
 if TYPE_CHECKING:
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
     from qpc_core.rpc import Transport
 
 STATE = "federation"
@@ -82,6 +83,25 @@ def register_transports(app: App) -> list[Transport]:
         # the peers' connection slots.
         retry="on")
     return [fed.listener]
+
+
+#: ``[federation]`` keys applied while running when the configuration is read again.
+RELOADABLE = ["federation.peers", "federation.relay_timeout_secs",
+              "federation.route_cache_secs", "federation.federation_crl",
+              "federation.federation_cert", "federation.federation_key",
+              "federation.federation_ca"]
+
+
+@hookimpl
+def register_reloadable_settings(app: App) -> list[str]:
+    return RELOADABLE
+
+
+@hookimpl
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    fed = get(app)
+    if fed is not None and reload.error is None and reload.changed("federation"):
+        fed.apply_config(app.settings.federation)
 
 
 @hookimpl

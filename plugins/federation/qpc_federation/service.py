@@ -202,7 +202,7 @@ class Federation:
             ctx.auth.extra.get("domains", frozenset()) if ctx.auth else frozenset()
         )
         d = origin_domain.strip().lower().rstrip(".")
-        if d not in domains:
+        if d not in domains or d not in self.peers:  # (a reload may have removed it)
             raise Forbidden("origin_domain is not a configured peer named by your certificate")
         return d
 
@@ -580,6 +580,62 @@ class Federation:
                 n += 1
         return n
 
+    # -- configuration reload --------------------------------------------------------------------
+    def apply_config(self, cfg: FederationConfig) -> None:
+        """A configuration reload (SIGHUP) changed keys of ``[federation]`` that apply while
+        running (the plugin's ``RELOADABLE``).  Peers added are accepted and called from
+        now on; a removed peer's connections both ways are closed, its routes and pending
+        announcements dropped, and its calls refused; a peer whose address changed is
+        called at the new one.  Timeouts and the route cache apply to the next call;
+        certificate paths are read by the certificate reload that follows."""
+        old = self.peers
+        new = {p.domain: p.address for p in cfg.peers}
+        removed = [d for d in old if d not in new]
+        moved = [d for d in new if d in old and old[d] != new[d]]
+        added = [d for d in new if d not in old]
+        self.cfg = cfg
+        self.peers = new
+        self._rank = {d: i for i, d in enumerate(new)}
+        for d in added:
+            self._connecting.setdefault(d, asyncio.Lock())
+        for d in (*removed, *moved):
+            self._drop(d)
+            self._backoff.pop(d, None)
+        for d in removed:
+            self._changes.pop(d, None)
+            wake = self._announce_wake.get(d)
+            if wake is not None:
+                wake.set()  # its announcer finds nothing left to send and ends
+            self._no_announce.discard(d)
+            self._no_many.discard(d)
+            self._fresh.discard(d)
+        if removed:
+            gone = set(removed)
+            for k in [k for k, d in self.routes.items() if d in gone]:
+                del self.routes[k]
+        if self.listener is not None:
+            self.listener.max_connections = self.max_connections
+        closed = self.drop_unlisted()
+        if added or removed or moved:
+            log.info("federation: peers now %s (added: %s; removed: %s; address changed: "
+                     "%s); %d connection(s) from removed peers closed",
+                     ", ".join(new) or "none", ", ".join(added) or "none",
+                     ", ".join(removed) or "none", ", ".join(moved) or "none", closed)
+
+    def drop_unlisted(self) -> int:
+        """Close the federation listener's connections from servers no longer configured
+        as peers.  Returns how many."""
+        n = 0
+        for proto in list(self.listener.protocols) if self.listener is not None else ():
+            auth = proto.auth
+            domains = auth.extra.get("domains", frozenset()) if auth is not None else frozenset()
+            if domains and not any(d in self.peers for d in domains):
+                log.info("federation: closing the connection from %s (%s): no longer a "
+                         "configured peer", proto.peer.host, ", ".join(sorted(domains)))
+                proto.disconnect("no longer a federation peer", ERR_PEER_CERTIFICATE)
+                n += 1
+        return n
+
     # -- origin server side: peer connections ----------------------------------------------------
     def client_configuration(self, domain: str) -> QuicConfiguration:
         tls = self.tls  # one read: a reload replaces it as a whole
@@ -633,12 +689,17 @@ class Federation:
     async def _client(self, domain: str) -> QpcClient:
         if self.connected(domain):
             return self._clients[domain]
-        async with self._connecting[domain]:
+        lock = self._connecting.get(domain)
+        if lock is None or domain not in self.peers:
+            raise Unavailable(f"{domain} is no longer a federation peer", retry_after=1.0)
+        async with lock:
             if self.connected(domain):
                 return self._clients[domain]
             self._drop(domain)
             if self.closed:
                 raise Unavailable("server shutting down", retry_after=1.0)
+            if domain not in self.peers:  # removed by a reload while this call waited
+                raise Unavailable(f"{domain} is no longer a federation peer", retry_after=1.0)
             until, delay = self._backoff.get(domain, (0.0, 0.0))
             now = time.monotonic()
             if now < until:
@@ -790,6 +851,8 @@ class Federation:
                     log.info("federation peer %s could not be asked: %s", domain, e.message)
                     unreachable.append(domain)
                     return
+                if domain not in self.peers:
+                    return  # removed by a configuration reload meanwhile
                 asked = set(chunk)
                 for k in resp.hosted:
                     k = bytes(k)

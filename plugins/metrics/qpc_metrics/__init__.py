@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
     from qpc_core.rpc import Connection, MessageEnqueued, MessagesFetched, PeerInfo
     from qpc_metrics.collector import QpcMetrics
     from qpc_metrics.service import MetricsService
@@ -151,3 +152,10 @@ def on_tls_reload(app: App, listener: str, error: str | None) -> None:
     m = _m(app)
     if m is not None:
         m.tls_reload(listener, error is None)
+
+
+@hookimpl
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    m = _m(app)
+    if m is not None:
+        m.config_reload(reload.error is None, len(reload.restart_pending))

@@ -103,6 +103,15 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc("tls_reloads_total", "counter",
               "Certificate reloads (SIGHUP) by listener and result (ok, or error: the old "
               "certificate stays in use).", ("listener", "result")),
+    MetricDoc("config_reloads_total", "counter",
+              "Configuration reloads (SIGHUP) by result (ok, or error: the file was refused "
+              "and the running configuration stays).", ("result",)),
+    MetricDoc("config_last_reload_successful", "gauge",
+              "1 when the last configuration reload was taken (or none was tried), 0 when it "
+              "was refused."),
+    MetricDoc("config_restart_pending_settings", "gauge",
+              "Settings whose configured value differs from the running one until a "
+              "restart (they do not apply while running)."),
 )
 DOCS = {m.name: m for m in METRICS}
 FETCH_METHODS = ("fetch", "fetch_wait", "peek")
@@ -197,6 +206,9 @@ class QpcMetrics:
         self._operation = BoundedLabel()
         self.cert_expiry: dict[str, float] = {}  # listener -> not-after (unix seconds)
         self.tls_reloads: dict[tuple[str, str], int] = {}  # (listener, result) -> count
+        self.config_reloads: dict[str, int] = {}  # result -> count
+        self.config_last_ok = True
+        self.config_restart_pending = 0
 
     @property
     def queue_depth(self) -> int:
@@ -243,6 +255,12 @@ class QpcMetrics:
     def tls_reload(self, listener: str, ok: bool) -> None:
         key = (listener, "ok" if ok else "error")
         self.tls_reloads[key] = self.tls_reloads.get(key, 0) + 1
+
+    def config_reload(self, ok: bool, restart_pending: int) -> None:
+        key = "ok" if ok else "error"
+        self.config_reloads[key] = self.config_reloads.get(key, 0) + 1
+        self.config_last_ok = ok
+        self.config_restart_pending = restart_pending
 
     def storage_operation(self, operation: str, seconds: float) -> None:
         op = self._operation(operation)
@@ -312,6 +330,15 @@ class QpcMetrics:
         for (listener, result), n in sorted(self.tls_reloads.items()):
             reloads.add_metric([listener, result], n)
         yield reloads
+        creloads = CounterMetricFamily("config_reloads_total",
+                                       DOCS["config_reloads_total"].help, labels=["result"])
+        for result, n in sorted(self.config_reloads.items()):
+            creloads.add_metric([result], n)
+        yield creloads
+        name = "config_last_reload_successful"
+        yield GaugeMetricFamily(name, DOCS[name].help, value=int(self.config_last_ok))
+        name = "config_restart_pending_settings"
+        yield GaugeMetricFamily(name, DOCS[name].help, value=self.config_restart_pending)
 
     @staticmethod
     def _histograms(name: str, label: str, by: dict[str, Histogram]) -> HistogramMetricFamily:
