@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,17 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     }
     base.update(overrides)
     return load_config(None, base, env={})
+
+
+async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Wait until ``cond()`` holds (a state the test waits for, reached by the server's own
+    work), checking every few milliseconds; fail after ``timeout`` seconds.  Never a fixed
+    sleep: the wait ends as soon as the state is there."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {what}")
+        await asyncio.sleep(0.002)
 
 
 def quic_transport(app: App) -> QuicTransport:

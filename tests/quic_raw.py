@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from aioquic.quic.connection import QuicConnection
 
 from qpc_core.app import App
 from qpc_core.framing import ResponseDecoder, ResponseFrame, encode_auth_request, encode_request
-from qpc_core.testing import quic_port
+from qpc_core.testing import quic_port, until  # noqa: F401 - until: re-exported for the tests
 
 HEALTH = 802
 FLOW_CONTROL_ERROR = 0x3
@@ -153,13 +152,3 @@ async def raw_clients(app: App) -> AsyncIterator[Callable[..., Awaitable[RawClie
         yield make
 
 
-async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait (bounded) until ``cond()`` holds, checking at every few loop iterations."""
-    deadline = time.monotonic() + timeout
-    for _ in range(100_000):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"condition not met within {timeout} s: {what}")

@@ -118,7 +118,7 @@ def test_every_scaling_trigger_has_a_warning_and_a_critical_rule() -> None:
         assert seen.get(trigger) == {"warning": warn, "critical": crit}, trigger
     extras = set(seen) - set(TRIGGERS)
     # beyond the guide, documented
-    assert extras == {"availability", "open_files", "tls_certificate"}
+    assert extras == {"availability", "open_files", "tls_certificate", "config_reload"}
 
 
 def test_the_unit_tests_cover_every_alert_and_severity() -> None:
