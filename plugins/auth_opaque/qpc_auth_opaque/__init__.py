@@ -17,6 +17,7 @@ from qpc_core.rpc import AuthResult, ConfigSection, PeerInfo, RpcContext, RpcMet
 if TYPE_CHECKING:
     from qpc_auth_opaque.service import OpaqueService
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
 
 NAME = "auth_opaque"
 REGISTER_START, REGISTER_FINISH, LOGIN_START, LOGIN_FINISH, LOGOUT = 100, 101, 102, 103, 107
@@ -38,6 +39,25 @@ async def startup(app: App) -> None:
 
     setup = await load_or_create_setup(app)
     app.state[NAME] = OpaqueService(app, app.plugin_config(NAME), setup)
+
+
+#: Keys of ``[auth_opaque]`` applied while running (SIGHUP): each is read where it is used.
+#: The OPAQUE parameters (ksf, context, server_identity) are part of every stored record and
+#: the failure throttles are built at start-up: those need a restart.
+RELOADABLE = ("registration_open", "session_lifetime_secs", "pending_login_ttl_secs",
+              "max_pending_logins", "max_pending_logins_per_ip")
+
+
+@hookimpl
+def register_reloadable_settings(app: App) -> list[str]:
+    return [f"{NAME}.{key}" for key in RELOADABLE]
+
+
+@hookimpl
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    svc: OpaqueService | None = app.state.get(NAME)
+    if svc is not None and reload.error is None and reload.changed(NAME):
+        svc.cfg = app.plugin_config(NAME)
 
 
 def _h(name: str) -> Any:

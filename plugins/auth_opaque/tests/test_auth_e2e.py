@@ -341,3 +341,23 @@ async def test_configured_server_identity_must_match(app_factory, connect) -> No
     other = await anon(connect, app, identity=c.identity)
     with pytest.raises(Unauthenticated):  # a client that does not use it cannot log in
         await opaque_client.login(other, "erin", "pw-erin", ksf=FAST)
+
+
+async def test_registration_closes_on_a_configuration_reload(
+    app_factory, settings_factory, connect
+) -> None:
+    cfg = {"plugins": ["auth_opaque"], "auth_opaque": dict(CFG)}
+    app = await app_factory(**cfg)
+    app.config_source = lambda: settings_factory(**cfg)
+    alice = await register(connect, app, "alice")
+    cfg["auth_opaque"] = {**CFG, "registration_open": False, "context": "other",
+                          "session_lifetime_secs": 60}
+    r = await app.reload_config()
+    assert r.applied == ("auth_opaque.registration_open", "auth_opaque.session_lifetime_secs")
+    assert r.restart_pending == ("auth_opaque.context",)  # part of every stored record
+    with pytest.raises(Forbidden, match="registration is closed"):
+        await register(connect, app, "bob")
+    # Login still works: the OPAQUE context keeps its running value.
+    res = await opaque_client.login(alice, "alice", "correct horse", ksf=FAST)
+    session = await app.storage.get_session(token_hash(res.session_token))
+    assert session is not None and session.expires_at - session.created_at <= 61

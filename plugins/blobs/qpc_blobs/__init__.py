@@ -18,6 +18,7 @@ from qpc_core.rpc import ConfigSection, RpcContext, RpcMethod
 if TYPE_CHECKING:
     from qpc_blobs.service import BlobService
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
 
 NAME = "blobs"  # entry point = --plugins token = config table = app.state key = kv namespace
 UPLOAD_BLOB, DOWNLOAD_BLOB, BLOB_UPLOAD_STATUS = 600, 601, 602
@@ -51,6 +52,25 @@ def register_rpc_methods(app: App) -> list[RpcMethod]:
         RpcMethod(BLOB_UPLOAD_STATUS, "BlobUploadStatus", pb.BlobUploadStatusRequest,
                   _h("status"), group="blobs", auth="identity"),
     ]
+
+
+#: Keys of ``[blobs]`` applied while running (SIGHUP), to uploads started from then on:
+#: each is read where it is used.  Chunk sizes, reordering, GC timing and sole_node are
+#: fixed at start-up.
+RELOADABLE = ("max_blob_bytes", "quota_bytes_per_identity", "max_blobs_per_identity",
+              "max_partial_uploads_per_identity", "partial_ttl_secs")
+
+
+@hookimpl
+def register_reloadable_settings(app: App) -> list[str]:
+    return [f"{NAME}.{key}" for key in RELOADABLE]
+
+
+@hookimpl
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    svc: BlobService | None = app.state.get(NAME)
+    if svc is not None and reload.error is None and reload.changed(NAME):
+        svc.cfg = app.plugin_config(NAME)
 
 
 @hookimpl

@@ -138,6 +138,26 @@ async def test_over_size_is_too_large(app_factory, connect) -> None:
     assert partial_files(app) == []
 
 
+async def test_limits_follow_a_configuration_reload(
+    app_factory, settings_factory, connect
+) -> None:
+    cfg = {"plugins": ["blobs"], "blobs": {"max_blob_bytes": 1000}}
+    app = await app_factory(**cfg)
+    app.config_source = lambda: settings_factory(**cfg)
+    c = await connect(app)
+    with pytest.raises(TooLarge, match="maximum of 1000 bytes"):
+        await blobs.upload(c, os.urandom(1500))
+    cfg["blobs"] = {"max_blob_bytes": 6000, "quota_bytes_per_identity": 9000,
+                    "max_chunk_bytes": 8 * KIB}
+    r = await app.reload_config()
+    assert r.applied == ("blobs.max_blob_bytes", "blobs.quota_bytes_per_identity")
+    assert r.restart_pending == ("blobs.max_chunk_bytes",)
+    await blobs.upload(c, os.urandom(5000))
+    with pytest.raises(QuotaExceeded, match="5000 of 9000 bytes in use"):
+        await blobs.upload(c, os.urandom(5000))
+    assert partial_files(app) == []
+
+
 async def test_quota_per_identity(app_factory, connect) -> None:
     app = await app_factory(plugins=["blobs"], blobs={"quota_bytes_per_identity": 10_000})
     alice, bob = await connect(app), await connect(app)

@@ -24,6 +24,7 @@ from qpc_ws_bridge.config import WsBridgeConfig
 
 if TYPE_CHECKING:
     from qpc_core.app import App
+    from qpc_core.config import ConfigReload
     from qpc_core.rpc import Transport
 
 NAME = "ws_bridge"  # entry point = --plugins token = config table = app.state key
@@ -61,6 +62,23 @@ async def startup(app: App) -> None:
         raise ConfigError("config: " + "; ".join(problems))
     bridge = app.state[NAME] = WsBridge(app, cfg)
     metrics_registry(app).register(_Collector(bridge))
+
+
+#: Keys of ``[ws_bridge]`` applied while running (SIGHUP), to connections opened from then
+#: on.  ``public_hosts`` is not among them: production's rule for it is checked at start-up.
+RELOADABLE = ("allowed_origins", "trusted_proxies", "max_connections")
+
+
+@hookimpl
+def register_reloadable_settings(app: App) -> list[str]:
+    return [f"{NAME}.{key}" for key in RELOADABLE]
+
+
+@hookimpl
+async def on_config_reload(app: App, reload: ConfigReload) -> None:
+    bridge: WsBridge | None = app.state.get(NAME)
+    if bridge is not None and reload.error is None and reload.changed(NAME):
+        bridge.configure(app.plugin_config(NAME))
 
 
 @hookimpl

@@ -416,10 +416,20 @@ class WsBridge:
         self._current_ssl: ssl.SSLContext | None = None  # the newest (see _ssl_context)
         #: The certificate new wss:// connections get (None with plain ws://).
         self.tls_certificate: x509.Certificate | None = None
-        self._proxies = [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
+        self._proxies = self._networks(cfg)
         self._client_js: bytes | None = None
         self.half_open: dict[str, int] = {}  # TCP connections not yet upgraded, per IP
         self.half_open_total = 0
+
+    @staticmethod
+    def _networks(cfg: WsBridgeConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(p, strict=False) for p in cfg.trusted_proxies]
+
+    def configure(self, cfg: WsBridgeConfig) -> None:
+        """A configuration reload: origins, trusted proxies and the connection cap apply to
+        connections opened from now on (the other keys keep their running values)."""
+        self._proxies = self._networks(cfg)
+        self.cfg = cfg
 
     @property
     def ready(self) -> bool:

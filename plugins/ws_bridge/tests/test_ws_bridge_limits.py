@@ -54,6 +54,26 @@ async def test_origins_hosts_paths_and_subprotocol(app_factory) -> None:
     assert bridge(app).refused == {"origin": 1, "host": 1, "not found": 1, "subprotocol": 1}
 
 
+async def test_origins_follow_a_configuration_reload(app_factory, settings_factory) -> None:
+    cfg = bridge_settings(allowed_origins=["http://good.example"])
+    app = await app_factory(**cfg)
+    app.config_source = lambda: settings_factory(**cfg)
+    url = ws_url(app)
+    ok = await WsClient.connect(url, token=TEST_TOKEN, origin="http://good.example")
+    cfg["ws_bridge"] = {**cfg["ws_bridge"], "allowed_origins": ["http://new.example"],
+                        "path": "/v2/ws"}
+    r = await app.reload_config()
+    assert (r.applied, r.restart_pending) == (("ws_bridge.allowed_origins",),
+                                              ("ws_bridge.path",))
+    sub = {"subprotocols": [wire.SUBPROTOCOL]}
+    assert await status_of(url, origin="http://good.example", **sub) == 403
+    c = await WsClient.connect(url, token=TEST_TOKEN, origin="http://new.example")
+    await c.close()
+    assert (await ok.call(106, common_pb2.WhoAmIRequest(),
+                          common_pb2.WhoAmIResponse)).authenticated  # open ones stay
+    await ok.close()
+
+
 async def test_client_library_is_served(app_factory) -> None:
     import http.client
 
