@@ -365,6 +365,10 @@ class App:
             result = ConfigReload(old, error=str(e),
                                   restart_pending=self.config_restart_pending)
             log.error("configuration not reloaded, the running one stays: %s", e)
+        except Exception as e:  # a bug, or something the readers did not foresee: refused
+            result = ConfigReload(old, error=f"{type(e).__name__}: {e}",
+                                  restart_pending=self.config_restart_pending)
+            log.exception("configuration not reloaded, the running one stays")
         else:
             self.settings = new
             self._plugin_config = plugin_config
@@ -389,8 +393,10 @@ class App:
         """SIGHUP: :meth:`reload_config`, then :meth:`reload_tls` (certificate paths may
         have changed).  One reload at a time."""
         async with self._reload_lock:
-            config = await self._reload_config()
-            tls = await self._reload_tls()
+            try:
+                config = await self._reload_config()
+            finally:  # a renewed certificate is taken whatever became of the configuration
+                tls = await self._reload_tls()
         return config, tls
 
     def _reload_signal(self) -> None:

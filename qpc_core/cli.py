@@ -96,7 +96,7 @@ def _setup_logging(level: str) -> None:
 
 def _make_app(args: argparse.Namespace) -> Any:
     from qpc_core.app import App
-    from qpc_core.config import load_config
+    from qpc_core.config import DEFAULT_CONFIG_FILE, load_config
 
     overrides = _overrides(args)
     settings = load_config(args.config, overrides)
@@ -104,8 +104,15 @@ def _make_app(args: argparse.Namespace) -> Any:
         raise ConfigError(f"config: data_dir: {settings.data_dir} exists and is not a directory")
     _setup_logging(settings.log_level)
     app = App(settings)
-    # SIGHUP reads the same sources again: the file, the environment, these flags.
-    app.config_source = lambda: load_config(args.config, overrides)
+    # SIGHUP reads the same sources again: the file, the environment, these flags.  The
+    # file is the one read now (./qpc-server.toml when no --config): if it is gone at the
+    # reload, that is an error, not "no file" (which would put every default back).
+    source = args.config
+    if source is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        source = Path(DEFAULT_CONFIG_FILE)
+    if source is not None:
+        source = Path(source).resolve()
+    app.config_source = lambda: load_config(source, overrides)
     return app
 
 

@@ -494,6 +494,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {path}: not UTF-8 text (TOML files are UTF-8): {e}") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"config: {path}: cannot be read: {e.strerror or e}") from None
 
 
 def load_config(

@@ -165,12 +165,17 @@ class Hooks:
                                   f"expected dotted config keys, got {key!r}")
             head = key.split(".")[0]
             field = Settings.model_fields.get(head)
-            if field is not None and not (
-                    isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-                    and "." in key):
+            if field is None:
+                continue
+            table = (isinstance(field.annotation, type)
+                     and issubclass(field.annotation, BaseModel))
+            if not table or "." not in key:
                 raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
                                   "is a core setting; core decides whether it applies while "
                                   "running")
+            if plugin != head:  # core validates [federation] for the plugin of that name
+                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
+                                  f"belongs to the '{head}' plugin, which alone applies it")
         return out
 
     def check_config(self, app: App) -> list[tuple[str, str]]:

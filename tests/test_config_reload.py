@@ -5,12 +5,14 @@ waiting for a restart, and a configuration start-up would refuse changes nothing
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import qpc_metrics
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from plugin_helpers import use_fake_plugins
 from quic_raw import until
@@ -23,6 +25,7 @@ from qpc_core.config import (
     FederationConfig,
     FederationPeer,
     changed_settings,
+    load_config,
     merge_settings,
 )
 from qpc_core.errors import (
@@ -196,6 +199,79 @@ def test_a_plugin_cannot_declare_a_core_setting(
     use_fake_plugins(monkeypatch, claims="claims_core_key")
     with pytest.raises(PluginError, match="'max_connections' is a core setting"):
         App(make_settings(tmp_path / "data", plugins=["claims"]))
+
+
+def test_only_the_federation_plugin_declares_federation_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_fake_plugins(monkeypatch, claims="claims_federation_key")
+    with pytest.raises(PluginError, match=r"'federation\.listen' belongs to the 'federation' "
+                                          "plugin"):
+        App(make_settings(tmp_path / "data", plugins=["claims"]))
+
+
+async def test_an_unreadable_file_is_a_refused_reload_and_certificates_still_reload(
+    monkeypatch: pytest.MonkeyPatch, app_factory: Factory, tmp_path: Path
+) -> None:
+    """A file that is not UTF-8 (saved by a latin-1 editor) or cannot be read is a refused
+    reload like any other: reported to the hooks and the metrics, and the certificate
+    reload that follows it still runs (a renewal is not lost with it)."""
+    app = await app_factory(plugins=["metrics"])
+    conf = tmp_path / "qpc-server.toml"
+    conf.write_bytes(b'log_level = "caf\xe9"\n')
+    app.config_source = lambda: load_config(conf, {}, env={})
+    tls_reloads: list[int] = []
+    real = app._reload_tls
+
+    async def counted() -> dict[str, str | None]:
+        tls_reloads.append(1)
+        return await real()
+
+    monkeypatch.setattr(app, "_reload_tls", counted)
+    config, tls = await app.reload()
+    assert config.error is not None and "not UTF-8" in config.error
+    assert tls_reloads == [1] and tls == {"quic": None}
+    m = qpc_metrics._m(app)
+    assert m is not None and not m.config_last_ok and m.config_reloads == {"error": 1}
+    conf.unlink()
+    conf.mkdir()  # a directory where the file was
+    config, _tls = await app.reload()
+    assert config.error is not None and "cannot be read" in config.error
+    assert m.config_reloads == {"error": 2}
+
+    def bug() -> Any:
+        raise RuntimeError("a bug in a reader")
+
+    app.config_source = bug
+    config, _tls = await app.reload()
+    assert config.error == "RuntimeError: a bug in a reader" and tls_reloads == [1, 1, 1]
+
+
+async def test_a_vanished_default_file_is_an_error_not_the_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, connect: Factory
+) -> None:
+    """``qpc run`` without --config reads ./qpc-server.toml; a reload after that file went
+    away (moved while editing) is refused, not read as "no file" (which would put every
+    default back, the development operator token among them)."""
+    from qpc_core.cli import _make_app, build_parser
+
+    for k in [k for k in os.environ if k.startswith("QPC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qpc-server.toml").write_text('auth_token = "operator-secret-0123456789"\n')
+    args = build_parser().parse_args(["run", "--data-dir", str(tmp_path / "data"), "--listen",
+                                      "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+    app = _make_app(args)
+    await app.start()
+    try:
+        (tmp_path / "qpc-server.toml").rename(tmp_path / "qpc-server.toml.bak")
+        r = await app.reload_config()
+        assert r.error is not None and "file not found" in r.error
+        assert app.settings.auth_token_value() == "operator-secret-0123456789"
+        with pytest.raises(Unauthenticated):
+            await connect(app, token="devtoken")
+    finally:
+        await app.stop()
 
 
 async def test_without_a_source_a_reload_reads_nothing(app_factory: Factory) -> None:

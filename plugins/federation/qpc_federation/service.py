@@ -507,6 +507,11 @@ class Federation:
                 self._next_crl = crl
             raise
         if tls.ca == self.tls.ca:  # a new CA starts its own numbering
+            if tls.crl is None and current is not None:
+                raise ConfigError(
+                    "config: federation.federation_crl: no longer set, but a revocation list "
+                    "is in use: kept (dropping it would re-admit the certificates it "
+                    "revokes; a new federation CA starts without one)")
             certs.check_not_older(tls.crl, current)
         self._next_tls = tls
         return tls.material
@@ -525,9 +530,8 @@ class Federation:
             self.app.spawn(self.remember_list(), "federation-crl-number")
         self._next_tls = self._next_crl = None
         if self.cfg.federation_crl is None:
-            log.warning("federation: no federation_crl configured: a revocation list takes "
-                        "effect only once it is set (then restart); see qpc-federation-certs "
-                        "crl")
+            log.warning("federation: no federation_crl configured: revocations take effect "
+                        "only once one is set (then SIGHUP); see qpc-federation-certs crl")
         self.drop_revoked()
 
     async def check_list_number(self) -> None:
@@ -588,7 +592,7 @@ class Federation:
         announcements dropped, and its calls refused; a peer whose address changed is
         called at the new one.  Timeouts and the route cache apply to the next call;
         certificate paths are read by the certificate reload that follows."""
-        old = self.peers
+        old, old_cache = self.peers, self.cfg.route_cache_secs
         new = {p.domain: p.address for p in cfg.peers}
         removed = [d for d in old if d not in new]
         moved = [d for d in new if d in old and old[d] != new[d]]
@@ -613,6 +617,12 @@ class Federation:
             gone = set(removed)
             for k in [k for k, d in self.routes.items() if d in gone]:
                 del self.routes[k]
+        if added:
+            self.nowhere.clear()  # "no peer hosts it" was learnt without the new peers
+        elif cfg.route_cache_secs < old_cache:  # nothing remembered longer than now allowed
+            latest = time.monotonic() + cfg.route_cache_secs
+            for k in [k for k, until in self.nowhere.items() if until > latest]:
+                del self.nowhere[k]
         if self.listener is not None:
             self.listener.max_connections = self.max_connections
         closed = self.drop_unlisted()
@@ -705,7 +715,8 @@ class Federation:
             if now < until:
                 raise Unavailable(f"federation peer {domain} unreachable (retrying in "
                                   f"{until - now:.1f}s)", retry_after=until - now)
-            host, port = parse_hostport(self.peers[domain])
+            address = self.peers[domain]
+            host, port = parse_hostport(address)
             # The caller waits relay_timeout_secs at most; an attempt given up on finishes
             # (and is closed) in the background, where the library's closing period runs.
             attempt = asyncio.ensure_future(QpcClient.connect(
@@ -730,6 +741,10 @@ class Federation:
             if self.closed:  # shut down while connecting
                 await c.close()
                 raise Unavailable("server shutting down", retry_after=1.0)
+            if self.peers.get(domain) != address:  # removed or moved by a reload meanwhile
+                await c.close()
+                raise Unavailable(f"{domain} is no longer a federation peer at {address}",
+                                  retry_after=1.0)
             try:  # the peer's server certificate: chained to the CA (library), not revoked
                 self.tls.check_revoked(peer_certificates(c.protocol._quic))
             except Revoked as e:
@@ -862,7 +877,8 @@ class Federation:
                     if prev is not None and prev != domain:
                         log.warning("federation peers %s and %s both claim an identity key; "
                                     "the first in config order is used", prev, domain)
-                    if prev is None or self._rank[domain] < self._rank[prev]:
+                    # (prev may have been removed by a reload since it answered)
+                    if prev is None or self._rank[domain] < self._rank.get(prev, math.inf):
                         found[k] = domain
 
         await _all(ask(d) for d in self.peers)
