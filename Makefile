@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP  := $(VENV)/.installed
+JS_DIR := plugins/ws_bridge/js
+# The browser OPAQUE client the ws_bridge plugin serves (scripts/build-js.sh, npm).
+OPAQUE_JS := plugins/ws_bridge/qpc_ws_bridge/static/qpc-opaque.js
 CONFIG ?= qpc-server.example.toml
 
 .PHONY: install run test bench lint proto clean system-deps
@@ -15,15 +18,18 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) scripts/system-dep
 	$(BIN)/python -m pip install -q -e '.[dev]' $(foreach d,$(PLUGIN_DIRS),-e $(d))
 	touch $(STAMP)
 
-install: $(STAMP)
+$(OPAQUE_JS): $(JS_DIR)/package.json $(JS_DIR)/package-lock.json $(JS_DIR)/src/opaque.js scripts/build-js.sh
+	bash scripts/build-js.sh
+
+install: $(STAMP) $(OPAQUE_JS)
 
 system-deps:
 	bash scripts/system-deps.sh
 
-run: $(STAMP)
+run: $(STAMP) $(OPAQUE_JS)
 	$(BIN)/qpc run --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) $(OPAQUE_JS)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -52,6 +52,9 @@ log = logging.getLogger("qpc.ws_bridge")
 
 #: What identity proofs on the bridge are bound to, before the host (docs/protocol.md).
 HOST_BINDING_CONTEXT = b"qpc-v1 ws-host\x00"
+#: The browser OPAQUE client (built from plugins/ws_bridge/js by `make install`), served
+#: next to qpc.js.
+OPAQUE_JS = "qpc-opaque.js"
 #: Pushes a connection may have waiting to be written; more are dropped (pushes are hints).
 MAX_PUSH_BACKLOG = 64
 #: Error answers a connection may have waiting to be written before reading it stops.
@@ -418,6 +421,7 @@ class WsBridge:
         self.tls_certificate: x509.Certificate | None = None
         self._proxies = self._networks(cfg)
         self._client_js: bytes | None = None
+        self._opaque_js: bytes | None = None
         self.half_open: dict[str, int] = {}  # TCP connections not yet upgraded, per IP
         self.half_open_total = 0
 
@@ -439,7 +443,15 @@ class WsBridge:
     async def start(self, app: App) -> None:
         host, port = parse_hostport(self.cfg.listen)
         if self.cfg.serve_client_js:
-            self._client_js = (resources.files("qpc_ws_bridge") / "static" / "qpc.js").read_bytes()
+            static = resources.files("qpc_ws_bridge") / "static"
+            self._client_js = (static / "qpc.js").read_bytes()
+            opaque = static / OPAQUE_JS
+            if opaque.is_file():
+                self._opaque_js = opaque.read_bytes()
+            else:
+                log.warning("ws_bridge: %s (the browser OPAQUE client) is not built, so "
+                            "browsers cannot log in with a password here: run `make install`"
+                            " (or `npm ci && npm run build` in plugins/ws_bridge/js)", OPAQUE_JS)
         keepalive = app.settings.keepalive_interval_secs or None
         self._server = await serve(
             self._handle, host, port,
@@ -639,13 +651,15 @@ class WsBridge:
                 return self._refuse(ws, 400, f"repeated header: more than one {name} header")
         path = request.path.split("?", 1)[0]
         base = self.cfg.path
-        if self._client_js is not None and path == base.rstrip("/") + "/qpc.js":
+        script = {"qpc.js": self._client_js, OPAQUE_JS: self._opaque_js}.get(
+            path[len(base.rstrip("/")) + 1:]) if path.startswith(base.rstrip("/") + "/") else None
+        if script is not None:
             return Response(200, "OK", Headers([
                 ("Content-Type", "text/javascript; charset=utf-8"),
-                ("Content-Length", str(len(self._client_js))),
+                ("Content-Length", str(len(script))),
                 ("Cache-Control", "no-cache"),
                 ("X-Content-Type-Options", "nosniff"),
-            ]), self._client_js)
+            ]), script)
         if path != base:
             return self._refuse(ws, 404, f"not found: the WebSocket endpoint is {base}")
         host = _one(request.headers, "Host").lower()

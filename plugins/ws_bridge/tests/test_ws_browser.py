@@ -5,17 +5,12 @@ a cancelled long poll, and a page of another origin refused."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import http.server
 import json
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ws_helpers import bridge, bridge_settings, until, ws_url
+from ws_helpers import bridge, bridge_settings, page_server, until, ws_url
 
 from qpc_core.app import App
 from qpc_core.pb import delivery_pb2
@@ -24,22 +19,6 @@ from qpc_core.testing_chromium import CHROMIUM, chromium
 
 pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                                 reason="chromium is not installed (make system-deps installs it)")
-
-
-@contextlib.contextmanager
-def page_server(root: Path) -> Iterator[str]:
-    """Serve ``root`` over HTTP on loopback; yields the origin (http://127.0.0.1:port)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(10)
 
 
 def write_page(root: Path, app: App) -> None:
