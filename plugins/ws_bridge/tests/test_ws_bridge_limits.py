@@ -74,24 +74,43 @@ async def test_origins_follow_a_configuration_reload(app_factory, settings_facto
     await ok.close()
 
 
-async def test_client_library_is_served(app_factory) -> None:
+def http_get(app: App, path: str) -> tuple[int, str, bytes]:
     import http.client
 
-    app = await app_factory(**bridge_settings())
     host, port = bridge(app).address
+    h = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        h.request("GET", path)
+        r = h.getresponse()
+        return r.status, r.getheader("Content-Type") or "", r.read()
+    finally:
+        h.close()
 
-    def get() -> tuple[int, str, bytes]:
-        h = http.client.HTTPConnection(host, port, timeout=10)
-        try:
-            h.request("GET", "/v1/ws/qpc.js")
-            r = h.getresponse()
-            return r.status, r.getheader("Content-Type") or "", r.read()
-        finally:
-            h.close()
 
-    status, ctype, body = await asyncio.to_thread(get)
+async def test_client_library_is_served(app_factory) -> None:
+    app = await app_factory(**bridge_settings())
+    status, ctype, body = await asyncio.to_thread(http_get, app, "/v1/ws/qpc.js")
     assert status == 200 and ctype.startswith("text/javascript")
     assert b"root.Qpc = {" in body and b'"qpc.v1"' in body
+    status, ctype, body = await asyncio.to_thread(http_get, app, "/v1/ws/qpc-opaque.js")
+    assert status == 200 and ctype.startswith("text/javascript")
+    assert b"QpcOpaque" in body and b"OPAQUE-DeriveDiffieHellmanKeyPair" in body
+    status, _ctype, _body = await asyncio.to_thread(http_get, app, "/v1/ws/other.js")
+    assert status == 404
+
+
+async def test_an_unbuilt_opaque_client_is_said_and_not_served(
+    app_factory, monkeypatch, caplog
+) -> None:
+    import qpc_ws_bridge.bridge as bridge_mod
+
+    monkeypatch.setattr(bridge_mod, "OPAQUE_JS", "not-built.js")
+    app = await app_factory(**bridge_settings())
+    assert any("not-built.js (the browser OPAQUE client) is not built" in r.getMessage()
+               for r in caplog.records)
+    status, _ctype, body = await asyncio.to_thread(http_get, app, "/v1/ws/not-built.js")
+    assert status == 404 and b"not found" in body
+    assert (await asyncio.to_thread(http_get, app, "/v1/ws/qpc.js"))[0] == 200
 
 
 async def test_connection_caps(app_factory) -> None:
