@@ -85,8 +85,16 @@ class App:
         self._config_sections = self.hooks.register_config_sections(self)
         self.validate_config()
         self._collect_methods()
+        declared = self.hooks.register_reloadable_settings(self)
+        owners = {section.name: plugin for plugin, section in self._config_sections}
+        for plugin, key in declared:
+            head = key.split(".")[0]
+            if owners.get(head, plugin) != plugin:
+                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
+                                  f"belongs to the '{owners[head]}' plugin, which alone "
+                                  "applies it")
         self.reloadable_settings: frozenset[str] = CORE_RELOADABLE | frozenset(
-            key for _plugin, key in self.hooks.register_reloadable_settings(self))
+            key for _plugin, key in declared)
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -361,6 +369,8 @@ class App:
             restart = [k for k in changed if k not in live]
             new = merge_settings(old, read, live) if live else old
             plugin_config = self._validated(new)
+            if live:
+                self.hooks.check_reload(self, new)
         except (ConfigError, PluginError) as e:
             result = ConfigReload(old, error=str(e),
                                   restart_pending=self.config_restart_pending)

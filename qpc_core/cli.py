@@ -111,7 +111,7 @@ def _make_app(args: argparse.Namespace) -> Any:
     if source is None and Path(DEFAULT_CONFIG_FILE).is_file():
         source = Path(DEFAULT_CONFIG_FILE)
     if source is not None:
-        source = Path(source).resolve()
+        source = Path(source).absolute()  # not resolve(): a symlink is followed at each read
     app.config_source = lambda: load_config(source, overrides)
     return app
 

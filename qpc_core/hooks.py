@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
-    from qpc_core.config import ConfigReload
+    from qpc_core.config import ConfigReload, Settings
     from qpc_core.plugins import PluginInfo
     from qpc_core.rpc import (
         AuthResult,
@@ -177,6 +177,15 @@ class Hooks:
                 raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
                                   f"belongs to the '{head}' plugin, which alone applies it")
         return out
+
+    def check_reload(self, app: App, new: Settings) -> None:
+        for plugin, fn in self._impls("check_reload"):
+            try:
+                fn(app=app, new=new)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise PluginError(f"plugin '{plugin}': hook 'check_reload' failed: {e}") from e
 
     def check_config(self, app: App) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from qpc_core.app import App
-    from qpc_core.config import ConfigReload
+    from qpc_core.config import ConfigReload, Settings
     from qpc_core.rpc import (
         AuthResult,
         ConfigSection,
@@ -120,6 +120,14 @@ def register_reloadable_settings(app: App) -> list[str]:
     the tables core validates for plugins (``federation.*``).  A changed key nobody declared
     keeps its running value until a restart.  Apply the change in ``on_config_reload``."""
     return []
+
+
+@hookspec
+def check_reload(app: App, new: Settings) -> None:
+    """Before a configuration reload changes anything: raise
+    :class:`~qpc_core.errors.ConfigError` to refuse it whole (the running configuration
+    stays, the refusal is logged and counted).  ``new`` is what would then be in force
+    (changed settings that need a restart keep their running values in it)."""
 
 
 @hookspec

@@ -210,6 +210,44 @@ def test_only_the_federation_plugin_declares_federation_keys(
         App(make_settings(tmp_path / "data", plugins=["claims"]))
 
 
+def test_a_plugin_cannot_declare_another_plugins_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_fake_plugins(monkeypatch, claims="claims_blobs_key")
+    with pytest.raises(PluginError, match=r"'blobs\.max_chunk_bytes' belongs to the 'blobs' "
+                                          "plugin"):
+        App(make_settings(tmp_path / "data", plugins=["blobs", "claims"]))
+
+
+async def test_a_reload_follows_the_config_symlink_as_start_up_did(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--config`` is often a symlink that deployment re-points (``current ->
+    releases/N``, a Kubernetes ConfigMap): each reload reads what it points to then."""
+    from qpc_core.cli import _make_app, build_parser
+
+    for k in [k for k in os.environ if k.startswith("QPC_")]:
+        monkeypatch.delenv(k)
+    for n, depth in ((1, 10), (2, 20)):
+        (tmp_path / f"release-{n}").mkdir()
+        (tmp_path / f"release-{n}" / "qpc-server.toml").write_text(f"max_queue_depth = {depth}\n")
+    link = tmp_path / "qpc-server.toml"
+    link.symlink_to(tmp_path / "release-1" / "qpc-server.toml")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args([
+        "run", "--config", "qpc-server.toml", "--data-dir", str(tmp_path / "data"),
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+    app = _make_app(args)
+    assert app.settings.max_queue_depth == 10
+    monkeypatch.chdir(tmp_path / "release-1")  # a relative --config stays the one started with
+    new = tmp_path / "qpc-server.toml.new"  # re-pointed atomically, as deploy tools do
+    new.symlink_to(tmp_path / "release-2" / "qpc-server.toml")
+    new.replace(link)
+    r = await app.reload_config()
+    assert (r.error, r.applied) == (None, ("max_queue_depth",))
+    assert app.settings.max_queue_depth == 20
+
+
 async def test_an_unreadable_file_is_a_refused_reload_and_certificates_still_reload(
     monkeypatch: pytest.MonkeyPatch, app_factory: Factory, tmp_path: Path
 ) -> None:

@@ -57,7 +57,7 @@ def register_reloadable_settings(app: App) -> list[str]:
 async def on_config_reload(app: App, reload: ConfigReload) -> None:
     svc: OpaqueService | None = app.state.get(NAME)
     if svc is not None and reload.error is None and reload.changed(NAME):
-        svc.cfg = app.plugin_config(NAME)
+        svc.configure(app.plugin_config(NAME))
 
 
 def _h(name: str) -> Any:

@@ -229,6 +229,17 @@ class OpaqueService:
         else:
             self.pending_per_ip.pop(host, None)
 
+    def configure(self, cfg: OpaqueConfig) -> None:
+        """A configuration reload.  A lower pending_login_ttl_secs also shortens the logins
+        in progress (no pending login outlives the TTL in force, and they stay in expiry
+        order, which _prune relies on)."""
+        if cfg.pending_login_ttl_secs < self.cfg.pending_login_ttl_secs:
+            latest = time.monotonic() + cfg.pending_login_ttl_secs
+            for entries in self.pending.values():
+                for p in entries:
+                    p.expires = min(p.expires, latest)
+        self.cfg = cfg
+
     def _prune(self) -> None:
         """Forget expired logins, and the oldest ones beyond ``max_pending_logins``.  Each was
         counted as a failure when it started and stays counted (never sent LoginFinish)."""

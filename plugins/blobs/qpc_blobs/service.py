@@ -149,6 +149,9 @@ class BlobService:
         self.app = app
         self.cfg = cfg
         self.store = BlobStore(app.data_dir / "blobs")
+        #: The highest max_blob_bytes in force since start-up: the cheap first check (an
+        #: upload begun under a higher limit that a reload lowered may still finish).
+        self.max_blob_ceiling = cfg.max_blob_bytes
         budget = app.settings.max_payload_bytes - FRAME_OVERHEAD
         self.max_chunk = max(1, min(cfg.max_chunk_bytes, budget))
         self.download_chunk = min(cfg.download_chunk_bytes, self.max_chunk)
@@ -162,7 +165,7 @@ class BlobService:
         # Identities whose account deletion has not been completed by a purge yet (a running,
         # failed or interrupted one: the ``purge:`` records, and purges started since).
         self._unpurged: set[bytes] = set()
-        self._next_orphan_scan = 0.0
+        self._last_orphan_scan: float | None = None
         self._gc_started = 0
         self._gc_finished = 0
         self._gc_cond = asyncio.Condition()
@@ -260,9 +263,8 @@ class BlobService:
         ident = ctx.require_identity()
         h = check_hash(req.blob_hash, "blob_hash")
         total, offset, chunk = req.total_size, req.offset, req.chunk
-        if total > self.cfg.max_blob_bytes:
-            raise TooLarge(f"blob of {total} bytes exceeds the maximum of "
-                           f"{self.cfg.max_blob_bytes} bytes (blobs.max_blob_bytes)")
+        if total > self.max_blob_ceiling:
+            raise self._too_large(total)
         if len(chunk) > self.max_chunk:
             raise TooLarge(f"chunk of {len(chunk)} bytes exceeds the maximum of {self.max_chunk} "
                            "bytes per call: send smaller chunks")
@@ -278,7 +280,21 @@ class BlobService:
             if up.active and offset > up.received and h not in self._meta:
                 await self._wait_for_offset(up, offset)
                 await self._settle(up)
+            # The limit in force now, for uploads that start now (one in progress finishes
+            # under the limit it began with, after a reload lowered it).
+            if total > self.cfg.max_blob_bytes and not (up.active and total == up.total_size):
+                raise self._too_large(total)
             return await self._step(up, self._apply(up, offset, chunk, total, mime))
+
+    def _too_large(self, total: int) -> TooLarge:
+        return TooLarge(f"blob of {total} bytes exceeds the maximum of "
+                        f"{self.cfg.max_blob_bytes} bytes (blobs.max_blob_bytes)")
+
+    def configure(self, cfg: BlobsConfig) -> None:
+        """A configuration reload: size, quota and upload limits apply to uploads started from
+        now on; the TTL of unfinished uploads to the next collection."""
+        self.cfg = cfg
+        self.max_blob_ceiling = max(self.max_blob_ceiling, cfg.max_blob_bytes)
 
     async def status(self, ctx: RpcContext,
                      req: pb.BlobUploadStatusRequest) -> pb.BlobUploadStatusResponse:
@@ -687,8 +703,9 @@ class BlobService:
                 removed += 1
                 log.info("collected an abandoned upload of blob %s", h.hex())
         removed += await asyncio.to_thread(self.store.sweep, keep, cutoff)
-        if now >= self._next_orphan_scan:
-            self._next_orphan_scan = now + self.cfg.partial_ttl_secs
+        last = self._last_orphan_scan  # (against the TTL in force now: a reload may lower it)
+        if last is None or now >= last + self.cfg.partial_ttl_secs:
+            self._last_orphan_scan = now
             removed += await self._collect_unheld(cutoff, {h for h, n in uploading.items() if n})
         return removed
 

@@ -19,7 +19,7 @@ from qpc_federation.service import ALPN, Federation
 
 if TYPE_CHECKING:
     from qpc_core.app import App
-    from qpc_core.config import ConfigReload
+    from qpc_core.config import ConfigReload, Settings
     from qpc_core.rpc import Transport
 
 STATE = "federation"
@@ -95,6 +95,13 @@ RELOADABLE = ["federation.peers", "federation.relay_timeout_secs",
 @hookimpl
 def register_reloadable_settings(app: App) -> list[str]:
     return RELOADABLE
+
+
+@hookimpl
+def check_reload(app: App, new: Settings) -> None:
+    fed = get(app)
+    if fed is not None:
+        fed.check_reload(new.federation)
 
 
 @hookimpl

@@ -160,6 +160,7 @@ class Federation:
         self.domain = cfg.domain
         self.peers = {p.domain: p.address for p in cfg.peers}  # config order
         self._rank = {d: i for i, d in enumerate(self.peers)}
+        self._peers_gen = 0  # bumped by every reload that adds a peer (see _lookup)
         self._clients: dict[str, QpcClient] = {}
         self._connecting: dict[str, asyncio.Lock] = {d: asyncio.Lock() for d in self.peers}
         self._backoff: dict[str, tuple[float, float]] = {}  # domain -> (until, last delay)
@@ -539,9 +540,13 @@ class Federation:
         backup or configuration management) would re-admit revoked certificates: refused.
         The highest number seen per CA is kept in the store."""
         crl = self.tls.crl
-        if crl is None:
-            return
         seen = await self.app.storage.kv_get(CRL_NAMESPACE, self._ca_id())
+        if crl is None:
+            if seen is not None:
+                log.warning("federation: no federation_crl configured, but this node used "
+                            "revocation list number %s of its CA before: certificates that "
+                            "list revokes are accepted again", int(seen))
+            return
         if seen is not None and crl.number < int(seen):
             raise ConfigError(
                 f"config: federation.federation_crl: list number {crl.number} is older than "
@@ -585,6 +590,17 @@ class Federation:
         return n
 
     # -- configuration reload --------------------------------------------------------------------
+    def check_reload(self, cfg: FederationConfig) -> None:
+        """Before a configuration reload: a configuration that drops ``federation_crl``
+        while a list of the same CA is in use is refused (it would re-admit the
+        certificates the list revokes, as an older list would; a new CA starts without)."""
+        if (cfg.federation_crl is None and self.tls.crl is not None
+                and cfg.federation_ca == self.cfg.federation_ca):
+            raise ConfigError(
+                "config: federation.federation_crl: no longer set, but a revocation list "
+                f"(number {self.tls.crl.number}) is in use: refused (it would re-admit the "
+                "certificates the list revokes); a restart runs without a list")
+
     def apply_config(self, cfg: FederationConfig) -> None:
         """A configuration reload (SIGHUP) changed keys of ``[federation]`` that apply while
         running (the plugin's ``RELOADABLE``).  Peers added are accepted and called from
@@ -618,6 +634,7 @@ class Federation:
             for k in [k for k, d in self.routes.items() if d in gone]:
                 del self.routes[k]
         if added:
+            self._peers_gen += 1
             self.nowhere.clear()  # "no peer hosts it" was learnt without the new peers
         elif cfg.route_cache_secs < old_cache:  # nothing remembered longer than now allowed
             latest = time.monotonic() + cfg.route_cache_secs
@@ -735,7 +752,8 @@ class Federation:
                     raise TimeoutError(f"no handshake within {self.cfg.relay_timeout_secs:g}s")
                 c = attempt.result()
             except (OSError, TimeoutError, ConnectionError, RpcError) as e:
-                delay = self._back_off(domain)
+                # (an attempt at an address a reload replaced says nothing of the new one)
+                delay = self._back_off(domain) if self.peers.get(domain) == address else 1.0
                 raise Unavailable(f"federation peer {domain} unreachable: "
                                   f"{str(e) or type(e).__name__}", retry_after=delay) from None
             if self.closed:  # shut down while connecting
@@ -853,6 +871,7 @@ class Federation:
         and some key is still unclaimed; keys no peer claims are learnt as "nowhere"."""
         found: dict[bytes, str] = {}
         unreachable: list[str] = []
+        gen = self._peers_gen
 
         async def ask(domain: str) -> None:
             for i in range(0, len(keys), MAX_LOOKUP):
@@ -889,8 +908,9 @@ class Federation:
                 f"{', '.join(sorted(unreachable))} unreachable; retry later", retry_after=5.0)
         for k, d in found.items():
             self._learn(k, d)
-        for k in missing:
-            self._learn(k, None)
+        if gen == self._peers_gen:  # peers added meanwhile were not asked: not "nowhere"
+            for k in missing:
+                self._learn(k, None)
         return found
 
     async def homes(self, keys: Sequence[bytes]) -> list[str]:

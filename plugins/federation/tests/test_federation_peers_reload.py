@@ -23,7 +23,7 @@ from fed_helpers import (
 )
 from qpc_federation import certs
 from qpc_federation import service as service_mod
-from qpc_federation.service import FEDERATION_HEALTH, FEDERATION_LOOKUP
+from qpc_federation.service import FEDERATION_HEALTH, FEDERATION_LOOKUP, Federation
 
 from qpc_core.config import ConfigReload, FederationConfig
 from qpc_core.errors import Unavailable
@@ -236,8 +236,9 @@ async def test_removing_federation_crl_by_reload_does_not_readmit_a_revoked_peer
     app_factory: Factory, tmp_path: Path
 ) -> None:
     """A configuration that no longer names federation_crl (a template that lost the line)
-    does not turn revocation off: the certificate reload refuses it and the list in use
-    stays (as an older list would be refused: either could re-admit revoked peers)."""
+    does not turn revocation off: the reload is refused whole and the list in use stays
+    (as an older list would be refused: either could re-admit revoked peers); a routine
+    renewal of the node's own certificate is still taken."""
     ca = tmp_path / "ca"
     crl = ca / certs.CRL
     certs.make_ca(ca)
@@ -252,9 +253,9 @@ async def test_removing_federation_crl_by_reload_does_not_readmit_a_revoked_peer
                 origin_domain=D2), federation_pb2.FederationHealthResponse)
         finally:
             await c.close()
-    config, tls = await reload_federation_tls(n1, [(D2, n2.port)], federation_crl=None)
-    assert config.applied == ("federation.federation_crl",)
-    assert tls["federation"] is not None and "no longer set" in tls["federation"]
+    config, _tls = await reload_federation_tls(n1, [(D2, n2.port)], federation_crl=None)
+    assert config.error is not None and "no longer set" in config.error
+    assert config.applied == () and n1.app.settings.federation.federation_crl == crl
     assert n1.fed.tls.crl is not None
     readmitted = True
     try:
@@ -267,6 +268,10 @@ async def test_removing_federation_crl_by_reload_does_not_readmit_a_revoked_peer
     except Exception:
         readmitted = False
     assert not readmitted, "the revoked peer is accepted again after the reload"
+    serial = n1.fed.tls.material.certificate.serial_number
+    certs.issue(ca, n1.cert_dir, D1)  # the node's own certificate renewed, list unchanged
+    assert (await n1.app.reload_tls())["federation"] is None
+    assert n1.fed.tls.material.certificate.serial_number != serial
 
 
 async def test_a_removed_peers_open_connection_is_closed(
@@ -299,3 +304,69 @@ async def test_route_cache_secs_lowered_to_zero_asks_the_peers_at_once(
     lookups = count_calls(monkeypatch, only=FEDERATION_LOOKUP)
     await alice.enqueue(nobody, b"two")
     assert lookups == [FEDERATION_LOOKUP], "route_cache_secs = 0 did not apply to the next call"
+
+
+async def test_a_lookup_in_flight_when_a_peer_is_added_does_not_remember_nowhere(
+    monkeypatch: pytest.MonkeyPatch, app_factory: Factory, connect: Factory, tmp_path: Path
+) -> None:
+    """A lookup that was asking the old peers when a reload added node3 does not conclude
+    "no peer hosts bob" (node3 was not asked): bob's next message goes to node3."""
+    n1, n2, n3 = await start_mesh(app_factory, tmp_path, [D1, D2, D3])
+    await reload_federation(n1, [(D2, n2.port)])
+    await reload_federation(n3, [(D2, n2.port)])
+    bob = await connect(n3.app)
+    await register_user(n3.app, "bob", bob.identity_key)
+    alice = await connect(n1.app)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real = Federation.call
+
+    async def gated(self: Federation, domain: str, method_id: int, *a: Any) -> Any:
+        if self is n1.fed and method_id == FEDERATION_LOOKUP and not gate.is_set():
+            entered.set()
+            await gate.wait()
+        return await real(self, domain, method_id, *a)
+
+    monkeypatch.setattr(Federation, "call", gated)
+    in_flight = asyncio.ensure_future(alice.enqueue(bob.identity_key, b"in flight"))
+    await asyncio.wait_for(entered.wait(), 10)  # node1 is asking node2 (only) about bob
+    await reload_federation(n3, [(D2, n2.port), (D1, n1.port)])
+    await reload_federation(n1, [(D2, n2.port), (D3, n3.port)])  # node3 joins
+    gate.set()
+    await asyncio.gather(in_flight, return_exceptions=True)
+    assert bob.identity_key not in n1.fed.nowhere
+    await alice.enqueue(bob.identity_key, b"after node3 joined")
+    assert b"after node3 joined" in [m.data for m in await bob.fetch()]
+
+
+async def test_a_failed_connect_to_a_moved_peers_old_address_does_not_back_off_the_new(
+    monkeypatch: pytest.MonkeyPatch, app_factory: Factory, tmp_path: Path
+) -> None:
+    """A connect to the old address that fails after the reload moved the peer does not
+    put the peer (now at its new address) in back-off: the next call is tried at once."""
+    n1, n2 = await start_pair(app_factory, tmp_path)
+    old_port = free_udp_port()
+    await reload_federation(n1, [(D2, old_port)])
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real = service_mod.QpcClient.connect
+
+    async def connect_(host: str, port: int, **kw: Any) -> Any:
+        if port == old_port:
+            entered.set()
+            await gate.wait()
+            raise ConnectionRefusedError("nothing at the old address")
+        return await real(host, port, **kw)
+
+    monkeypatch.setattr(service_mod.QpcClient, "connect", connect_)
+
+    def health() -> Any:
+        return n1.fed.call(D2, FEDERATION_HEALTH,
+                           federation_pb2.FederationHealthRequest(origin_domain=D1),
+                           federation_pb2.FederationHealthResponse)
+
+    first = asyncio.ensure_future(health())
+    await asyncio.wait_for(entered.wait(), 10)
+    await reload_federation(n1, [(D2, n2.port)])  # the operator fixes the address
+    gate.set()
+    with pytest.raises(Unavailable):
+        await first
+    await health()
