@@ -5,6 +5,8 @@ set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# Node.js and npm build the ws_bridge plugin's browser OPAQUE client (scripts/build-js.sh).
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 # PostgreSQL server binaries (initdb, pg_ctl) for the storage_postgres plugin's tests.
 command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
   || need+=(postgresql)

@@ -12,6 +12,7 @@ reset, the pre-auth message size limit, the auth deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import ipaddress
@@ -448,6 +449,9 @@ class WsBridge:
             opaque = static / OPAQUE_JS
             if opaque.is_file():
                 self._opaque_js = opaque.read_bytes()
+                digest = base64.b64encode(hashlib.sha384(self._opaque_js).digest()).decode()
+                log.info("ws_bridge: serving %s, integrity sha384-%s (pin it in pages with "
+                         "<script integrity=... crossorigin>)", OPAQUE_JS, digest)
             else:
                 log.warning("ws_bridge: %s (the browser OPAQUE client) is not built, so "
                             "browsers cannot log in with a password here: run `make install`"
@@ -659,6 +663,9 @@ class WsBridge:
                 ("Content-Length", str(len(script))),
                 ("Cache-Control", "no-cache"),
                 ("X-Content-Type-Options", "nosniff"),
+                # Public files: pages of any origin may load them with integrity= (SRI
+                # needs a CORS-enabled response), so a page can refuse a changed script.
+                ("Access-Control-Allow-Origin", "*"),
             ]), script)
         if path != base:
             return self._refuse(ws, 404, f"not found: the WebSocket endpoint is {base}")

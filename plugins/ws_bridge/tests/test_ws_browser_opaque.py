@@ -173,3 +173,83 @@ async def test_register_and_log_in_from_a_browser(
     # ... and the browser logged in as the user the SDK registered: the same export key.
     again = await opaque_client.login(bob, "bob", "bobs password", ksf=py_ksf)
     assert again.export_key.hex() == out["bobExport"]
+
+
+async def test_bad_arguments_fail_before_anything_is_sent(
+    app_factory: Factory, tmp_path: Path
+) -> None:
+    """A password that is not a non-empty string (a number, the <input> element itself)
+    is a TypeError, never read as "": an empty password would give anyone the account's
+    export key.  Unknown or mistyped options fail the same way, before any call (so they
+    cost no login attempt), and names are read as the server reads them."""
+    with page_server(tmp_path / "site") as origin:
+        settings = bridge_settings(allowed_origins=[origin])
+        settings["plugins"] = ["ws_bridge", "auth_opaque"]
+        app = await app_factory(**settings, auth_opaque={"ksf": "identity"})
+        write_page(tmp_path / "site", app)
+        url = json.dumps(ws_url(app))
+        async with chromium(tmp_path / "profile") as page:
+            await page.goto(origin + "/index.html")
+            out = await page.evaluate(PRELUDE + f"""(async () => {{
+                const me = await Qpc.generateIdentity();
+                const s = await Qpc.QpcSocket.connect({url});
+                const input = document.createElement("input");
+                input.value = "hunter2";
+                const opts = {{ksf: "identity"}};
+                const tries = [["pin", () => s.register("alice", 482916, me, opts)],
+                               ["element", () => s.register("alice", input, me, opts)],
+                               ["empty", () => s.login("alice", "", me, opts)],
+                               ["ksfCase", () => s.login("alice", "pw", me, {{ksf: "Identity"}})],
+                               ["unknown", () => s.register("alice", "pw", me,
+                                                            {{memoryKib: 8}})],
+                               ["name", () => s.register("a", "pw", me, opts)]];
+                const out = {{}};
+                for (const [k, f] of tries) {{
+                  try {{ await f(); out[k] = "sent"; }}
+                  catch (e) {{ out[k] = e.name === "TypeError" ? "TypeError" : e.code; }}
+                }}
+                try {{ QpcOpaque.startRegistration(input); out.lowLevel = "read"; }}
+                catch (e) {{ out.lowLevel = e.name; }}
+                await s.register("carol\\u001f", "pw", me, opts);  // as the server reads it
+                out.carol = (await QpcOpaque.normalizeUsername(" @Carol\\u001f"));
+                return out;
+            }})()""")
+    assert out == {"pin": "TypeError", "element": "TypeError", "empty": "TypeError",
+                   "ksfCase": "TypeError", "unknown": "TypeError", "name": "BAD_REQUEST",
+                   "lowLevel": "TypeError", "carol": "carol"}
+    assert await app.storage.get_user_by_name("carol") is not None
+    assert await app.storage.get_user_by_name("alice") is None
+    svc = app.state["auth_opaque"]
+    assert svc.pending_count == 0  # no LoginStart was sent for the refused logins
+
+
+async def test_pages_can_pin_the_served_script(app_factory: Factory, tmp_path: Path) -> None:
+    """The scripts are served with CORS, so a page can load them with integrity=: the
+    right hash loads, a wrong one is refused by the browser."""
+    import base64
+    import hashlib
+
+    app = await app_factory(**bridge_settings())
+    body = bridge_mod_opaque(app)
+    good = base64.b64encode(hashlib.sha384(body).digest()).decode()
+    bad = base64.b64encode(hashlib.sha384(body + b" ").digest()).decode()
+    base = ws_url(app, "/v1/ws").replace("ws://", "http://", 1)
+    root = tmp_path / "site"
+    root.mkdir()
+    for name, digest in (("good", good), ("bad", bad)):
+        (root / f"{name}.html").write_text(
+            f'<!doctype html><script src="{base}/qpc.js"></script>'
+            f'<script src="{base}/qpc-opaque.js" integrity="sha384-{digest}" '
+            f'crossorigin="anonymous"></script><p>ready</p>')
+    with page_server(root) as origin:
+        async with chromium(tmp_path / "profile") as page:
+            await page.goto(origin + "/good.html")
+            assert await page.evaluate("typeof QpcOpaque") == "object"
+            await page.goto(origin + "/bad.html")
+            assert await page.evaluate("typeof QpcOpaque") == "undefined"
+
+
+def bridge_mod_opaque(app: App) -> bytes:
+    body = app.state["ws_bridge"]._opaque_js
+    assert body is not None
+    return bytes(body)

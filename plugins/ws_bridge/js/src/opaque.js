@@ -57,7 +57,15 @@ function i2osp(value, length) {
 }
 
 const lenPrefixed = (b) => concat([i2osp(b.length, 2), b]);
-const bytes = (x) => (typeof x === "string" ? utf8.encode(x) : Uint8Array.from(x));
+
+/** A string (UTF-8) or bytes; anything else (a number, an <input> element, undefined) is a
+ * TypeError: never read as an empty string. */
+function bytes(x, what) {
+  if (typeof x === "string") return utf8.encode(x);
+  if (x instanceof Uint8Array) return Uint8Array.from(x);
+  throw new TypeError((what || "value") + " must be a string or a Uint8Array, not " +
+                      (x === null ? "null" : typeof x));
+}
 
 function xor(a, b) {
   if (a.length !== b.length) throw new OpaqueError("xor operands differ in length");
@@ -152,17 +160,50 @@ function finalize(password, r, evaluatedBytes) {
 }
 
 // -- key stretching ---------------------------------------------------------------------------
-/** The server's `[auth_opaque] ksf`: "argon2id" (default: 19 MiB, 2 passes, 1 lane, a zero
- * 16-byte salt) or "identity" (test servers only).  Both sides must use the same. */
-export function ksfFor(spec) {
-  const s = spec === undefined || spec === null ? "argon2id" : spec;
-  if (s === "identity") return async (x) => x;
-  if (s === "argon2id" || typeof s === "object") {
-    const o = typeof s === "object" ? s : {};
-    const m = o.memoryKib || 19456, t = o.iterations || 2, p = o.parallelism || 1;
-    return (x) => argon2idAsync(x, new Uint8Array(16), { m, t, p, dkLen: NH });
+/** The key-stretching function of the server's `[auth_opaque]` table: `ksf` "argon2id"
+ * (default; `argon2_memory_kib` 19456, `argon2_iterations` 2, `argon2_parallelism` 1, a
+ * zero 16-byte salt) or "identity" (test servers only).  Both sides must use the same. */
+export function ksfFor(table) {
+  const t = table || {};
+  const ksf = t.ksf === undefined ? "argon2id" : t.ksf;
+  if (ksf === "identity") return async (x) => x;
+  if (ksf !== "argon2id") throw new TypeError("ksf must be \"argon2id\" or \"identity\"");
+  const int = (key, dflt, min) => {
+    const v = t[key] === undefined ? dflt : t[key];
+    if (!Number.isSafeInteger(v) || v < min) throw new TypeError(key + " must be an integer >= " + min);
+    return v;
+  };
+  const p = int("argon2_parallelism", 1, 1);
+  const m = int("argon2_memory_kib", 19456, 8 * p), it = int("argon2_iterations", 2, 1);
+  return (x) => argon2idAsync(x, new Uint8Array(16), { m, t: it, p, dkLen: NH });
+}
+
+const TABLE_KEYS = new Set(["ksf", "argon2_memory_kib", "argon2_iterations",
+                            "argon2_parallelism", "context", "server_identity"]);
+
+/** The options of register/login: the keys of the server's `[auth_opaque]` table that the
+ * client must share, checked before anything is sent. */
+function clientOptions(opts) {
+  const o = opts === undefined ? {} : opts;
+  if (o === null || typeof o !== "object") throw new TypeError("options must be an object");
+  for (const k of Object.keys(o)) {
+    if (!TABLE_KEYS.has(k)) {
+      throw new TypeError("unknown option " + JSON.stringify(k) + " (the keys are those of " +
+                          "the server's [auth_opaque] table: " + [...TABLE_KEYS].join(", ") + ")");
+    }
   }
-  throw new OpaqueError("unknown ksf " + String(s));
+  return {
+    ksf: ksfFor(o),
+    context: bytes(o.context === undefined ? DEFAULT_CONTEXT : o.context, "context"),
+    serverIdentity: o.server_identity === undefined || o.server_identity === ""
+      ? undefined : bytes(o.server_identity, "server_identity"),
+  };
+}
+
+function password(pw) {
+  const b = bytes(pw, "password");
+  if (!b.length) throw new TypeError("password must not be empty");
+  return b;
 }
 
 async function randomizedPassword(oprfOutput, ksf) {
@@ -178,15 +219,15 @@ function envelopeKeys(rp, nonce) {
 }
 
 function cleartextCredentials(serverPublicKey, clientPublicKey, serverIdentity, clientIdentity) {
-  const sid = serverIdentity ? bytes(serverIdentity) : serverPublicKey;
-  const cid = clientIdentity ? bytes(clientIdentity) : clientPublicKey;
+  const sid = serverIdentity ? bytes(serverIdentity, "server identity") : serverPublicKey;
+  const cid = clientIdentity ? bytes(clientIdentity, "client identity") : clientPublicKey;
   return [concat([serverPublicKey, lenPrefixed(sid), lenPrefixed(cid)]), sid, cid];
 }
 
 // -- registration (RFC 9807 section 5) ----------------------------------------------------------
 /** -> {state, request (32 bytes)}.  `opts.blind` is for test vectors only. */
 export function startRegistration(password, opts) {
-  const pw = bytes(password);
+  const pw = bytes(password, "password");
   const [r, blinded] = blind(pw, opts && opts.blind);
   return { state: { password: pw, blind: r }, request: blinded };
 }
@@ -198,7 +239,7 @@ export async function finalizeRegistration(state, response, opts) {
   const serverPublicKey = response.subarray(32, 64);
   element("server_public_key", serverPublicKey);
   const oprfOutput = finalize(state.password, state.blind, response.subarray(0, 32));
-  const rp = await randomizedPassword(oprfOutput, o.ksf || ksfFor(o.ksfSpec));
+  const rp = await randomizedPassword(oprfOutput, o.ksf || ksfFor({ ksf: o.ksfSpec }));
   const nonce = o.envelopeNonce ? need("envelope nonce", o.envelopeNonce, NN) : random(NN);
   const maskingKey = hkdfExpand(rp, utf8.encode("MaskingKey"), NH);
   const keys = envelopeKeys(rp, nonce);
@@ -213,7 +254,7 @@ export async function finalizeRegistration(state, response, opts) {
 /** -> {state, ke1 (96 bytes)}.  The options are for test vectors only. */
 export function startLogin(password, opts) {
   const o = opts || {};
-  const pw = bytes(password);
+  const pw = bytes(password, "password");
   const [r, blinded] = blind(pw, o.blind);
   const nonce = o.clientNonce ? need("client nonce", o.clientNonce, NN) : random(NN);
   const seed = o.clientKeyshareSeed ? need("keyshare seed", o.clientKeyshareSeed, NSEED)
@@ -239,7 +280,7 @@ export async function finishLogin(state, ke2, opts) {
   const serverMac = ke2.subarray(pos, pos + NM);
 
   const oprfOutput = finalize(state.password, state.blind, evaluated);
-  const rp = await randomizedPassword(oprfOutput, o.ksf || ksfFor(o.ksfSpec));
+  const rp = await randomizedPassword(oprfOutput, o.ksf || ksfFor({ ksf: o.ksfSpec }));
   const maskingKey = hkdfExpand(rp, utf8.encode("MaskingKey"), NH);
   const pad = hkdfExpand(maskingKey, concat([maskingNonce, utf8.encode("CredentialResponsePad")]),
                          MASKED_RESPONSE_LEN);
@@ -258,7 +299,7 @@ export async function finishLogin(state, ke2, opts) {
     throw new OpaqueError("envelope recovery failed");
   }
   const keysharePoint = element("server_keyshare", serverKeyshare);
-  const context = bytes(o.context === undefined ? DEFAULT_CONTEXT : o.context);
+  const context = bytes(o.context === undefined ? DEFAULT_CONTEXT : o.context, "context");
   const preamble = concat([utf8.encode("OPAQUEv1-"), lenPrefixed(context), lenPrefixed(cid),
                            state.ke1, lenPrefixed(sid), credentialResponse, serverNonce,
                            serverKeyshare]);
@@ -282,9 +323,30 @@ export async function finishLogin(state, ke2, opts) {
 const METHOD = { REGISTER_START: 100, REGISTER_FINISH: 101, LOGIN_START: 102, LOGIN_FINISH: 103,
                  LOGOUT: 107 };
 
-/** The server's reading of a username (NFKC, trimmed, lower case, no "@"). */
+// What Python's str.strip() removes (str.isspace()), which the server applies to names.
+const PY_SPACE = "\t\n\u000b\f\r\u001c\u001d\u001e\u001f \u0085\u00a0\u1680" +
+  "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" +
+  "\u2028\u2029\u202f\u205f\u3000";
+const USERNAME_RE = /^[a-z0-9][a-z0-9._-]{1,31}$/;
+const MAX_USERNAME_INPUT = 128;
+
+/** The server's reading of a username (qpc_core.users.normalize_username: NFKC, stripped,
+ * lower case, without a leading "@", then 2-32 characters of a-z 0-9 . _ -); throws a
+ * Qpc.QpcError BAD_REQUEST for a name the server would refuse. */
 export function normalizeUsername(name) {
-  return String(name).normalize("NFKC").trim().toLowerCase().replace(/^@+/, "");
+  const bad = (m) => new (qpcApi().QpcError)(1, "BAD_REQUEST", m);
+  if (typeof name !== "string") throw new TypeError("username must be a string");
+  if (name.length > MAX_USERNAME_INPUT) throw bad("username must be 2-32 characters");
+  let n = name.normalize("NFKC");
+  let a = 0, b = n.length;
+  while (a < b && PY_SPACE.includes(n[a])) a++;
+  while (b > a && PY_SPACE.includes(n[b - 1])) b--;
+  n = n.slice(a, b).toLowerCase().replace(/^@+/, "");
+  if (!USERNAME_RE.test(n)) {
+    throw bad("username must be 2-32 characters of a-z, 0-9, '.', '_', '-' and start with " +
+              "a letter or digit");
+  }
+  return n;
 }
 
 async function sign(identity, message) {
@@ -298,21 +360,25 @@ function qpcApi() {
   return Qpc;
 }
 
-/** Register `username` with `password`, bound to `identity` ({privateKey, publicKey}, see
- * Qpc.generateIdentity).  opts: {ksf: "argon2id" | "identity" | {memoryKib, iterations,
- * parallelism}, serverIdentity}: as the server's [auth_opaque] table.  -> exportKey. */
-export async function register(socket, username, password, identity, opts) {
-  const o = opts || {};
+/** Register `username` with password `pw` (a non-empty string), bound to `identity`
+ * ({privateKey, publicKey}, see Qpc.generateIdentity).  `opts`: the server's [auth_opaque]
+ * keys the client shares, when they differ from the defaults (`ksf`, `argon2_memory_kib`,
+ * `argon2_iterations`, `argon2_parallelism`, `context`, `server_identity`).  -> exportKey. */
+export async function register(socket, username, pw, identity, opts) {
   const Qpc = qpcApi();
+  const o = clientOptions(opts);  // everything checked before anything is sent
   const name = normalizeUsername(username);
-  const { state, request } = startRegistration(password);
+  const { state, request } = startRegistration(password(pw));
   const m = await socket.callPb(METHOD.REGISTER_START, [[1, name], [2, request]]);
   const response = (m.get(1) || [new Uint8Array(0)])[0];
   let fin;
   try {
-    fin = await finalizeRegistration(state, response, { ksfSpec: o.ksf, serverIdentity: o.serverIdentity });
+    fin = await finalizeRegistration(state, response, { ksf: o.ksf,
+                                                        serverIdentity: o.serverIdentity });
   } catch (e) {
-    throw new Qpc.QpcError(1, "BAD_REQUEST", "server sent an invalid registration response: " + e.message);
+    if (!(e instanceof OpaqueError)) throw e;
+    throw new Qpc.QpcError(1, "BAD_REQUEST",
+                           "server sent an invalid registration response: " + e.message);
   }
   const sig = await sign(identity, concat([REGISTER_CONTEXT, fin.serverPublicKey,
                                            utf8.encode(name), Uint8Array.of(0), fin.record]));
@@ -324,18 +390,19 @@ export async function register(socket, username, password, identity, opts) {
 /** Log in; on success the connection is bound to the session and to `identity`.
  * -> {sessionToken (string), expiresAt (unix seconds), exportKey}.  A wrong password is a
  * Qpc.QpcError with code "UNAUTHENTICATED" (the server counts the failed attempt). */
-export async function login(socket, username, password, identity, opts) {
-  const o = opts || {};
+export async function login(socket, username, pw, identity, opts) {
   const Qpc = qpcApi();
+  const o = clientOptions(opts);  // everything checked before anything is sent
   const name = normalizeUsername(username);
-  const { state, ke1 } = startLogin(password);
+  const { state, ke1 } = startLogin(password(pw));
   const m = await socket.callPb(METHOD.LOGIN_START, [[1, name], [2, ke1]]);
   const ke2 = (m.get(1) || [new Uint8Array(0)])[0];
   let fin;
   try {
-    fin = await finishLogin(state, ke2, { ksfSpec: o.ksf, context: o.context,
+    fin = await finishLogin(state, ke2, { ksf: o.ksf, context: o.context,
                                           serverIdentity: o.serverIdentity });
   } catch (e) {
+    if (!(e instanceof OpaqueError)) throw e;
     // Finish the exchange with a KE3 that cannot verify, so the server counts the failure.
     await socket.callPb(METHOD.LOGIN_FINISH, [[1, name], [2, new Uint8Array(64)],
                                               [3, identity.publicKey]]).catch(() => {});
