@@ -82,6 +82,9 @@ class App:
         self.config_source: Callable[[], Settings] | None = None
         #: Changed settings that wait for a restart (see :meth:`reload_config`).
         self.config_restart_pending: tuple[str, ...] = ()
+        #: When the last configuration reload ran (unix seconds) and whether it was taken.
+        self.config_reloaded_at: float | None = None
+        self.config_reload_ok: bool | None = None
         self._config_sections = self.hooks.register_config_sections(self)
         self.validate_config()
         self._collect_methods()
@@ -396,6 +399,8 @@ class App:
             if restart:
                 log.warning("configuration: changed but applied only by a restart (the "
                             "running values stay until then): %s", ", ".join(restart))
+        self.config_reloaded_at = time.time()
+        self.config_reload_ok = result.error is None
         await self.hooks.on_config_reload(self, result)
         return result
 

@@ -9,6 +9,7 @@ import logging
 import resource
 import shutil
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -263,12 +264,15 @@ def test_latency_window_p95_over_recent_samples() -> None:
 # -- the status page in headless Chromium ---------------------------------------------------------
 
 STATUS_FIGURES = ("version", "state", "uptime", "conn", "maxconn", "queue", "rate1", "rate5",
-                  "p95", "handshakes", "inflight", "enqueued", "fetched", "nplugins", "plugins")
+                  "p95", "handshakes", "inflight", "enqueued", "fetched", "nplugins", "plugins",
+                  "cfg", "pending")
 
 
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                     reason="chromium is not installed (make system-deps installs it)")
-async def test_status_page_updates_in_headless_chromium(app_factory, connect, tmp_path) -> None:
+async def test_status_page_updates_in_headless_chromium(
+    app_factory, settings_factory, connect, tmp_path
+) -> None:
     app = await app_factory(metrics_enabled=True)
     async with chromium(tmp_path / "profile") as page:
         await page.goto(admin_url(app, "/?interval=200"))
@@ -278,6 +282,7 @@ async def test_status_page_updates_in_headless_chromium(app_factory, connect, tm
             STATUS_FIGURES,
         )
         assert idle["state"] == "serving"
+        assert (idle["cfg"], idle["pending"]) == ("as started", "")
         assert idle["maxconn"] == str(app.settings.max_connections)
         assert idle["nplugins"] == str(len(app.plugins))
         for p in app.plugins:
@@ -304,6 +309,21 @@ async def test_status_page_updates_in_headless_chromium(app_factory, connect, tm
             "document.getElementById('sparkline').getAttribute('points')")
         ys = [float(p.split(",")[1]) for p in points.split()]
         assert min(ys) < max(ys)
+
+        # A configuration reload: what waits for a restart is named; a refused one is said.
+        cfg = {"metrics_enabled": True, "max_connections": 77, "max_queue_depth": 5}
+        app.config_source = lambda: settings_factory(**cfg)
+        await app.reload_config()
+        shown = await page.wait_for("T('cfg').startsWith('reloaded ') && T('pending') !== ''",
+                                    STATUS_FIGURES)
+        assert shown["pending"] == " · waiting for a restart: max_connections"
+        cfg["max_queue_depth"] = 0
+        await app.reload_config()
+        refused = await page.wait_for("T('cfg').startsWith('reload refused ')", STATUS_FIGURES)
+        assert refused["pending"] == " · waiting for a restart: max_connections"
+        st = (await get(admin_url(app, "/status.json"))).json()["config"]
+        assert st["reload_ok"] is False and st["restart_pending"] == ["max_connections"]
+        assert st["reloaded_at"] == pytest.approx(time.time(), abs=60)
 
 
 # -- system check ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ STATUS_PAGE = """<!doctype html>
   .label { color: var(--muted); font-size: .8rem; text-transform: uppercase; }
   .value { font-size: 1.8rem; font-variant-numeric: tabular-nums; }
   .small { font-size: .85rem; color: var(--muted); }
-  #state.ok { color: var(--ok); } #state.bad { color: var(--bad); }
+  #state.ok { color: var(--ok); } #state.bad, #cfg.bad { color: var(--bad); }
   svg { width: 100%; height: 80px; display: block; }
   table { border-collapse: collapse; width: 100%; margin-top: .4rem; }
   td, th { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--card); }
@@ -40,7 +40,8 @@ STATUS_PAGE = """<!doctype html>
 <body>
 <h1>qpc <span id="version">…</span></h1>
 <div class="sub">state <b id="state">loading</b> · up <span id="uptime">…</span>
-  · updated <span id="updated">never</span> <span id="error" class="small"></span></div>
+  · updated <span id="updated">never</span> <span id="error" class="small"></span>
+  <br>configuration <b id="cfg">…</b><span id="pending" class="small"></span></div>
 <div class="grid">
   <div class="card"><div class="label">connections</div>
     <div class="value" id="conn">…</div>
@@ -104,6 +105,13 @@ function render(st) {
   const step = 300 / Math.max(1, series.length - 1);
   $("sparkline").setAttribute("points", series.map(
     (v, i) => (i * step).toFixed(1) + "," + (78 - 76 * v / top).toFixed(1)).join(" "));
+  const c = st.config;
+  set("cfg", c.reloaded_at === null ? "as started"
+      : (c.reload_ok ? "reloaded " : "reload refused ") +
+        new Date(c.reloaded_at * 1000).toLocaleTimeString());
+  $("cfg").className = c.reload_ok === false ? "bad" : "";
+  set("pending", c.restart_pending.length
+      ? " · waiting for a restart: " + c.restart_pending.join(", ") : "");
   set("nplugins", String(st.plugins.length));
   const rows = st.plugins.map((p) => [p.order, p.name, p.distribution, p.version]);
   const key = JSON.stringify(rows);

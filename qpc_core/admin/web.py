@@ -145,6 +145,13 @@ async def status_snapshot(app: App) -> dict[str, Any]:
             "per_second": tracker.enqueued.series(),
         },
         "handshake_p95_ms": None if p95 is None else p95 * 1000.0,
+        # Names only (the page is public): has the configuration file been read again, was
+        # it taken, and which changed settings wait for a restart.
+        "config": {
+            "reloaded_at": app.config_reloaded_at,
+            "reload_ok": app.config_reload_ok,
+            "restart_pending": list(app.config_restart_pending),
+        },
         "handshakes_in_window": tracker.handshakes.count(),
         "plugins": [
             {"name": p.name, "distribution": p.distribution, "version": p.version,
