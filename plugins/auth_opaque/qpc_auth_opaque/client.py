@@ -95,7 +95,7 @@ async def login(
         )
     except opaque.OpaqueError:
         # Tell the server this attempt is over so it counts the failure consistently.
-        await _abort(client, name)
+        await _abort(client, name, ke1_b, resp.response)
         from qpc_core.errors import Unauthenticated
 
         raise Unauthenticated("login failed: wrong username or password") from None
@@ -113,13 +113,17 @@ async def login(
     return LoginResult(fin.session_token, fin.expires_at, export_key)
 
 
-async def _abort(client: QpcClient, name: str) -> None:
-    """Finish the exchange with a KE3 that cannot verify (the server records the failure)."""
+async def _abort(client: QpcClient, name: str, ke1: bytes, ke2: bytes) -> None:
+    """Finish the exchange with a KE3 that cannot verify (the server records the failure).
+    The identity signature over this attempt's KE1/KE2 tells the server which attempt gives
+    up (another login of the same name on this connection stays pending)."""
+    ident = client.identity_key or b""
+    sig = client.identity.sign(login_message(ke1, ke2, ident)) if client.identity else b""
     try:
         await client.call(
             103,
             pb.OpaqueLoginFinishRequest(
-                username=name, finalization=bytes(64), identity_key=client.identity_key or b""
+                username=name, finalization=bytes(64), identity_key=ident, signature=sig
             ),
             pb.OpaqueLoginFinishResponse,
         )

@@ -325,10 +325,13 @@ class OpaqueService:
         return pb.OpaqueLoginStartResponse(response=ke2_bytes)
 
     def _take_pending(
-        self, key: tuple[int, str], ke3: opaque.KE3 | None
+        self, key: tuple[int, str], ke3: opaque.KE3 | None,
+        identity_key: bytes = b"", signature: bytes = b"",
     ) -> tuple[_Pending | None, bool]:
-        """The pending login ``ke3`` finishes (and True), or the oldest one of ``key``, which
-        the failed attempt consumes (and False); (None, False) when there is none."""
+        """The pending login ``ke3`` finishes (and True), or the one the failed attempt
+        consumes (and False): the attempt its identity signature names (a client giving up
+        signs its own KE1/KE2, so a concurrent login of the same name on the connection is
+        left alone), else the oldest one of ``key``; (None, False) when there is none."""
         entries = self.pending.get(key)
         now = time.monotonic()
         live = [p for p in entries or [] if p.expires > now]
@@ -344,6 +347,12 @@ class OpaqueService:
                 break
         if chosen is None and live:
             chosen = live[0]
+            if signature and len(live) > 1:
+                for p in live:
+                    if verify_signature(identity_key, signature,
+                                        login_message(*p.binder, identity_key)):
+                        chosen = p
+                        break
         if chosen is not None and entries is not None:
             entries.remove(chosen)
             self._drop(chosen)
@@ -360,7 +369,8 @@ class OpaqueService:
             ke3: opaque.KE3 | None = opaque.KE3.deserialize(req.finalization)
         except opaque.OpaqueError:
             ke3 = None
-        pending, ok = self._take_pending((ctx.conn.connection_id, name), ke3)
+        pending, ok = self._take_pending((ctx.conn.connection_id, name), ke3,
+                                         req.identity_key, req.signature)
         if pending is None:
             # Nothing to finish (expired, replayed or never started).  It reveals nothing
             # about the password, so it counts against the IP only: otherwise anyone could

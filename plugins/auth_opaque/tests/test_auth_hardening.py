@@ -130,6 +130,32 @@ async def test_two_logins_of_one_name_on_one_connection(app_factory, connect) ->
     assert not app.state["auth_opaque"].pending
 
 
+async def test_a_failed_attempt_gives_up_only_itself(app_factory, connect) -> None:
+    """Two logins of one name on one connection, the second with a wrong password: its
+    abort (signed over its own KE1/KE2, as the SDK and qpc-opaque.js send it) consumes that
+    attempt, and the first still finishes.  An unsigned abort takes the oldest, as before."""
+    app = await app_factory(plugins=["auth_opaque"], auth_opaque=CFG)
+    c = await anon(connect, app)
+    await opaque_client.register(c, "alice", "pw", ksf=FAST)
+    good = await login_start(c, "alice", "pw")
+    _bad_state, bad_ke1, bad_ke2 = await login_start(c, "alice", "wrong")
+    await opaque_client._abort(c, "alice", bad_ke1, bad_ke2)
+    ok = await c.call(103, login_finish_request(c, "alice", *good),
+                      auth_pb2.OpaqueLoginFinishResponse)
+    assert ok.session_token
+    assert not app.state["auth_opaque"].pending
+    # Unsigned (an older client): the oldest attempt is the one consumed.
+    first = await login_start(c, "alice", "pw")
+    await login_start(c, "alice", "wrong")
+    with pytest.raises(Unauthenticated):
+        await c.call(103, auth_pb2.OpaqueLoginFinishRequest(
+            username="alice", finalization=bytes(64), identity_key=c.identity_key),
+            auth_pb2.OpaqueLoginFinishResponse)
+    with pytest.raises(Unauthenticated):
+        await c.call(103, login_finish_request(c, "alice", *first),
+                     auth_pb2.OpaqueLoginFinishResponse)
+
+
 async def test_pending_logins_per_ip_are_capped(app_factory, connect) -> None:
     app = await app_factory(
         plugins=["auth_opaque"], auth_opaque={**CFG, "max_pending_logins_per_ip": 3}

@@ -403,9 +403,13 @@ export async function login(socket, username, pw, identity, opts) {
                                           serverIdentity: o.serverIdentity });
   } catch (e) {
     if (!(e instanceof OpaqueError)) throw e;
-    // Finish the exchange with a KE3 that cannot verify, so the server counts the failure.
+    // Finish the exchange with a KE3 that cannot verify, so the server counts the failure;
+    // signing this attempt's KE1/KE2 tells it which attempt gives up.
+    const sig = await sign(identity, concat([LOGIN_CONTEXT, sha256(concat([ke1, ke2])),
+                                             identity.publicKey]));
     await socket.callPb(METHOD.LOGIN_FINISH, [[1, name], [2, new Uint8Array(64)],
-                                              [3, identity.publicKey]]).catch(() => {});
+                                              [3, identity.publicKey], [4, sig]])
+      .catch(() => {});
     throw new Qpc.QpcError(2, "UNAUTHENTICATED", "login failed: wrong username or password");
   }
   const sig = await sign(identity, concat([LOGIN_CONTEXT, sha256(concat([ke1, ke2])),
