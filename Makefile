@@ -23,7 +23,7 @@ $(OPAQUE_JS): $(JS_DIR)/package.json $(JS_DIR)/package-lock.json $(JS_DIR)/src/o
 
 # install / run go on without npm (the bridge then says the file is missing); test needs it.
 install: $(STAMP)
-	@$(MAKE) --no-print-directory $(OPAQUE_JS) || echo "warning: qpc-opaque.js not built (needs npm, Node.js 20.19+): browsers cannot log in with a password" >&2
+	@$(MAKE) --no-print-directory $(OPAQUE_JS) || echo "warning: qpc-opaque.js not built (needs npm, Node.js 18+): browsers cannot log in with a password" >&2
 
 system-deps:
 	bash scripts/system-deps.sh

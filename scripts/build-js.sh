@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../plugins/ws_bridge/js"
 if ! command -v npm >/dev/null 2>&1; then
-  echo "error: npm (Node.js 20.19 or later) is needed to build qpc-opaque.js" >&2
+  echo "error: npm (Node.js 18 or later) is needed to build qpc-opaque.js" >&2
   exit 1
 fi
 npm ci --no-audit --no-fund --loglevel=error

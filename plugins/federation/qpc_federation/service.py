@@ -56,7 +56,7 @@ from qpc_core.pb import delivery_pb2, directory_pb2, federation_pb2, keys_pb2
 from qpc_core.rpc import AuthResult, Connection, RpcContext, RpcMethod
 from qpc_core.storage.base import EnqueueOutcome, NewMessage
 from qpc_core.transport.backend import peer_certificates
-from qpc_core.transport.certs import TlsMaterial
+from qpc_core.transport.certs import TlsMaterial, load_certificate
 from qpc_core.transport.quic import ERR_PEER_CERTIFICATE, QuicTransport
 from qpc_core.users import normalize_username, resolve_identity, resolve_username
 from qpc_federation import certs
@@ -594,12 +594,21 @@ class Federation:
         """Before a configuration reload: a configuration that drops ``federation_crl``
         while a list of the same CA is in use is refused (it would re-admit the
         certificates the list revokes, as an older list would; a new CA starts without)."""
-        if (cfg.federation_crl is None and self.tls.crl is not None
-                and cfg.federation_ca == self.cfg.federation_ca):
+        if cfg.federation_crl is None and self.tls.crl is not None and self._same_ca(cfg):
             raise ConfigError(
                 "config: federation.federation_crl: no longer set, but a revocation list "
                 f"(number {self.tls.crl.number}) is in use: refused (it would re-admit the "
                 "certificates the list revokes); a restart runs without a list")
+
+    def _same_ca(self, cfg: FederationConfig) -> bool:
+        """Does ``cfg`` name the CA in use (the same file, or another holding it)?"""
+        if cfg.federation_ca == self.cfg.federation_ca or cfg.federation_ca is None:
+            return True
+        try:  # a small certificate file, read once per reload
+            return bool(load_certificate(cfg.federation_ca, "federation.federation_ca")
+                        == self.tls.ca)
+        except ConfigError:
+            return False  # unreadable: the certificate reload that follows refuses it
 
     def apply_config(self, cfg: FederationConfig) -> None:
         """A configuration reload (SIGHUP) changed keys of ``[federation]`` that apply while

@@ -257,6 +257,12 @@ async def test_removing_federation_crl_by_reload_does_not_readmit_a_revoked_peer
     assert config.error is not None and "no longer set" in config.error
     assert config.applied == () and n1.app.settings.federation.federation_crl == crl
     assert n1.fed.tls.crl is not None
+    # The same CA under another path in the same reload: still the same CA, still refused.
+    moved_ca = tmp_path / "ca-copy.pem"
+    moved_ca.write_bytes((n1.cert_dir / certs.CA_CERT).read_bytes())
+    config, _tls = await reload_federation_tls(n1, [(D2, n2.port)], federation_crl=None,
+                                               federation_ca=moved_ca)
+    assert config.error is not None and "no longer set" in config.error
     readmitted = True
     try:
         c = await fed_client(n1.port, D1, n2.cert_dir)
