@@ -38,7 +38,6 @@ async def startup(app: App) -> None:
     if cfg.enabled:
         fed = app.state[STATE] = Federation(app, cfg, certs.load(cfg))
         await fed.check_list_number()
-        await fed.resume_announcements()
         metrics_registry(app).register(FederationCollector(fed))
 
 
@@ -133,14 +132,14 @@ async def relay_enqueue(
 async def on_user_registered(app: App, username: str, identity_key: bytes) -> None:
     fed = get(app)
     if fed is not None:
-        await fed.local_changed(identity_key, True)
+        fed.local_changed(identity_key, True)
 
 
 @hookimpl
 async def on_account_deleted(app: App, identity_key: bytes, username: str | None) -> None:
     fed = get(app)
     if fed is not None:
-        await fed.local_changed(identity_key, False)
+        fed.local_changed(identity_key, False)
 
 
 @hookimpl

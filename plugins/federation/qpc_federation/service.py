@@ -70,9 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("qpc.federation")
 #: Store namespace: the highest revocation-list number used, per federation CA.
 CRL_NAMESPACE = "federation-crl"
-#: Registration changes not yet told to a peer (key: peer domain, NUL, identity key): they
-#: survive a restart, and are told again then (with the state the directory has then).
-ANNOUNCE_NAMESPACE = "federation-announce"
 T = TypeVar("T")
 
 ALPN = "qpc-fed"
@@ -178,11 +175,6 @@ class Federation:
         self._changes: dict[str, dict[bytes, tuple[bool, int]]] = {}
         self._change_seq = 0
         self._announcers: set[str] = set()
-        # Marker writes and deletes, in order (one worker: a delete never overtakes the put
-        # of a later change of the same key).
-        self._markers: asyncio.Queue[tuple[bool, bytes, asyncio.Future[None] | None]] = (
-            asyncio.Queue())
-        self._marker_worker: asyncio.Task[None] | None = None
         self._announce_wake: dict[str, asyncio.Event] = {}
         self._no_announce: set[str] = set()  # peers that refuse FederationAnnounce
         self._reapers: set[asyncio.Future[Any]] = set()
@@ -234,66 +226,15 @@ class Federation:
         while len(self._local) > MAX_ROUTES:
             self._local.popitem(last=False)
 
-    async def local_changed(self, key: bytes, hosted: bool) -> None:
-        """A user registered here (``hosted``) or deleted their account here.  Awaited before
-        the call answers: the peers still to be told are recorded in the store first."""
+    def local_changed(self, key: bytes, hosted: bool) -> None:
+        """A user registered here (``hosted``) or deleted their account here."""
         self._local_gen += 1
         self._remember_local(key, hosted)
         if hosted:
             self.routes.pop(key, None)
             self.nowhere.pop(key, None)
         if self.peers and not self.closed:
-            waits = [self._marker(True, d, key) for d in self.peers if d not in self._no_announce]
             self.announce_local(key, hosted)
-            await asyncio.gather(*waits)
-
-    # -- announcement markers (durable "peer d has not been told of key k yet") -------------------
-    def _marker(self, put: bool, domain: str, key: bytes) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._markers.put_nowait((put, domain.encode() + b"\0" + key, done))
-        if self._marker_worker is None or self._marker_worker.done():
-            self._marker_worker = self.app.spawn(self._write_markers(), "federation-markers")
-        return done
-
-    async def _write_markers(self) -> None:
-        while not self._markers.empty():
-            put, mkey, done = self._markers.get_nowait()
-            try:
-                if put:
-                    await self.app.storage.kv_put(ANNOUNCE_NAMESPACE, mkey, b"")
-                else:
-                    await self.app.storage.kv_delete(ANNOUNCE_NAMESPACE, mkey)
-            except Exception as e:  # a marker not deleted is told again at the next start
-                if done is not None and not done.done():
-                    done.set_exception(e)
-                log.warning("federation: announcement record not %s: %s",
-                            "written" if put else "removed", e)
-                continue
-            if done is not None and not done.done():
-                done.set_result(None)
-
-    async def resume_announcements(self) -> int:
-        """Start-up: tell the peers the registration changes a previous run had not told them
-        yet (each with the state the directory has now).  Returns how many."""
-        n = 0
-        for mkey, _ in await self.app.storage.kv_scan(ANNOUNCE_NAMESPACE):
-            domain_b, _, key = mkey.partition(b"\0")
-            domain = domain_b.decode(errors="replace")
-            if domain not in self.peers or len(key) != 32:
-                self._marker(False, domain, key)  # a peer no longer configured
-                continue
-            self._change_seq += 1
-            hosted = await self.hosted_here(key)
-            self._changes.setdefault(domain, {})[key] = (hosted, self._change_seq)
-            n += 1
-        for d in list(self._changes):
-            if d not in self._announcers:
-                self._announcers.add(d)
-                self.app.spawn(self._announcer(d), f"federation-announce-{d}")
-        if n:
-            log.info("federation: telling peers %d registration change(s) a previous run had "
-                     "not told them yet", n)
-        return n
 
     async def _hosted(self, key: bytes) -> None:
         if not await self.hosted_here(key):
@@ -456,8 +397,7 @@ class Federation:
                     log.warning("federation peer %s refuses registration announcements (%s): "
                                 "not sent to it again until restart", domain, e.message)
                     self._no_announce.add(domain)
-                    for k in self._changes.pop(domain, {}):
-                        self._marker(False, domain, k)
+                    self._changes.pop(domain, None)
                     return
                 except RpcError as e:
                     log.info("federation peer %s not told of %d registration change(s) yet "
@@ -472,7 +412,6 @@ class Federation:
                 for k, (_h, seq) in chunk:  # sent: unless it changed again meanwhile
                     if pending.get(k, (None, -1))[1] == seq:
                         del pending[k]
-                        self._marker(False, domain, k)
             self._changes.pop(domain, None)
         finally:
             self._announcers.discard(domain)
@@ -692,8 +631,7 @@ class Federation:
             self._drop(d)
             self._backoff.pop(d, None)
         for d in removed:
-            for k in self._changes.pop(d, {}):
-                self._marker(False, d, k)
+            self._changes.pop(d, None)
             wake = self._announce_wake.get(d)
             if wake is not None:
                 wake.set()  # its announcer finds nothing left to send and ends

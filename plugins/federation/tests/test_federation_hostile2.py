@@ -252,7 +252,7 @@ async def test_changes_missed_while_unreachable_arrive_in_their_final_state(
     key = bytes(range(1, 33))
     n2.fed._backoff[D1] = (time.monotonic() + 0.3, 0.3)  # node1 unreachable for now
     for hosted in changes:
-        await n2.fed.local_changed(key, hosted)
+        n2.fed.local_changed(key, hosted)
     await _announcers_done(n2)
     assert (n1.fed.routes.get(key) == D2) is changes[-1]
 
