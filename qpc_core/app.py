@@ -80,24 +80,12 @@ class App:
         #: line's flags) for :meth:`reload_config`; ``qpc run`` sets it.  None: SIGHUP
         #: reloads certificates only.
         self.config_source: Callable[[], Settings] | None = None
-        #: Changed settings that wait for a restart (see :meth:`reload_config`).
-        self.config_restart_pending: tuple[str, ...] = ()
-        #: When the last configuration reload ran (unix seconds) and whether it was taken.
-        self.config_reloaded_at: float | None = None
-        self.config_reload_ok: bool | None = None
+        #: What the last configuration reload did (None: none ran yet).
+        self.last_config_reload: ConfigReload | None = None
         self._config_sections = self.hooks.register_config_sections(self)
         self.validate_config()
         self._collect_methods()
-        declared = self.hooks.register_reloadable_settings(self)
-        owners = {section.name: plugin for plugin, section in self._config_sections}
-        for plugin, key in declared:
-            head = key.split(".")[0]
-            if owners.get(head, plugin) != plugin:
-                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
-                                  f"belongs to the '{owners[head]}' plugin, which alone "
-                                  "applies it")
-        self.reloadable_settings: frozenset[str] = CORE_RELOADABLE | frozenset(
-            key for _plugin, key in declared)
+        self.reloadable_settings: frozenset[str] = CORE_RELOADABLE | self._declared_reloadable()
 
     # -- configuration ----------------------------------------------------------------------------
     @property
@@ -145,6 +133,39 @@ class App:
             if name not in owners:
                 log.warning("config: table [%s] is not used by any loaded plugin", name)
         return validated
+
+    def _declared_reloadable(self) -> frozenset[str]:
+        """The keys plugins apply on a reload (``register_reloadable_settings``): each a
+        dotted key of the plugin's own table.  Core's settings are core's to declare; core's
+        ``[federation]`` table belongs to the plugin of that name."""
+        owners = {section.name: plugin for plugin, section in self._config_sections}
+        out: set[str] = set()
+        for plugin, key in self.hooks.register_reloadable_settings(self):
+            where = f"plugin '{plugin}': register_reloadable_settings: "
+            if not isinstance(key, str) or "" in key.split("."):
+                raise PluginError(where + f"expected dotted config keys, got {key!r}")
+            head = key.split(".")[0]
+            field = Settings.model_fields.get(head)
+            if field is not None:
+                table = (isinstance(field.annotation, type)
+                         and issubclass(field.annotation, BaseModel))
+                if not table or "." not in key:
+                    raise PluginError(where + f"'{key}' is a core setting; core decides "
+                                      "whether it applies while running")
+                owner = head  # core validates [federation] for the plugin of that name
+            else:
+                owner = owners.get(head, plugin)
+            if owner != plugin:
+                raise PluginError(where + f"'{key}' belongs to the '{owner}' plugin, which "
+                                  "alone applies it")
+            out.add(key)
+        return frozenset(out)
+
+    @property
+    def config_restart_pending(self) -> tuple[str, ...]:
+        """Changed settings that wait for a restart (see :meth:`reload_config`)."""
+        last = self.last_config_reload
+        return last.restart_pending if last is not None else ()
 
     def plugin_config(self, name: str) -> Any:
         """The validated config model of the table ``name`` (see register_config_sections)."""
@@ -385,7 +406,6 @@ class App:
         else:
             self.settings = new
             self._plugin_config = plugin_config
-            self.config_restart_pending = tuple(restart)
             if "rate_limits" in live or "rate_limit_ip_factor" in live:
                 self.rate_limiter.configure(new.rate_limits, ip_factor=new.rate_limit_ip_factor)
             if "log_level" in live:
@@ -399,8 +419,7 @@ class App:
             if restart:
                 log.warning("configuration: changed but applied only by a restart (the "
                             "running values stay until then): %s", ", ".join(restart))
-        self.config_reloaded_at = time.time()
-        self.config_reload_ok = result.error is None
+        self.last_config_reload = result
         await self.hooks.on_config_reload(self, result)
         return result
 

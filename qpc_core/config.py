@@ -14,9 +14,10 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -358,16 +359,17 @@ class ConfigReload:
     ones); ``applied``: the keys that took their new values; ``restart_pending``: keys whose
     value in the configuration differs from the running one until a restart (after a failed
     reload, those of the last successful one); ``error``: why the configuration was refused
-    (nothing changed)."""
+    (nothing changed); ``at``: when it ran (unix seconds)."""
 
     old: Settings
     applied: tuple[str, ...] = ()
     restart_pending: tuple[str, ...] = ()
     error: str | None = None
+    at: float = field(default_factory=time.time)
 
     def changed(self, prefix: str) -> bool:
         """Did a key of table ``prefix`` (e.g. ``"federation"``), or ``prefix`` itself,
-        take a new value?"""
+        take a new value?  Never after a refused reload (nothing was applied)."""
         return any(k == prefix or k.startswith(prefix + ".") for k in self.applied)
 
 

@@ -154,29 +154,7 @@ class Hooks:
         return self._collect("register_config_sections", app=app)
 
     def register_reloadable_settings(self, app: App) -> list[tuple[str, str]]:
-        from pydantic import BaseModel
-
-        from qpc_core.config import Settings
-
-        out = self._collect("register_reloadable_settings", app=app)
-        for plugin, key in out:
-            if not isinstance(key, str) or not key or "" in key.split("."):
-                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: "
-                                  f"expected dotted config keys, got {key!r}")
-            head = key.split(".")[0]
-            field = Settings.model_fields.get(head)
-            if field is None:
-                continue
-            table = (isinstance(field.annotation, type)
-                     and issubclass(field.annotation, BaseModel))
-            if not table or "." not in key:
-                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
-                                  "is a core setting; core decides whether it applies while "
-                                  "running")
-            if plugin != head:  # core validates [federation] for the plugin of that name
-                raise PluginError(f"plugin '{plugin}': register_reloadable_settings: '{key}' "
-                                  f"belongs to the '{head}' plugin, which alone applies it")
-        return out
+        return self._collect("register_reloadable_settings", app=app)
 
     def check_reload(self, app: App, new: Settings) -> None:
         for plugin, fn in self._impls("check_reload"):

@@ -128,6 +128,7 @@ async def status_snapshot(app: App) -> dict[str, Any]:
     if app.has_storage:
         depth = await tracker.queue_depth(app.storage.total_queue_depth)
     p95 = tracker.handshakes.quantile(0.95)
+    last = app.last_config_reload
     return {
         "version": app.version,
         "uptime_secs": max(0.0, time.time() - app.started_at),
@@ -148,8 +149,8 @@ async def status_snapshot(app: App) -> dict[str, Any]:
         # Names only (the page is public): has the configuration file been read again, was
         # it taken, and which changed settings wait for a restart.
         "config": {
-            "reloaded_at": app.config_reloaded_at,
-            "reload_ok": app.config_reload_ok,
+            "reloaded_at": last.at if last is not None else None,
+            "reload_ok": last.error is None if last is not None else None,
             "restart_pending": list(app.config_restart_pending),
         },
         "handshakes_in_window": tracker.handshakes.count(),

@@ -69,7 +69,7 @@ def register_reloadable_settings(app: App) -> list[str]:
 @hookimpl
 async def on_config_reload(app: App, reload: ConfigReload) -> None:
     svc: BlobService | None = app.state.get(NAME)
-    if svc is not None and reload.error is None and reload.changed(NAME):
+    if svc is not None and reload.changed(NAME):
         svc.configure(app.plugin_config(NAME))
 
 

@@ -107,7 +107,7 @@ def check_reload(app: App, new: Settings) -> None:
 @hookimpl
 async def on_config_reload(app: App, reload: ConfigReload) -> None:
     fed = get(app)
-    if fed is not None and reload.error is None and reload.changed("federation"):
+    if fed is not None and reload.changed("federation"):
         fed.apply_config(app.settings.federation)
 
 

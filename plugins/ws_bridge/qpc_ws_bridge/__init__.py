@@ -77,7 +77,7 @@ def register_reloadable_settings(app: App) -> list[str]:
 @hookimpl
 async def on_config_reload(app: App, reload: ConfigReload) -> None:
     bridge: WsBridge | None = app.state.get(NAME)
-    if bridge is not None and reload.error is None and reload.changed(NAME):
+    if bridge is not None and reload.changed(NAME):
         bridge.configure(app.plugin_config(NAME))
 
 
