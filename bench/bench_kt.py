@@ -124,7 +124,7 @@ async def service_registrations(tmp: Path, count: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for i in range(count):
             await svc.log_binding(f"seq{i}", i.to_bytes(32, "big"))
-            svc.current_sth()
+            await svc.sth()
         seq_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         await asyncio.gather(*(svc.log_binding(f"con{i}", (10**9 + i).to_bytes(32, "big"))

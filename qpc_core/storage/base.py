@@ -10,11 +10,13 @@ plugs in through the ``open_storage`` hook.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qpc_core.errors import StorageError
 
@@ -115,6 +117,18 @@ class Storage(ABC):
     #: keeps no cache of stored state that another server could change (channel
     #: memberships), and relies on :meth:`report_arrival` for messages stored elsewhere.
     shared: bool = False
+
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[Any]:
+        """A lock named ``name`` held across every server that shares this store, for a
+        writer whose next write depends on what it reads first (checked-then-appended log
+        entries).  Sections holding the same name never overlap.
+
+        This default is an in-process lock (a store that only this process writes);
+        shared backends override it.  A backend may lose the lock with its connection, so
+        correctness must still rest on conditional writes (``expected_first``): the lock
+        is what keeps servers from refusing each other's writes over and over."""
+        locks: dict[str, asyncio.Lock] = self.__dict__.setdefault("_exclusive_locks", {})
+        return locks.setdefault(name, asyncio.Lock())
 
     # -- lifecycle --------------------------------------------------------------------------
     @abstractmethod
@@ -330,13 +344,20 @@ class Storage(ABC):
 
     @abstractmethod
     async def log_append(
-        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None,
+        kv_puts: Sequence[tuple[str, bytes, bytes]] = (),
     ) -> int:
         """Append to the named append-only log; return the index of the first new entry.
 
         With ``expected_first``, the append happens only if the log has exactly that many
         entries, checked inside the writing transaction; otherwise :class:`LogMoved` and
-        nothing is written (for writers whose entries depend on their position)."""
+        nothing is written (for writers whose entries depend on their position).
+
+        ``kv_puts`` are ``(namespace, key, value)`` rows stored (as by :meth:`kv_put`) in
+        the same transaction: with the entries, or not at all.  For indexes derived from the
+        log that must never disagree with it, also across servers sharing the store.  With
+        no entries and ``expected_first``, this is "write these rows if the log still has
+        that size"."""
 
     @abstractmethod
     async def log_read(self, log: str, start: int, end: int) -> list[bytes]:

@@ -440,6 +440,55 @@ class StorageContract:
         assert sorted(type(o).__name__ for o in outcomes) == ["LogMoved"] * 3 + ["int"]
         assert await store.log_size("kt") == 4
 
+    async def test_contract_log_append_writes_kv_rows_with_its_entries(
+        self, store: Storage
+    ) -> None:
+        await store.kv_put("idx", b"old", b"0")
+        rows = [("idx", b"a", b"1"), ("idx", b"old", b"2"), ("other", b"a", b"3")]
+        assert await store.log_append("kt", [b"e0"], expected_first=0, kv_puts=rows) == 0
+        assert [await store.kv_get(ns, k) for ns, k, _v in rows] == [b"1", b"2", b"3"]
+        # Refused: neither the entry nor any row is written.
+        with pytest.raises(LogMoved):
+            await store.log_append("kt", [b"x"], expected_first=0,
+                                   kv_puts=[("idx", b"a", b"lost"), ("idx", b"new", b"lost")])
+        assert await store.log_size("kt") == 1
+        assert await store.kv_get("idx", b"a") == b"1"
+        assert await store.kv_get("idx", b"new") is None
+        # No entries: the rows are written only if the log still has the expected size.
+        assert await store.log_append("kt", [], expected_first=1,
+                                      kv_puts=[("idx", b"a", b"4")]) == 1
+        assert await store.kv_get("idx", b"a") == b"4"
+        with pytest.raises(LogMoved):
+            await store.log_append("kt", [], expected_first=0, kv_puts=[("idx", b"a", b"5")])
+        assert await store.kv_get("idx", b"a") == b"4"
+        assert await store.log_size("kt") == 1
+        # Racing writers built for the same size: the rows of exactly one land, with it.
+        outcomes = await asyncio.gather(
+            *(store.log_append("kt", [b"r%d" % i], expected_first=1,
+                               kv_puts=[("idx", b"race", b"%d" % i)]) for i in range(4)),
+            return_exceptions=True)
+        winner = [i for i, o in enumerate(outcomes) if o == 1]
+        assert len(winner) == 1
+        assert await store.log_read("kt", 1, 2) == [b"r%d" % winner[0]]
+        assert await store.kv_get("idx", b"race") == b"%d" % winner[0]
+
+    async def test_contract_exclusive_sections_do_not_overlap(self, store: Storage) -> None:
+        inside: list[int] = []
+        overlaps = 0
+
+        async def section(i: int, name: str) -> None:
+            nonlocal overlaps
+            async with store.exclusive(name):
+                overlaps += bool(inside)
+                inside.append(i)
+                await store.log_append("sections", [b"%d" % i])
+                inside.remove(i)
+
+        await asyncio.gather(*(section(i, "one") for i in range(8)))
+        assert overlaps == 0 and await store.log_size("sections") == 8
+        async with store.exclusive("one"):  # another name does not wait
+            await asyncio.wait_for(section(99, "two"), 10)
+
     async def test_contract_log_read_many(self, store: Storage) -> None:
         entries = [b"e%d" % i for i in range(1200)]  # large lookups (chunked IN)
         assert await store.log_append("kt", entries) == 0

@@ -920,12 +920,14 @@ def _kv_get(conn: Conn, namespace: str, key: bytes) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+_KV_PUT = (
+    "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)"
+    " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value"
+)
+
+
 def _kv_put(conn: Conn, namespace: str, key: bytes, value: bytes) -> None:
-    conn.execute(
-        "INSERT INTO kv (namespace, key, value) VALUES (?, ?, ?)"
-        " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-        (namespace, key, value),
-    )
+    conn.execute(_KV_PUT, (namespace, key, value))
 
 
 def _kv_put_if_absent(conn: Conn, namespace: str, key: bytes, value: bytes) -> bytes:
@@ -971,7 +973,8 @@ def _log_size(conn: Conn, log_name: str) -> int:
 
 
 def _log_append(
-    conn: Conn, log_name: str, entries: list[bytes], expected_first: int | None
+    conn: Conn, log_name: str, entries: list[bytes], expected_first: int | None,
+    kv_puts: list[tuple[str, bytes, bytes]] | None = None,
 ) -> int:
     first = _log_size(conn, log_name)
     if expected_first is not None and first != expected_first:
@@ -981,6 +984,8 @@ def _log_append(
             "INSERT INTO logs (log, idx, entry) VALUES (?, ?, ?)",
             [(log_name, first + i, e) for i, e in enumerate(entries)],
         )
+    if kv_puts:
+        conn.executemany(_KV_PUT, kv_puts)
     return first
 
 
@@ -1939,9 +1944,11 @@ class SqlCipherStorage(Storage):
         return await self._read(_kv_scan, namespace, prefix, limit)
 
     async def log_append(
-        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None,
+        kv_puts: Sequence[tuple[str, bytes, bytes]] = (),
     ) -> int:
-        return await self._write(_log_append, log, list(entries), expected_first)
+        return await self._write(_log_append, log, list(entries), expected_first,
+                                 list(kv_puts))
 
     async def log_read(self, log: str, start: int, end: int) -> list[bytes]:
         return await self._read(_log_read, log, start, end)

@@ -7,9 +7,9 @@ persistence in :mod:`qpc_kt_log.store`, the server logic and RPC handlers in
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from qpc_core.errors import ConfigError
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import ConfigSection, RpcMethod
@@ -20,6 +20,8 @@ from qpc_kt_log.service import KtLogService
 
 if TYPE_CHECKING:
     from qpc_core.app import App
+
+log = logging.getLogger("qpc.kt_log")
 
 NAME = "kt_log"
 REVOKE_KEY, CHECK_REVOCATION, AUDIT, GET_STH, GET_CONSISTENCY = 510, 511, 520, 521, 522
@@ -33,12 +35,9 @@ def register_config_sections(app: App) -> list[ConfigSection]:
 @hookimpl
 async def startup(app: App) -> None:
     config = app.plugin_config(NAME)
-    if app.storage.shared and not config.sole_writer:
-        raise ConfigError(
-            "config: kt_log: the store is shared by several servers and the log's Merkle "
-            "position is kept in memory, so only one server may run kt_log: set [kt_log] "
-            "sole_writer = true on that server and leave kt_log out on the others"
-        )
+    if config.sole_writer:
+        log.warning("kt_log: [kt_log] sole_writer is no longer needed and has no effect: "
+                    "every server sharing the store may run kt_log; remove the key")
     svc = KtLogService(app, config, await server_key(app, NAME))
     await svc.start()
     app.state[NAME] = svc

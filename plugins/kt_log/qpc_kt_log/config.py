@@ -20,7 +20,6 @@ class KtLogConfig(BaseModel):
     # Stored Merkle nodes never change; this many recently read ones are kept in memory
     # (about 250 bytes each).  0 disables the cache: every proof then reads all its nodes.
     node_cache_size: int = Field(default=16_384, ge=0)
-    # On a store shared by several servers (storage = "postgres"), the log's Merkle position
-    # lives in this server's memory, so only one server may append: set this on exactly that
-    # server (and leave kt_log out on the others).  Without it kt_log refuses to start there.
+    # Deprecated, no effect (kept so existing files still load; a warning says to remove
+    # it): earlier versions let only one server sharing a store run kt_log.
     sole_writer: bool = False

@@ -1,8 +1,8 @@
 """Server side of the key-transparency log: appends, indexes, signed tree heads, RPCs.
 
-State
+State, all in the store (so every server sharing a PostgreSQL store runs the same log):
     * the Merkle tree: storage log ``kt_log`` (:class:`~qpc_kt_log.store.KtTreeStore`);
-    * derived indexes in kv namespace ``kt_log`` (rebuilt from the log when behind):
+    * derived indexes in kv namespace ``kt_log``:
 
       ==================  =========================================================
       ``n:<username>``    u64 leaf index || identity key   (newest binding of a name)
@@ -11,15 +11,29 @@ State
       ``m:indexed``       u64: entries ``< this`` are reflected in the indexes
       ==================  =========================================================
 
-Appends are serialised by one :class:`asyncio.Lock`.  Each append writes the log entries
-(one transaction, leaf and nodes together), then the index rows, then ``m:indexed``.  A crash
-between those leaves ``m:indexed`` behind the log; start-up (and any later locked operation)
-re-reads the entries after it and rewrites their index rows, which is idempotent.
+    * the signed tree heads handed out: storage log ``kt_log.sth`` (serialized
+      ``SignedTreeHead``, newest last), so heads never go back in size or time, whichever
+      server signed them and across restarts.
 
-Cancelling a task that is appending or writing index rows (a client resetting its stream)
-does not release the lock early: the queued writes are waited for first (see
-:func:`~qpc_kt_log.store.finish_despite_cancellation`), so the next appender never builds on
-a frontier a still-queued write is about to change.
+An append writes its entries and their index rows (and ``m:indexed``) in one transaction,
+and only if the log still has the size the entries were built for
+(``log_append(expected_first=, kv_puts=)``).  Another server may have appended meanwhile;
+then nothing was written, and the whole operation runs again on the refreshed log, its
+checks included (already revoked? already bound?).  So two servers never log the same
+revocation twice, and the indexes always describe exactly the log they were committed with.
+Within one process appends are serialised by an :class:`asyncio.Lock`.
+
+Indexes behind ``m:indexed`` exist only in logs written by earlier qpc versions (which wrote
+the rows after the entries): start-up re-reads the entries after it and rewrites their rows,
+each page only if the log has not moved meanwhile.
+
+On a shared store every read (a head, a proof, an audit page, a revocation) first takes in
+what other servers appended (one ``log_size`` read, more only when it grew), so a client
+never sees a smaller or older head from one server than it saw from another.
+
+Cancelling a task that is appending (a client resetting its stream) does not release the
+lock early: the queued write is waited for first (see
+:func:`~qpc_kt_log.store.finish_despite_cancellation`).
 
 A binding is appended from a hook (registration, or ``log_on_resolve`` backfill) only if the
 directory, re-read under the lock, still maps the name to that key: a stale directory read
@@ -32,15 +46,16 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from qpc_core.errors import BadRequest, Conflict, NotFound, StorageError
+from qpc_core.errors import BadRequest, Conflict, NotFound, StorageError, Unavailable
 from qpc_core.identity import check_identity_key, public_bytes
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import RpcContext
+from qpc_core.storage.base import LogMoved
 from qpc_core.users import resolve_identity
 from qpc_kt_log.config import KtLogConfig
 from qpc_kt_log.records import (
@@ -49,7 +64,7 @@ from qpc_kt_log.records import (
     LeafRecord,
     sth_signed_bytes,
 )
-from qpc_kt_log.store import KtTreeStore, StoredEntry, finish_despite_cancellation
+from qpc_kt_log.store import KtTreeStore, StoredEntry
 
 if TYPE_CHECKING:
     from qpc_core.app import App
@@ -59,8 +74,13 @@ log = logging.getLogger("qpc.kt_log")
 NAME = "kt_log"
 KV = "kt_log"
 INDEXED = b"m:indexed"
+STH_LOG = "kt_log.sth"
+LOG_LOCK = "kt_log.append"
+#: Tries of one append (or head) when other servers keep appending first.
+APPEND_ATTEMPTS = 8
 REINDEX_PAGE = 2000
 _U64 = struct.Struct(">Q")
+T = TypeVar("T")
 
 
 def _name_key(username: str) -> bytes:
@@ -93,8 +113,11 @@ class KtLogService:
         self.public_key = public_bytes(signing_key)
         self._lock = asyncio.Lock()
         self._indexed = 0
-        self._sth: pb.SignedTreeHead | None = None
-        self._sth_signed_at = 0.0
+        # Other servers may append to the same log (a shared PostgreSQL store): reads then
+        # look at the stored size first.  Set from the storage; tests may set it.
+        self.shared = app.storage.shared
+        self._head: pb.SignedTreeHead | None = None  # newest entry of STH_LOG
+        self._head_next = 0  # STH_LOG's size when _head was read
         self.clock: Callable[[], float] = time.time  # unix seconds; replaceable in tests
 
     def _now_ms(self) -> int:
@@ -104,49 +127,64 @@ class KtLogService:
     async def start(self) -> None:
         async with self._lock:
             await self.tree.load()
-            raw = await self.app.storage.kv_get(KV, INDEXED)
-            self._indexed = _U64.unpack(raw)[0] if raw else 0
-            if self._indexed > self.tree.size:
-                raise StorageError(
-                    f"kt_log: the indexes cover {self._indexed} entries but the log holds only "
-                    f"{self.tree.size}: the log was truncated or replaced"
-                )
+            self._indexed = await self._stored_indexed()
             await self._reindex_locked()
-        sth = self.current_sth()
+        await self._read_head()
+        sth = await self.sth()
         log.info("kt_log: %d leaves, root %s", sth.tree_size, sth.root_hash.hex())
 
-    async def _ready_locked(self) -> None:
-        await self.tree.ensure_current()
+    async def _stored_indexed(self) -> int:
+        """How many of the entries this process holds the stored indexes cover."""
+        raw = await self.app.storage.kv_get(KV, INDEXED)
+        indexed: int = _U64.unpack(raw)[0] if raw else 0
+        if indexed > self.tree.size:
+            # Another server may have appended since this process read the log.
+            size = await self.app.storage.log_size(self.tree.log_name)
+            if size < indexed:
+                raise StorageError(
+                    f"kt_log: the indexes cover {indexed} entries but the log holds only "
+                    f"{size}: the log was truncated or replaced"
+                )
+            return self.tree.size
+        return indexed
+
+    async def _refresh_locked(self) -> None:
+        """Take in what other servers appended, and make sure the indexes cover it."""
+        if await self.tree.refresh() and self._indexed < self.tree.size:
+            self._indexed = max(self._indexed, await self._stored_indexed())
         await self._reindex_locked()
 
-    async def _catch_up(self) -> None:
-        """Before answering from the indexes: make sure they cover the whole log."""
-        if self._indexed < self.tree.size:
-            async with self._lock:
-                await self._ready_locked()
+    async def sync(self) -> None:
+        """Take in what other servers appended before this call: on a shared store one
+        ``log_size`` read when nothing was.  Elsewhere this process is the only writer, and
+        this reads nothing unless an append's outcome is unknown (reload)."""
+        tree = self.tree
+        if not tree.stale and self._indexed >= tree.size and (
+                not self.shared or await self.app.storage.log_size(tree.log_name) <= tree.size):
+            return
+        async with self._lock:
+            await self._refresh_locked()
 
     async def _reindex_locked(self) -> None:
-        size = self.tree.size
-        if self._indexed >= size:
-            return
-        log.warning("kt_log: indexing entries %d..%d (an earlier append was interrupted)",
-                    self._indexed, size - 1)
-        start = self._indexed
-        while start < size:
-            end = min(size, start + REINDEX_PAGE)
-            entries = await self.tree.read_entries(start, end)
-            await self._write_index(start, [e.record for e in entries])
-            start = end
+        """Rewrite the index rows of entries an earlier version appended without them."""
+        while self._indexed < self.tree.size:
+            size = self.tree.size
+            log.warning("kt_log: indexing entries %d..%d (written without their index rows)",
+                        self._indexed, size - 1)
+            try:
+                start = self._indexed
+                while start < size:
+                    end = min(size, start + REINDEX_PAGE)
+                    entries = await self.tree.read_entries(start, end)
+                    await self.tree.write_rows_if_unmoved(
+                        self._index_rows(start, [e.record for e in entries]))
+                    self._indexed = start = end
+            except LogMoved:
+                await self.tree.refresh()  # newer entries came with their rows: go on
 
-    async def _write_index(self, first: int, records: Sequence[LeafRecord]) -> None:
-        """Write the index rows of ``records`` (leaves from ``first``), then ``m:indexed``.
-
-        Cancellation-safe: a cancelled caller still waits for the writes to finish, so no
-        row from this call can commit after a later one (which may hold a newer binding)."""
-        await finish_despite_cancellation(
-            asyncio.ensure_future(self._put_index_rows(first, records)))
-
-    async def _put_index_rows(self, first: int, records: Sequence[LeafRecord]) -> None:
+    def _index_rows(self, first: int, records: Sequence[LeafRecord]
+                    ) -> list[tuple[str, bytes, bytes]]:
+        """The index rows of ``records`` (leaves from ``first``), then ``m:indexed``."""
         items: dict[bytes, bytes] = {}
         for index, r in enumerate(records, first):
             leaf = _U64.pack(index)
@@ -155,41 +193,91 @@ class KtLogService:
                 items[_key_key(r.identity_key)] = leaf + r.username.encode("utf-8")
             else:
                 items[_rev_key(r.identity_key)] = leaf + r.reason.encode("utf-8")
-        storage = self.app.storage
-        await asyncio.gather(*(storage.kv_put(KV, k, v) for k, v in items.items()))
-        end = first + len(records)
-        await storage.kv_put(KV, INDEXED, _U64.pack(end))  # only after every row committed
-        self._indexed = end
+        items[INDEXED] = _U64.pack(first + len(records))
+        return [(KV, k, v) for k, v in items.items()]
 
     async def _append_locked(self, records: Sequence[LeafRecord]) -> range:
-        await self._ready_locked()
-        rng = await self.tree.append(records)
-        try:
-            await self._write_index(rng.start, records)
-        except Exception:
-            # The leaves are committed; the indexes are rebuilt before the next operation.
-            log.exception("kt_log: index update after appending leaves %d..%d failed",
-                          rng.start, rng.stop - 1)
+        """Append ``records`` with their index rows (LogMoved: nothing written)."""
+        rng = await self.tree.append(records, rows=lambda first: self._index_rows(first, records))
+        self._indexed = rng.stop
         return rng
 
+    async def _appending(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` (checks, then one ``_append_locked``) under the lock, again on the
+        refreshed log each time another server appended first (bounded)."""
+        # The store's exclusive section keeps other servers' appends out while this one
+        # checks and writes (expected_first alone is what keeps the log correct).
+        async with self._lock, self.app.storage.exclusive(LOG_LOCK):
+            for _attempt in range(APPEND_ATTEMPTS):
+                if self.shared:
+                    await self._refresh_locked()
+                else:
+                    await self._ready_locked()
+                try:
+                    return await op()
+                except LogMoved as e:
+                    log.info("kt_log: %s; checking again on the grown log", e)
+            raise Unavailable("the key-transparency log is busy (other servers kept appending "
+                              "first): retry")
+
+    async def _ready_locked(self) -> None:
+        await self.tree.ensure_current()
+        await self._reindex_locked()
+
     # -- signed tree heads -------------------------------------------------------------------
-    def current_sth(self) -> pb.SignedTreeHead:
-        """A signed head of the whole committed tree (re-signed when the tree grew or the
-        cached head is older than ``sth_max_age_secs``).  Do not mutate the result."""
-        size = self.tree.size
-        sth = self._sth
-        now = self.clock()
-        if (sth is None or sth.tree_size != size
-                or now - self._sth_signed_at > self.config.sth_max_age_secs):
+    async def _read_head(self) -> None:
+        size = await self.app.storage.log_size(STH_LOG)
+        raw = await self.app.storage.log_read(STH_LOG, size - 1, size) if size else []
+        head = None
+        if raw:
+            head = pb.SignedTreeHead()
+            head.ParseFromString(raw[0])
+        self._set_head(head, size)
+
+    def _set_head(self, head: pb.SignedTreeHead | None, next_index: int) -> None:
+        """Remember ``head`` as STH_LOG's entry ``next_index - 1`` unless a newer one is
+        already known (concurrent readers and signers within this process)."""
+        if next_index >= self._head_next:
+            self._head, self._head_next = head, next_index
+
+    async def sth(self) -> pb.SignedTreeHead:
+        """A signed head of the whole committed tree.  Signed again when the tree grew or
+        the newest head is older than ``sth_max_age_secs``; each head is stored before it is
+        handed out, with a timestamp no older than the previous one's, so heads never go
+        back in size or time.  Do not mutate the result."""
+        await self.sync()
+        for _attempt in range(APPEND_ATTEMPTS):
+            if self.shared:
+                await self._read_head()
+            head, now = self._head, self.clock()
+            size = self.tree.size
+            if head is not None and head.tree_size > size:
+                async with self._lock:  # another server signed a bigger tree: take it in
+                    await self._refresh_locked()
+                continue
+            if head is not None and head.tree_size == size:
+                if head.root_hash != self.tree.root():
+                    raise StorageError(
+                        f"kt_log: the stored head of size {size} has another root than the "
+                        "stored log: one of them was rewritten")
+                if now - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs:
+                    return head
+            ts = max(int(now * 1000), head.timestamp_ms if head is not None else 0)
             root = self.tree.root()
-            ts = int(now * 1000)
-            if sth is not None and ts < sth.timestamp_ms:
-                ts = sth.timestamp_ms  # never go back in time within a process
-            sig = self._signing_key.sign(sth_signed_bytes(size, root, ts))
-            sth = pb.SignedTreeHead(tree_size=size, root_hash=root, timestamp_ms=ts,
-                                    signature=sig, public_key=self.public_key)
-            self._sth, self._sth_signed_at = sth, now
-        return sth
+            new = pb.SignedTreeHead(
+                tree_size=size, root_hash=root, timestamp_ms=ts, public_key=self.public_key,
+                signature=self._signing_key.sign(sth_signed_bytes(size, root, ts)))
+            at = self._head_next
+            try:
+                await self.app.storage.log_append(
+                    STH_LOG, [new.SerializeToString()], expected_first=at)
+            except LogMoved:
+                await self._read_head()  # another task or server stored one first
+                continue
+            self._set_head(new, at + 1)
+            return new
+        raise Unavailable("the key-transparency log is busy (other servers kept signing "
+                          "heads first): retry")
 
     # -- appends ---------------------------------------------------------------------------
     async def _latest_binding(self, username: str) -> tuple[int, bytes] | None:
@@ -221,8 +309,8 @@ class KtLogService:
     async def _log_binding(self, username: str, identity_key: bytes, *,
                            check_directory: bool) -> int | None:
         check_identity_key(identity_key)
-        async with self._lock:
-            await self._ready_locked()
+
+        async def op() -> int | None:
             current = await self._latest_binding(username)
             if current is not None and current[1] == identity_key:
                 return current[0]
@@ -238,6 +326,8 @@ class KtLogService:
                 log.info("kt_log: key rotation for '%s' logged at leaf %d", username, rng.start)
             return rng.start
 
+        return await self._appending(op)
+
     async def revoke(self, identity_key: bytes, reason: str) -> int:
         """Append a revocation leaf; return its index.  ``CONFLICT`` when already revoked,
         ``NOT_FOUND`` when the key was never bound (in the log or the directory)."""
@@ -245,8 +335,8 @@ class KtLogService:
             raise BadRequest(f"reason must be one of {', '.join(REVOCATION_REASONS)}")
         check_identity_key(identity_key)
         storage = self.app.storage
-        async with self._lock:
-            await self._ready_locked()
+
+        async def op() -> int:
             if await storage.kv_get(KV, _rev_key(identity_key)) is not None:
                 raise Conflict("this identity key is already revoked")
             ts = self._now_ms()
@@ -261,16 +351,18 @@ class KtLogService:
             rng = await self._append_locked(records)
             return rng.stop - 1
 
+        return await self._appending(op)
+
     # -- proofs ----------------------------------------------------------------------------
     async def inclusion(self, leaf_index: int) -> pb.KtInclusion:
         """Inclusion proof of ``leaf_index`` against the current signed tree head."""
-        sth = self.current_sth()
+        sth = await self.sth()
         path = await self.tree.inclusion_proof(leaf_index, sth.tree_size)
         return pb.KtInclusion(leaf_index=leaf_index, tree_size=sth.tree_size, audit_path=path,
                               sth=sth)
 
     async def prove_binding(self, username: str, identity_key: bytes) -> pb.KtInclusion | None:
-        await self._catch_up()
+        await self.sync()
         current = await self._latest_binding(username)
         if current is not None and current[1] == identity_key:
             leaf: int | None = current[0]
@@ -283,22 +375,24 @@ class KtLogService:
         return None if leaf is None else await self.inclusion(leaf)
 
     async def revocation(self, identity_key: bytes) -> tuple[int, str] | None:
-        await self._catch_up()
+        await self.sync()
         raw = await self.app.storage.kv_get(KV, _rev_key(identity_key))
         if raw is None:
             return None
         return _U64.unpack_from(raw)[0], raw[_U64.size:].decode("utf-8")
 
     async def consistency(self, old_size: int, new_size: int) -> list[bytes]:
-        size = self.tree.size
         if old_size > new_size:
             raise BadRequest(f"old_size {old_size} must not exceed new_size {new_size}")
+        if new_size > self.tree.size:
+            await self.sync()
+        size = self.tree.size
         if new_size > size:
             raise BadRequest(f"new_size {new_size} is beyond the tree size {size}")
         return await self.tree.consistency_proof(old_size, new_size)
 
     async def audit(self, start: int, end: int) -> pb.AuditKeyTransparencyResponse:
-        sth = self.current_sth()
+        sth = await self.sth()
         size = sth.tree_size
         if start > size:
             raise BadRequest(f"start {start} is beyond the tree size {size}")
@@ -351,7 +445,7 @@ async def audit_log(
 async def get_sth(
     ctx: RpcContext, req: pb.GetSignedTreeHeadRequest
 ) -> pb.GetSignedTreeHeadResponse:
-    return pb.GetSignedTreeHeadResponse(sth=service(ctx.app).current_sth())
+    return pb.GetSignedTreeHeadResponse(sth=await service(ctx.app).sth())
 
 
 async def get_consistency_proof(

@@ -15,7 +15,11 @@ nodes completed by appending it (:func:`~qpc_kt_log.merkle.nodes_completed_by`),
   Stored nodes never change, so a bounded LRU cache (``cache_nodes``) keeps recently read
   ones: the upper levels, shared by every proof, are then rarely read again.
 
-Not safe for concurrent appends: the caller serialises them (the service holds one lock).
+Not safe for concurrent appends within a process: the caller serialises them (the service
+holds one lock).  Other processes may append to the same log (servers sharing a store):
+appends pass ``expected_first``, so a write built for a stale size is refused without
+writing (:class:`~qpc_core.storage.base.LogMoved`), and :meth:`KtTreeStore.refresh` takes
+in what others appended after checking it extends what this process holds.
 An append is **cancellation-safe**: once its ``log_append`` is queued it is not abandoned.  If
 the awaiting task is cancelled (a client resets its stream), :meth:`KtTreeStore.append` still
 waits for the write to finish, takes the in-memory frontier from what was committed and only
@@ -33,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -59,9 +63,6 @@ from qpc_kt_log.records import (
 )
 
 log = logging.getLogger("qpc.kt_log")
-#: Attempts of one append when another writer moved the log meanwhile (LogMoved).
-_MOVED_RETRIES = 3
-
 LOG_NAME = "kt_log"
 DEFAULT_CACHE_NODES = 16_384  # ~4 MB: every node from level 7 up at 10^6 leaves
 DEFAULT_VERIFY_TAIL = 64  # newest entries replayed by load(): one extra read of ~10 KB
@@ -132,6 +133,15 @@ class KtTreeStore:
         self.stats = ReadStats()
 
     @property
+    def log_name(self) -> str:
+        return self._log
+
+    @property
+    def stale(self) -> bool:
+        """An append's outcome is unknown (or nothing loaded yet): reload before use."""
+        return self._stale or not self._loaded
+
+    @property
     def size(self) -> int:
         """Number of leaves committed (as far as this process knows)."""
         return self._frontier.size
@@ -157,19 +167,7 @@ class KtTreeStore:
             frontier = Frontier.from_nodes(size, nodes)
         except (MissingNodeError, CorruptEntry) as e:
             raise StorageError(f"kt_log: the stored Merkle log is corrupt: {e}") from e
-        tail = await self._read_raw_entries(start, size)
-        if len(tail) != size - start:
-            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {size} entries "
-                               f"reported, {start + len(tail)} readable")
-        for index, record, hashes in tail:
-            if record.leaf_hash != hashes[0]:
-                raise StorageError(
-                    f"kt_log: entry {index}: stored leaf hash does not match its record")
-            replayed = [h for _level, _index, h in base.append(record.leaf_hash)]
-            if replayed != hashes:
-                raise StorageError(
-                    f"kt_log: the stored Merkle log is corrupt: entry {index} does not hold "
-                    "the nodes its append completes (was it written at the wrong index?)")
+        self._replay(base, await self._read_raw_entries(start, size), size)
         if base.peaks != frontier.peaks:
             raise StorageError(
                 "kt_log: the stored Merkle log is corrupt: replaying the newest entries does "
@@ -184,8 +182,17 @@ class KtTreeStore:
             await self.load()
 
     # -- writing ---------------------------------------------------------------------------
-    async def append(self, records: Sequence[LeafRecord]) -> range:
+    async def append(
+        self, records: Sequence[LeafRecord], *,
+        rows: Callable[[int], Sequence[tuple[str, bytes, bytes]]] | None = None,
+    ) -> range:
         """Append ``records`` (one transaction); return their leaf indices.
+
+        ``rows(first)`` gives kv rows (namespace, key, value) to store in the same
+        transaction, for the leaves' indices from ``first``.  The entries are built for the
+        size this process knows; if another writer (a server sharing the store) appended
+        since, :class:`~qpc_core.storage.base.LogMoved` is raised and nothing was written:
+        call :meth:`refresh`, check again what to append, and retry.
 
         Callers serialise appends.  Cancellation-safe: if the calling task is cancelled
         while the write is queued or committing, this still waits for the write to finish,
@@ -193,17 +200,6 @@ class KtTreeStore:
         (so a caller holding a lock keeps it until the log's size is known again).  If the
         write itself fails or is cancelled its outcome is unknown, so the store marks itself
         stale and reloads before the next append."""
-        for _attempt in range(_MOVED_RETRIES - 1):
-            try:
-                return await self._append_once(records)
-            except LogMoved as e:
-                # Another writer (a second server on a shared database) appended first;
-                # nothing was written: reload and build the entries again.
-                log.warning("kt_log: %s; reloading and retrying the append", e)
-                self._stale = True
-        return await self._append_once(records)
-
-    async def _append_once(self, records: Sequence[LeafRecord]) -> range:
         if self._broken is not None:
             raise StorageError(self._broken)
         await self.ensure_current()
@@ -215,11 +211,12 @@ class KtTreeStore:
         expected = self._frontier.size
         if not entries:
             return range(expected, expected)
+        kv_puts = list(rows(expected)) if rows is not None else []
         self._stale = True  # until the write's outcome is known
         # The storage refuses the write (LogMoved, nothing written) unless the log still has
         # exactly the size these entries were built for.
-        write = asyncio.ensure_future(
-            self._storage.log_append(self._log, entries, expected_first=expected))
+        write = asyncio.ensure_future(self._storage.log_append(
+            self._log, entries, expected_first=expected, kv_puts=kv_puts))
         try:
             first = await finish_despite_cancellation(write)
         except asyncio.CancelledError:
@@ -227,6 +224,12 @@ class KtTreeStore:
             # committed) or the write itself was (outcome unknown: stay stale).
             if write.done() and not write.cancelled() and write.exception() is None:
                 self._adopt(write.result(), expected, frontier)
+            elif write.done() and not write.cancelled() and isinstance(write.exception(),
+                                                                      LogMoved):
+                self._stale = False  # nothing was written
+            raise
+        except LogMoved:
+            self._stale = False  # nothing was written; what this process knows still holds
             raise
         if not self._adopt(first, expected, frontier):
             raise StorageError(
@@ -234,6 +237,63 @@ class KtTreeStore:
                 f"got {first}); is another server writing the same database?"
             )
         return range(first, first + len(entries))
+
+    async def write_rows_if_unmoved(self, rows: Sequence[tuple[str, bytes, bytes]]) -> None:
+        """Store kv ``rows`` only if the log still has the size this process knows
+        (:class:`~qpc_core.storage.base.LogMoved` otherwise, nothing written): for indexes
+        rebuilt from the log, which must not overwrite rows a newer append wrote."""
+        await finish_despite_cancellation(asyncio.ensure_future(self._storage.log_append(
+            self._log, [], expected_first=self.size, kv_puts=rows)))
+
+    async def refresh(self) -> bool:
+        """Take in what other writers appended (servers sharing the store); True if the
+        log grew.
+
+        The new entries are checked against what this process already holds: replayed on
+        top of its frontier (each must hold exactly the nodes its append completes), or,
+        after more than ``verify_tail`` of them, the whole frontier is loaded again and the
+        stored tree must have this process's root at its old size.  So a log that another
+        writer rewrote is refused (:class:`StorageError`), never adopted: this process never
+        signs a head that does not extend the ones it signed before.  Callers serialise it
+        with their appends."""
+        if not self._loaded or self._stale:
+            await self.load()
+            return True
+        size = await self._storage.log_size(self._log)
+        old_size = self.size
+        if size < old_size:
+            raise StorageError(f"kt_log: the stored log shrank from {old_size} to {size} "
+                               "entries: it was truncated or replaced")
+        if size == old_size:
+            return False
+        old_root = self.root()
+        if size - old_size <= self._verify_tail:
+            frontier = self._frontier.copy()
+            self._replay(frontier, await self._read_raw_entries(old_size, size), size)
+            self._frontier = frontier
+        else:
+            await self.load()
+            if await self.root_at(old_size) != old_root:
+                raise StorageError(
+                    f"kt_log: the stored log does not extend the tree of size {old_size} "
+                    "this server held: it was rewritten")
+        return True
+
+    def _replay(self, base: Frontier,
+                tail: Sequence[tuple[int, LeafRecord, list[bytes]]], size: int) -> None:
+        """Append ``tail``'s leaves to ``base``, checking each entry's stored hashes."""
+        if len(tail) != size - base.size:
+            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {size} entries "
+                               f"reported, {base.size + len(tail)} readable")
+        for index, record, hashes in tail:
+            if record.leaf_hash != hashes[0]:
+                raise StorageError(
+                    f"kt_log: entry {index}: stored leaf hash does not match its record")
+            replayed = [h for _level, _index, h in base.append(record.leaf_hash)]
+            if replayed != hashes:
+                raise StorageError(
+                    f"kt_log: the stored Merkle log is corrupt: entry {index} does not hold "
+                    "the nodes its append completes (was it written at the wrong index?)")
 
     def _adopt(self, first: int, expected: int, frontier: Frontier) -> bool:
         """Take ``frontier`` as committed if the write landed at the index it was built for.

@@ -23,8 +23,9 @@ from qpc_kt_log.store import LOG_NAME, KtTreeStore
 
 import qpc_core.storage.sqlcipher as sq
 from qpc_core.app import App
-from qpc_core.errors import StorageError
+from qpc_core.errors import Internal, StorageError
 from qpc_core.identity import public_bytes
+from qpc_core.storage.base import LogMoved
 from qpc_core.storage.sqlcipher import SqlCipherStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,7 +44,8 @@ def recs(n: int, offset: int = 0) -> list[LeafRecord]:
 
 
 class WriterGate:
-    """Holds the SQLCipher writer thread inside the next ``_log_append`` until released."""
+    """Holds the SQLCipher writer thread inside the next ``_log_append`` to the Merkle log
+    until released."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -52,13 +54,14 @@ class WriterGate:
         self.real = sq._log_append
 
     def __call__(
-        self, conn: Any, log_name: str, entries: list[bytes], expected_first: int | None
+        self, conn: Any, log_name: str, entries: list[bytes], expected_first: int | None,
+        kv_puts: Any = None,
     ) -> int:
-        if self.armed:
+        if self.armed and log_name == LOG_NAME:  # not the signed heads' log
             self.armed = False
             self.entered.set()
             assert self.release.wait(WAIT), "test never released the writer"
-        return self.real(conn, log_name, entries, expected_first)
+        return self.real(conn, log_name, entries, expected_first, kv_puts)
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, WAIT), "write never reached storage"
@@ -155,31 +158,30 @@ async def test_cancelled_append_keeps_the_lock_until_its_write_committed(
     assert await s2._latest_binding("alice") is not None
 
 
-async def test_cancelled_index_write_is_waited_for(app_factory: AppFactory,
+async def test_leaf_and_index_rows_commit_together(app_factory: AppFactory,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Index rows of a cancelled append finish before the lock is released too."""
+    """The index rows are written in the append's own transaction: a write that fails after
+    its statements ran (a crash before the commit) leaves neither the leaf nor a row, and
+    the next append, after a reload, lands at the same index with its rows."""
     app: App = await app_factory(plugins=["kt_log"])
     s: KtLogService = app.state["kt_log"]
-    real_put = app.storage.kv_put
-    entered, release = asyncio.Event(), asyncio.Event()
+    real = sq._log_append
 
-    async def slow_put(namespace: str, k: bytes, v: bytes) -> None:
-        if k == b"m:indexed" and not release.is_set():
-            entered.set()
-            await release.wait()
-        await real_put(namespace, k, v)
+    def fails_before_commit(conn: Any, log_name: str, *args: Any) -> int:
+        first = real(conn, log_name, *args)
+        if log_name == LOG_NAME:
+            raise OSError("simulated crash after the statements, before the commit")
+        return first
 
-    monkeypatch.setattr(app.storage, "kv_put", slow_put)
-    task = asyncio.ensure_future(s.log_binding("alice", key()))
-    await entered.wait()
-    task.cancel()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert s._lock.locked() and not task.done()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert s._indexed == 1 == s.tree.size
+    monkeypatch.setattr(sq, "_log_append", fails_before_commit)
+    with pytest.raises((OSError, StorageError, Internal)):
+        await s.log_binding("alice", key())
+    assert await app.storage.log_size(LOG_NAME) == 0
+    assert await app.storage.kv_scan("kt_log") == []  # no index row, no m:indexed
+    monkeypatch.setattr(sq, "_log_append", real)
+    alice = key()
+    assert await s.log_binding("alice", alice) == 0
+    assert await s._latest_binding("alice") == (0, alice)
     assert await app.storage.kv_get("kt_log", b"m:indexed") == (1).to_bytes(8, "big")
 
 
@@ -215,8 +217,9 @@ async def test_another_writer_moving_the_log_is_refused_then_rebuilt(
     storage: SqlCipherStorage,
 ) -> None:
     """Another writer slips in an entry: the storage refuses ours (built for index 3) without
-    writing it, the store reloads and appends at index 4 built from the new frontier, and the
-    log stays loadable.  (Before, the write landed one index late and corrupted the log.)"""
+    writing it (LogMoved), the store takes the new entry in and appends at index 4 built from
+    the new frontier, and the log stays loadable.  (Before expected_first, the write landed
+    one index late and corrupted the log.)"""
     tree = KtTreeStore(storage)
     await tree.load()
     await tree.append(recs(3))
@@ -226,6 +229,10 @@ async def test_another_writer_moving_the_log_is_refused_then_rebuilt(
     intruder = LeafRecord.binding("intruder", bytes(32), 0)
     await storage.log_append(LOG_NAME, [encode_entry(
         intruder, [h for *_, h in foreign.append(intruder.leaf_hash)])])
+    with pytest.raises(LogMoved):
+        await tree.append(recs(1, 3))
+    assert await storage.log_size(LOG_NAME) == 4  # nothing of ours written
+    assert await tree.refresh()  # takes in the intruder's entry, checked
     assert await tree.append(recs(1, 3)) == range(4, 5)
     assert await storage.log_size(LOG_NAME) == 5
     fresh = KtTreeStore(storage)

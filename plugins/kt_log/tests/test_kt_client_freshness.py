@@ -45,7 +45,7 @@ async def _return(value: Any) -> Any:
 async def test_older_heads_are_refused(app_factory: AppFactory, connect: Connect) -> None:
     app: App = await app_factory(plugins=["kt_log"])
     bob = await user(app, connect, "bob")
-    fresh = svc(app).current_sth()
+    fresh = await svc(app).sth()
     state = kt.KtState()
     await kt.accept_sth(bob, fresh, state)
     assert state.timestamp_ms == fresh.timestamp_ms
@@ -61,7 +61,8 @@ async def test_older_heads_are_refused(app_factory: AppFactory, connect: Connect
         await kt.accept_sth(bob, fresh, state)
 
 
-async def test_max_head_age(app_factory: AppFactory, connect: Connect) -> None:
+async def test_max_head_age(app_factory: AppFactory, connect: Connect,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     app: App = await app_factory(plugins=["kt_log"])
     bob = await user(app, connect, "bob")
     now = 2_000_000_000.0
@@ -78,7 +79,12 @@ async def test_max_head_age(app_factory: AppFactory, connect: Connect) -> None:
     # the CLI option, against a server that keeps serving a head signed in 1970
     rc, out = await kt_cli(bob, {}, "verify", "--max-head-age", "600", "@bob")
     assert rc == 0, out  # the real, fresh head
-    svc(app)._sth, svc(app)._sth_signed_at = await signed_head(app, 1), svc(app).clock()
+    frozen = await signed_head(app, 1)
+
+    async def frozen_head() -> pb.SignedTreeHead:
+        return frozen
+
+    monkeypatch.setattr(svc(app), "sth", frozen_head)
     rc, out = await kt_cli(bob, {}, "--json", "verify", "--max-head-age", "600", "@bob")
     data = json.loads(out)
     assert rc == 1 and data["result"] == "FAIL" and data["kind"] == "FreshnessError"

@@ -22,8 +22,8 @@ from qpc_kt_log.merkle import (
     verify_consistency,
 )
 from qpc_kt_log.records import LeafRecord, decode_entry, encode_entry, sth_signed_bytes
-from qpc_kt_log.service import KtLogService
-from qpc_kt_log.store import LOG_NAME
+from qpc_kt_log.service import STH_LOG
+from qpc_kt_log.store import LOG_NAME, KtTreeStore
 
 from qpc_core.app import App
 from qpc_core.client import QpcClient
@@ -33,6 +33,7 @@ from qpc_core.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PluginError,
     Unauthenticated,
 )
 from qpc_core.identity import public_bytes
@@ -302,69 +303,38 @@ async def test_restart_keeps_the_log_and_the_key(app_factory: AppFactory,
     assert not (await kt.audit(c2, state)).problems
 
 
-async def test_interrupted_append_is_repaired_on_restart(
-    app_factory: AppFactory, connect: Connect, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+async def test_entries_without_index_rows_are_indexed_on_start(
+    app_factory: AppFactory, connect: Connect, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A crash after the leaf committed but before its index rows: the restart re-indexes
-    from the log (the leaf and its Merkle nodes are one entry, so they are never split)."""
-
-    async def crash(self: KtLogService, first: int, records: Any) -> None:
-        raise ConnectionResetError("simulated crash before the index rows were written")
-
+    """Earlier versions wrote a leaf's index rows after it, so a crash in between left
+    entries without rows (``m:indexed`` behind the log).  Start-up indexes them from the
+    log; nothing is appended a second time."""
     app = await app_factory(plugins=["kt_log"])
     alice = await user(app, connect, "alice")
-    monkeypatch.setattr(KtLogService, "_write_index", crash)
-    with caplog.at_level(logging.ERROR, "qpc.kt_log"):
-        assert await kt.revoke_key(alice, "compromised") == 1  # the leaf is committed...
-    assert "index update after appending leaves 1..1 failed" in caplog.text
+    assert alice.identity_key is not None
+    bob = key()
+    # What such a crash left: a revocation and a binding, committed without their rows.
+    tree = KtTreeStore(app.storage)
+    await tree.load()
+    await tree.append([LeafRecord.revocation(alice.identity_key, "compromised", 1),
+                       LeafRecord.binding("bob", bob, 2)])
     assert await app.storage.kv_get("kt_log", b"m:indexed") == (1).to_bytes(8, "big")
     await app.stop()
-    monkeypatch.undo()
     caplog.clear()
 
     with caplog.at_level(logging.WARNING, "qpc.kt_log"):
         app = await app_factory(plugins=["kt_log"])
-    assert "indexing entries 1..1" in caplog.text
-    assert await app.storage.kv_get("kt_log", b"m:indexed") == (2).to_bytes(8, "big")
-    with pytest.raises(Conflict):  # ...and its index row was rebuilt from the log
+    assert "indexing entries 1..2" in caplog.text
+    assert await app.storage.kv_get("kt_log", b"m:indexed") == (3).to_bytes(8, "big")
+    with pytest.raises(Conflict):  # the revocation's row was rebuilt from the log
         await kt.revoke_key(await connect(app, identity=alice.identity), "compromised")
-
-    # Same for a binding: after the restart it is found, not appended a second time.
-    monkeypatch.setattr(KtLogService, "_write_index", crash)
-    await register_user(app, "bob", key())
-    await app.stop()
-    monkeypatch.undo()
-    app = await app_factory(plugins=["kt_log"])
+    await register_user(app, "bob", bob)
     c = await connect(app)
     state = kt.KtState()
     resp = await kt.resolve_verified(c, "bob", state)
-    assert resp.inclusion.leaf_index == 2 and state.tree_size == 3
-    assert alice.identity_key is not None
+    assert resp.inclusion.leaf_index == 2 and state.tree_size == 3  # found, not appended
     assert await kt.check_revocation_verified(c, alice.identity_key, state) == "compromised"
     assert not (await kt.audit(c, state)).problems
-
-
-async def test_index_failure_is_repaired_without_restart(
-    kt_app: App, connect: Connect, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    alice = await user(kt_app, connect, "alice")
-    real = KtLogService._write_index
-    calls = 0
-
-    async def flaky(self: KtLogService, first: int, records: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OSError("disk hiccup")
-        await real(self, first, records)
-
-    monkeypatch.setattr(KtLogService, "_write_index", flaky)
-    await kt.revoke_key(alice, "compromised")
-    assert alice.identity_key is not None
-    state = kt.KtState()
-    assert await kt.check_revocation_verified(alice, alice.identity_key, state) == "compromised"
-    assert calls == 2 and svc(kt_app).tree.size == 2
 
 
 # -- a dishonest server is detected -------------------------------------------------------------
@@ -417,6 +387,13 @@ async def test_rewritten_log_is_detected(app_factory: AppFactory, connect: Conne
         conn.execute("UPDATE users SET identity_key = ? WHERE username = 'alice'", (mallory,))
 
     _rewrite_db(app.settings.data_dir / "qpc.db", "test-db-key", rewrite)
+    # The server itself refuses the forged log: the head it signed for size 3 is stored,
+    # with another root.
+    with pytest.raises(PluginError, match="stored head of size 3 has another root"):
+        await app_factory(plugins=["kt_log"])
+    # A thorough forger deletes the stored heads too; then only clients can tell.
+    _rewrite_db(app.settings.data_dir / "qpc.db", "test-db-key",
+                lambda conn: conn.execute("DELETE FROM logs WHERE log = 'kt_log.sth'"))
     app2 = await app_factory(plugins=["kt_log"])
     c = await connect(app2)
 
@@ -599,3 +576,36 @@ async def test_cli_verify_and_audit(kt_app: App, connect: Connect) -> None:
     assert rc == 1 and "unreadable" in out
     with pytest.raises(NotFound):
         await kt_cli(c, saved, "verify", "@nobody")
+
+
+async def test_heads_are_stored_and_never_go_back_in_time_across_restarts(
+    app_factory: AppFactory, connect: Connect
+) -> None:
+    app = await app_factory(plugins=["kt_log"])
+    await register_user(app, "alice", key())
+    c = await connect(app)
+    state = kt.KtState()
+    h1 = await kt.get_sth(c)
+    await kt.accept_sth(c, h1, state)
+    stored = await app.storage.log_size(STH_LOG)
+    assert await kt.get_sth(c) == h1  # the same head while the tree is unchanged and fresh
+    assert await app.storage.log_size(STH_LOG) == stored
+    await app.stop()
+
+    # Restarted with its clock an hour behind: the next head is still no older than h1.
+    app = await app_factory(plugins=["kt_log"])
+    behind = svc(app).clock() - 3600
+    svc(app).clock = lambda: behind
+    await register_user(app, "bob", key())
+    c = await connect(app)
+    h2 = await kt.get_sth(c)
+    assert h2.tree_size == 2 and h2.timestamp_ms >= h1.timestamp_ms
+    await kt.accept_sth(c, h2, state)  # no FreshnessError
+    # Older than sth_max_age_secs: signed again (same tree, later time) and stored.
+    later = h2.timestamp_ms / 1000 + svc(app).config.sth_max_age_secs + 1
+    svc(app).clock = lambda: later
+    h3 = await kt.get_sth(c)
+    assert (h3.tree_size, h3.root_hash) == (h2.tree_size, h2.root_hash)
+    assert h3.timestamp_ms == int(later * 1000)
+    n = await app.storage.log_size(STH_LOG)
+    assert pb.SignedTreeHead.FromString((await app.storage.log_read(STH_LOG, n - 1, n))[0]) == h3

@@ -32,6 +32,7 @@ from qpc_kt_log.records import (
 from qpc_kt_log.store import DEFAULT_VERIFY_TAIL, LOG_NAME, KtTreeStore
 
 from qpc_core.errors import StorageError
+from qpc_core.storage.base import LogMoved
 from qpc_core.storage.sqlcipher import SqlCipherStorage
 
 KEY = bytes(range(32))
@@ -258,11 +259,13 @@ async def test_foreign_append_is_detected(storage: SqlCipherStorage) -> None:
     await tree.load()
     await tree.append(records(2))
     await storage.log_append(LOG_NAME, [encode_entry(records(1)[0], [b"\x00" * 32])])
-    # The storage refuses our append (the log moved), the reload finds the foreign entry
+    # The storage refuses our append (the log moved), taking in the foreign entry finds it
     # does not hold the nodes its append completes, and nothing is written on top.
-    with pytest.raises(StorageError, match="does not match its record"):
+    with pytest.raises(LogMoved):
         await tree.append(records(1, 2))
-    assert await storage.log_size(LOG_NAME) == 3
+    with pytest.raises(StorageError, match="does not match its record"):
+        await tree.refresh()
+    assert tree.size == 2 and await storage.log_size(LOG_NAME) == 3
 
 
 async def test_corrupt_log_refuses_to_load(storage: SqlCipherStorage) -> None:

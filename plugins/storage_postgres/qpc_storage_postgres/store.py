@@ -18,6 +18,7 @@ PostgreSQL database (asyncpg), so several qpc servers can serve one user base.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -79,6 +80,8 @@ _RECONNECT_MAX_SECS = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # The PL/pgSQL functions rely on READ COMMITTED (each statement sees what was committed
 # before it, e.g. after waiting for an inbox lock), whatever the database's default is.
+_KV_PUT = ("INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)"
+           " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value")
 _SESSION_SETTINGS = {"default_transaction_isolation": "read committed"}
 
 
@@ -287,6 +290,11 @@ class PostgresStorage(Storage):
         self._writes: set[asyncio.Task[None]] = set()
         self._pending_takes: list[_Take] = []
         self._takes_scheduled = False
+        # exclusive(): per name, an advisory lock on a dedicated connection (opened when
+        # first needed), so a section's own queries never wait for a pool connection it
+        # holds; this process's sections of one name queue on an asyncio.Lock first.
+        self._lock_conns: dict[str, asyncpg.Connection] = {}
+        self._lock_guards: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(
@@ -331,10 +339,55 @@ class PostgresStorage(Storage):
                 await self._listener.close(timeout=5)
             except _DB_ERRORS:
                 self._listener.terminate()
+        for name in list(self._lock_conns):
+            self._drop_lock_conn(name)  # its session's advisory locks go with it
         try:
             await asyncio.wait_for(self._pool.close(), 30)
         except (TimeoutError, *_DB_ERRORS):
             self._pool.terminate()
+
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """A PostgreSQL advisory lock (session level, keyed by schema and name), taken and
+        released on this name's lock connection; this process's sections of the name queue
+        on an :class:`asyncio.Lock` first.  Waiting counts against
+        ``command_timeout_secs``.  If anything goes wrong with the connection (or the wait
+        is cancelled) it is closed, which releases whatever it held."""
+        digest = hashlib.sha256(f"qpc\0{self.schema}\0{name}".encode()).digest()
+        lock_key = int.from_bytes(digest[:8], "big", signed=True)
+        async with self._lock_guards.setdefault(name, asyncio.Lock()):
+            if self._closed:
+                raise StorageError("storage is closed")
+            try:
+                async with _errors("taking a lock"):
+                    conn = self._lock_conns.get(name)
+                    if conn is None or conn.is_closed():
+                        conn = self._lock_conns[name] = await _connect_with_retry(
+                            self._dsn, self._connect_timeout,
+                            server_settings=dict(_SESSION_SETTINGS))
+                    await conn.execute("SELECT pg_advisory_lock($1)", lock_key)
+            except BaseException:
+                self._drop_lock_conn(name)
+                raise
+            try:
+                yield
+            finally:
+                # The section's work is done: a failed unlock is not its caller's error.
+                # Closing the connection releases the lock as surely as the unlock would.
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+                except _DB_ERRORS as e:
+                    log.warning("lock %r: unlock failed (%s); closing the lock connection, "
+                                "which releases it", name, e)
+                    self._drop_lock_conn(name)
+                except BaseException:
+                    self._drop_lock_conn(name)
+                    raise
+
+    def _drop_lock_conn(self, name: str) -> None:
+        conn = self._lock_conns.pop(name, None)
+        if conn is not None:
+            conn.terminate()
 
     async def ping(self) -> None:
         async with _errors("ping"):
@@ -796,11 +849,7 @@ class PostgresStorage(Storage):
 
     async def kv_put(self, namespace: str, key: bytes, value: bytes) -> None:
         async with _errors("kv_put"):
-            await self._pool.execute(
-                "INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)"
-                " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-                namespace, key, value,
-            )
+            await self._pool.execute(_KV_PUT, namespace, key, value)
 
     async def kv_put_if_absent(self, namespace: str, key: bytes, value: bytes) -> bytes:
         # One statement: inserts, or locks the stored row and returns its value (a no-op
@@ -836,7 +885,8 @@ class PostgresStorage(Storage):
         return [(bytes(r[0]), bytes(r[1])) for r in rows]
 
     async def log_append(
-        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None
+        self, log: str, entries: Sequence[bytes], *, expected_first: int | None = None,
+        kv_puts: Sequence[tuple[str, bytes, bytes]] = (),
     ) -> int:
         async with _errors("log_append"), self._pool.acquire() as conn, conn.transaction():
             # The head row serialises appends to one log (across servers too).
@@ -852,6 +902,9 @@ class PostgresStorage(Storage):
                     "INSERT INTO logs (log, idx, entry) VALUES ($1, $2, $3)",
                     [(log, first + i, e) for i, e in enumerate(entries)],
                 )
+            if kv_puts:
+                # After the head row's lock: rows derived from the log commit in log order.
+                await conn.executemany(_KV_PUT, list(kv_puts))
         return first
 
     async def log_read(self, log: str, start: int, end: int) -> list[bytes]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from qpc_core.app import App
@@ -50,16 +52,21 @@ async def test_unreachable_database_fails_start_up(tmp_path, monkeypatch) -> Non
                               "connect_timeout_secs": 0.5})
 
 
-async def test_kt_log_needs_a_sole_writer_on_a_shared_store(tmp_path, monkeypatch,
-                                                             pg_dsn) -> None:
-    with pytest.raises(PluginError, match=r"kt_log.*sole_writer = true"):
-        await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"], storage="postgres",
-                    postgres={"dsn": pg_dsn})
-    app = await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"],
-                      storage="postgres", postgres={"dsn": pg_dsn},
-                      kt_log={"sole_writer": True})
+async def test_kt_log_runs_on_a_shared_store_and_sole_writer_is_deprecated(
+    tmp_path, monkeypatch, pg_dsn, caplog
+) -> None:
+    app = await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"], storage="postgres",
+                      postgres={"dsn": pg_dsn})
     try:
-        assert "kt_log" in app.state
+        assert "kt_log" in app.state and app.state["kt_log"].shared
+    finally:
+        await app.stop()
+    with caplog.at_level(logging.WARNING, "qpc.kt_log"):  # old files still load
+        app = await start(tmp_path, monkeypatch, plugins=["postgres", "kt_log"],
+                          storage="postgres", postgres={"dsn": pg_dsn},
+                          kt_log={"sole_writer": True})
+    try:
+        assert "sole_writer is no longer needed" in caplog.text
     finally:
         await app.stop()
 

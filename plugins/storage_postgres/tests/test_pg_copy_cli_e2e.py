@@ -85,10 +85,8 @@ async def test_qpc_store_copy_moves_a_live_deployment_to_postgres(tmp_path: Path
     assert rc == 1 and "not empty" in err
 
     # The server on PostgreSQL (fresh data dir: nothing can come from the SQLCipher file).
-    cfg = tmp_path / "pg.toml"
-    cfg.write_text("[kt_log]\nsole_writer = true\n")
     srv2 = ServerProcess(tmp_path / "data-pg",
-                         args=["--plugins", "postgres,auth_opaque,kt_log", "--config", str(cfg)],
+                         args=["--plugins", "postgres,auth_opaque,kt_log"],
                          env={"QPC_STORAGE": "postgres", **env})
     await srv2.start()
     try:

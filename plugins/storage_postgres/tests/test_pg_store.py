@@ -462,6 +462,56 @@ async def test_logs_append_concurrently_without_gaps(pg_dsn: str) -> None:
         await b.close()
 
 
+async def test_exclusive_sections_never_overlap_across_servers(pg_dsn: str) -> None:
+    """Two stores (two servers) on one database: sections with the same name take turns,
+    other names and other schemas do not wait, a cancelled waiter leaves nothing held, and a
+    server whose lock connection died no longer holds the lock (PostgreSQL released it)."""
+    a = await PostgresStorage.open(pg_dsn, pool_max=1)  # a section needs no pool connection
+    b = await PostgresStorage.open(pg_dsn)
+    other = await PostgresStorage.open(pg_dsn, schema="other")
+    inside: list[str] = []
+    overlaps = 0
+
+    async def section(st: PostgresStorage, who: str, name: str = "log") -> None:
+        nonlocal overlaps
+        async with st.exclusive(name):
+            overlaps += bool(inside)
+            inside.append(who)
+            await st.log_append("x", [who.encode()])  # the store stays usable inside
+            await asyncio.sleep(0)  # hand the loop to the other server's waiting task
+            inside.remove(who)
+
+    try:
+        await asyncio.gather(*(section((a, b)[i % 2], f"s{i}") for i in range(20)))
+        assert overlaps == 0 and await a.log_size("x") == 20
+        async with a.exclusive("log"):
+            # Another name, or the same name in another schema, does not wait.
+            await asyncio.wait_for(section(b, "b", name="other-log"), 10)
+            await asyncio.wait_for(section(other, "o"), 10)
+            waiter = asyncio.ensure_future(section(b, "late"))
+            for _ in range(500):  # bounded: until b waits in PostgreSQL for a's lock
+                n = await a._pool.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                if n:
+                    break
+                await asyncio.sleep(0.01)
+            assert n == 1 and not waiter.done()
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        async with b.exclusive("log"):  # the cancelled waiter left nothing held
+            pass
+        # A lock connection that dies mid-section releases the lock in PostgreSQL.
+        async with a.exclusive("log"):
+            a._lock_conns["log"].terminate()
+            await asyncio.wait_for(section(b, "after-loss"), 10)
+        async with a.exclusive("log"):  # a reconnects for its next section
+            pass
+    finally:
+        for st in (a, b, other):
+            await st.close()
+
+
 # -- start-up and failures ---------------------------------------------------------------------
 
 async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:

@@ -1,0 +1,262 @@
+"""kt_log on two qpc servers sharing one real PostgreSQL database: one log.
+
+Both servers append (registrations, rotations, revocations) and answer proofs; a client that
+moves between them must see one log that only grows, with heads that never go back in size or
+time, and every check (already revoked? already bound?) must hold across the servers.  The
+races are made deterministic by holding one server's append (inside its locked section)
+while the other tries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from qpc_kt_log import client as kt
+from qpc_kt_log.service import KV, STH_LOG, KtLogService
+from qpc_kt_log.store import LOG_NAME, KtTreeStore
+
+from qpc_core.app import App
+from qpc_core.client import QpcClient
+from qpc_core.errors import Conflict
+from qpc_core.identity import public_bytes
+from qpc_core.pb import directory_pb2 as pb
+from qpc_core.storage.base import LogMoved
+from qpc_core.users import register_user
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def key() -> bytes:
+    return public_bytes(Ed25519PrivateKey.generate())
+
+
+def svc(app: App) -> KtLogService:
+    s: KtLogService = app.state["kt_log"]
+    return s
+
+
+@pytest.fixture
+async def nodes(pg_dsn: str, app_factory, tmp_path: Path) -> tuple[App, App]:
+    async def node(name: str) -> App:
+        return await app_factory(plugins=["postgres", "kt_log"], storage="postgres",
+                                 postgres={"dsn": pg_dsn}, data_dir=tmp_path / name)
+
+    return await node("one"), await node("two")
+
+
+class HeldAppend:
+    """Holds ``app``'s next append to the Merkle log (after its checks ran and its entries
+    were built for the size it knows) until released."""
+
+    def __init__(self, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.release = asyncio.Event(), asyncio.Event()
+        self.moved = 0  # LogMoved refusals seen by the held server
+        storage = app.storage
+        real = storage.log_append
+
+        async def held(log: str, entries: Any, **kw: Any) -> int:
+            if log == LOG_NAME and entries and not self.release.is_set():
+                self.reached.set()
+                await self.release.wait()
+            try:
+                return await real(log, entries, **kw)
+            except LogMoved:
+                if log == LOG_NAME:
+                    self.moved += 1
+                raise
+
+        monkeypatch.setattr(storage, "log_append", held)
+
+
+def without_the_lock(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``app`` appends without the store's exclusive section: what happens when a server's
+    lock connection died mid-section (PostgreSQL then released its lock)."""
+
+    @contextlib.asynccontextmanager
+    async def no_lock(name: str) -> AsyncIterator[None]:
+        yield
+
+    monkeypatch.setattr(app.storage, "exclusive", no_lock)
+
+
+async def lock_waiters(app: App) -> int:
+    n: int = await app.storage._pool.fetchval(  # type: ignore[attr-defined]
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    return n
+
+
+async def until_async(cond: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not await cond():  # bounded poll of a state the servers reach by themselves
+        assert time.monotonic() < deadline, f"not within 10 s: {what}"
+        await asyncio.sleep(0.005)
+
+
+async def user(app: App, connect: Any, name: str) -> QpcClient:
+    c: QpcClient = await connect(app)
+    assert c.identity_key is not None
+    await register_user(app, name, c.identity_key)
+    return c
+
+
+async def test_both_servers_append_to_one_log_and_a_client_may_move_between_them(
+    nodes: tuple[App, App], connect: Any
+) -> None:
+    one, two = nodes
+    clients = {}
+    for i in range(6):  # registrations alternate between the servers
+        app = (one, two)[i % 2]
+        clients[f"u{i}"] = await user(app, connect, f"u{i}")
+    c1, c2 = await connect(one), await connect(two)
+    state = kt.KtState()
+    for i in range(6):  # each lookup on the other server than the last
+        c = (c2, c1)[i % 2]
+        resp = await kt.resolve_verified(c, f"u{i}", state)
+        assert resp.identity_key == clients[f"u{i}"].identity_key
+    assert state.tree_size == 6
+    # The newest head is the same on both, right after an append on either (no lag).
+    await register_user(one, "late", key())
+    h2 = await kt.get_sth(c2)
+    assert h2.tree_size == 7
+    await kt.accept_sth(c2, h2, state)
+    await kt.accept_sth(c1, await kt.get_sth(c1), state)  # one does not go back
+    assert not (await kt.audit(c1, state)).problems
+    assert not (await kt.audit(c2, state)).problems
+    # One log: what a fresh reader loads is what both servers hold.
+    fresh = KtTreeStore(one.storage)
+    await fresh.load()
+    assert fresh.size == 7 == svc(one).tree.size == svc(two).tree.size
+    assert fresh.root() == svc(one).tree.root() == svc(two).tree.root()
+
+
+async def test_appends_on_two_servers_take_turns(
+    nodes: tuple[App, App], connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server two has checked "not revoked yet" and built its leaf; server one's revocation
+    of the same key waits for two's section (a PostgreSQL advisory lock), then finds it
+    revoked: one leaf, no refused write."""
+    one, two = nodes
+    alice = await user(one, connect, "alice")
+    assert alice.identity_key is not None
+    c2 = await connect(two, identity=alice.identity)
+    await kt.resolve_verified(c2, "alice", kt.KtState())  # logs the binding (leaf 0)
+    hold = HeldAppend(two, monkeypatch)
+    held = asyncio.ensure_future(svc(two).revoke(alice.identity_key, "compromised"))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    waiting = asyncio.ensure_future(svc(one).revoke(alice.identity_key, "superseded"))
+    await until_async(lambda: _positive(lock_waiters(one)), "server one waits for the lock")
+    assert not waiting.done()
+    hold.release.set()
+    assert await held == 1
+    with pytest.raises(Conflict):
+        await waiting
+    assert hold.moved == 0
+    assert await one.storage.log_size(LOG_NAME) == 2
+    state = kt.KtState()
+    assert await kt.check_revocation_verified(c2, alice.identity_key, state) == "compromised"
+    assert not (await kt.audit(c2, state)).problems
+
+
+async def _positive(n: Awaitable[int]) -> bool:
+    return await n > 0
+
+
+async def test_a_revocation_racing_without_the_lock_is_still_logged_once(
+    nodes: tuple[App, App], connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the lock is lost, the conditional write still decides: two's leaf, built for the
+    old size, is refused (nothing written), and its checks run again on the grown log."""
+    one, two = nodes
+    alice = await user(one, connect, "alice")
+    assert alice.identity_key is not None
+    c2 = await connect(two, identity=alice.identity)
+    await kt.resolve_verified(c2, "alice", kt.KtState())
+    without_the_lock(one, monkeypatch)
+    hold = HeldAppend(two, monkeypatch)
+    held = asyncio.ensure_future(svc(two).revoke(alice.identity_key, "compromised"))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    assert await svc(one).revoke(alice.identity_key, "superseded") == 1
+    hold.release.set()
+    with pytest.raises(Conflict):  # checked again on the grown log
+        await held
+    assert hold.moved == 1
+    assert await one.storage.log_size(LOG_NAME) == 2
+    state = kt.KtState()
+    assert await kt.check_revocation_verified(c2, alice.identity_key, state) == "superseded"
+    assert not (await kt.audit(c2, state)).problems
+
+
+async def test_bindings_racing_without_the_lock_are_appended_once_and_keep_order(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, two = nodes
+    without_the_lock(one, monkeypatch)
+    k1 = key()
+    hold = HeldAppend(two, monkeypatch)
+    held = asyncio.ensure_future(svc(two).log_binding("alice", k1))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    assert await svc(one).log_binding("alice", k1) == 0
+    hold.release.set()
+    assert await held == 0 and hold.moved == 1  # found on the retry, not appended again
+    assert await one.storage.log_size(LOG_NAME) == 1
+    # A rotation on one while two is held with another rotation: the later leaf is the
+    # newest binding in the index both servers read.
+    k2, k3 = key(), key()
+    hold2 = HeldAppend(two, monkeypatch)
+    held = asyncio.ensure_future(svc(two).log_binding("alice", k3))
+    await asyncio.wait_for(hold2.reached.wait(), 10)
+    assert await svc(one).log_binding("alice", k2) == 1
+    hold2.release.set()
+    assert await held == 2 and hold2.moved == 1
+    for app in (one, two):
+        assert await svc(app)._latest_binding("alice") == (2, k3)
+    raw = await one.storage.kv_get(KV, b"k:" + k2)
+    assert raw is not None and raw[:8] == (1).to_bytes(8, "big")
+
+
+async def test_many_concurrent_appends_on_both_servers(nodes: tuple[App, App]) -> None:
+    one, two = nodes
+    keys = {f"n{i}": key() for i in range(40)}
+    got = await asyncio.gather(*(svc((one, two)[i % 2]).log_binding(name, k)
+                                 for i, (name, k) in enumerate(keys.items())))
+    assert sorted(got) == list(range(40))  # every binding once, the log dense
+    fresh = KtTreeStore(one.storage)
+    await fresh.load()
+    assert fresh.size == 40
+    for entry in await fresh.read_entries(0, 40):
+        assert keys[entry.record.username] == entry.record.identity_key
+        assert await svc(two)._latest_binding(entry.record.username) == (
+            entry.index, entry.record.identity_key)
+    assert await one.storage.kv_get(KV, b"m:indexed") == (40).to_bytes(8, "big")
+
+
+async def test_heads_never_go_back_in_time_across_servers(
+    nodes: tuple[App, App], connect: Any
+) -> None:
+    """Server two's clock is an hour behind server one's: the heads it signs still carry a
+    timestamp no older than the newest head either server handed out."""
+    one, two = nodes
+    c1, c2 = await connect(one), await connect(two)
+    state = kt.KtState()
+    await register_user(one, "ann", key())
+    await kt.accept_sth(c1, await kt.get_sth(c1), state)
+    behind = svc(two).clock() - 3600
+    svc(two).clock = lambda: behind
+    await register_user(two, "bob", key())
+    head = await kt.get_sth(c2)
+    assert head.tree_size == 2 and head.timestamp_ms >= state.timestamp_ms
+    await kt.accept_sth(c2, head, state)  # no FreshnessError
+    # Every head handed out is stored, newest last, in order of size and time.
+    n = await one.storage.log_size(STH_LOG)
+    heads = [pb.SignedTreeHead.FromString(r) for r in await one.storage.log_read(STH_LOG, 0, n)]
+    assert [h.tree_size for h in heads] == sorted(h.tree_size for h in heads)
+    assert [h.timestamp_ms for h in heads] == sorted(h.timestamp_ms for h in heads)
+    assert heads[-1] == head
+    assert await kt.get_sth(c1) == head  # one serves the same newest head
