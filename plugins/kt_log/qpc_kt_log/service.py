@@ -125,7 +125,7 @@ class KtLogService:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        async with self._lock:
+        async with self._lock, self.app.storage.exclusive(LOG_LOCK):
             await self.tree.load()
             self._indexed = await self._stored_indexed()
             await self._reindex_locked()
@@ -180,7 +180,11 @@ class KtLogService:
                         self._index_rows(start, [e.record for e in entries]))
                     self._indexed = start = end
             except LogMoved:
-                await self.tree.refresh()  # newer entries came with their rows: go on
+                # Another server appended (with its rows, after indexing what it found):
+                # take in its entries and what the stored indexes now cover, and go on from
+                # there, never rewriting older rows over its newer ones.
+                await self.tree.refresh()
+                self._indexed = max(self._indexed, await self._stored_indexed())
 
     def _index_rows(self, first: int, records: Sequence[LeafRecord]
                     ) -> list[tuple[str, bytes, bytes]]:
@@ -198,7 +202,16 @@ class KtLogService:
 
     async def _append_locked(self, records: Sequence[LeafRecord]) -> range:
         """Append ``records`` with their index rows (LogMoved: nothing written)."""
-        rng = await self.tree.append(records, rows=lambda first: self._index_rows(first, records))
+        before = self.tree.size
+        try:
+            rng = await self.tree.append(
+                records, rows=lambda first: self._index_rows(first, records))
+        except asyncio.CancelledError:
+            # The caller went away; the write finished first and, if the store adopted it,
+            # its rows committed with it.
+            if not self.tree.stale and self.tree.size == before + len(records):
+                self._indexed = self.tree.size
+            raise
         self._indexed = rng.stop
         return rng
 
@@ -254,13 +267,21 @@ class KtLogService:
             if head is not None and head.tree_size > size:
                 async with self._lock:  # another server signed a bigger tree: take it in
                     await self._refresh_locked()
-                continue
-            if head is not None and head.tree_size == size:
-                if head.root_hash != self.tree.root():
+                if head.tree_size > self.tree.size:
                     raise StorageError(
-                        f"kt_log: the stored head of size {size} has another root than the "
-                        "stored log: one of them was rewritten")
-                if now - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs:
+                        f"kt_log: a head was signed for {head.tree_size} leaves but the stored "
+                        f"log holds {self.tree.size}: it was truncated or replaced")
+                continue
+            if head is not None:
+                # Never sign a tree that does not extend the newest head handed out.
+                at_head = (self.tree.root() if head.tree_size == size
+                           else await self.tree.root_at(head.tree_size))
+                if head.root_hash != at_head:
+                    raise StorageError(
+                        f"kt_log: the stored head of size {head.tree_size} has another root "
+                        "than the stored log at that size: the log was rewritten")
+                if (head.tree_size == size
+                        and now - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs):
                     return head
             ts = max(int(now * 1000), head.timestamp_ms if head is not None else 0)
             root = self.tree.root()

@@ -275,8 +275,10 @@ class PostgresStorage(Storage):
     name = "postgres"
     shared = True
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str, connect_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, schema: str, connect_timeout: float,
+                 command_timeout: float = 30.0) -> None:
         self._pool = pool
+        self._command_timeout = command_timeout
         self._dsn = dsn
         self.schema = schema
         self._connect_timeout = connect_timeout
@@ -315,7 +317,7 @@ class PostgresStorage(Storage):
                 dsn, min_size=min(pool_min, pool_max), max_size=pool_max,
                 command_timeout=command_timeout, server_settings=settings,
             )
-        store = cls(pool, dsn, schema, connect_timeout)
+        store = cls(pool, dsn, schema, connect_timeout, command_timeout)
         try:
             await store._listen()
         except BaseException:
@@ -365,7 +367,8 @@ class PostgresStorage(Storage):
                         conn = self._lock_conns[name] = await _connect_with_retry(
                             self._dsn, self._connect_timeout,
                             server_settings=dict(_SESSION_SETTINGS))
-                    await conn.execute("SELECT pg_advisory_lock($1)", lock_key)
+                    await conn.execute("SELECT pg_advisory_lock($1)", lock_key,
+                                       timeout=self._command_timeout)
             except BaseException:
                 self._drop_lock_conn(name)
                 raise

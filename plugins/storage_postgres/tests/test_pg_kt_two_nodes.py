@@ -16,15 +16,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+import qpc_kt_log.service as kt_service
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_kt_log import client as kt
+from qpc_kt_log.records import LeafRecord
 from qpc_kt_log.service import KV, STH_LOG, KtLogService
 from qpc_kt_log.store import LOG_NAME, KtTreeStore
+from qpc_storage_postgres.store import PostgresStorage
 
 from qpc_core.app import App
 from qpc_core.client import QpcClient
-from qpc_core.errors import Conflict
+from qpc_core.errors import Conflict, PluginError, StorageError
 from qpc_core.identity import public_bytes
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.storage.base import LogMoved
@@ -260,3 +264,129 @@ async def test_heads_never_go_back_in_time_across_servers(
     assert [h.timestamp_ms for h in heads] == sorted(h.timestamp_ms for h in heads)
     assert heads[-1] == head
     assert await kt.get_sth(c1) == head  # one serves the same newest head
+
+
+# -- found by review: each of these failed before its fix ----------------------------------------
+
+
+async def node(app_factory: Any, pg_dsn: str, tmp_path: Path, name: str) -> App:
+    app: App = await app_factory(plugins=["postgres", "kt_log"], storage="postgres",
+                                 postgres={"dsn": pg_dsn}, data_dir=tmp_path / name)
+    return app
+
+
+async def test_a_log_rewritten_past_the_newest_head_is_refused(
+    pg_dsn: str, app_factory: Any, tmp_path: Path
+) -> None:
+    """The log is replaced by a different, longer one (a restore of another backup, or
+    someone with database access); the stored heads are kept.  A server must not start and
+    sign a head that does not extend the newest one handed out."""
+    one = await node(app_factory, pg_dsn, tmp_path, "one")
+    await svc(one).log_binding("alice", key())
+    await svc(one).log_binding("bob", key())
+    assert (await svc(one).sth()).tree_size == 2
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("DELETE FROM logs WHERE log = $1", LOG_NAME)
+        await admin.execute("DELETE FROM log_heads WHERE log = $1", LOG_NAME)
+        await admin.execute("DELETE FROM kv WHERE namespace = $1", KV)
+    finally:
+        await admin.close()
+    forged = KtTreeStore(one.storage)
+    await forged.load()
+    await forged.append([LeafRecord.binding(n, key(), 1) for n in ("mallory", "eve", "zed")])
+    with pytest.raises(PluginError, match="head of size 2 has another root"):
+        await node(app_factory, pg_dsn, tmp_path, "two")
+    # The running server refuses too, at its next head.
+    with pytest.raises(StorageError, match="head of size 2 has another root"):
+        await svc(one).sth()
+
+
+async def test_a_cancelled_append_keeps_its_index_rows(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client resetting its stream mid-append: the leaf and its rows committed together,
+    so nothing is re-indexed (and nothing is reported as written without its rows)."""
+    one, _two = nodes
+    s = svc(one)
+    hold = HeldAppend(one, monkeypatch)
+    task = asyncio.ensure_future(s.log_binding("alice", key()))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    task.cancel()
+    await asyncio.sleep(0)  # deliver the cancellation while the write is held
+    hold.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert s.tree.size == 1 and s._indexed == 1
+    caplog.clear()
+    await s.sth()
+    assert "without their index rows" not in caplog.text
+
+
+async def test_reindexing_an_old_log_never_rolls_newer_rows_back(
+    pg_dsn: str, app_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log from an earlier version (entries without rows).  Server two re-indexes it page
+    by page; server one (its lock lost) indexes everything and logs a rotation meanwhile.
+    Two's next page is refused (LogMoved) and it goes on from what the stored indexes cover,
+    never writing its older rows over one's newer ones."""
+    monkeypatch.setattr(kt_service, "REINDEX_PAGE", 1)
+    k1, k2 = key(), key()
+    st = await PostgresStorage.open(pg_dsn)
+    legacy = KtTreeStore(st)
+    await legacy.load()
+    await legacy.append([LeafRecord.binding("alice", k1, 1), LeafRecord.binding("bob", key(), 1)])
+    await st.close()
+    real = KtTreeStore.read_entries
+    reached, release = asyncio.Event(), asyncio.Event()
+    two_tree: list[KtTreeStore] = []
+    seen: list[tuple[int, int, bool]] = []
+
+    async def read_entries(self: KtTreeStore, start: int, end: int) -> Any:
+        if not two_tree:  # server two's first page
+            two_tree.append(self)
+            reached.set()
+            await release.wait()
+        elif self is two_tree[0]:
+            raw = await self._storage.kv_get(KV, b"n:alice")
+            assert raw is not None
+            seen.append((start, int.from_bytes(raw[:8], "big"), raw[8:] == k2))
+        return await real(self, start, end)
+
+    monkeypatch.setattr(KtTreeStore, "read_entries", read_entries)
+    starting = asyncio.ensure_future(node(app_factory, pg_dsn, tmp_path, "two"))
+    await asyncio.wait_for(reached.wait(), 20)
+    monkeypatch.setattr(PostgresStorage, "exclusive", _no_lock)  # server one: lock lost
+    one = await node(app_factory, pg_dsn, tmp_path, "one")
+    assert await svc(one).log_binding("alice", k2) == 2  # rotation, rows in its transaction
+    release.set()
+    two = await asyncio.wait_for(starting, 20)
+    assert all(leaf == 2 and is_k2 for _start, leaf, is_k2 in seen), seen
+    assert await svc(two)._latest_binding("alice") == (2, k2)
+    assert await svc(two)._latest_binding("bob") is not None
+
+
+@contextlib.asynccontextmanager
+async def _no_lock(self: Any, name: str) -> AsyncIterator[None]:
+    yield
+
+
+async def test_appends_go_on_after_the_lock_connection_was_killed(
+    pg_dsn: str, app_factory: Any, tmp_path: Path
+) -> None:
+    """PostgreSQL drops the idle lock connection (a restart, idle_session_timeout, a proxy):
+    the next append reconnects."""
+    one = await node(app_factory, pg_dsn, tmp_path, "one")
+    await svc(one).log_binding("alice", key())  # opens the lock connection
+    pid = one.storage._lock_conns["kt_log.append"].get_server_pid()  # type: ignore[attr-defined]
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(500):  # bounded: until the backend is gone
+            if not await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+    assert await svc(one).log_binding("bob", key()) == 1

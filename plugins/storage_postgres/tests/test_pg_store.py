@@ -512,6 +512,25 @@ async def test_exclusive_sections_never_overlap_across_servers(pg_dsn: str) -> N
             await st.close()
 
 
+async def test_waiting_for_an_exclusive_section_is_bounded_by_the_command_timeout(
+    pg_dsn: str,
+) -> None:
+    """A holder that hangs (a stopped process, a partition TCP has not noticed) must not
+    stall every other server's appends for ever."""
+    a = await PostgresStorage.open(pg_dsn, command_timeout=0.5)
+    b = await PostgresStorage.open(pg_dsn, command_timeout=0.5)
+    try:
+        async with a.exclusive("log"):
+            with pytest.raises(StorageError, match="taking a lock"):
+                async with b.exclusive("log"):
+                    pass
+        async with b.exclusive("log"):  # and b's next section works once a is done
+            pass
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- start-up and failures ---------------------------------------------------------------------
 
 async def test_reopening_keeps_data_and_schema_version(pg_dsn: str) -> None:
