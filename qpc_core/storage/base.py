@@ -121,7 +121,8 @@ class Storage(ABC):
     def exclusive(self, name: str) -> AbstractAsyncContextManager[Any]:
         """A lock named ``name`` held across every server that shares this store, for a
         writer whose next write depends on what it reads first (checked-then-appended log
-        entries).  Sections holding the same name never overlap.
+        entries).  Sections holding the same name never overlap.  Meant for a small, fixed
+        set of names (a backend may keep a connection per name), not one per record.
 
         This default is an in-process lock (a store that only this process writes);
         shared backends override it.  A backend may lose the lock with its connection, so

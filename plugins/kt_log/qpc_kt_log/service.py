@@ -118,6 +118,7 @@ class KtLogService:
         self.shared = app.storage.shared
         self._head: pb.SignedTreeHead | None = None  # newest entry of STH_LOG
         self._head_next = 0  # STH_LOG's size when _head was read
+        self._future_warned_at = -3600.0
         self.clock: Callable[[], float] = time.time  # unix seconds; replaceable in tests
 
     def _now_ms(self) -> int:
@@ -253,52 +254,82 @@ class KtLogService:
         if next_index >= self._head_next:
             self._head, self._head_next = head, next_index
 
+    def _current(self, head: pb.SignedTreeHead | None) -> bool:
+        """``head`` is of the tree this process holds, and fresh enough to hand out."""
+        return (head is not None and head.tree_size == self.tree.size
+                and head.root_hash == self.tree.root()
+                and self.clock() - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs)
+
     async def sth(self) -> pb.SignedTreeHead:
         """A signed head of the whole committed tree.  Signed again when the tree grew or
         the newest head is older than ``sth_max_age_secs``; each head is stored before it is
         handed out, with a timestamp no older than the previous one's, so heads never go
-        back in size or time.  Do not mutate the result."""
+        back in size or time.  Never signs a tree that does not extend the newest stored
+        head.  Do not mutate the result."""
         await self.sync()
-        for _attempt in range(APPEND_ATTEMPTS):
-            if self.shared:
-                await self._read_head()
-            head, now = self._head, self.clock()
-            size = self.tree.size
-            if head is not None and head.tree_size > size:
-                async with self._lock:  # another server signed a bigger tree: take it in
+        if self.shared:
+            await self._read_head()
+        if self._current(self._head):
+            assert self._head is not None
+            return self._head
+        # Signing: under the append lock, so the size, the root and the newest stored head
+        # this decides on cannot change while it reads (one signer per process at a time).
+        async with self._lock:
+            for _attempt in range(APPEND_ATTEMPTS):
+                if self.shared:
+                    await self._read_head()  # first: the tree read next covers this head
                     await self._refresh_locked()
-                if head.tree_size > self.tree.size:
-                    raise StorageError(
-                        f"kt_log: a head was signed for {head.tree_size} leaves but the stored "
-                        f"log holds {self.tree.size}: it was truncated or replaced")
-                continue
-            if head is not None:
-                # Never sign a tree that does not extend the newest head handed out.
-                at_head = (self.tree.root() if head.tree_size == size
-                           else await self.tree.root_at(head.tree_size))
-                if head.root_hash != at_head:
-                    raise StorageError(
-                        f"kt_log: the stored head of size {head.tree_size} has another root "
-                        "than the stored log at that size: the log was rewritten")
-                if (head.tree_size == size
-                        and now - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs):
+                head, at = self._head, self._head_next
+                size, root = self.tree.size, self.tree.root()
+                if head is not None:
+                    if head.tree_size > size:
+                        raise StorageError(
+                            f"kt_log: a head was signed for {head.tree_size} leaves but the "
+                            f"stored log holds {size}: it was truncated or replaced")
+                    at_head = (root if head.tree_size == size
+                               else await self.tree.root_at(head.tree_size))
+                    if head.root_hash != at_head:
+                        raise StorageError(
+                            f"kt_log: the stored head of size {head.tree_size} has another root "
+                            "than the stored log at that size: the log was rewritten")
+                    if self._current(head):
+                        return head
+                now_ms = int(self.clock() * 1000)
+                ts = now_ms
+                if head is not None and head.timestamp_ms > now_ms:
+                    ts = head.timestamp_ms  # never back in time; say why heads stop moving
+                    self._warn_future_head(head.timestamp_ms - now_ms)
+                new = pb.SignedTreeHead(
+                    tree_size=size, root_hash=root, timestamp_ms=ts, public_key=self.public_key,
+                    signature=self._signing_key.sign(sth_signed_bytes(size, root, ts)))
+                try:
+                    await self.app.storage.log_append(
+                        STH_LOG, [new.SerializeToString()], expected_first=at)
+                except LogMoved:
+                    await self._read_head()  # another server stored one first
+                    continue
+                except Exception:
+                    if head is None:
+                        raise
+                    # The store cannot take a new head: hand out the newest stored one (it
+                    # is the newest any client can have seen), older or smaller as it is.
+                    log.exception("kt_log: storing a new signed head failed; serving the "
+                                  "stored head of size %d", head.tree_size)
                     return head
-            ts = max(int(now * 1000), head.timestamp_ms if head is not None else 0)
-            root = self.tree.root()
-            new = pb.SignedTreeHead(
-                tree_size=size, root_hash=root, timestamp_ms=ts, public_key=self.public_key,
-                signature=self._signing_key.sign(sth_signed_bytes(size, root, ts)))
-            at = self._head_next
-            try:
-                await self.app.storage.log_append(
-                    STH_LOG, [new.SerializeToString()], expected_first=at)
-            except LogMoved:
-                await self._read_head()  # another task or server stored one first
-                continue
-            self._set_head(new, at + 1)
-            return new
+                self._set_head(new, at + 1)
+                return new
         raise Unavailable("the key-transparency log is busy (other servers kept signing "
                           "heads first): retry")
+
+    def _warn_future_head(self, ahead_ms: int) -> None:
+        now = time.monotonic()
+        if now - self._future_warned_at >= 3600:
+            self._future_warned_at = now
+            log.error(
+                "kt_log: the newest signed head is dated %.0f s ahead of this server's clock "
+                "(a clock that jumped forward, here or on another server sharing the store); "
+                "new heads keep that time until the clock catches up, so clients checking "
+                "the age of heads see the log as stale until then", ahead_ms / 1000)
 
     # -- appends ---------------------------------------------------------------------------
     async def _latest_binding(self, username: str) -> tuple[int, bytes] | None:
@@ -378,6 +409,9 @@ class KtLogService:
     async def inclusion(self, leaf_index: int) -> pb.KtInclusion:
         """Inclusion proof of ``leaf_index`` against the current signed tree head."""
         sth = await self.sth()
+        if leaf_index >= sth.tree_size:  # only when a new head could not be stored
+            raise Unavailable("the key-transparency log cannot sign a head that covers this "
+                              "leaf yet: retry")
         path = await self.tree.inclusion_proof(leaf_index, sth.tree_size)
         return pb.KtInclusion(leaf_index=leaf_index, tree_size=sth.tree_size, audit_path=path,
                               sth=sth)

@@ -256,6 +256,8 @@ class KtTreeStore:
         writer rewrote is refused (:class:`StorageError`), never adopted: this process never
         signs a head that does not extend the ones it signed before.  Callers serialise it
         with their appends."""
+        if self._broken is not None:
+            raise StorageError(self._broken)
         if not self._loaded or self._stale:
             await self.load()
             return True
@@ -272,11 +274,17 @@ class KtTreeStore:
             self._replay(frontier, await self._read_raw_entries(old_size, size), size)
             self._frontier = frontier
         else:
+            kept = self._frontier
             await self.load()
             if await self.root_at(old_size) != old_root:
-                raise StorageError(
-                    f"kt_log: the stored log does not extend the tree of size {old_size} "
-                    "this server held: it was rewritten")
+                # Refused, not adopted: back to the tree this process held, without any node
+                # read from the rewritten log, and no append on top of it.
+                self._frontier = kept
+                self._cache.clear()
+                self._broken = (f"kt_log: the stored log does not extend the tree of size "
+                                f"{old_size} this server held: it was rewritten")
+                log.critical("%s", self._broken)
+                raise StorageError(self._broken)
         return True
 
     def _replay(self, base: Frontier,

@@ -364,9 +364,13 @@ class PostgresStorage(Storage):
                 async with _errors("taking a lock"):
                     conn = self._lock_conns.get(name)
                     if conn is None or conn.is_closed():
-                        conn = self._lock_conns[name] = await _connect_with_retry(
+                        conn = await _connect_with_retry(
                             self._dsn, self._connect_timeout,
                             server_settings=dict(_SESSION_SETTINGS))
+                        if self._closed:  # close() ran while this connected
+                            conn.terminate()
+                            raise StorageError("storage is closed")
+                        self._lock_conns[name] = conn
                     await conn.execute("SELECT pg_advisory_lock($1)", lock_key,
                                        timeout=self._command_timeout)
             except BaseException:

@@ -8,9 +8,11 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import asyncpg
 import pytest
+import qpc_storage_postgres.store as pg_store_module
 from qpc_storage_postgres.schema import SCHEMA_VERSION
 from qpc_storage_postgres.store import PostgresStorage
 
@@ -529,6 +531,37 @@ async def test_waiting_for_an_exclusive_section_is_bounded_by_the_command_timeou
     finally:
         await a.close()
         await b.close()
+
+
+async def test_close_while_a_lock_connection_opens_runs_no_section_and_leaks_nothing(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = await PostgresStorage.open(pg_dsn, pool_min=1, pool_max=2)
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = pg_store_module._connect_with_retry
+    opened: list[Any] = []
+
+    async def slow_connect(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        await asyncio.wait_for(release.wait(), 30)
+        conn = await real(*args, **kw)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(pg_store_module, "_connect_with_retry", slow_connect)
+    ran: list[bool] = []
+
+    async def section() -> None:
+        async with st.exclusive("log"):
+            ran.append(True)
+
+    task = asyncio.ensure_future(section())
+    await asyncio.wait_for(entered.wait(), 10)
+    await st.close()
+    release.set()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, StorageError) and not ran
+    assert len(opened) == 1 and opened[0].is_closed()
 
 
 # -- start-up and failures ---------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""Signed tree heads on one server (SQLCipher): stored before they are handed out, never
+back in size or time, never over another root, even with appends and other head requests
+running while one is being signed.  Each test failed before its fix (found by review)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import pytest
+from kt_test_helpers import AppFactory, key, svc
+from qpc_kt_log.records import LeafRecord
+from qpc_kt_log.service import STH_LOG
+from qpc_kt_log.store import LOG_NAME, KtTreeStore
+
+import qpc_core.storage.sqlcipher as sq
+from qpc_core.app import App
+from qpc_core.errors import StorageError, Unavailable
+from qpc_core.pb import directory_pb2 as pb
+from qpc_core.storage.sqlcipher import SqlCipherStorage
+from qpc_core.testing import until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def stored_heads(app: App) -> list[pb.SignedTreeHead]:
+    n = await app.storage.log_size(STH_LOG)
+    return [pb.SignedTreeHead.FromString(r) for r in await app.storage.log_read(STH_LOG, 0, n)]
+
+
+class HeldRead:
+    """Holds the next ``log_read_many`` (the signer's read of the tree at the newest head's
+    size) until released."""
+
+    def __init__(self, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.release = asyncio.Event(), asyncio.Event()
+        real = app.storage.log_read_many
+
+        async def read_many(log: str, indices: Any) -> Any:
+            if not self.reached.is_set():
+                self.reached.set()
+                await asyncio.wait_for(self.release.wait(), 30)
+            return await real(log, indices)
+
+        monkeypatch.setattr(app.storage, "log_read_many", read_many)
+
+
+async def test_a_head_is_signed_over_the_root_of_its_own_size(
+    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append arriving while a head is being signed waits for it; the head pairs its
+    size with that size's root (it used to take the root of the grown tree)."""
+    app = await app_factory(plugins=["kt_log"])
+    s = svc(app)
+    for i in range(2):
+        await s.log_binding(f"user{i}", key())
+    await s.sth()  # stored head: size 2
+    await s.log_binding("user2", key())  # tree 3, head 2
+    s.tree._cache.clear()  # the signer has to read the tree at size 2 from storage
+    hold = HeldRead(app, monkeypatch)
+    signing = asyncio.ensure_future(s.sth())
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    appending = asyncio.ensure_future(s.log_binding("user3", key()))
+    await until(lambda: bool(s._lock._waiters), what="the append waits for the signer")
+    hold.release.set()
+    head, leaf = await asyncio.gather(signing, appending)
+    assert (head.tree_size, leaf) == (3, 3)
+    assert head.root_hash == await s.tree.root_at(3)
+    after = await s.sth()  # and the server goes on (it refused every read before the fix)
+    assert after.tree_size == 4
+    assert [h.tree_size for h in await stored_heads(app)][-2:] == [3, 4]
+
+
+async def test_concurrent_head_requests_never_store_an_older_head_after_a_newer_one(
+    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = await app_factory(plugins=["kt_log"])
+    s = svc(app)
+    t = [1_000_000.0]
+    s.clock = lambda: t[0]
+    for i in range(2):
+        await s.log_binding(f"user{i}", key())
+    await s.sth()
+    await s.log_binding("user2", key())
+    s.tree._cache.clear()
+    hold = HeldRead(app, monkeypatch)
+    first = asyncio.ensure_future(s.sth())  # signs for size 3 at t
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    t[0] += 60
+    appending = asyncio.ensure_future(s.log_binding("user3", key()))
+    second = asyncio.ensure_future(s.sth())
+    await until(lambda: len(s._lock._waiters or ()) == 2, what="both wait for the signer")
+    hold.release.set()
+    h1, _leaf, h2 = await asyncio.gather(first, appending, second)
+    heads = [(h.tree_size, h.timestamp_ms) for h in await stored_heads(app)]
+    assert heads == sorted(heads), heads
+    assert (h1.tree_size, h2.tree_size) == (3, 4) and h2.timestamp_ms >= h1.timestamp_ms
+
+
+def recs(n: int, tag: bytes) -> list[LeafRecord]:
+    return [LeafRecord.binding(f"user{i}", hashlib.sha256(tag + b"%d" % i).digest(), i)
+            for i in range(n)]
+
+
+async def test_a_rewritten_log_is_refused_and_stays_refused(tmp_path: Any) -> None:
+    """More than verify_tail new entries: the frontier is loaded again and checked against
+    the tree this process held; a rewritten log is refused, not adopted, every time."""
+    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
+    try:
+        tree = KtTreeStore(st)
+        await tree.load()
+        await tree.append(recs(5, b"honest"))
+        old_root = tree.root()
+        await st._write(lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (LOG_NAME,)))
+        forger = KtTreeStore(st)
+        await forger.load()
+        await forger.append(recs(100, b"forged"))
+        for _ in range(2):
+            with pytest.raises(StorageError, match="rewritten"):
+                await tree.refresh()
+            assert tree.size == 5 and tree.root() == old_root
+        with pytest.raises(StorageError, match="rewritten"):
+            await tree.append(recs(1, b"more"))
+    finally:
+        await st.close()
+
+
+async def test_reads_go_on_when_a_new_head_cannot_be_stored(
+    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the new head (disk full): the newest stored head is handed out
+    (no client can have seen a newer one); a proof it cannot cover is a clear UNAVAILABLE."""
+    app = await app_factory(plugins=["kt_log"])
+    s = svc(app)
+    alice, bob = key(), key()
+    await s.log_binding("alice", alice)
+    stored = await s.sth()  # head 1, stored
+    await s.log_binding("bob", bob)
+    real = sq._log_append
+
+    def full(conn: Any, log_name: str, *args: Any) -> int:
+        if log_name == STH_LOG:
+            raise OSError("database or disk is full")
+        return real(conn, log_name, *args)
+
+    monkeypatch.setattr(sq, "_log_append", full)
+    proof = await s.prove_binding("alice", alice)
+    assert proof is not None and proof.sth == stored
+    assert await s.sth() == stored
+    with pytest.raises(Unavailable):
+        await s.prove_binding("bob", bob)
+    monkeypatch.setattr(sq, "_log_append", real)
+    proof = await s.prove_binding("bob", bob)
+    assert proof is not None and proof.tree_size == 2
+
+
+async def test_a_head_from_a_clock_that_jumped_ahead_is_reported(
+    app_factory: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One head signed while the clock was ten years ahead: later heads cannot go back in
+    time, so they keep that time, and the server says so (clients checking head age would
+    otherwise see a frozen log with no explanation)."""
+    app = await app_factory(plugins=["kt_log"])
+    s = svc(app)
+    now = s.clock()
+    s.clock = lambda: now + 10 * 365 * 86400
+    await s.log_binding("user0", key())
+    jumped = await s.sth()
+    s.clock = lambda: now + 3600
+    await s.log_binding("user1", key())
+    with caplog.at_level(logging.ERROR, "qpc.kt_log"):
+        head = await s.sth()
+    assert head.tree_size == 2 and head.timestamp_ms == jumped.timestamp_ms
+    assert "ahead of this server's clock" in caplog.text
