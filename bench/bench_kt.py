@@ -4,8 +4,10 @@ Standalone (no server): the kt_log tree store over the real SQLCipher storage in
 directory.  The tree grows through 10^4, 10^5 and 10^6 leaves (bulk ``append`` batches, then
 single-leaf appends, each its own transaction, to land on the exact size); at each size it
 times random inclusion and consistency proofs and counts the stored nodes each one reads
-(always one ``log_read_many`` round trip).  Finally it times whole registrations through
-the plugin's service (leaf + index rows + signed tree head) on a fresh database.
+(always one ``log_read_many`` round trip).  Then it times whole registrations through
+the plugin's service (leaf + index rows + signed tree head) on a fresh database, and finally
+(unless ``--no-postgres``) on a shared PostgreSQL store it starts: one server against two
+servers appending to one log, and proofs with and without the shared-store freshness read.
 
     .venv/bin/python bench/bench_kt.py [--sizes 10000,100000,1000000] [--proofs 300]
 
@@ -136,6 +138,62 @@ async def service_registrations(tmp: Path, count: int) -> dict[str, float]:
         await storage.close()
 
 
+async def shared_registrations(count: int, rounds: int = 3) -> dict[str, Any]:
+    """kt_log on a shared PostgreSQL store (durable settings): ``count`` concurrent
+    registrations through one server, then split over two servers appending to the same log
+    (they take turns through the advisory lock), and read cost with and without the
+    freshness check a shared store adds (one stored-size read per proof).  Rounds
+    interleave the layouts; medians."""
+    sys.path.insert(0, str(ROOT / "plugins" / "storage_postgres"))
+    from qpc_storage_postgres.store import PostgresStorage
+    from qpc_storage_postgres.testing import PgServer
+
+    pg = PgServer(fsync=True)
+    pg.start()
+    one_s: list[float] = []
+    two_s: list[float] = []
+    read_shared: list[float] = []
+    read_local: list[float] = []
+    try:
+        for r in range(rounds):
+            stores = [await PostgresStorage.open(pg.dsn(), schema=f"kt{r}") for _ in range(2)]
+            try:
+                key = Ed25519PrivateKey.generate()
+                svcs = []
+                for st in stores:
+                    app: Any = SimpleNamespace(storage=st, state={})
+                    svc = KtLogService(app, KtLogConfig(), key)
+                    await svc.start()
+                    svcs.append(svc)
+                t0 = time.perf_counter()
+                await asyncio.gather(*(svcs[0].log_binding(f"a{i}", (i + 1).to_bytes(32, "big"))
+                                       for i in range(count)))
+                one_s.append(count / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                await asyncio.gather(*(svcs[i % 2].log_binding(
+                    f"b{i}", (10**9 + i).to_bytes(32, "big")) for i in range(count)))
+                two_s.append(count / (time.perf_counter() - t0))
+                assert (await svcs[1].sth()).tree_size == 2 * count
+                for shared, out in ((True, None), (True, read_shared), (False, read_local)):
+                    svcs[0].shared = shared  # the first pass warms the node cache
+                    t0 = time.perf_counter()
+                    for i in range(count):
+                        assert await svcs[0].prove_binding(f"a{i}", (i + 1).to_bytes(32, "big"))
+                    if out is not None:
+                        out.append(count / (time.perf_counter() - t0))
+            finally:
+                for st in stores:
+                    await st.close()
+    finally:
+        pg.stop()
+    return {"one_server_per_s": statistics.median(one_s),
+            "two_servers_per_s": statistics.median(two_s),
+            "two_over_one": statistics.median(t / o for t, o in zip(two_s, one_s, strict=True)),
+            "proofs_per_s_shared": statistics.median(read_shared),
+            "proofs_per_s_unshared": statistics.median(read_local),
+            "rounds": rounds}
+
+
 async def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,100000,1000000")
@@ -143,6 +201,8 @@ async def main() -> int:
     p.add_argument("--batch", type=int, default=10_000, help="leaves per bulk append")
     p.add_argument("--registrations", type=int, default=500)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kt.jsonl")
+    p.add_argument("--no-postgres", action="store_true",
+                   help="skip the shared PostgreSQL store rows")
     args = p.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = random.Random(1234)
@@ -187,6 +247,10 @@ async def main() -> int:
         reg = await service_registrations(tmp, args.registrations)
         rows.append({"bench": "kt_service", **meta, "registrations": args.registrations,
                      **reg})
+    shared = None if args.no_postgres else await shared_registrations(args.registrations)
+    if shared is not None:
+        rows.append({"bench": "kt_shared_postgres", **meta,
+                     "registrations": args.registrations, **shared})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as f:
         for row in rows:
@@ -215,6 +279,13 @@ async def main() -> int:
     print(f"service registrations (leaf + index rows + signed head): "
           f"{reg['sequential_per_s']:,.0f}/s sequential, {reg['concurrent_per_s']:,.0f}/s "
           f"with {args.registrations} concurrent callers")
+    if shared is not None:
+        print(f"shared PostgreSQL store, {args.registrations} concurrent registrations: one "
+              f"server {shared['one_server_per_s']:,.0f}/s, two servers appending to one log "
+              f"{shared['two_servers_per_s']:,.0f}/s ({shared['two_over_one']:.2f} x); "
+              f"proofs {shared['proofs_per_s_shared']:,.0f}/s with the shared-store freshness "
+              f"read, {shared['proofs_per_s_unshared']:,.0f}/s without (median of "
+              f"{shared['rounds']} rounds)")
     print(f"total {time.perf_counter() - started:.1f}s; JSON lines in {args.out}")
     return 0
 

@@ -75,6 +75,7 @@ NAME = "kt_log"
 KV = "kt_log"
 INDEXED = b"m:indexed"
 STH_LOG = "kt_log.sth"
+HEAD_PAGE = 64  # heads read at once when looking for the newest (usually one or two)
 LOG_LOCK = "kt_log.append"
 #: Tries of one append (or head) when other servers keep appending first.
 APPEND_ATTEMPTS = 8
@@ -240,13 +241,20 @@ class KtLogService:
 
     # -- signed tree heads -------------------------------------------------------------------
     async def _read_head(self) -> None:
-        size = await self.app.storage.log_size(STH_LOG)
-        raw = await self.app.storage.log_read(STH_LOG, size - 1, size) if size else []
-        head = None
-        if raw:
-            head = pb.SignedTreeHead()
-            head.ParseFromString(raw[0])
-        self._set_head(head, size)
+        """Read the newest stored head: one query (the heads from the last one known on),
+        two when nothing is known yet or many were stored since."""
+        storage, known = self.app.storage, self._head_next
+        if known:
+            raw = await storage.log_read(STH_LOG, known - 1, known - 1 + HEAD_PAGE)
+            if 0 < len(raw) < HEAD_PAGE:
+                self._set_head(pb.SignedTreeHead.FromString(raw[-1]), known - 1 + len(raw))
+                return
+        size = await storage.log_size(STH_LOG)
+        if size < known:
+            raise StorageError(f"kt_log: the stored signed heads went from {known} to {size}: "
+                               "they were truncated or replaced")
+        raw = await storage.log_read(STH_LOG, size - 1, size) if size else []
+        self._set_head(pb.SignedTreeHead.FromString(raw[0]) if raw else None, size)
 
     def _set_head(self, head: pb.SignedTreeHead | None, next_index: int) -> None:
         """Remember ``head`` as STH_LOG's entry ``next_index - 1`` unless a newer one is
@@ -256,22 +264,28 @@ class KtLogService:
 
     def _current(self, head: pb.SignedTreeHead | None) -> bool:
         """``head`` is of the tree this process holds, and fresh enough to hand out."""
-        return (head is not None and head.tree_size == self.tree.size
+        return (head is not None and not self.tree.stale and head.tree_size == self.tree.size
                 and head.root_hash == self.tree.root()
                 and self.clock() - head.timestamp_ms / 1000 <= self.config.sth_max_age_secs)
 
-    async def sth(self) -> pb.SignedTreeHead:
-        """A signed head of the whole committed tree.  Signed again when the tree grew or
-        the newest head is older than ``sth_max_age_secs``; each head is stored before it is
-        handed out, with a timestamp no older than the previous one's, so heads never go
-        back in size or time.  Never signs a tree that does not extend the newest stored
-        head.  Do not mutate the result."""
-        await self.sync()
+    async def sth(self, *, covering: int | None = None) -> pb.SignedTreeHead:
+        """A signed head of the whole committed tree (``covering=None``), or the newest
+        stored head if it includes leaf ``covering`` (for a proof; on a shared store this
+        spares the reads that look for other servers' appends).  Signed again when the tree
+        grew or the newest head is older than ``sth_max_age_secs``; each head is stored
+        before it is handed out, with a timestamp no older than the previous one's, so
+        heads never go back in size or time.  Never signs a tree that does not extend the
+        newest stored head.  Do not mutate the result."""
+        if covering is None:
+            await self.sync()
         if self.shared:
             await self._read_head()
-        if self._current(self._head):
-            assert self._head is not None
-            return self._head
+        head = self._head
+        if head is not None and self._current(head) and (
+                covering is None or covering < head.tree_size):
+            return head
+        if covering is not None:
+            await self.sync()
         # Signing: under the append lock, so the size, the root and the newest stored head
         # this decides on cannot change while it reads (one signer per process at a time).
         async with self._lock:
@@ -407,8 +421,8 @@ class KtLogService:
 
     # -- proofs ----------------------------------------------------------------------------
     async def inclusion(self, leaf_index: int) -> pb.KtInclusion:
-        """Inclusion proof of ``leaf_index`` against the current signed tree head."""
-        sth = await self.sth()
+        """Inclusion proof of ``leaf_index`` against the newest signed tree head."""
+        sth = await self.sth(covering=leaf_index)
         if leaf_index >= sth.tree_size:  # only when a new head could not be stored
             raise Unavailable("the key-transparency log cannot sign a head that covers this "
                               "leaf yet: retry")
@@ -416,8 +430,15 @@ class KtLogService:
         return pb.KtInclusion(leaf_index=leaf_index, tree_size=sth.tree_size, audit_path=path,
                               sth=sth)
 
+    async def _indexes_ready(self) -> None:
+        """Before reading the indexes.  On a shared store they are always those of the
+        stored log (written with it), so nothing to do; here, reload if an append's outcome
+        is unknown."""
+        if not self.shared:
+            await self.sync()
+
     async def prove_binding(self, username: str, identity_key: bytes) -> pb.KtInclusion | None:
-        await self.sync()
+        await self._indexes_ready()
         current = await self._latest_binding(username)
         if current is not None and current[1] == identity_key:
             leaf: int | None = current[0]
@@ -430,7 +451,7 @@ class KtLogService:
         return None if leaf is None else await self.inclusion(leaf)
 
     async def revocation(self, identity_key: bytes) -> tuple[int, str] | None:
-        await self.sync()
+        await self._indexes_ready()
         raw = await self.app.storage.kv_get(KV, _rev_key(identity_key))
         if raw is None:
             return None

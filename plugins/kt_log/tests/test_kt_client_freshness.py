@@ -81,7 +81,7 @@ async def test_max_head_age(app_factory: AppFactory, connect: Connect,
     assert rc == 0, out  # the real, fresh head
     frozen = await signed_head(app, 1)
 
-    async def frozen_head() -> pb.SignedTreeHead:
+    async def frozen_head(**_kw: Any) -> pb.SignedTreeHead:
         return frozen
 
     monkeypatch.setattr(svc(app), "sth", frozen_head)

@@ -174,3 +174,17 @@ async def test_a_head_from_a_clock_that_jumped_ahead_is_reported(
         head = await s.sth()
     assert head.tree_size == 2 and head.timestamp_ms == jumped.timestamp_ms
     assert "ahead of this server's clock" in caplog.text
+
+
+async def test_stored_heads_that_disappear_are_an_error(app_factory: AppFactory) -> None:
+    """The heads this server stored were deleted (a restore of an older backup of only part
+    of the store): it must not start over with heads clients would see going back."""
+    app = await app_factory(plugins=["kt_log"], storage="sqlcipher")
+    s = svc(app)
+    s.shared = True  # read the stored heads on every request, as on a shared store
+    await s.log_binding("alice", key())
+    await s.sth()
+    await app.storage._write(  # type: ignore[attr-defined]
+        lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (STH_LOG,)))
+    with pytest.raises(StorageError, match="signed heads went from 2 to 0"):
+        await s.sth()
