@@ -75,6 +75,7 @@ NAME = "kt_log"
 KV = "kt_log"
 INDEXED = b"m:indexed"
 STH_LOG = "kt_log.sth"
+FUTURE_HEAD_WARN_MS = 60_000  # a newest head dated this far ahead: a clock jumped
 HEAD_PAGE = 64  # heads read at once when looking for the newest (usually one or two)
 LOG_LOCK = "kt_log.append"
 #: Tries of one append (or head) when other servers keep appending first.
@@ -127,7 +128,7 @@ class KtLogService:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        async with self._lock, self.app.storage.exclusive(LOG_LOCK):
+        async with self.app.storage.exclusive(LOG_LOCK), self._lock:
             await self.tree.load()
             self._indexed = await self._stored_indexed()
             await self._reindex_locked()
@@ -222,7 +223,9 @@ class KtLogService:
         refreshed log each time another server appended first (bounded)."""
         # The store's exclusive section keeps other servers' appends out while this one
         # checks and writes (expected_first alone is what keeps the log correct).
-        async with self._lock, self.app.storage.exclusive(LOG_LOCK):
+        # The cross-server section first: waiting for another server's append must not hold
+        # this process's lock, which head requests need (lock order: exclusive, then _lock).
+        async with self.app.storage.exclusive(LOG_LOCK), self._lock:
             for _attempt in range(APPEND_ATTEMPTS):
                 if self.shared:
                     await self._refresh_locked()
@@ -311,8 +314,9 @@ class KtLogService:
                 now_ms = int(self.clock() * 1000)
                 ts = now_ms
                 if head is not None and head.timestamp_ms > now_ms:
-                    ts = head.timestamp_ms  # never back in time; say why heads stop moving
-                    self._warn_future_head(head.timestamp_ms - now_ms)
+                    ts = head.timestamp_ms  # never back in time
+                    if head.timestamp_ms - now_ms > FUTURE_HEAD_WARN_MS:  # not mere skew
+                        self._warn_future_head(head.timestamp_ms - now_ms)
                 new = pb.SignedTreeHead(
                     tree_size=size, root_hash=root, timestamp_ms=ts, public_key=self.public_key,
                     signature=self._signing_key.sign(sth_signed_bytes(size, root, ts)))

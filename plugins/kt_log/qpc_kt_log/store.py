@@ -177,9 +177,10 @@ class KtTreeStore:
         self._stale = False
 
     async def ensure_current(self) -> None:
-        """Reload after an append whose outcome is unknown (cancelled or failed)."""
+        """Reload after an append whose outcome is unknown (cancelled or failed), checked
+        like :meth:`refresh`."""
         if self._stale or not self._loaded:
-            await self.load()
+            await self.refresh()
 
     # -- writing ---------------------------------------------------------------------------
     async def append(
@@ -258,34 +259,43 @@ class KtTreeStore:
         with their appends."""
         if self._broken is not None:
             raise StorageError(self._broken)
-        if not self._loaded or self._stale:
+        if not self._loaded:
             await self.load()
             return True
+        # After an append whose outcome is unknown the frontier is still the last one known
+        # committed: the stored log must extend it like any other.
         size = await self._storage.log_size(self._log)
         old_size = self.size
         if size < old_size:
             raise StorageError(f"kt_log: the stored log shrank from {old_size} to {size} "
                                "entries: it was truncated or replaced")
-        if size == old_size:
+        if size == old_size and not self._stale:
             return False
         old_root = self.root()
-        if size - old_size <= self._verify_tail:
+        if size - old_size <= self._verify_tail and not self._stale:
             frontier = self._frontier.copy()
             self._replay(frontier, await self._read_raw_entries(old_size, size), size)
             self._frontier = frontier
-        else:
-            kept = self._frontier
+            return True
+        kept, kept_stale = self._frontier, self._stale
+        try:
             await self.load()
-            if await self.root_at(old_size) != old_root:
-                # Refused, not adopted: back to the tree this process held, without any node
-                # read from the rewritten log, and no append on top of it.
-                self._frontier = kept
-                self._cache.clear()
-                self._broken = (f"kt_log: the stored log does not extend the tree of size "
-                                f"{old_size} this server held: it was rewritten")
-                log.critical("%s", self._broken)
-                raise StorageError(self._broken)
-        return True
+            extends = await self.root_at(old_size) == old_root
+        except BaseException:
+            # Not checked (a read failed): keep what this process held, check again later.
+            self._frontier, self._stale = kept, kept_stale
+            self._cache.clear()
+            raise
+        if not extends:
+            # Refused, not adopted: back to the tree this process held, without any node
+            # read from the rewritten log, and no append on top of it.
+            self._frontier, self._stale = kept, kept_stale
+            self._cache.clear()
+            self._broken = (f"kt_log: the stored log does not extend the tree of size "
+                            f"{old_size} this server held: it was rewritten")
+            log.critical("%s", self._broken)
+            raise StorageError(self._broken)
+        return size != old_size
 
     def _replay(self, base: Frontier,
                 tail: Sequence[tuple[int, LeafRecord, list[bytes]]], size: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,10 +18,12 @@ from qpc_kt_log.store import LOG_NAME, KtTreeStore
 
 import qpc_core.storage.sqlcipher as sq
 from qpc_core.app import App
+from qpc_core.builtin.directory import resolve_user
 from qpc_core.errors import StorageError, Unavailable
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.storage.sqlcipher import SqlCipherStorage
 from qpc_core.testing import until
+from qpc_core.users import register_user
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,3 +191,92 @@ async def test_stored_heads_that_disappear_are_an_error(app_factory: AppFactory)
         lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (STH_LOG,)))
     with pytest.raises(StorageError, match="signed heads went from 2 to 0"):
         await s.sth()
+
+
+async def _rewrite(st: SqlCipherStorage) -> None:
+    await st._write(lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (LOG_NAME,)))
+    forger = KtTreeStore(st)
+    await forger.load()
+    await forger.append(recs(100, b"forged"))
+
+
+async def test_a_failed_read_during_the_rewrite_check_adopts_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
+    try:
+        tree = KtTreeStore(st)
+        await tree.load()
+        await tree.append(recs(5, b"honest"))
+        old_root = tree.root()
+        await _rewrite(st)
+        real = st.log_read_many
+        calls = [0]
+
+        async def flaky(log: str, indices: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 2:  # load()'s read succeeds, the check's read fails once
+                raise StorageError("database error (log_read_many): connection reset")
+            return await real(log, indices)
+
+        monkeypatch.setattr(st, "log_read_many", flaky)
+        with pytest.raises(StorageError, match="connection reset"):
+            await tree.refresh()
+        monkeypatch.setattr(st, "log_read_many", real)
+        assert tree.size == 5 and tree.root() == old_root
+        with pytest.raises(StorageError, match="rewritten"):  # checked again, refused
+            await tree.refresh()
+    finally:
+        await st.close()
+
+
+async def test_a_rewritten_log_after_an_append_of_unknown_outcome_is_refused(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
+    try:
+        tree = KtTreeStore(st)
+        await tree.load()
+        await tree.append(recs(5, b"honest"))
+        old_root = tree.root()
+        real = st.log_append
+
+        async def failing(*args: Any, **kw: Any) -> Any:
+            raise StorageError("database error (log_append): timeout")
+
+        monkeypatch.setattr(st, "log_append", failing)
+        with pytest.raises(StorageError, match="timeout"):
+            await tree.append(recs(1, b"x"))  # outcome unknown: the store is stale
+        monkeypatch.setattr(st, "log_append", real)
+        await _rewrite(st)
+        with pytest.raises(StorageError, match="rewritten"):
+            await tree.refresh()
+        assert tree.size == 5 and tree.root() == old_root
+        with pytest.raises(StorageError, match="rewritten"):
+            await tree.append(recs(1, b"y"))
+    finally:
+        await st.close()
+
+
+async def test_resolve_user_fails_whole_when_no_head_can_cover_the_binding(
+    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: a binding the log cannot prove yet is not served without its proof;
+    the caller gets UNAVAILABLE (retry), as docs/protocol.md says."""
+    app = await app_factory(plugins=["kt_log"])
+    s = svc(app)
+    await register_user(app, "alice", key())
+    await s.sth()
+    real = sq._log_append
+
+    def full(conn: Any, log_name: str, *args: Any) -> int:
+        if log_name == STH_LOG:
+            raise OSError("database or disk is full")
+        return real(conn, log_name, *args)
+
+    monkeypatch.setattr(sq, "_log_append", full)
+    await register_user(app, "bob", key())
+    ctx: Any = SimpleNamespace(app=app)
+    with pytest.raises(Unavailable, match="retry"):
+        await resolve_user(ctx, pb.ResolveUserRequest(username="bob"))
+    assert (await resolve_user(ctx, pb.ResolveUserRequest(username="alice"))).inclusion.sth

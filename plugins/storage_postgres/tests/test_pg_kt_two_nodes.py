@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -390,3 +391,42 @@ async def test_appends_go_on_after_the_lock_connection_was_killed(
     finally:
         await admin.close()
     assert await svc(one).log_binding("bob", key()) == 1
+
+
+async def test_ordinary_clock_skew_between_servers_is_not_reported(
+    nodes: tuple[App, App], caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = svc(nodes[0]), svc(nodes[1])
+    base = one.clock() + 5
+    one.clock = lambda: base
+    two.clock = lambda: base - 0.020  # 20 ms behind: ordinary NTP skew
+    await one.log_binding("alice", key())
+    await one.sth()
+    await two.log_binding("bob", key())
+    with caplog.at_level(logging.ERROR, "qpc.kt_log"):
+        head = await two.sth()
+    assert head.tree_size == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_head_request_does_not_wait_for_another_servers_append(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server two holds the log's lock mid-append and server one's own append waits for it;
+    a head request on one (its head due for signing again) is answered meanwhile."""
+    one, two = svc(nodes[0]), svc(nodes[1])
+    await one.log_binding("alice", key())
+    await one.sth()
+    hold = HeldAppend(nodes[1], monkeypatch)
+    appending_two = asyncio.ensure_future(two.log_binding("bob", key()))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    appending_one = asyncio.ensure_future(one.log_binding("carol", key()))
+    await until_async(lambda: _positive(lock_waiters(nodes[0])), "one waits for two's lock")
+    now = one.clock()
+    one.clock = lambda: now + one.config.sth_max_age_secs + 60
+    try:
+        head = await asyncio.wait_for(one.sth(), 10)
+        assert head.tree_size == 1 and not appending_one.done()
+    finally:
+        hold.release.set()
+        await asyncio.gather(appending_two, appending_one)
