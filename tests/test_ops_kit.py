@@ -118,7 +118,7 @@ def test_every_scaling_trigger_has_a_warning_and_a_critical_rule() -> None:
         assert seen.get(trigger) == {"warning": warn, "critical": crit}, trigger
     extras = set(seen) - set(TRIGGERS)
     # beyond the guide, documented
-    assert extras == {"availability", "open_files", "tls_certificate", "config_reload"}
+    assert extras == {"availability", "open_files", "tls_certificate", "config_reload", "kt_log"}
 
 
 def test_the_unit_tests_cover_every_alert_and_severity() -> None:
@@ -209,9 +209,10 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 async def test_every_metric_the_kit_uses_is_on_metrics(app_factory, connect) -> None:
-    app = await app_factory(plugins=["metrics"], metrics_enabled=True)
+    app = await app_factory(plugins=["metrics", "kt_log"], metrics_enabled=True)
     alice, bob = await connect(app), await connect(app)
     await alice.enqueue(bob.identity_key, b"fill the histograms")
+    await app.state["kt_log"].sth()  # a stored head (its timestamp is a metric)
     await bob.fetch()
     exposed = (await scrape(app)).names
     used: dict[str, set[str]] = {}

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from qpc_core.admin.state import metrics_registry
 from qpc_core.hookspecs import hookimpl
 from qpc_core.pb import directory_pb2 as pb
 from qpc_core.rpc import ConfigSection, RpcMethod
 from qpc_core.users import server_key
 from qpc_kt_log import service as s
 from qpc_kt_log.config import KtLogConfig
+from qpc_kt_log.metrics import KtCollector
 from qpc_kt_log.service import KtLogService
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ async def startup(app: App) -> None:
     svc = KtLogService(app, config, await server_key(app, NAME))
     await svc.start()
     app.state[NAME] = svc
+    metrics_registry(app).register(KtCollector(svc))
 
 
 @hookimpl

@@ -47,6 +47,7 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -104,6 +105,15 @@ def entry_pb(entry: StoredEntry) -> pb.KtEntry:
                       timestamp_ms=r.timestamp_ms)
 
 
+@dataclass(slots=True)
+class KtStats:
+    """Counters for the metrics (since start)."""
+
+    appended: int = 0  # leaves this server appended
+    conflicts: int = 0  # appends refused because another server appended first
+    head_store_failures: int = 0  # new heads the store refused (the stored one was served)
+
+
 class KtLogService:
     """One per App (``app.state["kt_log"]``).  Create, then ``await start()``."""
 
@@ -121,6 +131,8 @@ class KtLogService:
         self._head: pb.SignedTreeHead | None = None  # newest entry of STH_LOG
         self._head_next = 0  # STH_LOG's size when _head was read
         self._future_warned_at = -3600.0
+        self.stats = KtStats()
+        self._refused: str | None = None
         self.clock: Callable[[], float] = time.time  # unix seconds; replaceable in tests
 
     def _now_ms(self) -> int:
@@ -214,8 +226,10 @@ class KtLogService:
             # its rows committed with it.
             if not self.tree.stale and self.tree.size == before + len(records):
                 self._indexed = self.tree.size
+                self.stats.appended += len(records)
             raise
         self._indexed = rng.stop
+        self.stats.appended += len(records)
         return rng
 
     async def _appending(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -234,6 +248,7 @@ class KtLogService:
                 try:
                     return await op()
                 except LogMoved as e:
+                    self.stats.conflicts += 1
                     log.info("kt_log: %s; checking again on the grown log", e)
             raise Unavailable("the key-transparency log is busy (other servers kept appending "
                               "first): retry")
@@ -254,7 +269,7 @@ class KtLogService:
                 return
         size = await storage.log_size(STH_LOG)
         if size < known:
-            raise StorageError(f"kt_log: the stored signed heads went from {known} to {size}: "
+            raise self._refuse(f"kt_log: the stored signed heads went from {known} to {size}: "
                                "they were truncated or replaced")
         raw = await storage.log_read(STH_LOG, size - 1, size) if size else []
         self._set_head(pb.SignedTreeHead.FromString(raw[0]) if raw else None, size)
@@ -300,13 +315,13 @@ class KtLogService:
                 size, root = self.tree.size, self.tree.root()
                 if head is not None:
                     if head.tree_size > size:
-                        raise StorageError(
+                        raise self._refuse(
                             f"kt_log: a head was signed for {head.tree_size} leaves but the "
                             f"stored log holds {size}: it was truncated or replaced")
                     at_head = (root if head.tree_size == size
                                else await self.tree.root_at(head.tree_size))
                     if head.root_hash != at_head:
-                        raise StorageError(
+                        raise self._refuse(
                             f"kt_log: the stored head of size {head.tree_size} has another root "
                             "than the stored log at that size: the log was rewritten")
                     if self._current(head):
@@ -331,6 +346,7 @@ class KtLogService:
                         raise
                     # The store cannot take a new head: hand out the newest stored one (it
                     # is the newest any client can have seen), older or smaller as it is.
+                    self.stats.head_store_failures += 1
                     log.exception("kt_log: storing a new signed head failed; serving the "
                                   "stored head of size %d", head.tree_size)
                     return head
@@ -338,6 +354,24 @@ class KtLogService:
                 return new
         raise Unavailable("the key-transparency log is busy (other servers kept signing "
                           "heads first): retry")
+
+    def _refuse(self, reason: str) -> StorageError:
+        """The stored log or heads contradict what was handed out: say so loudly, keep it
+        (``refused``, the ``kt_log_refused`` metric), and return the error to raise."""
+        if self._refused is None:
+            log.critical("%s", reason)
+        self._refused = reason
+        return StorageError(reason)
+
+    @property
+    def refused(self) -> str | None:
+        """Why this server refuses the stored log (rewritten, truncated), or None."""
+        return self.tree.broken or self._refused
+
+    @property
+    def head(self) -> pb.SignedTreeHead | None:
+        """The newest stored head this server knows (not read from the store)."""
+        return self._head
 
     def _warn_future_head(self, ahead_ms: int) -> None:
         now = time.monotonic()

@@ -137,6 +137,11 @@ class KtTreeStore:
         return self._log
 
     @property
+    def broken(self) -> str | None:
+        """Why this store refuses to append (the stored log was rewritten), or None."""
+        return self._broken
+
+    @property
     def stale(self) -> bool:
         """An append's outcome is unknown (or nothing loaded yet): reload before use."""
         return self._stale or not self._loaded

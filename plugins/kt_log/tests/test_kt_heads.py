@@ -17,6 +17,7 @@ from qpc_kt_log.service import STH_LOG
 from qpc_kt_log.store import LOG_NAME, KtTreeStore
 
 import qpc_core.storage.sqlcipher as sq
+from qpc_core.admin.testing import scrape
 from qpc_core.app import App
 from qpc_core.builtin.directory import resolve_user
 from qpc_core.errors import StorageError, Unavailable
@@ -151,6 +152,7 @@ async def test_reads_go_on_when_a_new_head_cannot_be_stored(
     monkeypatch.setattr(sq, "_log_append", full)
     proof = await s.prove_binding("alice", alice)
     assert proof is not None and proof.sth == stored
+    assert s.stats.head_store_failures == 1
     assert await s.sth() == stored
     with pytest.raises(Unavailable):
         await s.prove_binding("bob", bob)
@@ -280,3 +282,25 @@ async def test_resolve_user_fails_whole_when_no_head_can_cover_the_binding(
     with pytest.raises(Unavailable, match="retry"):
         await resolve_user(ctx, pb.ResolveUserRequest(username="bob"))
     assert (await resolve_user(ctx, pb.ResolveUserRequest(username="alice"))).inclusion.sth
+
+
+async def test_metrics_show_the_log_and_a_refused_log(app_factory: AppFactory) -> None:
+    app = await app_factory(plugins=["kt_log", "metrics"], metrics_enabled=True)
+    s = svc(app)
+    await s.log_binding("alice", key())
+    await s.log_binding("bob", key())
+    head = await s.sth()
+    m = await scrape(app)
+    assert m.value("kt_log_leaves") == 2
+    assert m.value("kt_log_appended_leaves_total") == 2
+    assert m.value("kt_log_head_timestamp_seconds") == head.timestamp_ms / 1000
+    assert m.value("kt_log_refused") == 0
+    assert m.value("kt_log_append_conflicts_total") == 0
+    assert m.value("kt_log_head_store_failures_total") == 0
+    # The stored heads disappear: refused, and the metric says so until a restart.
+    s.shared = True
+    await app.storage._write(  # type: ignore[attr-defined]
+        lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (STH_LOG,)))
+    with pytest.raises(StorageError):
+        await s.sth()
+    assert (await scrape(app)).value("kt_log_refused") == 1

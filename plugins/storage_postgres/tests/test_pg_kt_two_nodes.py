@@ -191,7 +191,7 @@ async def test_a_revocation_racing_without_the_lock_is_still_logged_once(
     hold.release.set()
     with pytest.raises(Conflict):  # checked again on the grown log
         await held
-    assert hold.moved == 1
+    assert hold.moved == 1 and svc(two).stats.conflicts == 1
     assert await one.storage.log_size(LOG_NAME) == 2
     state = kt.KtState()
     assert await kt.check_revocation_verified(c2, alice.identity_key, state) == "superseded"
