@@ -27,9 +27,10 @@ Indexes behind ``m:indexed`` exist only in logs written by earlier qpc versions 
 the rows after the entries): start-up re-reads the entries after it and rewrites their rows,
 each page only if the log has not moved meanwhile.
 
-On a shared store every read (a head, a proof, an audit page, a revocation) first takes in
-what other servers appended (one ``log_size`` read, more only when it grew), so a client
-never sees a smaller or older head from one server than it saw from another.
+Every head handed out is the newest stored head or a newer one, so a client never sees a
+smaller or older head from one server than it saw from another.  On a shared store a head
+request or audit page first takes in what other servers appended (one ``log_size`` read,
+more only when it grew); a proof uses the newest stored head when it covers the leaf.
 
 Cancelling a task that is appending (a client resetting its stream) does not release the
 lock early: the queued write is waited for first (see

@@ -70,6 +70,12 @@ DEFAULT_VERIFY_TAIL = 64  # newest entries replayed by load(): one extra read of
 T = TypeVar("T")
 
 
+class CorruptLog(StorageError):
+    """The stored log's content is wrong (not a failed read): entries that do not decode or
+    do not hold the nodes their append completes, missing nodes, a frontier that does not
+    match."""
+
+
 async def finish_despite_cancellation(fut: asyncio.Future[T]) -> T:
     """Await ``fut`` without ever cancelling it.
 
@@ -171,10 +177,10 @@ class KtTreeStore:
             base = Frontier.from_nodes(start, nodes)
             frontier = Frontier.from_nodes(size, nodes)
         except (MissingNodeError, CorruptEntry) as e:
-            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {e}") from e
+            raise CorruptLog(f"kt_log: the stored Merkle log is corrupt: {e}") from e
         self._replay(base, await self._read_raw_entries(start, size), size)
         if base.peaks != frontier.peaks:
-            raise StorageError(
+            raise CorruptLog(
                 "kt_log: the stored Merkle log is corrupt: replaying the newest entries does "
                 f"not give the stored frontier of size {size}")
         self._frontier = frontier
@@ -272,49 +278,62 @@ class KtTreeStore:
         size = await self._storage.log_size(self._log)
         old_size = self.size
         if size < old_size:
-            raise StorageError(f"kt_log: the stored log shrank from {old_size} to {size} "
+            raise self._refuse(f"kt_log: the stored log shrank from {old_size} to {size} "
                                "entries: it was truncated or replaced")
         if size == old_size and not self._stale:
             return False
         old_root = self.root()
         if size - old_size <= self._verify_tail and not self._stale:
             frontier = self._frontier.copy()
-            self._replay(frontier, await self._read_raw_entries(old_size, size), size)
+            tail = await self._read_raw_entries(old_size, size)
+            try:
+                self._replay(frontier, tail, size)
+            except CorruptLog as e:
+                raise self._refuse(str(e)) from e
             self._frontier = frontier
             return True
         kept, kept_stale = self._frontier, self._stale
         try:
             await self.load()
             extends = await self.root_at(old_size) == old_root
-        except BaseException:
-            # Not checked (a read failed): keep what this process held, check again later.
+        except BaseException as e:
+            # Not adopted: keep what this process held, without any node read meanwhile.
+            # A read that failed is checked again later; a corrupt log is refused for good.
             self._frontier, self._stale = kept, kept_stale
             self._cache.clear()
+            if isinstance(e, CorruptLog):
+                raise self._refuse(str(e)) from e
             raise
         if not extends:
             # Refused, not adopted: back to the tree this process held, without any node
             # read from the rewritten log, and no append on top of it.
             self._frontier, self._stale = kept, kept_stale
             self._cache.clear()
-            self._broken = (f"kt_log: the stored log does not extend the tree of size "
-                            f"{old_size} this server held: it was rewritten")
-            log.critical("%s", self._broken)
-            raise StorageError(self._broken)
+            raise self._refuse(f"kt_log: the stored log does not extend the tree of size "
+                               f"{old_size} this server held: it was rewritten")
         return size != old_size
+
+    def _refuse(self, reason: str) -> StorageError:
+        """Refuse the stored log for good (no append, no refresh): it contradicts the tree
+        this process held.  Returns the error to raise."""
+        if self._broken is None:
+            log.critical("%s", reason)
+            self._broken = reason
+        return StorageError(self._broken)
 
     def _replay(self, base: Frontier,
                 tail: Sequence[tuple[int, LeafRecord, list[bytes]]], size: int) -> None:
         """Append ``tail``'s leaves to ``base``, checking each entry's stored hashes."""
         if len(tail) != size - base.size:
-            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {size} entries "
+            raise CorruptLog(f"kt_log: the stored Merkle log is corrupt: {size} entries "
                                f"reported, {base.size + len(tail)} readable")
         for index, record, hashes in tail:
             if record.leaf_hash != hashes[0]:
-                raise StorageError(
+                raise CorruptLog(
                     f"kt_log: entry {index}: stored leaf hash does not match its record")
             replayed = [h for _level, _index, h in base.append(record.leaf_hash)]
             if replayed != hashes:
-                raise StorageError(
+                raise CorruptLog(
                     f"kt_log: the stored Merkle log is corrupt: entry {index} does not hold "
                     "the nodes its append completes (was it written at the wrong index?)")
 
@@ -374,7 +393,7 @@ class KtTreeStore:
         try:
             return plan.evaluate(nodes)
         except MissingNodeError as e:
-            raise StorageError(f"kt_log: the stored Merkle log is corrupt: {e}") from e
+            raise CorruptLog(f"kt_log: the stored Merkle log is corrupt: {e}") from e
 
     def _check_size(self, size: int, what: str = "size") -> None:
         if not 0 <= size <= self.size:
@@ -407,7 +426,7 @@ class KtTreeStore:
             try:
                 record, hashes = decode_entry(data)
             except CorruptEntry as e:
-                raise StorageError(f"kt_log: entry {index} is corrupt: {e}") from e
+                raise CorruptLog(f"kt_log: entry {index} is corrupt: {e}") from e
             out.append((index, record, hashes))
         return out
 

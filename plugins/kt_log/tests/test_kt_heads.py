@@ -304,3 +304,35 @@ async def test_metrics_show_the_log_and_a_refused_log(app_factory: AppFactory) -
     with pytest.raises(StorageError):
         await s.sth()
     assert (await scrape(app)).value("kt_log_refused") == 1
+
+
+async def test_a_truncated_or_briefly_rewritten_log_is_refused_for_good(tmp_path: Any) -> None:
+    """Found by the docs audit: these were refused on each read but not marked, so the
+    kt_log_refused metric (and its alert) stayed silent."""
+    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
+    try:
+        tree = KtTreeStore(st)
+        await tree.load()
+        await tree.append(recs(5, b"honest"))
+        await st._write(lambda conn: conn.execute(
+            "DELETE FROM logs WHERE log = ? AND idx >= 3", (LOG_NAME,)))
+        with pytest.raises(StorageError, match="shrank from 5 to 3"):
+            await tree.refresh()
+        assert tree.broken is not None and tree.size == 5
+
+        other = KtTreeStore(st, log_name="other")
+        await other.load()
+        await other.append(recs(5, b"honest"))
+        # one entry appended by a writer that built it on another tree (wrong nodes)
+        wrong = KtTreeStore(st, log_name="scratch")
+        await wrong.load()
+        await wrong.append(recs(6, b"elsewhere"))
+        (forged,) = await st.log_read("scratch", 5, 6)
+        await st.log_append("other", [forged])
+        with pytest.raises(StorageError, match="does not hold the nodes"):
+            await other.refresh()
+        assert other.broken is not None
+        with pytest.raises(StorageError, match="does not hold the nodes"):
+            await other.append(recs(1, b"more"))
+    finally:
+        await st.close()
