@@ -157,10 +157,9 @@ class KtLogService:
             # Another server may have appended since this process read the log.
             size = await self.app.storage.log_size(self.tree.log_name)
             if size < indexed:
-                raise StorageError(
+                raise self._refuse(
                     f"kt_log: the indexes cover {indexed} entries but the log holds only "
-                    f"{size}: the log was truncated or replaced"
-                )
+                    f"{size}: the log was truncated or replaced")
             return self.tree.size
         return indexed
 
@@ -237,9 +236,9 @@ class KtLogService:
         """Run ``op`` (checks, then one ``_append_locked``) under the lock, again on the
         refreshed log each time another server appended first (bounded)."""
         # The store's exclusive section keeps other servers' appends out while this one
-        # checks and writes (expected_first alone is what keeps the log correct).
-        # The cross-server section first: waiting for another server's append must not hold
-        # this process's lock, which head requests need (lock order: exclusive, then _lock).
+        # checks and writes (expected_first alone is what keeps the log correct).  It is
+        # taken first: waiting for another server's append must not hold this process's
+        # lock, which head requests need (lock order: exclusive, then _lock).
         async with self.app.storage.exclusive(LOG_LOCK), self._lock:
             for _attempt in range(APPEND_ATTEMPTS):
                 if self.shared:
@@ -312,6 +311,8 @@ class KtLogService:
                 if self.shared:
                     await self._read_head()  # first: the tree read next covers this head
                     await self._refresh_locked()
+                else:
+                    await self._ready_locked()  # reload if an append's outcome is unknown
                 head, at = self._head, self._head_next
                 size, root = self.tree.size, self.tree.root()
                 if head is not None:
