@@ -241,6 +241,7 @@ class KtLogService:
         # lock, which head requests need (lock order: exclusive, then _lock).
         async with self.app.storage.exclusive(LOG_LOCK), self._lock:
             for _attempt in range(APPEND_ATTEMPTS):
+                self._check_not_refused()
                 if self.shared:
                     await self._refresh_locked()
                 else:
@@ -258,21 +259,25 @@ class KtLogService:
         await self._reindex_locked()
 
     # -- signed tree heads -------------------------------------------------------------------
-    async def _read_head(self) -> None:
-        """Read the newest stored head: one query (the heads from the last one known on),
-        two when nothing is known yet or many were stored since."""
+    async def _read_head(self) -> tuple[pb.SignedTreeHead | None, int]:
+        """Read the newest stored head and STH_LOG's size (remembered too, unless a newer
+        one is known): one query (the heads from the last one known on), two when nothing
+        is known yet or many were stored since."""
         storage, known = self.app.storage, self._head_next
+        read: tuple[pb.SignedTreeHead | None, int] | None = None
         if known:
             raw = await storage.log_read(STH_LOG, known - 1, known - 1 + HEAD_PAGE)
             if 0 < len(raw) < HEAD_PAGE:
-                self._set_head(pb.SignedTreeHead.FromString(raw[-1]), known - 1 + len(raw))
-                return
-        size = await storage.log_size(STH_LOG)
-        if size < known:
-            raise self._refuse(f"kt_log: the stored signed heads went from {known} to {size}: "
-                               "they were truncated or replaced")
-        raw = await storage.log_read(STH_LOG, size - 1, size) if size else []
-        self._set_head(pb.SignedTreeHead.FromString(raw[0]) if raw else None, size)
+                read = pb.SignedTreeHead.FromString(raw[-1]), known - 1 + len(raw)
+        if read is None:
+            size = await storage.log_size(STH_LOG)
+            if size < known:
+                raise self._refuse(f"kt_log: the stored signed heads went from {known} to "
+                                   f"{size}: they were truncated or replaced")
+            raw = await storage.log_read(STH_LOG, size - 1, size) if size else []
+            read = (pb.SignedTreeHead.FromString(raw[0]) if raw else None), size
+        self._set_head(*read)
+        return read
 
     def _set_head(self, head: pb.SignedTreeHead | None, next_index: int) -> None:
         """Remember ``head`` as STH_LOG's entry ``next_index - 1`` unless a newer one is
@@ -294,6 +299,7 @@ class KtLogService:
         before it is handed out, with a timestamp no older than the previous one's, so
         heads never go back in size or time.  Never signs a tree that does not extend the
         newest stored head.  Do not mutate the result."""
+        self._check_not_refused()
         if covering is None:
             await self.sync()
         if self.shared:
@@ -308,12 +314,15 @@ class KtLogService:
         # this decides on cannot change while it reads (one signer per process at a time).
         async with self._lock:
             for _attempt in range(APPEND_ATTEMPTS):
+                self._check_not_refused()
                 if self.shared:
-                    await self._read_head()  # first: the tree read next covers this head
+                    # The head first, kept here (other requests may read newer ones into
+                    # self._head meanwhile): the tree read next then covers it.
+                    head, at = await self._read_head()
                     await self._refresh_locked()
                 else:
                     await self._ready_locked()  # reload if an append's outcome is unknown
-                head, at = self._head, self._head_next
+                    head, at = self._head, self._head_next
                 size, root = self.tree.size, self.tree.root()
                 if head is not None:
                     if head.tree_size > size:
@@ -365,6 +374,13 @@ class KtLogService:
         self._refused = reason
         return StorageError(reason)
 
+    def _check_not_refused(self) -> None:
+        """Once refused, the log takes no appends and hands out no heads (until a restart,
+        which checks the store again)."""
+        reason = self.refused
+        if reason is not None:
+            raise StorageError(reason)
+
     @property
     def refused(self) -> str | None:
         """Why this server refuses the stored log (rewritten, truncated), or None."""
@@ -382,8 +398,9 @@ class KtLogService:
             log.error(
                 "kt_log: the newest signed head is dated %.0f s ahead of this server's clock "
                 "(a clock that jumped forward, here or on another server sharing the store); "
-                "new heads keep that time until the clock catches up, so clients checking "
-                "the age of heads see the log as stale until then", ahead_ms / 1000)
+                "new heads keep that time until the clock catches up, and until then "
+                "clients checking the age of heads cannot tell a stale head from a fresh "
+                "one", ahead_ms / 1000)
 
     # -- appends ---------------------------------------------------------------------------
     async def _latest_binding(self, username: str) -> tuple[int, bytes] | None:

@@ -22,7 +22,7 @@ import pytest
 import qpc_kt_log.service as kt_service
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qpc_kt_log import client as kt
-from qpc_kt_log.records import LeafRecord
+from qpc_kt_log.records import LeafRecord, sth_signed_bytes
 from qpc_kt_log.service import KV, STH_LOG, KtLogService
 from qpc_kt_log.store import LOG_NAME, KtTreeStore
 from qpc_storage_postgres.store import PostgresStorage
@@ -430,3 +430,77 @@ async def test_a_head_request_does_not_wait_for_another_servers_append(
     finally:
         hold.release.set()
         await asyncio.gather(appending_two, appending_one)
+
+
+# -- fourth review ------------------------------------------------------------------------
+
+
+async def test_a_head_another_request_read_meanwhile_does_not_refuse_the_log(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server one signs a head (its tree refreshed at size 2) while a proof request on one
+    reads the newest stored head, which server two has meanwhile signed for size 3.  Honest
+    servers: the signer must not take that head for a truncated log."""
+    one, two = nodes
+    a, b = svc(one), svc(two)
+    await a.log_binding("u0", key())
+    await a.sth()
+    await b.log_binding("u1", key())  # no head signed for it yet
+    await a.sync()
+    assert a.tree.size == 2 and a.head is not None and a.head.tree_size == 1
+    reached, release = asyncio.Event(), asyncio.Event()
+    real = one.storage.log_size
+
+    async def held(log: str) -> int:
+        n = await real(log)
+        if log == LOG_NAME and a._lock.locked() and not reached.is_set():
+            reached.set()  # in the signing section, the tree just read at size 2
+            await release.wait()
+        return n
+
+    monkeypatch.setattr(one.storage, "log_size", held)
+    signer = asyncio.ensure_future(a.sth())
+    await asyncio.wait_for(reached.wait(), 10)
+    await b.log_binding("u2", key())
+    assert (await b.sth()).tree_size == 3
+    prover = asyncio.ensure_future(a.sth(covering=0))  # CheckRevocation on one, say
+    await until_async(lambda: _ready(a.head is not None and a.head.tree_size == 3),
+                      "one's proof request read the newest stored head")
+    release.set()
+    assert (await signer).tree_size == 3
+    await prover
+    assert a.refused is None
+
+
+async def _ready(value: bool) -> bool:
+    return value
+
+
+async def test_a_refused_log_takes_no_more_appends_and_hands_out_no_heads(
+    nodes: tuple[App, App]
+) -> None:
+    """A stored head of the log's size with another root (a rewritten log, or heads restored
+    from another store): refused, and from then on nothing is appended or handed out."""
+    one, _two = nodes
+    a = svc(one)
+    await a.log_binding("u0", key())
+    good = await a.sth()
+    forged_root = bytes(32)
+    signer = Ed25519PrivateKey.generate()
+    ts = good.timestamp_ms + 1
+    forged = pb.SignedTreeHead(
+        tree_size=good.tree_size, root_hash=forged_root, timestamp_ms=ts,
+        public_key=public_bytes(signer),
+        signature=signer.sign(sth_signed_bytes(good.tree_size, forged_root, ts)))
+    await one.storage.log_append(STH_LOG, [forged.SerializeToString()])
+    later = a.clock() + 10 * a.config.sth_max_age_secs
+    a.clock = lambda: later  # the head is due for signing again
+    with pytest.raises(StorageError, match="another root"):
+        await a.sth()
+    assert a.refused is not None
+    size = a.tree.size
+    with pytest.raises(StorageError, match="another root"):
+        await a.log_binding("u1", key())
+    with pytest.raises(StorageError, match="another root"):
+        await a.sth(covering=0)
+    assert await one.storage.log_size(LOG_NAME) == size
