@@ -165,7 +165,8 @@ class KtLogService:
 
     async def _refresh_locked(self) -> None:
         """Take in what other servers appended, and make sure the indexes cover it."""
-        if await self.tree.refresh() and self._indexed < self.tree.size:
+        await self.tree.refresh()
+        if self._indexed < self.tree.size:  # also when an earlier call stopped half-way
             self._indexed = max(self._indexed, await self._stored_indexed())
         await self._reindex_locked()
 
@@ -336,6 +337,8 @@ class KtLogService:
                             f"kt_log: the stored head of size {head.tree_size} has another root "
                             "than the stored log at that size: the log was rewritten")
                     if self._current(head):
+                        if self._head_next > at:
+                            continue  # a newer head was read meanwhile: hand out no older
                         return head
                 now_ms = int(self.clock() * 1000)
                 ts = now_ms
@@ -355,6 +358,8 @@ class KtLogService:
                 except Exception:
                     if head is None:
                         raise
+                    if self._head_next > at:
+                        continue  # a newer stored head was read meanwhile: decide again
                     # The store cannot take a new head: hand out the newest stored one (it
                     # is the newest any client can have seen), older or smaller as it is.
                     self.stats.head_store_failures += 1

@@ -504,3 +504,82 @@ async def test_a_refused_log_takes_no_more_appends_and_hands_out_no_heads(
     with pytest.raises(StorageError, match="another root"):
         await a.sth(covering=0)
     assert await one.storage.log_size(LOG_NAME) == size
+
+
+# -- fifth review --------------------------------------------------------------------------
+
+
+async def test_a_signer_never_hands_out_a_head_older_than_one_this_server_did(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proof request on one reads head x under its lock and is held; two signs y (x aged
+    on two's clock, 20 ms ahead of one's); another request on one hands out y; then the
+    held one must not hand out x."""
+    one, two = nodes
+    a, b = svc(one), svc(two)
+    start = a.clock() + 5
+    a.clock = b.clock = lambda: start
+    await a.log_binding("u0", key())
+    await a.sth()
+    await b.log_binding("u1", key())
+    x = await b.sth()  # size 2; one's tree is still at 1
+    assert x.tree_size == 2 and a.tree.size == 1
+    age = a.config.sth_max_age_secs
+    a.clock = lambda: start + age - 0.010
+    b.clock = lambda: start + age + 0.010
+    reached, release = asyncio.Event(), asyncio.Event()
+    real = one.storage.log_read
+
+    async def held(log: str, first: int, end: int) -> Any:
+        rows = await real(log, first, end)
+        if log == STH_LOG and a._lock.locked() and not reached.is_set():
+            reached.set()  # the signer has read x under its lock
+            await release.wait()
+        return rows
+
+    monkeypatch.setattr(one.storage, "log_read", held)
+    signer = asyncio.ensure_future(a.sth(covering=1))
+    await asyncio.wait_for(reached.wait(), 10)
+    y = await b.sth()
+    assert y.tree_size == 2 and y.timestamp_ms > x.timestamp_ms
+    seen = await asyncio.wait_for(a.sth(covering=0), 10)
+    assert seen == y
+    release.set()
+    assert (await signer).timestamp_ms >= y.timestamp_ms
+
+
+async def test_a_sync_stopped_half_way_does_not_reindex_rows_written_with_the_log(
+    nodes: tuple[App, App], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = nodes
+    a, b = svc(one), svc(two)
+    await a.log_binding("u0", key())
+    await b.log_binding("u1", key())  # with its index rows
+    reached, release = asyncio.Event(), asyncio.Event()
+    real = one.storage.kv_get
+
+    async def held(ns: str, k: bytes) -> Any:
+        if ns == KV and k == b"m:indexed" and not reached.is_set():
+            reached.set()  # one took in two's entry, not yet what the indexes cover
+            await release.wait()
+        return await real(ns, k)
+
+    monkeypatch.setattr(one.storage, "kv_get", held)
+    task = asyncio.ensure_future(a.sync())  # a GetSignedTreeHead whose client went away
+    await asyncio.wait_for(reached.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rewrites: list[Any] = []
+    real_append = one.storage.log_append
+
+    async def spy(log: str, entries: Any, **kw: Any) -> Any:
+        if log == LOG_NAME and not entries:
+            rewrites.append(kw.get("kv_puts"))
+        return await real_append(log, entries, **kw)
+
+    monkeypatch.setattr(one.storage, "log_append", spy)
+    with caplog.at_level(logging.WARNING, "qpc.kt_log"):
+        await a.sync()
+    assert rewrites == [] and "without their index rows" not in caplog.text
+    assert a._indexed == a.tree.size == 2
