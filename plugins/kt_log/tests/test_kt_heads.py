@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -108,27 +109,59 @@ def recs(n: int, tag: bytes) -> list[LeafRecord]:
             for i in range(n)]
 
 
-async def test_a_rewritten_log_is_refused_and_stays_refused(tmp_path: Any) -> None:
+@pytest.fixture
+async def st(tmp_path: Any) -> AsyncIterator[SqlCipherStorage]:
+    store = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
+    yield store
+    await store.close()
+
+
+async def honest_tree(st: SqlCipherStorage, log_name: str = LOG_NAME) -> KtTreeStore:
+    """A loaded tree of five honest leaves."""
+    tree = KtTreeStore(st, log_name=log_name)
+    await tree.load()
+    await tree.append(recs(5, b"honest"))
+    return tree
+
+
+async def _rewrite(st: SqlCipherStorage) -> None:
+    """Another writer replaces the log with a different, longer one (100 leaves)."""
+    await st._write(lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (LOG_NAME,)))
+    forger = KtTreeStore(st)
+    await forger.load()
+    await forger.append(recs(100, b"forged"))
+
+
+async def refused_for_good(tree: KtTreeStore, old_root: bytes) -> None:
+    """The rewritten log is refused on every look, nothing of it adopted, no append."""
+    for _ in range(2):
+        with pytest.raises(StorageError, match="rewritten"):
+            await tree.refresh()
+        assert tree.size == 5 and tree.root() == old_root
+    with pytest.raises(StorageError, match="rewritten"):
+        await tree.append(recs(1, b"more"))
+
+
+def refuse_new_heads(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The store refuses writes to the signed heads' log (disk full); returns an undo."""
+    real = sq._log_append
+
+    def full(conn: Any, log_name: str, *args: Any) -> int:
+        if log_name == STH_LOG:
+            raise OSError("database or disk is full")
+        return real(conn, log_name, *args)
+
+    monkeypatch.setattr(sq, "_log_append", full)
+    return lambda: monkeypatch.setattr(sq, "_log_append", real)
+
+
+async def test_a_rewritten_log_is_refused_and_stays_refused(st: SqlCipherStorage) -> None:
     """More than verify_tail new entries: the frontier is loaded again and checked against
     the tree this process held; a rewritten log is refused, not adopted, every time."""
-    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
-    try:
-        tree = KtTreeStore(st)
-        await tree.load()
-        await tree.append(recs(5, b"honest"))
-        old_root = tree.root()
-        await st._write(lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (LOG_NAME,)))
-        forger = KtTreeStore(st)
-        await forger.load()
-        await forger.append(recs(100, b"forged"))
-        for _ in range(2):
-            with pytest.raises(StorageError, match="rewritten"):
-                await tree.refresh()
-            assert tree.size == 5 and tree.root() == old_root
-        with pytest.raises(StorageError, match="rewritten"):
-            await tree.append(recs(1, b"more"))
-    finally:
-        await st.close()
+    tree = await honest_tree(st)
+    old_root = tree.root()
+    await _rewrite(st)
+    await refused_for_good(tree, old_root)
 
 
 async def test_reads_go_on_when_a_new_head_cannot_be_stored(
@@ -142,21 +175,14 @@ async def test_reads_go_on_when_a_new_head_cannot_be_stored(
     await s.log_binding("alice", alice)
     stored = await s.sth()  # head 1, stored
     await s.log_binding("bob", bob)
-    real = sq._log_append
-
-    def full(conn: Any, log_name: str, *args: Any) -> int:
-        if log_name == STH_LOG:
-            raise OSError("database or disk is full")
-        return real(conn, log_name, *args)
-
-    monkeypatch.setattr(sq, "_log_append", full)
+    undo = refuse_new_heads(monkeypatch)
     proof = await s.prove_binding("alice", alice)
     assert proof is not None and proof.sth == stored
     assert s.stats.head_store_failures == 1
     assert await s.sth() == stored
     with pytest.raises(Unavailable):
         await s.prove_binding("bob", bob)
-    monkeypatch.setattr(sq, "_log_append", real)
+    undo()
     proof = await s.prove_binding("bob", bob)
     assert proof is not None and proof.tree_size == 2
 
@@ -195,69 +221,46 @@ async def test_stored_heads_that_disappear_are_an_error(app_factory: AppFactory)
         await s.sth()
 
 
-async def _rewrite(st: SqlCipherStorage) -> None:
-    await st._write(lambda conn: conn.execute("DELETE FROM logs WHERE log = ?", (LOG_NAME,)))
-    forger = KtTreeStore(st)
-    await forger.load()
-    await forger.append(recs(100, b"forged"))
-
-
 async def test_a_failed_read_during_the_rewrite_check_adopts_nothing(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    st: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
-    try:
-        tree = KtTreeStore(st)
-        await tree.load()
-        await tree.append(recs(5, b"honest"))
-        old_root = tree.root()
-        await _rewrite(st)
-        real = st.log_read_many
-        calls = [0]
+    tree = await honest_tree(st)
+    old_root = tree.root()
+    await _rewrite(st)
+    real = st.log_read_many
+    calls = [0]
 
-        async def flaky(log: str, indices: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == 2:  # load()'s read succeeds, the check's read fails once
-                raise StorageError("database error (log_read_many): connection reset")
-            return await real(log, indices)
+    async def flaky(log: str, indices: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:  # load()'s read succeeds, the check's read fails once
+            raise StorageError("database error (log_read_many): connection reset")
+        return await real(log, indices)
 
-        monkeypatch.setattr(st, "log_read_many", flaky)
-        with pytest.raises(StorageError, match="connection reset"):
-            await tree.refresh()
-        monkeypatch.setattr(st, "log_read_many", real)
-        assert tree.size == 5 and tree.root() == old_root
-        with pytest.raises(StorageError, match="rewritten"):  # checked again, refused
-            await tree.refresh()
-    finally:
-        await st.close()
+    monkeypatch.setattr(st, "log_read_many", flaky)
+    with pytest.raises(StorageError, match="connection reset"):
+        await tree.refresh()
+    monkeypatch.setattr(st, "log_read_many", real)
+    assert tree.size == 5 and tree.root() == old_root
+    with pytest.raises(StorageError, match="rewritten"):  # checked again, refused
+        await tree.refresh()
 
 
 async def test_a_rewritten_log_after_an_append_of_unknown_outcome_is_refused(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    st: SqlCipherStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
-    try:
-        tree = KtTreeStore(st)
-        await tree.load()
-        await tree.append(recs(5, b"honest"))
-        old_root = tree.root()
-        real = st.log_append
+    tree = await honest_tree(st)
+    old_root = tree.root()
+    real = st.log_append
 
-        async def failing(*args: Any, **kw: Any) -> Any:
-            raise StorageError("database error (log_append): timeout")
+    async def failing(*args: Any, **kw: Any) -> Any:
+        raise StorageError("database error (log_append): timeout")
 
-        monkeypatch.setattr(st, "log_append", failing)
-        with pytest.raises(StorageError, match="timeout"):
-            await tree.append(recs(1, b"x"))  # outcome unknown: the store is stale
-        monkeypatch.setattr(st, "log_append", real)
-        await _rewrite(st)
-        with pytest.raises(StorageError, match="rewritten"):
-            await tree.refresh()
-        assert tree.size == 5 and tree.root() == old_root
-        with pytest.raises(StorageError, match="rewritten"):
-            await tree.append(recs(1, b"y"))
-    finally:
-        await st.close()
+    monkeypatch.setattr(st, "log_append", failing)
+    with pytest.raises(StorageError, match="timeout"):
+        await tree.append(recs(1, b"x"))  # outcome unknown: the store is stale
+    monkeypatch.setattr(st, "log_append", real)
+    await _rewrite(st)
+    await refused_for_good(tree, old_root)
 
 
 async def test_resolve_user_fails_whole_when_no_head_can_cover_the_binding(
@@ -269,14 +272,7 @@ async def test_resolve_user_fails_whole_when_no_head_can_cover_the_binding(
     s = svc(app)
     await register_user(app, "alice", key())
     await s.sth()
-    real = sq._log_append
-
-    def full(conn: Any, log_name: str, *args: Any) -> int:
-        if log_name == STH_LOG:
-            raise OSError("database or disk is full")
-        return real(conn, log_name, *args)
-
-    monkeypatch.setattr(sq, "_log_append", full)
+    refuse_new_heads(monkeypatch)
     await register_user(app, "bob", key())
     ctx: Any = SimpleNamespace(app=app)
     with pytest.raises(Unavailable, match="retry"):
@@ -306,33 +302,27 @@ async def test_metrics_show_the_log_and_a_refused_log(app_factory: AppFactory) -
     assert (await scrape(app)).value("kt_log_refused") == 1
 
 
-async def test_a_truncated_or_briefly_rewritten_log_is_refused_for_good(tmp_path: Any) -> None:
+async def test_a_truncated_or_briefly_rewritten_log_is_refused_for_good(
+    st: SqlCipherStorage,
+) -> None:
     """Found by the docs audit: these were refused on each read but not marked, so the
     kt_log_refused metric (and its alert) stayed silent."""
-    st = await SqlCipherStorage.open(tmp_path / "kt.db", "k", pool_size=2)
-    try:
-        tree = KtTreeStore(st)
-        await tree.load()
-        await tree.append(recs(5, b"honest"))
-        await st._write(lambda conn: conn.execute(
-            "DELETE FROM logs WHERE log = ? AND idx >= 3", (LOG_NAME,)))
-        with pytest.raises(StorageError, match="shrank from 5 to 3"):
-            await tree.refresh()
-        assert tree.broken is not None and tree.size == 5
+    tree = await honest_tree(st)
+    await st._write(lambda conn: conn.execute(
+        "DELETE FROM logs WHERE log = ? AND idx >= 3", (LOG_NAME,)))
+    with pytest.raises(StorageError, match="shrank from 5 to 3"):
+        await tree.refresh()
+    assert tree.broken is not None and tree.size == 5
 
-        other = KtTreeStore(st, log_name="other")
-        await other.load()
-        await other.append(recs(5, b"honest"))
-        # one entry appended by a writer that built it on another tree (wrong nodes)
-        wrong = KtTreeStore(st, log_name="scratch")
-        await wrong.load()
-        await wrong.append(recs(6, b"elsewhere"))
-        (forged,) = await st.log_read("scratch", 5, 6)
-        await st.log_append("other", [forged])
-        with pytest.raises(StorageError, match="does not hold the nodes"):
-            await other.refresh()
-        assert other.broken is not None
-        with pytest.raises(StorageError, match="does not hold the nodes"):
-            await other.append(recs(1, b"more"))
-    finally:
-        await st.close()
+    other = await honest_tree(st, log_name="other")
+    # one entry appended by a writer that built it on another tree (wrong nodes)
+    wrong = KtTreeStore(st, log_name="scratch")
+    await wrong.load()
+    await wrong.append(recs(6, b"elsewhere"))
+    (forged,) = await st.log_read("scratch", 5, 6)
+    await st.log_append("other", [forged])
+    with pytest.raises(StorageError, match="does not hold the nodes"):
+        await other.refresh()
+    assert other.broken is not None
+    with pytest.raises(StorageError, match="does not hold the nodes"):
+        await other.append(recs(1, b"more"))
